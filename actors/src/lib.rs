@@ -1,0 +1,16 @@
+//! The supervised actors of a node: a `GpuActor` per GPU, `ReplicaActor`s, training-job
+//! actors, knowledge-base shard actors and session actors, under a `NodeSupervisor`
+//! (see ARCHITECTURE.md).
+//!
+//! What runs today is the cluster transport ([`transport`]): raft messages between nodes
+//! over ractor_cluster, under its own supervisor.
+//!
+//! **Boundary:** actors translate between the world and pure cores; they never decide
+//! placement (that is `maas-scheduler`'s).
+
+pub mod error;
+pub mod node;
+pub mod transport;
+
+pub use error::{ActorsError, Result};
+pub use transport::{ClusterConfig, ClusterTransport, PeerState, RaftSink, TransportStats};

@@ -1,0 +1,171 @@
+//! A harness for tests that run real `maas` processes: start one with its own data
+//! directory and configuration, learn its address from its banner, signal it, kill it,
+//! and wait for it to exit.
+//!
+//! The binary is `target/<profile>/maas` beside this test executable (built by
+//! `cargo nextest run --workspace`), or `$MAAS_BIN`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The `maas` binary under test.
+pub fn maas_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("MAAS_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    // target/<profile>/deps/<test> -> target/<profile>/maas
+    let path = exe.parent().and_then(Path::parent).expect("tests run from target/<profile>/deps").join("maas");
+    assert!(
+        path.exists(),
+        "{} does not exist: build it with `cargo build -p maas-node` or set MAAS_BIN",
+        path.display()
+    );
+    path
+}
+
+/// A running `maas` process.
+pub struct MaasProcess {
+    child: Child,
+    /// `http://IP:PORT` of its API.
+    pub base_url: String,
+    pub data_dir: PathBuf,
+    stderr_lines: mpsc::Receiver<String>,
+    temp_dir: Option<tempfile::TempDir>,
+}
+
+impl MaasProcess {
+    /// Starts `maas node start` with `config` (TOML) written to a fresh temporary
+    /// directory that also holds its data; `listen.api` should use port 0.
+    pub fn start_with_config(config: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let data_dir = dir.path().join("data");
+        let config_path = dir.path().join("cluster.toml");
+        std::fs::write(&config_path, format!("{config}\n"))?;
+        let mut command = Command::new(maas_binary());
+        command.args(["node", "start", "--config"]).arg(&config_path).env("MAAS_DATA", &data_dir);
+        let mut process = Self::spawn(command, data_dir)?;
+        process.temp_dir = Some(dir);
+        Ok(process)
+    }
+
+    /// Starts `command` (a `maas` invocation) and waits for its banner.
+    pub fn spawn(mut command: Command, data_dir: PathBuf) -> Result<Self> {
+        let mut child = command
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting maas")?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr_lines = forward_lines(child.stderr.take().expect("piped stderr"));
+        let (url_sender, url_receiver) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.trim_start().strip_prefix("api") {
+                    let url = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                    let _ = url_sender.send(url);
+                }
+            }
+        });
+        let Ok(base_url) = url_receiver.recv_timeout(Duration::from_secs(60)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr: Vec<String> = stderr_lines.try_iter().collect();
+            bail!("maas printed no banner; stderr:\n{}", stderr.join("\n"));
+        };
+        Ok(MaasProcess { child, base_url, data_dir, stderr_lines, temp_dir: None })
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id()).expect("pids fit in i32"))
+    }
+
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        kill(self.pid(), signal).context("signalling maas")
+    }
+
+    /// The address part of `base_url`, for raw TCP checks.
+    pub fn api_addr(&self) -> &str {
+        self.base_url.trim_start_matches("http://")
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("maas did not exit within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until `/readyz` answers 200 (the store is migrated and the node registered).
+    pub async fn wait_ready(&self, limit: Duration) -> Result<()> {
+        let url = format!("{}/readyz", self.base_url);
+        wait_until("the node is ready", limit, || {
+            let url = url.clone();
+            async move { reqwest::get(url).await.is_ok_and(|r| r.status().is_success()) }
+        })
+        .await
+    }
+
+    /// Everything the process has written to stderr so far.
+    pub fn stderr_so_far(&self) -> Vec<String> {
+        self.stderr_lines.try_iter().collect()
+    }
+}
+
+impl Drop for MaasProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn forward_lines(stderr: ChildStderr) -> mpsc::Receiver<String> {
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    receiver
+}
+
+/// Waits (bounded) until `condition` holds, polling the system under test.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut condition: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !condition().await {
+        if Instant::now() > deadline {
+            bail!("timed out after {limit:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// Whether nothing accepts TCP connections at `addr` any more.
+pub async fn refuses_connections(addr: &str) -> bool {
+    tokio::net::TcpStream::connect(addr).await.is_err()
+}

@@ -1,0 +1,299 @@
+//! Three real `maas` processes on 127.0.0.1-3 forming one cluster over the network
+//! transport (tenant data in a fresh PostgreSQL database of their own):
+//!
+//! - `kill -9` the leader during a stream of writes: a new leader accepts writes and no
+//!   acknowledged write is lost (RAFT-1);
+//! - stop all three and start them again: the full state is back from disk.
+//!
+//! The writes are node-label changes (`PATCH /v1/nodes/{id}/labels`), committed through raft.
+
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use maas_chaos_tests::{MaasProcess, maas_binary};
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+const COOKIE: &str = "chaos-cookie-0123";
+
+/// A fresh PostgreSQL database for one test, dropped at the end.
+struct Database {
+    name: String,
+}
+
+impl Database {
+    fn create() -> Self {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let name = format!("maas_chaos_{}_{nanos}", std::process::id());
+        psql(&format!("CREATE DATABASE {name}"));
+        Database { name }
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:5432/{}", self.name)
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        psql(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+    }
+}
+
+fn psql(sql: &str) {
+    let status = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-qc", sql])
+        .status()
+        .unwrap();
+    assert!(status.success(), "psql {sql}");
+}
+
+fn free_port(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
+}
+
+/// One member: its fixed addresses (kept across restarts) and its process.
+struct Member {
+    id: u64,
+    config_path: std::path::PathBuf,
+    data_dir: std::path::PathBuf,
+    api_url: String,
+    process: Option<MaasProcess>,
+}
+
+struct Cluster {
+    members: Vec<Member>,
+    _dir: tempfile::TempDir,
+    _database: Database,
+}
+
+impl Cluster {
+    fn create(size: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let database = Database::create();
+        let members = (1..=size)
+            .map(|id| {
+                let ip = format!("127.0.0.{id}");
+                let (api_port, cluster_port) = (free_port(&ip), free_port(&ip));
+                let config_path = dir.path().join(format!("node-{id}.toml"));
+                std::fs::write(
+                    &config_path,
+                    format!(
+                        "[node]\nid = {id}\nname = \"node-{id}\"\n\
+                         [listen]\napi = \"{ip}:{api_port}\"\ncluster = \"{ip}:{cluster_port}\"\n\
+                         [database]\nurl = \"{}\"\n\
+                         [cluster]\ncookie = \"{COOKIE}\"\nraft_tick_ms = 50\nsuspect_after_ms = 500\ndead_after_ms = 2000\n",
+                        database.url()
+                    ),
+                )
+                .unwrap();
+                Member {
+                    id,
+                    config_path,
+                    data_dir: dir.path().join(format!("data-{id}")),
+                    api_url: format!("http://{ip}:{api_port}"),
+                    process: None,
+                }
+            })
+            .collect();
+        Cluster { members, _dir: dir, _database: database }
+    }
+
+    fn start(&mut self, index: usize, join: Option<&str>) {
+        let member = &mut self.members[index];
+        let mut command = Command::new(maas_binary());
+        command.args(["node", "start", "--config"]).arg(&member.config_path).env("MAAS_DATA", &member.data_dir);
+        if let Some(url) = join {
+            command.args(["--join", url]);
+        }
+        member.process = Some(MaasProcess::spawn(command, member.data_dir.clone()).unwrap());
+    }
+
+    fn live_urls(&self) -> Vec<String> {
+        self.members.iter().filter(|m| m.process.is_some()).map(|m| m.api_url.clone()).collect()
+    }
+
+    /// Waits until a live member reports being the leader of `voters` voters, and
+    /// returns its id.
+    async fn leader(&self, voters: usize) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for url in self.live_urls() {
+                if let Ok(status) = get(&format!("{url}/v1/cluster/status")).await
+                    && status["role"] == "leader"
+                    && status["members"]
+                        .as_array()
+                        .is_some_and(|m| m.iter().filter(|m| m["voter"] == true).count() == voters)
+                    && let Some(id) = status["leader_id"].as_u64()
+                {
+                    return id;
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader of {voters} voters within 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn get(url: &str) -> Result<Value, reqwest::Error> {
+    reqwest::Client::new().get(url).timeout(Duration::from_secs(2)).send().await?.json().await
+}
+
+/// Sets one label on node 1 through any live member; true once acknowledged.
+async fn write_label(urls: &[String], key: &str) -> bool {
+    let client = reqwest::Client::new();
+    for url in urls {
+        let response = client
+            .patch(format!("{url}/v1/nodes/1/labels"))
+            .header("x-maas-cluster-cookie", COOKIE)
+            .json(&json!({ "set": { key: "1" } }))
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await;
+        if response.is_ok_and(|r| r.status().is_success()) {
+            return true;
+        }
+    }
+    false
+}
+
+async fn labels_on(url: &str) -> BTreeSet<String> {
+    let nodes = get(&format!("{url}/v1/nodes")).await.unwrap();
+    let node_1 = nodes["nodes"].as_array().unwrap().iter().find(|n| n["id"] == 1).unwrap().clone();
+    node_1["labels"].as_object().unwrap().keys().cloned().collect()
+}
+
+async fn start_three() -> Cluster {
+    let mut cluster = Cluster::create(3);
+    cluster.start(0, None);
+    let first = cluster.members[0].api_url.clone();
+    cluster.start(1, Some(&first));
+    cluster.start(2, Some(&first));
+    cluster.leader(3).await;
+    cluster
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_during_writes_loses_no_acknowledged_write() {
+    let mut cluster = start_three().await;
+    let mut acknowledged = BTreeSet::new();
+    for i in 0..60 {
+        let key = format!("before-{i}");
+        if write_label(&cluster.live_urls(), &key).await {
+            acknowledged.insert(key);
+        }
+    }
+    assert_eq!(acknowledged.len(), 60, "a healthy cluster acknowledges every write");
+
+    let leader = cluster.leader(3).await;
+    let victim = cluster.members.iter_mut().find(|m| m.id == leader).unwrap();
+    victim.process.as_ref().unwrap().signal(Signal::SIGKILL).unwrap();
+    victim.process.take();
+    let killed = Instant::now();
+
+    let mut first_after_kill = None;
+    for i in 0..60 {
+        let key = format!("after-{i}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if write_label(&cluster.live_urls(), &key).await {
+                first_after_kill.get_or_insert(killed.elapsed());
+                acknowledged.insert(key);
+                break;
+            }
+        }
+    }
+    let failover = first_after_kill.expect("a new leader accepts writes");
+    eprintln!("leader {leader} killed with SIGKILL; first write accepted {failover:?} later");
+    assert!(acknowledged.len() >= 110, "the survivors keep accepting writes: {}", acknowledged.len());
+
+    let new_leader = cluster.leader(3).await;
+    assert_ne!(new_leader, leader);
+    for url in cluster.live_urls() {
+        let labels = labels_on(&url).await;
+        let missing: Vec<&String> = acknowledged.iter().filter(|k| !labels.contains(*k)).collect();
+        assert!(missing.is_empty(), "{url} lost acknowledged writes: {missing:?}");
+    }
+    let status = get(&format!("{}/v1/cluster/status", cluster.live_urls()[0])).await.unwrap();
+    let dead = status["members"].as_array().unwrap().iter().find(|m| m["id"] == leader).unwrap().clone();
+    assert!(dead["status"] == "suspect" || dead["status"] == "dead", "the killed node is detected: {dead}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_all_three_and_starting_them_again_restores_the_state() {
+    let mut cluster = start_three().await;
+    let mut written = BTreeSet::new();
+    for i in 0..40 {
+        let key = format!("kept-{i}");
+        assert!(write_label(&cluster.live_urls(), &key).await);
+        written.insert(key);
+    }
+    for member in &mut cluster.members {
+        let mut process = member.process.take().unwrap();
+        process.signal(Signal::SIGTERM).unwrap();
+        assert!(process.wait_exit(Duration::from_secs(30)).await.unwrap().success());
+    }
+    for index in 0..3 {
+        cluster.start(index, None);
+    }
+    cluster.leader(3).await;
+    for url in cluster.live_urls() {
+        let labels = labels_on(&url).await;
+        assert!(written.iter().all(|k| labels.contains(k)), "{url} has every label back: {labels:?}");
+        let nodes = get(&format!("{url}/v1/nodes")).await.unwrap();
+        assert_eq!(nodes["nodes"].as_array().unwrap().len(), 3);
+    }
+    assert!(write_label(&cluster.live_urls(), "after-restart").await, "the restarted cluster accepts writes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_member_shrinks_the_cluster_and_writes_go_on() {
+    let mut cluster = start_three().await;
+    let leader_url = cluster.members[0].api_url.clone();
+    let output = Command::new(maas_binary())
+        .args(["node", "remove", "3", "--cookie", COOKIE, "--server", &leader_url])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(String::from_utf8(output.stdout).unwrap().trim(), "node 3 removed from the cluster");
+    let mut removed = cluster.members.remove(2);
+    if let Some(process) = removed.process.take() {
+        process.signal(Signal::SIGTERM).unwrap();
+    }
+    cluster.leader(2).await;
+    let nodes = get(&format!("{leader_url}/v1/nodes")).await.unwrap();
+    let ids: Vec<u64> = nodes["nodes"].as_array().unwrap().iter().filter_map(|n| n["id"].as_u64()).collect();
+    assert_eq!(ids, vec![1, 2]);
+    assert!(write_label(&cluster.live_urls(), "after-removal").await, "two members still commit");
+
+    let wrong = Command::new(maas_binary())
+        .args(["node", "remove", "2", "--cookie", "not-the-cookie", "--server", &leader_url])
+        .output()
+        .unwrap();
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("does not match this cluster's cookie"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_the_wrong_cookie_cannot_join() {
+    let mut cluster = Cluster::create(2);
+    cluster.start(0, None);
+    let first = cluster.members[0].api_url.clone();
+    let member = &cluster.members[1];
+    let text = std::fs::read_to_string(&member.config_path).unwrap().replace(COOKIE, "another-cookie-42");
+    std::fs::write(&member.config_path, text).unwrap();
+    let output = Command::new(maas_binary())
+        .args(["node", "start", "--config"])
+        .arg(&member.config_path)
+        .args(["--join", &first])
+        .env("MAAS_DATA", &member.data_dir)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("refused to add this node (403 Forbidden)") && stderr.contains("cookie"), "{stderr}");
+    let status = get(&format!("{first}/v1/cluster/status")).await.unwrap();
+    assert_eq!(status["members"].as_array().unwrap().len(), 1, "the refused node was not added: {status}");
+}

@@ -1,0 +1,18 @@
+//! The HTTP gateway every node runs: warp routes behind a thin hyper server that adds
+//! request ids, tracing spans, body limits, metrics and graceful shutdown.
+//!
+//! **Boundary:** errors become HTTP statuses only in [`error`]; handlers never block the
+//! async runtime.
+
+pub mod error;
+pub mod json;
+pub mod metrics;
+pub mod middleware;
+pub mod routes;
+pub mod server;
+pub mod state;
+pub mod tls;
+
+pub use error::ApiError;
+pub use server::{HttpServer, ServeOptions, Shutdown, ShutdownOutcome, ShutdownTrigger, shutdown_channel};
+pub use state::{AppState, Check, GatewayOptions};

@@ -1,0 +1,37 @@
+//! The routes: one module per area, assembled by [`routes`].
+
+pub mod cluster;
+pub mod debug;
+pub mod health;
+pub mod index;
+pub mod openapi;
+
+use std::sync::Arc;
+
+use warp::Filter;
+use warp::filters::BoxedFilter;
+use warp::reply::Response;
+
+use crate::state::AppState;
+
+/// Every route of the node, with rejections turned into OpenAI-shaped errors.
+pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
+    let api = health::routes(state)
+        .or(cluster::routes(state))
+        .unify()
+        .or(openapi::routes(state))
+        .unify()
+        .or(index::routes(state))
+        .unify()
+        .boxed();
+    let api = if state.options.debug_routes { api.or(debug::routes()).unify().boxed() } else { api };
+    api.recover(crate::error::recover).unify().boxed()
+}
+
+/// Hands a route's shared state to its handler.
+pub(crate) fn with_state(
+    state: &Arc<AppState>,
+) -> impl Filter<Extract = (Arc<AppState>,), Error = std::convert::Infallible> + Clone + use<> {
+    let state = Arc::clone(state);
+    warp::any().map(move || Arc::clone(&state))
+}

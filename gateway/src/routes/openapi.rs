@@ -1,0 +1,69 @@
+//! The OpenAPI 3 document of every route, generated from the handlers' annotations.
+
+use std::sync::Arc;
+
+use utoipa::OpenApi;
+use warp::filters::BoxedFilter;
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use crate::state::AppState;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "maas", description = "The maas node's REST API: OpenAI-compatible inference, the console API, and operations."),
+    paths(
+        super::index::index,
+        super::health::healthz,
+        super::health::readyz,
+        super::health::metrics,
+        openapi_json,
+        super::cluster::cluster_status,
+        super::cluster::list_nodes,
+        super::cluster::join_member,
+        super::cluster::remove_member,
+        super::cluster::change_labels,
+        super::cluster::list_gpus,
+        super::cluster::node_agent,
+        super::debug::delay,
+        super::debug::echo,
+    ),
+    components(schemas(crate::error::ErrorBody, crate::error::ErrorDetail)),
+    tags(
+        (name = "operations", description = "Health, readiness, metrics and diagnostics"),
+        (name = "cluster", description = "The control plane: raft status, members and nodes")
+    )
+)]
+pub struct ApiDoc;
+
+pub fn routes(_state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
+    let document = Arc::new(ApiDoc::openapi().to_json().expect("the OpenAPI document serialises"));
+    warp::path!("openapi.json").and(warp::get()).map(move || openapi_json(&document)).boxed()
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json")))]
+pub fn openapi_json(document: &str) -> Response {
+    warp::reply::with_header(document.to_owned(), "content-type", "application/json").into_response()
+}
+
+/// Every documented (method, path template) pair, for the route-label table and tests.
+pub fn documented_routes() -> Vec<(http::Method, String)> {
+    let document = ApiDoc::openapi();
+    let mut routes = Vec::new();
+    for (path, item) in &document.paths.paths {
+        let methods = [
+            (http::Method::GET, item.get.is_some()),
+            (http::Method::POST, item.post.is_some()),
+            (http::Method::PUT, item.put.is_some()),
+            (http::Method::PATCH, item.patch.is_some()),
+            (http::Method::DELETE, item.delete.is_some()),
+        ];
+        for (method, present) in methods {
+            if present {
+                routes.push((method, path.clone()));
+            }
+        }
+    }
+    routes
+}

@@ -1,0 +1,87 @@
+//! What routes share: the node's identity, its readiness checks and its metrics.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use maas_consensus::RaftHandle;
+use maas_consensus::state::ClusterState;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+/// One readiness check's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// Not ready yet; the text says what it is waiting for.
+    Pending(String),
+    Ready,
+    Failed(String),
+}
+
+/// Named readiness checks; the node is ready when every check is [`Check::Ready`].
+#[derive(Debug, Default)]
+pub struct Readiness {
+    checks: Mutex<BTreeMap<&'static str, Check>>,
+}
+
+impl Readiness {
+    pub fn set(&self, name: &'static str, check: Check) {
+        self.checks.lock().expect("readiness lock").insert(name, check);
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<&'static str, Check> {
+        self.checks.lock().expect("readiness lock").clone()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.checks.lock().expect("readiness lock").values().all(|check| *check == Check::Ready)
+    }
+}
+
+/// Reports each peer's connection state by node id.
+pub type PeerHealth = std::sync::Arc<dyn Fn() -> std::collections::BTreeMap<u64, String> + Send + Sync>;
+
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    /// The largest request body any route accepts; uploads have their own larger limit.
+    pub max_body_bytes: u64,
+    /// Whether `/debug/*` routes are served.
+    pub debug_routes: bool,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        GatewayOptions { max_body_bytes: 16 * 1024 * 1024, debug_routes: false }
+    }
+}
+
+pub struct AppState {
+    pub node_name: String,
+    /// The control plane, once started (routes answer 503 until then).
+    pub cluster: OnceLock<RaftHandle<ClusterState>>,
+    /// The cluster cookie: joining and removing members must present it.
+    pub cluster_cookie: OnceLock<String>,
+    /// The transport's view of each peer's connection (`connected`, `cookie_mismatch`, ...).
+    pub peer_health: OnceLock<PeerHealth>,
+    /// What this node's agent runs (its GPU actors and their leases).
+    pub agent: OnceLock<Arc<std::sync::RwLock<maas_actors::node::AgentStatus>>>,
+    pub started: Instant,
+    pub readiness: Readiness,
+    pub metrics: PrometheusHandle,
+    pub options: GatewayOptions,
+}
+
+impl AppState {
+    pub fn new(node_name: impl Into<String>, options: GatewayOptions) -> Self {
+        AppState {
+            node_name: node_name.into(),
+            cluster: OnceLock::new(),
+            cluster_cookie: OnceLock::new(),
+            peer_health: OnceLock::new(),
+            agent: OnceLock::new(),
+            started: Instant::now(),
+            readiness: Readiness::default(),
+            metrics: crate::metrics::prometheus(),
+            options,
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! `maas`: the daemon and admin CLI of the maas Model-as-a-Service platform.
+
+mod bench;
+mod client;
+mod config;
+mod logging;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "maas",
+    version,
+    about = "Self-hosted Model-as-a-Service: one binary per GPU machine",
+    long_about = "Self-hosted Model-as-a-Service: one binary per GPU machine.\n\n\
+        `maas up` runs a single node on embedded defaults (SQLite, in-process cache, embedded \
+        vector index). `maas node start --config cluster.toml` runs a node from a configuration \
+        file. Environment variables MAAS_SECTION__KEY override keys of the file, e.g. \
+        MAAS_LISTEN__API=0.0.0.0:8080."
+)]
+struct Cli {
+    /// Log format on stderr; overrides `log.format`.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log filter, e.g. `info` or `info,maas_gateway=debug`; overrides `log.level`.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one node on embedded defaults: data in ./maas-data (or $MAAS_DATA), SQLite,
+    /// in-process cache, HTTP on 127.0.0.1:8080.
+    Up {
+        /// Data directory; default ./maas-data, or $MAAS_DATA.
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+        /// HTTP address; default 127.0.0.1:8080.
+        #[arg(long, value_name = "IP:PORT")]
+        listen: Option<String>,
+    },
+    /// Run and manage nodes.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Check configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Inspect the cluster.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// Inspect the cluster's GPUs.
+    Gpu {
+        #[command(subcommand)]
+        command: GpuCommand,
+    },
+    /// Measure parts of maas on this machine.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GpuCommand {
+    /// Every GPU in the cluster with its model and total, reserved and free memory.
+    List {
+        #[command(flatten)]
+        target: client::Target,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// A 3-node raft cluster with fsync: proposals/s with 1 and 64 proposers, commit
+    /// latency p50/p99, and leader failover time.
+    Raft(bench::RaftBench),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// The leader, term, commit index and every member with its health and lag.
+    Status {
+        #[command(flatten)]
+        target: client::Target,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Start a node from a configuration file (see cluster.toml for every key).
+    Start {
+        /// The node's configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Join the cluster of the running member at this API address (when this node's
+        /// raft log is empty); repeat to give several.
+        #[arg(long, value_name = "URL")]
+        join: Vec<String>,
+    },
+    /// Remove a node from the cluster (it stops being a voter and its record goes).
+    Remove {
+        /// The id of the node to remove.
+        id: u64,
+        /// The cluster cookie (cluster.cookie).
+        #[arg(long, env = "MAAS_CLUSTER__COOKIE", hide_env_values = true)]
+        cookie: String,
+        #[command(flatten)]
+        target: client::Target,
+    },
+    /// Every registered node with its status, resources and GPUs.
+    List {
+        #[command(flatten)]
+        target: client::Target,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate FILE (with environment overrides) and print the effective configuration.
+    Check {
+        /// The configuration file to check.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    // Two rustls crypto providers are linked (ring, and aws-lc-rs through ractor_cluster):
+    // choose one for the process, or building a TLS client config panics.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+
+    match cli.command {
+        Command::Config { command: ConfigCommand::Check { ref file } } => match Config::load(file) {
+            Ok(config) => {
+                print!("{}", config.to_toml());
+                ExitCode::SUCCESS
+            }
+            Err(err) => config_error(&err),
+        },
+        Command::Up { ref data, ref listen } => {
+            let mut env: Vec<(String, String)> = std::env::vars().collect();
+            if let Some(data) = data {
+                env.push((config::DATA_DIR_ENV.into(), data.display().to_string()));
+            }
+            if let Some(listen) = listen {
+                env.push(("MAAS_LISTEN__API".into(), listen.clone()));
+            }
+            match Config::from_toml("", &config::Source::Defaults, env) {
+                Ok(config) => start(&cli, config),
+                Err(err) => config_error(&err),
+            }
+        }
+        Command::Node { command: NodeCommand::Start { ref config, ref join } } => match Config::load(config) {
+            Ok(mut config) => {
+                config.cluster.join.extend(join.iter().cloned());
+                match config.validate() {
+                    Ok(()) => start(&cli, config),
+                    Err(err) => config_error(&err),
+                }
+            }
+            Err(err) => config_error(&err),
+        },
+        Command::Node { command: NodeCommand::Remove { id, ref cookie, ref target } } => {
+            client::run(client::node_remove(target, id, cookie))
+        }
+
+        Command::Node { command: NodeCommand::List { ref target } } => client::run(client::node_list(target)),
+        Command::Gpu { command: GpuCommand::List { ref target } } => client::run(client::gpu_list(target)),
+        Command::Bench { command: BenchCommand::Raft(ref args) } => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    eprintln!("error: cannot start the async runtime: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(bench::raft(args)) {
+                Ok(report) => {
+                    print!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: {err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Cluster { command: ClusterCommand::Status { ref target } } => {
+            client::run(client::cluster_status(target))
+        }
+    }
+}
+
+fn config_error(err: &config::ConfigError) -> ExitCode {
+    eprintln!("error: invalid configuration: {err}");
+    ExitCode::from(2)
+}
+
+fn start(cli: &Cli, mut config: Config) -> ExitCode {
+    if let Some(format) = cli.log_format {
+        config.log.format = format;
+    }
+    if let Some(level) = &cli.log_level {
+        config.log.level.clone_from(level);
+        if let Err(err) = config.validate() {
+            return config_error(&err);
+        }
+    }
+    logging::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run::run_node(config)) {
+        Ok(code) => code,
+        Err(err) => {
+            tracing::error!(error = format!("{err:#}"), "node failed");
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,475 @@
+//! Running a node: data directory, HTTP, store, signals, and an orderly stop.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use maas_actors::node::{AgentConfig, AgentStatus, NodeAgent};
+use maas_actors::transport::{ClusterConfig as TransportConfig, ClusterTransport};
+use maas_consensus::RaftHandle;
+use maas_consensus::control::{ControlPlane, ControlPlaneConfig};
+use maas_consensus::liveness::LivenessSettings;
+use maas_consensus::reconcile::ReconcileSettings;
+use maas_consensus::state::{ClusterState, Command};
+use maas_consensus::storage::DiskStorage;
+use maas_gateway::routes::cluster::{COOKIE_HEADER, JoinReply};
+use maas_gateway::{AppState, Check, GatewayOptions, HttpServer, ServeOptions, ShutdownOutcome, ShutdownTrigger};
+
+use maas_consensus::state::{GpuRecord, NodeId, NodeResources, NodeSpec};
+use maas_consensus::{DriverConfig, RaftSettings};
+use maas_store::{BlobStore, Db, DbOptions};
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+
+pub async fn run_node(mut config: Config) -> Result<ExitCode> {
+    std::fs::create_dir_all(&config.node.data_dir).with_context(|| {
+        format!("cannot create the data directory {} (node.data_dir)", config.node.data_dir.display())
+    })?;
+    config.node.data_dir = config.node.data_dir.canonicalize().context("cannot resolve the data directory")?;
+    let data_dir = config.node.data_dir.clone();
+    let _lock = DataDirLock::acquire(&data_dir)?;
+
+    // HTTP comes up first, so /healthz answers and /readyz says what the node waits for.
+    let listener = TcpListener::bind(config.listen.api)
+        .await
+        .with_context(|| format!("cannot listen on {} (listen.api)", config.listen.api))?;
+    let state = Arc::new(AppState::new(
+        config.node.name.clone(),
+        GatewayOptions { max_body_bytes: config.gateway.max_body_bytes, debug_routes: config.gateway.debug_routes },
+    ));
+    state.readiness.set("store", Check::Pending("migrating the database".into()));
+    state.readiness.set("cluster", Check::Pending("starting the control plane".into()));
+    let tls = if config.tls.cert_path.is_empty() {
+        None
+    } else {
+        Some(maas_gateway::tls::server_config(Path::new(&config.tls.cert_path), Path::new(&config.tls.key_path))?)
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let server = HttpServer::new(
+        listener,
+        maas_gateway::routes::routes(&state),
+        &ServeOptions {
+            max_body_bytes: config.gateway.max_body_bytes,
+            drain_timeout: Duration::from_secs(config.gateway.drain_timeout_secs),
+            tls,
+        },
+    );
+    let api_addr = server.local_addr()?;
+    warn_about_unused_settings(&config);
+    let (trigger, shutdown) = maas_gateway::shutdown_channel();
+    tokio::spawn(forward_stop_signals(trigger.clone()));
+    let server = tokio::spawn(server.run(shutdown));
+
+    let api_url = format!("{scheme}://{api_addr}");
+    let started = async {
+        let (db, _blobs) = open_stores(&config).await.inspect_err(|err| {
+            state.readiness.set("store", Check::Failed(format!("{err:#}")));
+        })?;
+        state.readiness.set("store", Check::Ready);
+        let cluster = start_cluster(&config, &data_dir, &api_url).await.inspect_err(|err| {
+            state.readiness.set("cluster", Check::Failed(format!("{err:#}")));
+        })?;
+        let agent_status = Arc::new(std::sync::RwLock::new(AgentStatus::default()));
+        let agent_config = AgentConfig::new(config.node.id, config.node.gpu_memory_reserve_mib);
+        let (agent, _) = ractor::Actor::spawn(
+            None,
+            NodeAgent,
+            (agent_config, cluster.control.handle().clone(), Arc::clone(&agent_status)),
+        )
+        .await
+        .context("cannot start the node agent")?;
+        let _ = state.agent.set(agent_status);
+        anyhow::Ok((db, cluster, agent))
+    }
+    .await;
+    let (db, cluster, agent) = match started {
+        Ok(parts) => parts,
+        Err(err) => {
+            // Stop serving at once: nothing is in flight that could finish.
+            trigger.request();
+            trigger.request();
+            let _ = server.await;
+            return Err(err);
+        }
+    };
+    let _ = state.cluster.set(cluster.control.handle().clone());
+    let _ = state.cluster_cookie.set(config.cluster.cookie.clone());
+    let transport = cluster.transport.clone();
+    let _ = state
+        .peer_health
+        .set(Arc::new(move || transport.peer_states().into_iter().map(|(id, peer)| (id, peer.to_string())).collect()));
+    tokio::spawn(register(cluster.control.handle().clone(), cluster.node.clone(), Arc::clone(&state)));
+    print_banner(&config, &api_url, &data_dir, &cluster.node);
+
+    let outcome = server.await.context("the HTTP server task failed")?;
+    agent.stop(None);
+    cluster.stop().await;
+    db.close().await;
+    Ok(match outcome {
+        ShutdownOutcome::Drained => {
+            tracing::info!("stopped after draining every request");
+            ExitCode::SUCCESS
+        }
+        ShutdownOutcome::DrainTimedOut { in_flight } => {
+            tracing::warn!(in_flight, "stopped at the drain bound (gateway.drain_timeout_secs), cutting requests");
+            ExitCode::SUCCESS
+        }
+        ShutdownOutcome::Forced { in_flight } => {
+            tracing::warn!(in_flight, "stopped by a second signal, cutting requests");
+            ExitCode::from(130)
+        }
+    })
+}
+
+/// The control plane and the transport it talks to its peers through.
+struct Cluster {
+    control: ControlPlane,
+    transport: ClusterTransport,
+    /// This node as it registers itself.
+    node: NodeSpec,
+}
+
+/// Starts this node's raft control plane and its cluster transport: a new cluster of one,
+/// a restart of a member (its raft log is on disk), or a join through `cluster.join`.
+/// Then registers the node in the replicated cluster state.
+async fn start_cluster(config: &Config, data_dir: &Path, api_url: &str) -> Result<Cluster> {
+    check_node_identity(data_dir, config.node.id)?;
+    let storage = DiskStorage::open(&data_dir.join("raft")).context("cannot open the raft log")?;
+    let joining = !storage.is_initialized() && !config.cluster.join.is_empty();
+    let sqlite = config.database.url.is_empty() || config.database.url.starts_with("sqlite:");
+    let multi_node = joining || storage.conf_state().voters.len() > 1;
+    if multi_node && sqlite {
+        anyhow::bail!(
+            "a cluster of more than one node keeps its tenant data in PostgreSQL, but database.url is SQLite: \
+             set database.url = \"postgres://USER@HOST:PORT/DB\" on every node"
+        );
+    }
+    if !storage.is_initialized() && !joining {
+        tracing::info!("starting a new cluster with this node as its first member");
+    }
+    if multi_node && config.cluster.cookie == crate::config::DEFAULT_COOKIE {
+        tracing::warn!("cluster.cookie is the default one: set a secret of your own on every node of this cluster");
+    }
+    let transport =
+        ClusterTransport::bind(config.listen.cluster, TransportConfig::new(config.node.id, &config.cluster.cookie))
+            .await
+            .with_context(|| {
+                format!("cannot start the cluster transport on {} (listen.cluster)", config.listen.cluster)
+            })?;
+    let node = NodeSpec {
+        id: NodeId(config.node.id),
+        name: config.node.name.clone(),
+        api_addr: api_url.to_owned(),
+        cluster_addr: transport.local_addr().to_string(),
+        labels: config.node.labels.clone(),
+        resources: local_resources(config),
+    };
+    let mut driver = DriverConfig::new(config.node.id);
+    driver.tick = Duration::from_millis(config.cluster.raft_tick_ms);
+    driver.settings = RaftSettings {
+        election_ticks: usize::try_from(config.cluster.election_ticks)
+            .context("cluster.election_ticks is too large")?,
+        heartbeat_ticks: usize::try_from(config.cluster.heartbeat_ticks)
+            .context("cluster.heartbeat_ticks is too large")?,
+        snapshot_interval_entries: config.cluster.snapshot_interval_entries,
+        ..RaftSettings::default()
+    };
+    let liveness = LivenessSettings {
+        suspect_after_ms: config.cluster.suspect_after_ms,
+        dead_after_ms: config.cluster.dead_after_ms,
+        rejoin_stable_ms: config.cluster.rejoin_stable_ms,
+        ..LivenessSettings::default()
+    };
+    let control = ControlPlane::start(
+        ControlPlaneConfig {
+            node: node.clone(),
+            storage,
+            driver,
+            bootstrap_voters: (!joining).then(|| vec![config.node.id]),
+            liveness,
+            reconcile: ReconcileSettings { gpu_reserve_mib: config.node.gpu_memory_reserve_mib },
+        },
+        &(Arc::new(transport.clone()) as Arc<dyn maas_consensus::Transport>),
+    )
+    .context("cannot start the control plane")?;
+    transport.attach(Arc::new(control.handle().clone()));
+    let cluster = Cluster { control, transport, node: node.clone() };
+    if joining && let Err(err) = join(&config.cluster.join, &config.cluster.cookie, &node, &cluster.transport).await {
+        cluster.stop().await;
+        return Err(err);
+    }
+    Ok(cluster)
+}
+
+/// Registers this node in the cluster state once a leader can commit it: at once on a
+/// new cluster, or when enough members are back after a restart of the whole cluster.
+/// Readiness says `pending` until then, and `failed` if the cluster refuses the node or
+/// this node's raft stops on a failure (also later).
+async fn register(handle: RaftHandle<ClusterState>, node: NodeSpec, state: Arc<AppState>) {
+    for attempt in 0u64.. {
+        if let Some(reason) = handle.status().failed {
+            state.readiness.set("cluster", Check::Failed(reason));
+            return;
+        }
+        let at_ms = u64::try_from(maas_store::ids::now_ms()).unwrap_or(0);
+        match handle.propose(Command::RegisterNode { node: node.clone(), at_ms }).await {
+            Ok(Ok(_)) => {
+                state.readiness.set("cluster", Check::Ready);
+                let status = handle.status();
+                tracing::info!(node_id = node.id.0, term = status.term, leader = status.leader_id, voters = ?status.voters, "registered in the cluster");
+                break;
+            }
+            Ok(Err(rejection)) => {
+                tracing::error!(%rejection, "the cluster refused this node's registration");
+                state.readiness.set("cluster", Check::Failed(format!("the cluster refused this node: {rejection}")));
+                return;
+            }
+            Err(err) => {
+                if attempt % 20 == 0 {
+                    tracing::info!(error = %err, "waiting for a leader to register this node (a quorum of members must be up)");
+                }
+                state
+                    .readiness
+                    .set("cluster", Check::Pending(format!("waiting for a leader to register this node: {err}")));
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+    // Registered: from now on readiness follows the raft node's health.
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Some(reason) = handle.status().failed {
+            state.readiness.set("cluster", Check::Failed(reason));
+            return;
+        }
+    }
+}
+
+impl Cluster {
+    async fn stop(self) {
+        let Cluster { control, transport, .. } = self;
+        tokio::task::spawn_blocking(move || control.stop()).await.ok();
+        transport.shutdown().await;
+    }
+}
+
+/// Asks a running member (trying each address in turn, through elections, for up to a
+/// minute) to add this node, and learns where every member is.
+async fn join(urls: &[String], cookie: &str, node: &NodeSpec, transport: &ClusterTransport) -> Result<()> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut last_error = String::new();
+        for url in urls {
+            let endpoint = format!("{}/v1/cluster/members", url.trim_end_matches('/'));
+            match client.post(&endpoint).header(COOKIE_HEADER, cookie).json(node).send().await {
+                Ok(response) if response.status().is_success() => {
+                    let reply: JoinReply = response
+                        .json()
+                        .await
+                        .with_context(|| format!("{endpoint} answered with an unexpected body"))?;
+                    for member in reply.members.iter().filter(|m| m.id != node.id.0) {
+                        transport.set_peer(member.id, member.cluster_addr.clone(), member.api_addr.clone());
+                    }
+                    tracing::info!(through = %url, voters = ?reply.voters, "joined the cluster");
+                    return Ok(());
+                }
+                Ok(response) => {
+                    let status = response.status();
+                    let body: serde_json::Value = response.json().await.unwrap_or_default();
+                    let message = body["error"]["message"].as_str().unwrap_or("no message").to_owned();
+                    if status == reqwest::StatusCode::FORBIDDEN
+                        || status == reqwest::StatusCode::CONFLICT
+                        || status == reqwest::StatusCode::BAD_REQUEST
+                    {
+                        anyhow::bail!("{url} refused to add this node ({status}): {message}");
+                    }
+                    last_error = format!("{url} answered {status}: {message}");
+                }
+                Err(err) => last_error = format!("cannot reach {url}: {err}"),
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("could not join the cluster through {}: {last_error}", urls.join(", "));
+        }
+        tracing::info!(%last_error, "joining: retrying");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The machine's CPUs and memory, its GPUs (from the NVIDIA driver, if any), and the
+/// GPUs configured as simulated, numbered after the real ones.
+fn local_resources(config: &Config) -> NodeResources {
+    let cpu_cores = std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
+    let memory_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("MemTotal:"))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024);
+    let discovery = maas_engine::gpu::discover();
+    tracing::info!(gpus = %discovery.summary(), "GPU discovery");
+    let mut gpus: Vec<GpuRecord> = discovery
+        .gpus
+        .iter()
+        .map(|gpu| GpuRecord {
+            index: gpu.index,
+            model: gpu.name.clone(),
+            memory_total_mib: gpu.memory_total_mib,
+            simulated: false,
+        })
+        .collect();
+    for simulated in &config.node.simulated_gpus {
+        for _ in 0..simulated.count {
+            let index = gpus.iter().map(|gpu| gpu.index + 1).max().unwrap_or(0);
+            gpus.push(GpuRecord {
+                index,
+                model: simulated.model.clone(),
+                memory_total_mib: simulated.memory_mib,
+                simulated: true,
+            });
+        }
+    }
+    NodeResources { cpu_cores, memory_mib, gpus }
+}
+
+/// A data directory belongs to one node id for life: its raft log is that member's log.
+/// The first start records the id; a later start with another `node.id` is refused.
+fn check_node_identity(data_dir: &Path, node_id: u64) -> Result<()> {
+    let path = data_dir.join("NODE_ID");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let recorded: u64 = text
+                .trim()
+                .parse()
+                .with_context(|| format!("{} is damaged: it should hold a node id", path.display()))?;
+            if recorded != node_id {
+                anyhow::bail!(
+                    "the data directory {} belongs to node {recorded}, but node.id is {node_id}: set node.id = {recorded}, or use another node.data_dir",
+                    data_dir.display()
+                );
+            }
+            Ok(())
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            let temporary = data_dir.join("NODE_ID.tmp");
+            std::fs::write(&temporary, format!("{node_id}\n"))
+                .with_context(|| format!("cannot write {}", temporary.display()))?;
+            File::open(&temporary)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("cannot sync {}", temporary.display()))?;
+            std::fs::rename(&temporary, &path).with_context(|| format!("cannot write {}", path.display()))?;
+            File::open(data_dir)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("cannot sync {}", data_dir.display()))?;
+            Ok(())
+        }
+        Err(err) => Err(err).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+async fn open_stores(config: &Config) -> Result<(Db, BlobStore)> {
+    let url = config.database_url();
+    let mut options = DbOptions::new(url);
+    options.max_connections = config.database.max_connections;
+    let db = Db::connect(&options).await?;
+    db.migrate().await?;
+    tracing::info!(backend = db.backend().as_str(), migration = db.latest_migration(), "database ready");
+    let blobs = BlobStore::open(config.node.data_dir.join("blobs")).await?;
+    Ok((db, blobs))
+}
+
+/// SIGTERM or Ctrl-C: the first starts a graceful stop, the second ends it at once.
+async fn forward_stop_signals(trigger: ShutdownTrigger) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!("cannot listen for stop signals");
+        return;
+    };
+    loop {
+        let name = tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+        };
+        trigger.request();
+        if trigger.requests() == 1 {
+            tracing::info!(
+                signal = name,
+                "stopping: no new connections, finishing in-flight requests (signal again to stop at once)"
+            );
+        } else {
+            tracing::warn!(signal = name, "stopping at once");
+        }
+    }
+}
+
+fn print_banner(config: &Config, base: &str, data_dir: &Path, node: &NodeSpec) {
+    let database = if config.database.url.is_empty() {
+        format!("SQLite {}", data_dir.join("maas.db").display())
+    } else {
+        maas_store::db::redact(&config.database.url)
+    };
+    let gpus = if node.resources.gpus.is_empty() {
+        "none: CPU-only (no NVIDIA driver found, and no node.simulated_gpus)".to_owned()
+    } else {
+        let described: Vec<String> = node
+            .resources
+            .gpus
+            .iter()
+            .map(|g| format!("{} {}{}", g.index, g.model, if g.simulated { " (simulated)" } else { "" }))
+            .collect();
+        described.join(", ")
+    };
+    println!("maas {}: node `{}` (id {}) is up", env!("CARGO_PKG_VERSION"), config.node.name, config.node.id);
+    println!("  console   {base}/");
+    println!("  api       {base}  (every route: {base}/openapi.json)");
+    println!("  health    {base}/healthz  {base}/readyz  {base}/metrics");
+    println!("  cluster   {}  (maas cluster status; maas node list)", node.cluster_addr);
+    println!("  gpus      {gpus}");
+    println!("  data      {}  (database: {database}; blobs: {})", data_dir.display(), data_dir.join("blobs").display());
+    println!("Stop with Ctrl-C (twice to stop at once).");
+}
+
+/// Settings that this build accepts but no subsystem reads yet: say so, rather than let
+/// an operator believe they are in force.
+fn warn_about_unused_settings(config: &Config) {
+    if !config.redis.url.is_empty() {
+        tracing::warn!(
+            "redis.url is set, but this build keeps counters and caches in-process; redis is used once quotas land"
+        );
+    }
+    if !config.milvus.url.is_empty() {
+        tracing::warn!("milvus.url is set, but this build has no knowledge bases yet; milvus is used once they land");
+    }
+}
+
+/// An exclusive lock on the data directory, so two nodes never share one.
+struct DataDirLock {
+    _file: File,
+}
+
+impl DataDirLock {
+    fn acquire(data_dir: &Path) -> Result<Self> {
+        let path: PathBuf = data_dir.join("LOCK");
+        let file = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(DataDirLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                anyhow::bail!(
+                    "another maas process is using the data directory {}: stop it, or pick another node.data_dir",
+                    data_dir.display()
+                )
+            }
+            Err(std::fs::TryLockError::Error(err)) => {
+                Err(err).with_context(|| format!("cannot lock {}", path.display()))
+            }
+        }
+    }
+}

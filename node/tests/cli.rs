@@ -1,0 +1,112 @@
+//! The `maas` binary's command line: help, config checking, and refusing bad configs.
+
+use std::process::Command;
+
+fn maas() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_maas"))
+}
+
+#[test]
+fn help_lists_the_subcommands() {
+    let output = maas().arg("--help").output().unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).unwrap();
+    for command in ["up", "node", "config"] {
+        assert!(help.contains(command), "{help}");
+    }
+    let output = maas().args(["node", "start", "--help"]).output().unwrap();
+    assert!(String::from_utf8(output.stdout).unwrap().contains("--config <FILE>"));
+}
+
+#[test]
+fn config_check_prints_the_effective_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, "[node]\nname = \"gpu-a\"\n").unwrap();
+    let output =
+        maas().args(["config", "check"]).arg(&file).env("MAAS_LISTEN__API", "127.0.0.1:9999").output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let printed = String::from_utf8(output.stdout).unwrap();
+    assert!(printed.contains("name = \"gpu-a\""), "{printed}");
+    assert!(printed.contains("api = \"127.0.0.1:9999\""), "{printed}");
+    assert!(printed.contains("drain_timeout_secs = 30"), "defaults are shown: {printed}");
+}
+
+#[test]
+fn the_repository_cluster_toml_checks_clean() {
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../cluster.toml");
+    let output = maas().args(["config", "check", file]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+#[test]
+fn bad_configs_exit_non_zero_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = [
+        ("[gateway]\nbogus_key = 1\n", "`gateway.bogus_key`"),
+        ("[listen]\napi = \"not-an-address\"\n", "`listen.api`"),
+        ("[gateway]\nmax_upload_bytes = -10\n", "`gateway.max_upload_bytes`"),
+    ];
+    for (text, named) in table {
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, text).unwrap();
+        for args in [vec!["config", "check"], vec!["node", "start", "--config"]] {
+            let output = maas().args(&args).arg(&file).output().unwrap();
+            assert_eq!(output.status.code(), Some(2), "{args:?} {text}");
+            let stderr = String::from_utf8(output.stderr).unwrap();
+            assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+            assert!(stderr.starts_with("error: invalid configuration:") && stderr.contains(named), "{stderr}");
+        }
+    }
+    let output = maas().args(["config", "check", "/no/such/file.toml"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8(output.stderr).unwrap().contains("cannot read config file /no/such/file.toml"));
+}
+
+#[test]
+fn up_refuses_a_bad_listen_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = maas().args(["up", "--listen", "nowhere"]).arg("--data").arg(dir.path()).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("MAAS_LISTEN__API") && stderr.contains("not an address"), "{stderr}");
+}
+
+#[test]
+fn unreadable_tls_files_stop_the_node_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tls.toml");
+    std::fs::write(
+        &file,
+        "[listen]\napi = \"127.0.0.1:0\"\ncluster = \"127.0.0.1:0\"\n[tls]\ncert_path = \"/no/cert.pem\"\nkey_path = \"/no/key.pem\"\n",
+    )
+    .unwrap();
+    let output = maas()
+        .args(["node", "start", "--config"])
+        .arg(&file)
+        .env("MAAS_DATA", dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("tls.cert_path") && stderr.contains("/no/cert.pem"), "{stderr}");
+}
+
+#[test]
+fn the_raft_benchmark_runs_over_the_loopback_transport() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = maas()
+        .args(["bench", "raft", "--seconds", "1", "--tick-ms", "20", "--network", "loopback", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report = String::from_utf8(output.stdout).unwrap();
+    assert!(report.contains("ractor_cluster over TCP loopback"), "{report}");
+    for proposers in [" 1 proposers", "64 proposers"] {
+        let line = report.lines().find(|l| l.contains(proposers)).unwrap_or_else(|| panic!("{report}"));
+        let per_second: f64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+        assert!(per_second > 0.0, "{line}");
+    }
+    assert!(report.contains("leader failover"), "{report}");
+}

@@ -1,0 +1,18 @@
+//! Tenant data and large files: sqlx repositories over SQLite or PostgreSQL with one
+//! tenant scope that every tenant-owned query goes through, and the content-addressed
+//! blob store.
+//!
+//! **Boundary:** this crate knows nothing about HTTP; the gateway maps [`StoreError`] to
+//! statuses.
+
+pub mod blob;
+pub mod db;
+mod error;
+pub mod ids;
+pub mod repo;
+pub mod tenant;
+
+pub use blob::{BlobInfo, BlobReader, BlobStore, Digest};
+pub use db::{Backend, Db, DbOptions};
+pub use error::{Result, StoreError};
+pub use tenant::{Owner, TenantScope};

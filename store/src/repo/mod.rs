@@ -1,0 +1,22 @@
+//! Repositories: typed queries over the tenant-data tables. Tenant-owned tables are only
+//! reachable through a [`crate::TenantScope`].
+
+pub mod files;
+pub mod orgs;
+pub mod users;
+
+use crate::db::Db;
+
+impl Db {
+    pub fn users(&self) -> users::Users<'_> {
+        users::Users { db: self }
+    }
+
+    pub fn orgs(&self) -> orgs::Orgs<'_> {
+        orgs::Orgs { db: self }
+    }
+
+    pub fn files(&self) -> files::Files<'_> {
+        files::Files { db: self }
+    }
+}

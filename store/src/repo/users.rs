@@ -1,0 +1,123 @@
+//! Users: the platform's accounts.
+
+use serde::Serialize;
+
+use crate::db::Db;
+use crate::error::{Result, StoreError};
+use crate::ids::{new_id, now_ms};
+
+/// A platform-wide role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    Enterprise,
+    User,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Enterprise => "enterprise",
+            Role::User => "user",
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self> {
+        match text {
+            "admin" => Ok(Role::Admin),
+            "enterprise" => Ok(Role::Enterprise),
+            "user" => Ok(Role::User),
+            other => Err(StoreError::InvalidInput(format!("unknown role `{other}` in the database"))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct User {
+    pub id: String,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub display_name: String,
+    pub role: Role,
+    pub status: String,
+    pub created_at_ms: i64,
+}
+
+/// What creating a user takes. At least one of `email` and `phone` is required.
+#[derive(Debug, Clone, Default)]
+pub struct NewUser {
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub display_name: String,
+    pub password_hash: Option<String>,
+    pub role: Option<Role>,
+    pub active: bool,
+}
+
+type UserRow = (String, Option<String>, Option<String>, String, String, String, i64);
+
+fn user_from_row(row: UserRow) -> Result<User> {
+    let (id, email, phone, display_name, role, status, created_at_ms) = row;
+    Ok(User { id, email, phone, display_name, role: Role::parse(&role)?, status, created_at_ms })
+}
+
+pub struct Users<'a> {
+    pub(crate) db: &'a Db,
+}
+
+impl Users<'_> {
+    pub async fn create(&self, new: NewUser) -> Result<User> {
+        if new.email.is_none() && new.phone.is_none() {
+            return Err(StoreError::InvalidInput("a user needs an email address or a phone number".into()));
+        }
+        let email = new.email.map(|e| e.trim().to_lowercase());
+        let id = new_id("user");
+        let now = now_ms();
+        let role = new.role.unwrap_or(Role::User);
+        let status = if new.active { "active" } else { "pending" };
+        sqlx::query(
+            "INSERT INTO users (id, email, phone, display_name, password_hash, role, status, \
+             created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+        )
+        .bind(&id)
+        .bind(&email)
+        .bind(&new.phone)
+        .bind(&new.display_name)
+        .bind(&new.password_hash)
+        .bind(role.as_str())
+        .bind(status)
+        .bind(now)
+        .execute(self.db.pool())
+        .await
+        .map_err(|err| {
+            StoreError::conflict_on_unique(err, || "a user with this email or phone already exists".into())
+        })?;
+        self.get(&id).await
+    }
+
+    pub async fn get(&self, id: &str) -> Result<User> {
+        let row: Option<UserRow> = sqlx::query_as(
+            "SELECT id, email, phone, display_name, role, status, created_at_ms FROM users WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(self.db.pool())
+        .await?;
+        row.map(user_from_row).transpose()?.ok_or_else(|| StoreError::NotFound { what: "user", id: id.to_owned() })
+    }
+
+    pub async fn find_by_email(&self, email: &str) -> Result<Option<User>> {
+        let row: Option<UserRow> = sqlx::query_as(
+            "SELECT id, email, phone, display_name, role, status, created_at_ms FROM users WHERE email = $1",
+        )
+        .bind(email.trim().to_lowercase())
+        .fetch_optional(self.db.pool())
+        .await?;
+        row.map(user_from_row).transpose()
+    }
+
+    pub async fn count(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM users").fetch_one(self.db.pool()).await?)
+    }
+}

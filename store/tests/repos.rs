@@ -1,0 +1,181 @@
+//! The repository layer against real SQLite and real PostgreSQL: the same suite on both.
+
+mod common;
+
+use common::TestDb;
+use maas_store::repo::files::NewFile;
+use maas_store::repo::orgs::OrgRole;
+use maas_store::repo::users::{NewUser, Role};
+use maas_store::{Backend, Owner, StoreError, TenantScope};
+
+on_both_backends!(
+    migrations_are_idempotent,
+    users_are_created_and_unique,
+    a_user_needs_an_email_or_a_phone,
+    organisations_have_owners_and_members,
+    scopes_refuse_unknown_users_and_foreign_orgs,
+    tenants_cannot_see_each_others_files,
+    org_files_follow_org_roles,
+    acknowledged_writes_survive_a_reconnect,
+);
+
+async fn user(t: &TestDb, email: &str) -> String {
+    t.db.users()
+        .create(NewUser { email: Some(email.into()), display_name: email.into(), active: true, ..NewUser::default() })
+        .await
+        .expect("user is created")
+        .id
+}
+
+fn new_file(name: &str) -> NewFile {
+    NewFile { filename: name.into(), purpose: "batch".into(), size_bytes: 10, sha256: "0".repeat(64) }
+}
+
+async fn migrations_are_idempotent(t: &TestDb) {
+    t.db.migrate().await.expect("second migration run is a no-op");
+    assert_eq!(t.db.latest_migration(), 1);
+}
+
+async fn users_are_created_and_unique(t: &TestDb) {
+    let created =
+        t.db.users()
+            .create(NewUser {
+                email: Some("  Alice@Example.com ".into()),
+                display_name: "Alice".into(),
+                role: Some(Role::Admin),
+                ..NewUser::default()
+            })
+            .await
+            .unwrap();
+    assert_eq!(created.email.as_deref(), Some("alice@example.com"));
+    assert_eq!(created.role, Role::Admin);
+    assert_eq!(created.status, "pending");
+    assert_eq!(t.db.users().get(&created.id).await.unwrap(), created);
+    assert_eq!(t.db.users().find_by_email("ALICE@example.com").await.unwrap(), Some(created.clone()));
+
+    let again = t.db.users().create(NewUser { email: Some("alice@example.com".into()), ..NewUser::default() }).await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+    assert_eq!(t.db.users().count().await.unwrap(), 1, "a rejected create changes nothing");
+    assert!(matches!(t.db.users().get("user-missing").await, Err(StoreError::NotFound { .. })));
+}
+
+async fn a_user_needs_an_email_or_a_phone(t: &TestDb) {
+    let result = t.db.users().create(NewUser { display_name: "nobody".into(), ..NewUser::default() }).await;
+    assert!(matches!(result, Err(StoreError::InvalidInput(_))), "{result:?}");
+    let by_phone = t
+        .db
+        .users()
+        .create(NewUser { phone: Some("+8613800000000".into()), display_name: "phone".into(), ..NewUser::default() })
+        .await
+        .unwrap();
+    assert_eq!(by_phone.phone.as_deref(), Some("+8613800000000"));
+}
+
+async fn organisations_have_owners_and_members(t: &TestDb) {
+    let alice = user(t, "alice@example.com").await;
+    let bob = user(t, "bob@example.com").await;
+    let org = t.db.orgs().create("acme", "ACME", &alice).await.unwrap();
+    t.db.orgs().add_member(&org.id, &bob, OrgRole::Member).await.unwrap();
+    assert!(matches!(t.db.orgs().add_member(&org.id, &bob, OrgRole::Admin).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(t.db.orgs().create("acme", "again", &bob).await, Err(StoreError::Conflict(_))));
+    for bad in ["A", "-x", "has space", ""] {
+        assert!(matches!(t.db.orgs().create(bad, "bad", &bob).await, Err(StoreError::InvalidInput(_))), "{bad}");
+    }
+    assert_eq!(t.db.orgs().list_for_user(&bob).await.unwrap(), vec![org]);
+}
+
+async fn scopes_refuse_unknown_users_and_foreign_orgs(t: &TestDb) {
+    let alice = user(t, "alice@example.com").await;
+    let bob = user(t, "bob@example.com").await;
+    let org = t.db.orgs().create("acme", "ACME", &alice).await.unwrap();
+
+    let unknown = TenantScope::resolve(&t.db, "user-nobody", None).await;
+    assert!(matches!(unknown, Err(StoreError::NotFound { .. })), "{unknown:?}");
+    let foreign = TenantScope::resolve(&t.db, &bob, Some(Owner::Org(org.id.clone()))).await;
+    assert!(matches!(foreign, Err(StoreError::Forbidden(_))), "{foreign:?}");
+    let impersonation = TenantScope::resolve(&t.db, &bob, Some(Owner::User(alice.clone()))).await;
+    assert!(matches!(impersonation, Err(StoreError::Forbidden(_))), "{impersonation:?}");
+
+    let own = TenantScope::resolve(&t.db, &alice, Some(Owner::Org(org.id.clone()))).await.unwrap();
+    assert_eq!(own.acting_as(), &Owner::Org(org.id));
+}
+
+async fn tenants_cannot_see_each_others_files(t: &TestDb) {
+    let alice = TenantScope::resolve(&t.db, &user(t, "alice@example.com").await, None).await.unwrap();
+    let bob = TenantScope::resolve(&t.db, &user(t, "bob@example.com").await, None).await.unwrap();
+    let file = t.db.files().create(&alice, new_file("a.jsonl")).await.unwrap();
+    assert_eq!(file.owner, Owner::User(alice.user_id().into()));
+
+    // TEN-1: bob cannot read, list or delete alice's file, and learns nothing of its existence.
+    assert!(matches!(t.db.files().get(&bob, &file.id).await, Err(StoreError::NotFound { .. })));
+    assert!(t.db.files().list(&bob).await.unwrap().is_empty());
+    assert!(matches!(t.db.files().delete(&bob, &file.id).await, Err(StoreError::NotFound { .. })));
+
+    assert_eq!(t.db.files().get(&alice, &file.id).await.unwrap(), file);
+    assert_eq!(t.db.files().list(&alice).await.unwrap(), vec![file.clone()]);
+    assert_eq!(t.db.files().delete(&alice, &file.id).await.unwrap(), file);
+    assert!(matches!(t.db.files().get(&alice, &file.id).await, Err(StoreError::NotFound { .. })));
+}
+
+async fn org_files_follow_org_roles(t: &TestDb) {
+    let owner = user(t, "owner@example.com").await;
+    let member = user(t, "member@example.com").await;
+    let outsider = user(t, "outsider@example.com").await;
+    let org = t.db.orgs().create("acme", "ACME", &owner).await.unwrap();
+    t.db.orgs().add_member(&org.id, &member, OrgRole::Member).await.unwrap();
+    let as_org = Some(Owner::Org(org.id.clone()));
+
+    let owner_scope = TenantScope::resolve(&t.db, &owner, as_org.clone()).await.unwrap();
+    let member_scope = TenantScope::resolve(&t.db, &member, as_org).await.unwrap();
+    let outsider_scope = TenantScope::resolve(&t.db, &outsider, None).await.unwrap();
+    let file = t.db.files().create(&member_scope, new_file("shared.pdf")).await.unwrap();
+    assert_eq!(file.owner, Owner::Org(org.id.clone()));
+
+    assert_eq!(t.db.files().get(&owner_scope, &file.id).await.unwrap(), file);
+    assert_eq!(t.db.files().list(&owner_scope).await.unwrap(), vec![file.clone()]);
+    assert!(matches!(t.db.files().get(&outsider_scope, &file.id).await, Err(StoreError::NotFound { .. })));
+    // A plain member may read but not delete the organisation's file; an owner may.
+    assert!(matches!(t.db.files().delete(&member_scope, &file.id).await, Err(StoreError::Forbidden(_))));
+    assert_eq!(t.db.files().get(&member_scope, &file.id).await.unwrap(), file, "a refused delete changes nothing");
+    t.db.files().delete(&owner_scope, &file.id).await.unwrap();
+}
+
+async fn acknowledged_writes_survive_a_reconnect(t: &TestDb) {
+    let alice_id = user(t, "alice@example.com").await;
+    let alice = TenantScope::resolve(&t.db, &alice_id, None).await.unwrap();
+    let file = t.db.files().create(&alice, new_file("kept.txt")).await.unwrap();
+    t.db.close().await;
+    let reopened = t.reopen().await;
+    let alice = TenantScope::resolve(&reopened, &alice_id, None).await.unwrap();
+    assert_eq!(reopened.files().get(&alice, &file.id).await.unwrap(), file);
+    reopened.close().await;
+}
+
+/// The two migration sets must describe the same tables and columns.
+#[tokio::test]
+async fn sqlite_and_postgres_schemas_match() {
+    let sqlite = common::sqlite().await;
+    let postgres = common::postgres().await;
+    assert_eq!(sqlite.db.backend(), Backend::Sqlite);
+    assert_eq!(postgres.db.backend(), Backend::Postgres);
+    let mut sqlite_columns: Vec<(String, String)> = sqlx::query_as(
+        "SELECT m.name, p.name FROM sqlite_master m JOIN pragma_table_info(m.name) p \
+         WHERE m.type = 'table' AND m.name NOT LIKE '\\_sqlx%' ESCAPE '\\' AND m.name NOT LIKE 'sqlite\\_%' ESCAPE '\\' \
+         ORDER BY m.name, p.name",
+    )
+    .fetch_all(sqlite.db.pool())
+    .await
+    .unwrap();
+    let mut postgres_columns: Vec<(String, String)> = sqlx::query_as(
+        "SELECT table_name::TEXT, column_name::TEXT FROM information_schema.columns \
+         WHERE table_schema = 'public' AND table_name NOT LIKE '\\_sqlx%' ORDER BY table_name, column_name",
+    )
+    .fetch_all(postgres.db.pool())
+    .await
+    .unwrap();
+    // Collations differ between the engines, so compare in Rust's byte order.
+    sqlite_columns.sort();
+    postgres_columns.sort();
+    assert!(!sqlite_columns.is_empty());
+    assert_eq!(sqlite_columns, postgres_columns);
+}
