@@ -7,11 +7,13 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use maas_actors::node::agent::gpu_actor_name;
-use maas_actors::node::{AgentConfig, AgentStatus, GpuMsg, NodeAgent};
+use maas_actors::node::{
+    AgentConfig, AgentStatus, GpuMsg, LocalReplicaState, ModelPathRuntime, NodeAgent, ReplicaRuntime,
+};
 use maas_consensus::control::NoPeers;
 use maas_consensus::state::{
     ClusterState, Command, DeploymentId, DeploymentSpec, GpuRecord, NodeId, NodeResources, NodeSpec, PlacementStrategy,
-    ReplicaId, ReplicaPlacement, ReplicaRequest,
+    ReplicaId, ReplicaPlacement, ReplicaRequest, ReplicaState,
 };
 use maas_consensus::storage::DiskStorage;
 use maas_consensus::{DriverConfig, RaftHandle};
@@ -41,6 +43,7 @@ async fn control_plane(dir: &std::path::Path) -> RaftHandle<ClusterState> {
     let spec = DeploymentSpec {
         model_name: "llama".into(),
         model_version: "1".into(),
+        model_path: None,
         request: ReplicaRequest { gpus_per_replica: 1, memory_per_gpu_mib: 30000, cpu_fallback_allowed: false },
         strategy: PlacementStrategy::Binpack,
         node_selector: BTreeMap::new(),
@@ -79,6 +82,56 @@ fn place(replica: &str, gpu: u32) -> Command {
     }
 }
 
+fn runtime() -> Arc<dyn ReplicaRuntime> {
+    Arc::new(ModelPathRuntime)
+}
+
+/// A deployment `id` of the model at `path`, one 30000 MiB GPU per replica.
+fn deployment(id: &str, path: &std::path::Path) -> Command {
+    let spec = DeploymentSpec {
+        model_name: "tiny".into(),
+        model_version: "1".into(),
+        model_path: Some(path.display().to_string()),
+        request: ReplicaRequest { gpus_per_replica: 1, memory_per_gpu_mib: 30000, cpu_fallback_allowed: false },
+        strategy: PlacementStrategy::Binpack,
+        node_selector: BTreeMap::new(),
+        priority: 0,
+        allow_preemption: false,
+    };
+    Command::PutDeployment { deployment_id: DeploymentId(id.into()), spec, replicas: 1, at_ms: 2 }
+}
+
+fn place_for(deployment: &str, replica: &str, gpu: u32) -> Command {
+    match place(replica, gpu) {
+        Command::PlaceReplica { mut placement, gpu_reserve_mib, at_ms } => {
+            placement.deployment_id = DeploymentId(deployment.into());
+            Command::PlaceReplica { placement, gpu_reserve_mib, at_ms }
+        }
+        _ => unreachable!(),
+    }
+}
+
+fn committed(control: &RaftHandle<ClusterState>, replica: &str) -> Option<ReplicaState> {
+    control.read_local(|state| state.replica(&ReplicaId(replica.into())).map(|r| r.state.clone()))
+}
+
+async fn until_committed(
+    control: &RaftHandle<ClusterState>,
+    replica: &str,
+    what: &str,
+    condition: impl Fn(Option<ReplicaState>) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = committed(control, replica);
+        if condition(state.clone()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}: {state:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn until(status: &RwLock<AgentStatus>, what: &str, condition: impl Fn(&AgentStatus) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !condition(&status.read().unwrap()) {
@@ -95,7 +148,8 @@ async fn the_agent_reconciles_gpu_actors_and_leases_with_the_committed_state() {
     let status = Arc::new(RwLock::new(AgentStatus::default()));
     let config =
         AgentConfig { reconcile_every: Duration::from_millis(20), max_restarts: 2, ..AgentConfig::new(1, 1024) };
-    let (agent, _) = Actor::spawn(None, NodeAgent, (config, control.clone(), Arc::clone(&status))).await.unwrap();
+    let (agent, _) =
+        Actor::spawn(None, NodeAgent, (config, control.clone(), Arc::clone(&status), runtime())).await.unwrap();
 
     until(&status, "both GPUs run and r1 holds its lease", |s| {
         s.gpus.len() == 2 && s.gpus[0].leases.get("r1") == Some(&30000) && s.gpus[1].leases.is_empty()
@@ -135,6 +189,67 @@ async fn the_agent_reconciles_gpu_actors_and_leases_with_the_committed_state() {
     })
     .await;
     assert!(status.read().unwrap().gpus[1].failed.is_none(), "the other GPU is unaffected");
+
+    agent.stop(None);
+    control.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_load_their_model_files_report_ready_and_stop_when_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    maas_engine::tiny::write_llama(&model, maas_engine::tiny::TinyShape::default(), 7).unwrap();
+    let control = control_plane(&dir.path().join("raft")).await;
+    propose(&control, deployment("good", &model)).await;
+    let status = Arc::new(RwLock::new(AgentStatus::default()));
+    let config = AgentConfig { reconcile_every: Duration::from_millis(20), ..AgentConfig::new(1, 1024) };
+    let (agent, _) =
+        Actor::spawn(None, NodeAgent, (config, control.clone(), Arc::clone(&status), runtime())).await.unwrap();
+
+    // Placed → loading → ready, committed by the agent; the GPU shows the memory used.
+    propose(&control, place_for("good", "g1", 0)).await;
+    until_committed(&control, "g1", "g1 is ready", |state| state == Some(ReplicaState::Ready)).await;
+    until(&status, "gpu 0 shows g1's memory in use", |s| s.gpus.first().is_some_and(|g| g.used_mib == 30000)).await;
+    let local = status.read().unwrap().replicas[0].local.clone();
+    assert!(
+        matches!(&local, Some(LocalReplicaState::Ready(summary)) if summary.contains("LlamaForCausalLM")),
+        "{local:?}"
+    );
+
+    // Stopping: the agent stops the actor and removes the replica.
+    propose(
+        &control,
+        Command::SetReplicaState { replica_id: ReplicaId("g1".into()), state: ReplicaState::Stopping, at_ms: 5 },
+    )
+    .await;
+    until_committed(&control, "g1", "g1 is removed", |state| state.is_none()).await;
+    until(&status, "no replica runs", |s| s.replicas.is_empty() && s.gpus[0].used_mib == 0).await;
+
+    // A corrupt model fails with the reason, is retried, and its restarts are counted.
+    let broken = dir.path().join("broken");
+    maas_engine::tiny::write_llama(&broken, maas_engine::tiny::TinyShape::default(), 7).unwrap();
+    let weights = broken.join("model.safetensors");
+    let length = std::fs::metadata(&weights).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&weights).unwrap().set_len(length / 2).unwrap();
+    propose(&control, deployment("bad", &broken)).await;
+    propose(&control, place_for("bad", "b1", 1)).await;
+    until_committed(
+        &control,
+        "b1",
+        "b1 failed, saying why",
+        |state| matches!(state, Some(ReplicaState::Failed { reason }) if reason.contains("truncated")),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while control.read_local(|s| s.replica(&ReplicaId("b1".into())).map_or(0, |r| r.restarts)) == 0 {
+        assert!(Instant::now() < deadline, "b1 is started again after its back-off");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // A replica the state no longer holds (placed elsewhere after a dead verdict) stops.
+    propose(&control, Command::RemoveReplica { replica_id: ReplicaId("b1".into()), at_ms: 9 }).await;
+    until(&status, "b1 is gone from the agent", |s| s.replicas.is_empty()).await;
+    assert!(ractor::registry::where_is("maas.replica.b1").is_none());
 
     agent.stop(None);
     control.stop();

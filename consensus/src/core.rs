@@ -21,6 +21,10 @@ use crate::error::{ConsensusError, Result};
 use crate::storage::DiskStorage;
 
 /// Raft timing and batching settings, in ticks of the caller's clock.
+/// How many snapshot intervals a follower may lag and still hold back a leader's snapshot
+/// (see `RaftCore::a_follower_needs_the_log`).
+const CATCH_UP_INTERVALS: u64 = 4;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RaftSettings {
     /// Ticks without hearing from a leader before a follower campaigns (randomised by raft
@@ -544,17 +548,41 @@ impl<S: StateMachine> RaftCore<S> {
         }
     }
 
+    /// Whether a leader should hold its snapshot back: a follower less than
+    /// [`CATCH_UP_INTERVALS`] snapshot intervals behind has not yet matched the applied
+    /// index, and would need a whole snapshot (not a few entries) once the log is
+    /// compacted. Like TiKV's log GC, which keeps what the slowest healthy peer lacks; a
+    /// follower further behind, or gone, does not hold the leader back.
+    fn a_follower_needs_the_log(&self) -> bool {
+        if !self.is_leader() {
+            return false;
+        }
+        let floor = self
+            .applied_index
+            .saturating_sub(CATCH_UP_INTERVALS.saturating_mul(self.settings.snapshot_interval_entries.max(1)));
+        let own = self.raw.raft.id;
+        self.raw
+            .raft
+            .prs()
+            .iter()
+            .any(|(id, progress)| *id != own && (floor..self.applied_index).contains(&progress.matched))
+    }
+
     fn maybe_snapshot(&mut self) -> Result<()> {
         let snapshot_index = self.storage.snapshot_metadata().index;
-        let due = self.applied_index >= snapshot_index + self.settings.snapshot_interval_entries;
-        if (due || self.membership_changed) && self.applied_index > snapshot_index {
+        let interval = self.settings.snapshot_interval_entries;
+        let due = self.applied_index >= snapshot_index + interval;
+        // Held back at most one more interval, so a steadily lagging follower cannot stop
+        // snapshots.
+        let overdue = self.applied_index >= snapshot_index + interval.saturating_mul(2);
+        let wanted = (due && (overdue || !self.a_follower_needs_the_log())) || self.membership_changed;
+        if wanted && self.applied_index > snapshot_index {
             // The storage compacts only committed entries by its own record of the commit
             // index, which LightReady commits reach with the next Ready; bring it up now.
             if self.storage.hard_state().commit < self.applied_index {
                 self.storage.set_commit(self.raw.raft.raft_log.committed)?;
             }
             let data = self.state.read().expect("state lock").snapshot();
-
             self.storage.compact_to_snapshot(self.applied_index, data)?;
             self.membership_changed = false;
         }

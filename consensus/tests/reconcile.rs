@@ -12,7 +12,7 @@ use maas_consensus::control::ControlPlane;
 use maas_consensus::reconcile::{ReconcileSettings, reconcile};
 use maas_consensus::state::{
     ClusterState, Command, DeploymentId, DeploymentSpec, NodeId, NodeStatus, PlacementStrategy, ReplicaRequest,
-    sch1_holds,
+    ReplicaState, sch1_holds,
 };
 
 const SETTINGS: ReconcileSettings = ReconcileSettings { gpu_reserve_mib: 1024 };
@@ -23,6 +23,7 @@ fn deployment(replicas: u32, strategy: PlacementStrategy) -> Command {
         spec: DeploymentSpec {
             model_name: "llama".into(),
             model_version: "1".into(),
+            model_path: None,
             request: ReplicaRequest { gpus_per_replica: 1, memory_per_gpu_mib: 30000, cpu_fallback_allowed: false },
             strategy,
             node_selector: BTreeMap::new(),
@@ -81,13 +82,16 @@ fn placements_follow_the_desired_state_and_a_dead_node_is_replaced() {
     assert!(!nodes.contains(&dead));
     assert_eq!(run_round(&mut state, &mut index), 0);
 
-    // Scaling down removes a replica; scaling up beyond room reports why.
+    // Scaling down stops a replica (its node's agent then removes it); scaling up beyond
+    // room reports why.
     index += 1;
     state
         .apply(index, Command::ScaleDeployment { deployment_id: DeploymentId("llama".into()), replicas: 1, at_ms: 3 })
         .unwrap();
     run_round(&mut state, &mut index);
+    assert_eq!(stopped(&mut state, &mut index), 1);
     assert_eq!(state.replicas().len(), 1);
+
     index += 1;
     state
         .apply(index, Command::ScaleDeployment { deployment_id: DeploymentId("llama".into()), replicas: 9, at_ms: 4 })
@@ -148,4 +152,138 @@ async fn the_leader_places_replicas_and_moves_them_off_a_dead_node() {
     for plane in planes.values() {
         plane.stop();
     }
+}
+
+/// Registers nodes 1..=count with one 80 GiB GPU each, and the deployment.
+fn cluster_with(count: u64, deployment_command: Command) -> (ClusterState, u64) {
+    let mut state = ClusterState::default();
+    let mut index = 0;
+    for id in 1..=count {
+        index += 1;
+        state.apply(index, Command::RegisterNode { node: common::node_spec(id, 1), at_ms: 0 }).unwrap();
+    }
+    index += 1;
+    state.apply(index, deployment_command).unwrap();
+    (state, index)
+}
+
+/// Marks every pending or loading replica Ready, as node agents would.
+fn all_ready(state: &mut ClusterState, index: &mut u64) {
+    let starting: Vec<_> = state
+        .replicas()
+        .values()
+        .filter(|r| matches!(r.state, ReplicaState::Pending | ReplicaState::Loading))
+        .map(|r| r.id.clone())
+        .collect();
+    for replica_id in starting {
+        *index += 1;
+        state.apply(*index, Command::SetReplicaState { replica_id, state: ReplicaState::Ready, at_ms: 5 }).unwrap();
+    }
+}
+
+/// Removes every stopping replica, as node agents would once they stopped them.
+fn stopped(state: &mut ClusterState, index: &mut u64) -> usize {
+    let stopping: Vec<_> =
+        state.replicas().values().filter(|r| r.state == ReplicaState::Stopping).map(|r| r.id.clone()).collect();
+    for replica_id in &stopping {
+        *index += 1;
+        state.apply(*index, Command::RemoveReplica { replica_id: replica_id.clone(), at_ms: 6 }).unwrap();
+    }
+    stopping.len()
+}
+
+fn ready_of_generation(state: &ClusterState, generation: u64) -> usize {
+    state
+        .replicas()
+        .values()
+        .filter(|r| r.deployment_generation == generation && r.state == ReplicaState::Ready)
+        .count()
+}
+
+#[test]
+fn a_rolling_update_keeps_the_desired_count_ready_throughout() {
+    // Three nodes, room for two 30000 MiB replicas per GPU: 6 slots, 2 replicas.
+    let (mut state, mut index) = cluster_with(3, deployment(2, PlacementStrategy::Spread));
+    run_round(&mut state, &mut index);
+    all_ready(&mut state, &mut index);
+    assert_eq!(ready_of_generation(&state, 1), 2);
+
+    // A new spec is a new generation.
+    index += 1;
+    let Command::PutDeployment { deployment_id, mut spec, .. } = deployment(2, PlacementStrategy::Spread) else {
+        unreachable!()
+    };
+    spec.model_version = "2".into();
+    state.apply(index, Command::PutDeployment { deployment_id, spec, replicas: 2, at_ms: 7 }).unwrap();
+
+    // Until the new ones are Ready, the old ones serve.
+    run_round(&mut state, &mut index);
+    assert_eq!(ready_of_generation(&state, 1), 2, "no old replica stops before a new one is ready");
+    assert_eq!(state.replicas().values().filter(|r| r.deployment_generation == 2).count(), 2, "a surge of two");
+    assert_eq!(run_round(&mut state, &mut index), 0, "nothing more while the new ones load");
+    all_ready(&mut state, &mut index);
+    run_round(&mut state, &mut index);
+    assert_eq!(stopped(&mut state, &mut index), 2, "both old replicas stop once the new ones are ready");
+    assert_eq!(ready_of_generation(&state, 2), 2);
+    assert_eq!(state.replicas().len(), 2);
+    assert_eq!(run_round(&mut state, &mut index), 0);
+}
+
+#[test]
+fn a_rolling_update_without_room_for_a_surge_replaces_one_replica_at_a_time() {
+    // One node, room for two replicas, both taken.
+    let (mut state, mut index) = cluster_with(1, deployment(2, PlacementStrategy::Binpack));
+    run_round(&mut state, &mut index);
+    all_ready(&mut state, &mut index);
+    index += 1;
+    let Command::PutDeployment { deployment_id, mut spec, .. } = deployment(2, PlacementStrategy::Binpack) else {
+        unreachable!()
+    };
+    spec.model_version = "2".into();
+    state.apply(index, Command::PutDeployment { deployment_id, spec, replicas: 2, at_ms: 7 }).unwrap();
+
+    for step in 1..=2 {
+        run_round(&mut state, &mut index);
+        assert_eq!(stopped(&mut state, &mut index), 1, "step {step}: one old replica makes room");
+        assert_eq!(ready_of_generation(&state, 1), 2 - step, "step {step}: the other keeps serving");
+        run_round(&mut state, &mut index);
+        all_ready(&mut state, &mut index);
+        assert_eq!(ready_of_generation(&state, 2), step);
+    }
+    assert_eq!(run_round(&mut state, &mut index), 0);
+    assert_eq!(state.replicas().len(), 2);
+}
+
+#[test]
+fn a_drained_node_hands_its_replicas_over_before_they_stop() {
+    let (mut state, mut index) = cluster_with(3, deployment(2, PlacementStrategy::Spread));
+    run_round(&mut state, &mut index);
+    all_ready(&mut state, &mut index);
+    let drained = state.replicas().values().next().unwrap().node_id;
+    index += 1;
+    state.apply(index, Command::SetNodeStatus { node_id: drained, status: NodeStatus::Draining, at_ms: 8 }).unwrap();
+
+    run_round(&mut state, &mut index);
+    assert_eq!(stopped(&mut state, &mut index), 0, "the drained replica serves until its replacement is ready");
+    let replacement: Vec<_> = state.replicas().values().filter(|r| r.state == ReplicaState::Pending).collect();
+    assert_eq!(replacement.len(), 1);
+    assert_ne!(replacement[0].node_id, drained, "no new work on a draining node");
+    all_ready(&mut state, &mut index);
+    run_round(&mut state, &mut index);
+    assert_eq!(stopped(&mut state, &mut index), 1);
+    assert!(state.replicas().values().all(|r| r.node_id != drained && r.state == ReplicaState::Ready));
+    assert_eq!(state.replicas().len(), 2);
+    assert_eq!(run_round(&mut state, &mut index), 0);
+}
+
+#[test]
+fn a_drain_without_room_elsewhere_stops_nothing_and_says_why() {
+    let (mut state, mut index) = cluster_with(1, deployment(1, PlacementStrategy::Binpack));
+    run_round(&mut state, &mut index);
+    all_ready(&mut state, &mut index);
+    index += 1;
+    state.apply(index, Command::SetNodeStatus { node_id: NodeId(1), status: NodeStatus::Draining, at_ms: 8 }).unwrap();
+    let round = reconcile(&state, &SETTINGS, 100);
+    assert!(round.commands.is_empty(), "{:?}", round.commands);
+    assert_eq!(round.unplaceable.len(), 1, "the missing replacement is explained");
 }

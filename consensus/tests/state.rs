@@ -58,6 +58,7 @@ fn deployment_spec(gpus_per_replica: u32, memory_per_gpu_mib: u64, cpu_fallback_
     DeploymentSpec {
         model_name: "llama-3-8b".to_owned(),
         model_version: "v1".to_owned(),
+        model_path: None,
         request: ReplicaRequest { gpus_per_replica, memory_per_gpu_mib, cpu_fallback_allowed },
         strategy: PlacementStrategy::Binpack,
         node_selector: BTreeMap::new(),

@@ -60,6 +60,9 @@ pub struct AppState {
     pub cluster: OnceLock<RaftHandle<ClusterState>>,
     /// The cluster cookie: joining and removing members must present it.
     pub cluster_cookie: OnceLock<String>,
+    /// Memory kept free on every GPU (`node.gpu_memory_reserve_mib`), for the scheduler's
+    /// view of the cluster.
+    pub gpu_reserve_mib: OnceLock<u64>,
     /// The transport's view of each peer's connection (`connected`, `cookie_mismatch`, ...).
     pub peer_health: OnceLock<PeerHealth>,
     /// What this node's agent runs (its GPU actors and their leases).
@@ -76,6 +79,7 @@ impl AppState {
             node_name: node_name.into(),
             cluster: OnceLock::new(),
             cluster_cookie: OnceLock::new(),
+            gpu_reserve_mib: OnceLock::new(),
             peer_health: OnceLock::new(),
             agent: OnceLock::new(),
             started: Instant::now(),

@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 use std::future::Future;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
@@ -229,4 +230,278 @@ pub async fn gpu_list(target: &Target) -> Result<String> {
         })
         .collect();
     Ok(table(&["NODE", "GPU", "MODEL", "TOTAL", "RESERVED", "FREE", "NODE STATUS"], &rows))
+}
+
+/// Sends `body` (if any) with `method` and the cluster cookie; returns the JSON answer or
+/// the API's error message.
+async fn send(
+    target: &Target,
+    method: reqwest::Method,
+    path: &str,
+    cookie: &str,
+    body: Option<&Value>,
+) -> Result<Value> {
+    let url = format!("{}{path}", target.server.trim_end_matches('/'));
+    let mut request = reqwest::Client::new()
+        .request(method, &url)
+        .header("x-maas-cluster-cookie", cookie)
+        .timeout(std::time::Duration::from_secs(60));
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    let response = request.send().await.with_context(|| {
+        format!("cannot reach the maas node at {}: is it running? (set --server or MAAS_SERVER)", target.server)
+    })?;
+    let status = response.status();
+    let body: Value =
+        response.json().await.with_context(|| format!("{url} answered {status} with a body that is not JSON"))?;
+    if !status.is_success() {
+        let message = body["error"]["message"].as_str().unwrap_or("no message");
+        bail!("{message} ({status})");
+    }
+    Ok(body)
+}
+
+/// What `maas deploy` asks for.
+#[derive(Debug, clap::Args)]
+pub struct DeployArgs {
+    /// The model's name.
+    pub model: String,
+    /// The deployment's name (default: the model's name, lowercased).
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long, default_value = "latest")]
+    pub model_version: String,
+    /// Where the model's files are on the nodes (a Hugging Face folder or a .gguf file).
+    #[arg(long, value_name = "PATH")]
+    pub model_path: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    pub replicas: u32,
+    /// GPUs per replica, on one node; 0 runs on CPU.
+    #[arg(long, default_value_t = 1)]
+    pub gpus: u32,
+    /// Memory per GPU in MiB, instead of the estimate.
+    #[arg(long, value_name = "MIB")]
+    pub memory_mib: Option<u64>,
+    /// Context length per sequence the KV cache is sized for.
+    #[arg(long, default_value_t = 4096)]
+    pub context: u32,
+    /// Sequences decoded at once.
+    #[arg(long, default_value_t = 4)]
+    pub sequences: u32,
+    /// binpack (fill used GPUs first) or spread (different nodes first).
+    #[arg(long, default_value = "binpack", value_parser = ["binpack", "spread"])]
+    pub strategy: String,
+    /// Only nodes with this label (KEY=VALUE; repeat for several).
+    #[arg(long = "selector", value_name = "KEY=VALUE")]
+    pub selectors: Vec<String>,
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
+    /// Let higher-priority deployments stop these replicas.
+    #[arg(long)]
+    pub preemptible: bool,
+    /// Run on CPU when no GPU fits.
+    #[arg(long)]
+    pub cpu_fallback: bool,
+    /// Show the estimate and where a replica would go, and deploy nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Replace the spec of an existing deployment of this name (a rolling update).
+    #[arg(long)]
+    pub update: bool,
+    #[command(flatten)]
+    pub cookie: Cookie,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+/// The cluster cookie, the credential of cluster operations until accounts exist.
+#[derive(Debug, clap::Args)]
+pub struct Cookie {
+    /// The cluster cookie (cluster.cookie); `maas up` uses the default.
+    #[arg(long, env = "MAAS_CLUSTER__COOKIE", hide_env_values = true, default_value = crate::config::DEFAULT_COOKIE)]
+    pub cookie: String,
+}
+
+fn absolute(path: &std::path::Path) -> Result<String> {
+    let path = std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))?;
+    Ok(path.display().to_string())
+}
+
+pub async fn deploy(args: &DeployArgs) -> Result<String> {
+    let mut out = String::new();
+    let model_path = args.model_path.as_deref().map(absolute).transpose()?;
+    if let Some(path) = &model_path {
+        // The estimate, before anything is deployed.
+        let request = serde_json::json!({
+            "model_path": path, "gpus_per_replica": args.gpus.max(1),
+            "context_tokens": args.context, "concurrent_sequences": args.sequences,
+        });
+        let estimate =
+            send(&args.target, reqwest::Method::POST, "/v1/deployments/estimate", &args.cookie.cookie, Some(&request))
+                .await?;
+        let e = &estimate["model"]["estimate"];
+        let _ = writeln!(
+            out,
+            "estimate for {} ({}, {} bytes on disk; context {} x {} sequences):\n  {} parameters: {} MiB weights + {} MiB KV cache + {} MiB overhead = {} MiB per replica, {} MiB on each of {} GPU(s)",
+            path,
+            text(&estimate["model"]["architecture"]),
+            text(&estimate["model"]["total_bytes"]),
+            args.context,
+            args.sequences,
+            text(&e["parameters"]),
+            text(&e["weights_mib"]),
+            text(&e["kv_cache_mib"]),
+            text(&e["overhead_mib"]),
+            text(&e["total_mib"]),
+            text(&estimate["memory_per_gpu_mib"]),
+            text(&estimate["gpus_per_replica"]),
+        );
+        match estimate["fits_on_node"].as_u64() {
+            Some(node) => {
+                let _ = writeln!(out, "  a replica fits now on node {node}, GPU(s) {}", estimate["fits_on_gpus"]);
+            }
+            None => {
+                let _ = writeln!(out, "  no GPU has room now: {}", text(&estimate["shortfall"]["reason"]));
+            }
+        }
+        if args.memory_mib.is_some() {
+            let _ = writeln!(out, "  (--memory-mib overrides it)");
+        }
+    } else if args.memory_mib.is_none() && args.gpus > 0 {
+        bail!("give --model-path (to estimate the memory from the model's files) or --memory-mib");
+    }
+    if args.dry_run {
+        return Ok(out);
+    }
+    let mut selector = serde_json::Map::new();
+    for pair in &args.selectors {
+        let (key, value) = pair.split_once('=').with_context(|| format!("--selector {pair}: expected KEY=VALUE"))?;
+        selector.insert(key.to_owned(), Value::String(value.to_owned()));
+    }
+    let name = args.name.clone().unwrap_or_else(|| {
+        args.model.to_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect()
+    });
+    let mut body = serde_json::json!({
+        "name": name, "model": args.model, "model_version": args.model_version,
+        "replicas": args.replicas, "gpus_per_replica": args.gpus,
+        "context_tokens": args.context, "concurrent_sequences": args.sequences,
+        "strategy": args.strategy, "node_selector": selector, "priority": args.priority,
+        "allow_preemption": args.preemptible, "cpu_fallback": args.cpu_fallback,
+    });
+    if let Some(path) = model_path {
+        body["model_path"] = Value::String(path);
+    }
+    if let Some(mib) = args.memory_mib {
+        body["memory_per_gpu_mib"] = mib.into();
+    }
+    let deployment = if args.update {
+        send(&args.target, reqwest::Method::PUT, &format!("/v1/deployments/{name}"), &args.cookie.cookie, Some(&body))
+            .await?
+    } else {
+        send(&args.target, reqwest::Method::POST, "/v1/deployments", &args.cookie.cookie, Some(&body)).await?
+    };
+    if args.target.json {
+        return Ok(format!("{deployment:#}\n"));
+    }
+    let _ = writeln!(
+        out,
+        "deployment {} {} (generation {}): {} replica(s) of {}:{}, {} MiB on each of {} GPU(s); `maas deployment list` shows their progress",
+        name,
+        if args.update { "updated" } else { "created" },
+        text(&deployment["generation"]),
+        text(&deployment["replicas_desired"]),
+        text(&deployment["model"]),
+        text(&deployment["model_version"]),
+        text(&deployment["memory_per_gpu_mib"]),
+        text(&deployment["gpus_per_replica"]),
+    );
+    Ok(out)
+}
+
+pub async fn deployment_list(target: &Target) -> Result<String> {
+    let list = get(&target.server, "/v1/deployments").await?;
+    if target.json {
+        return Ok(format!("{list:#}\n"));
+    }
+    let deployments = list["deployments"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if deployments.is_empty() {
+        return Ok("no deployments (create one with `maas deploy`)\n".to_owned());
+    }
+    let mut out = String::new();
+    let rows: Vec<Vec<String>> = deployments
+        .iter()
+        .map(|d| {
+            vec![
+                text(&d["id"]),
+                format!("{}:{}", text(&d["model"]), text(&d["model_version"])),
+                format!("{}/{}", text(&d["replicas_ready"]), text(&d["replicas_desired"])),
+                text(&d["generation"]),
+                format!("{} x {} MiB", text(&d["gpus_per_replica"]), text(&d["memory_per_gpu_mib"])),
+                text(&d["strategy"]),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["NAME", "MODEL", "READY", "GEN", "GPUS x MEMORY", "STRATEGY"], &rows));
+    let mut replicas = Vec::new();
+    for d in deployments {
+        for r in d["replicas"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            replicas.push(vec![
+                text(&r["id"]),
+                text(&r["node_id"]),
+                text(&r["gpu_indices"]),
+                match r["reason"].as_str() {
+                    Some(reason) => format!("{} ({reason})", text(&r["state"])),
+                    None => text(&r["state"]),
+                },
+                text(&r["role"]),
+                text(&r["restarts"]),
+            ]);
+        }
+        if let Some(reason) = d["shortfall"]["reason"].as_str() {
+            let _ = writeln!(
+                out,
+                "\n{}: {} replica(s) not placed: {reason}",
+                text(&d["id"]),
+                text(&d["shortfall"]["missing_replicas"])
+            );
+        }
+    }
+    if !replicas.is_empty() {
+        out.push('\n');
+        out.push_str(&table(&["REPLICA", "NODE", "GPUS", "STATE", "ROLE", "RESTARTS"], &replicas));
+    }
+    Ok(out)
+}
+
+pub async fn deployment_scale(target: &Target, cookie: &str, name: &str, replicas: u32) -> Result<String> {
+    let body = serde_json::json!({ "replicas": replicas });
+    let answer = send(target, reqwest::Method::PATCH, &format!("/v1/deployments/{name}"), cookie, Some(&body)).await?;
+    if target.json {
+        return Ok(format!("{answer:#}\n"));
+    }
+    Ok(format!("deployment {name} scaled to {replicas} replica(s)\n"))
+}
+
+pub async fn deployment_delete(target: &Target, cookie: &str, name: &str) -> Result<String> {
+    let answer = send(target, reqwest::Method::DELETE, &format!("/v1/deployments/{name}"), cookie, None).await?;
+    if target.json {
+        return Ok(format!("{answer:#}\n"));
+    }
+    Ok(format!("deployment {name} deleted; its replicas are stopping\n"))
+}
+
+pub async fn node_drain(target: &Target, cookie: &str, id: u64, undo: bool) -> Result<String> {
+    let method = if undo { reqwest::Method::DELETE } else { reqwest::Method::POST };
+    let answer = send(target, method, &format!("/v1/nodes/{id}/drain"), cookie, None).await?;
+    if target.json {
+        return Ok(format!("{answer:#}\n"));
+    }
+    Ok(if undo {
+        format!("node {id} takes work again\n")
+    } else {
+        format!(
+            "node {id} is draining: its replicas move to other nodes as room allows (`maas deployment list` shows them)\n"
+        )
+    })
 }

@@ -67,6 +67,19 @@ enum Command {
         #[command(subcommand)]
         command: GpuCommand,
     },
+    /// Deploy a model: replicas placed by GPU memory across the cluster. The memory is
+    /// estimated from the model's files and shown first.
+    Deploy(client::DeployArgs),
+    /// List, scale and delete deployments.
+    Deployment {
+        #[command(subcommand)]
+        command: DeploymentCommand,
+    },
+    /// Tools for development: tiny random-weight models in the real formats.
+    Dev {
+        #[command(subcommand)]
+        command: DevCommand,
+    },
     /// Measure parts of maas on this machine.
     Bench {
         #[command(subcommand)]
@@ -80,6 +93,48 @@ enum GpuCommand {
     List {
         #[command(flatten)]
         target: client::Target,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeploymentCommand {
+    /// Every deployment with its ready count, replicas, and why any are not placed.
+    List {
+        #[command(flatten)]
+        target: client::Target,
+    },
+    /// Set a deployment's replica count.
+    Scale {
+        name: String,
+        #[arg(long)]
+        replicas: u32,
+        #[command(flatten)]
+        cookie: client::Cookie,
+        #[command(flatten)]
+        target: client::Target,
+    },
+    /// Delete a deployment; its replicas stop.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        cookie: client::Cookie,
+        #[command(flatten)]
+        target: client::Target,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DevCommand {
+    /// Write a tiny random-weight model (config.json, model.safetensors, tokenizer.json)
+    /// into OUT. Its output is noise: it exists to exercise the real loaders.
+    TinyModel {
+        /// The architecture (llama).
+        #[arg(long, default_value = "llama", value_parser = ["llama"])]
+        arch: String,
+        /// The seed of the weights.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        out: PathBuf,
     },
 }
 
@@ -123,6 +178,18 @@ enum NodeCommand {
     },
     /// Every registered node with its status, resources and GPUs.
     List {
+        #[command(flatten)]
+        target: client::Target,
+    },
+    /// Drain a node: it takes no new replicas and its replicas move to other nodes
+    /// (each replacement is Ready before the original stops, where room exists).
+    Drain {
+        id: u64,
+        /// End the drain: the node takes work again.
+        #[arg(long)]
+        undo: bool,
+        #[command(flatten)]
+        cookie: client::Cookie,
         #[command(flatten)]
         target: client::Target,
     },
@@ -179,6 +246,35 @@ fn main() -> ExitCode {
         }
 
         Command::Node { command: NodeCommand::List { ref target } } => client::run(client::node_list(target)),
+        Command::Node { command: NodeCommand::Drain { id, undo, ref cookie, ref target } } => {
+            client::run(client::node_drain(target, &cookie.cookie, id, undo))
+        }
+        Command::Deploy(ref args) => client::run(client::deploy(args)),
+        Command::Deployment { command: DeploymentCommand::List { ref target } } => {
+            client::run(client::deployment_list(target))
+        }
+        Command::Deployment { command: DeploymentCommand::Scale { ref name, replicas, ref cookie, ref target } } => {
+            client::run(client::deployment_scale(target, &cookie.cookie, name, replicas))
+        }
+        Command::Deployment { command: DeploymentCommand::Delete { ref name, ref cookie, ref target } } => {
+            client::run(client::deployment_delete(target, &cookie.cookie, name))
+        }
+        Command::Dev { command: DevCommand::TinyModel { arch: _, seed, ref out } } => {
+            match maas_engine::tiny::write_llama(out, maas_engine::tiny::TinyShape::default(), seed) {
+                Ok(files) => {
+                    println!(
+                        "a tiny random-weight llama model (not a real model) in {}: {}",
+                        out.display(),
+                        files.join(", ")
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: cannot write the model into {}: {err}", out.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Gpu { command: GpuCommand::List { ref target } } => client::run(client::gpu_list(target)),
         Command::Bench { command: BenchCommand::Raft(ref args) } => {
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

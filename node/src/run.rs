@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use maas_actors::node::{AgentConfig, AgentStatus, NodeAgent};
+use maas_actors::node::{AgentConfig, AgentStatus, ModelPathRuntime, NodeAgent, ReplicaRuntime};
 use maas_actors::transport::{ClusterConfig as TransportConfig, ClusterTransport};
 use maas_consensus::RaftHandle;
 use maas_consensus::control::{ControlPlane, ControlPlaneConfig};
@@ -78,7 +78,12 @@ pub async fn run_node(mut config: Config) -> Result<ExitCode> {
         let (agent, _) = ractor::Actor::spawn(
             None,
             NodeAgent,
-            (agent_config, cluster.control.handle().clone(), Arc::clone(&agent_status)),
+            (
+                agent_config,
+                cluster.control.handle().clone(),
+                Arc::clone(&agent_status),
+                Arc::new(ModelPathRuntime) as Arc<dyn ReplicaRuntime>,
+            ),
         )
         .await
         .context("cannot start the node agent")?;
@@ -98,6 +103,7 @@ pub async fn run_node(mut config: Config) -> Result<ExitCode> {
     };
     let _ = state.cluster.set(cluster.control.handle().clone());
     let _ = state.cluster_cookie.set(config.cluster.cookie.clone());
+    let _ = state.gpu_reserve_mib.set(config.node.gpu_memory_reserve_mib);
     let transport = cluster.transport.clone();
     let _ = state
         .peer_health

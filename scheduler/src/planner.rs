@@ -11,6 +11,17 @@
 //!    deployment's turn, and the rest are reported as one [`Unplaceable`] with the reason
 //!    and the closest miss.
 //!
+//! The best candidate is the least `(replicas of the deployment on the node if it spreads,
+//! node is empty, free memory of the GPUs it would get, node id)`. Rather than scanning
+//! every node for every replica, the working copy keeps every GPU of every healthy node in
+//! one ordered index by `(node is empty, free MiB, node, GPU)`: a search walks it upwards
+//! from the requested memory and stops as soon as no later GPU can beat the best node
+//! found (an N-GPU replica gets at least N times the smallest fitting free memory of its
+//! node). A spreading deployment is searched level by level, fewest of its replicas first.
+//! CPU placements, preemption and explanations still look at every eligible node; they are
+//! rare next to GPU places. `planner/reference.rs` keeps the plain scan as the test oracle
+//! that every plan must equal.
+//!
 //! Every map is a `BTreeMap` and every tie is broken by ids, so the plan depends only on
 //! the content of the input, not on the order of its vectors (SCH-3).
 
@@ -20,12 +31,22 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::error::{Result, ScheduleError};
 use crate::invariants::sch1_holds;
 use crate::types::{
-    Action, Closest, ClusterSnapshot, Demand, DeploymentDemand, NodeView, PlacedReplica, Plan, Strategy, Unplaceable,
+    Action, Closest, ClusterSnapshot, Demand, DeploymentDemand, NodeView, PlacedReplica, Plan, ReplicaRequest,
+    Strategy, Unplaceable,
 };
+
+#[cfg(test)]
+mod equivalence;
+#[cfg(test)]
+mod reference;
 
 /// Above this many preemption candidates on one node, victims are chosen greedily
 /// (largest first, then pruned) instead of by exhaustive search for the fewest stops.
 const EXHAUSTIVE_VICTIMS_MAX: usize = 12;
+
+/// A spread level (the nodes holding the same number of the deployment's replicas) with at
+/// most this many nodes is scanned node by node; a larger one is searched in the index.
+const LEVEL_SCAN_MAX: usize = 64;
 
 /// Checks that the input is well formed: node, replica and deployment ids are unique.
 ///
@@ -78,7 +99,7 @@ pub fn plan(snapshot: &ClusterSnapshot, demand: &Demand) -> Plan {
     }
 
     let mut state = State::new(snapshot);
-    state.demand_priority = unique.iter().map(|deployment| (deployment.id.clone(), deployment.priority)).collect();
+    state.demand_priority = unique.iter().map(|deployment| (deployment.id.as_str(), deployment.priority)).collect();
     for deployment in &unique {
         state.stop_unhealthy_and_extra(deployment);
     }
@@ -95,6 +116,7 @@ pub fn plan(snapshot: &ClusterSnapshot, demand: &Demand) -> Plan {
 
 /// One GPU in the working copy.
 struct GpuState {
+    index: u32,
     promisable_mib: u64,
     used_mib: u64,
 }
@@ -105,12 +127,18 @@ impl GpuState {
     }
 }
 
+/// A GPU in the free-memory index: (its node is empty, its free MiB, the node's slot, the
+/// GPU's position on the node). Slots follow node ids and positions follow GPU indices, so
+/// the index's order breaks ties as the candidate key does.
+type FreeKey = (bool, u64, usize, usize);
+
 /// One node in the working copy.
 struct NodeState<'a> {
     view: &'a NodeView,
     cpu_free_cores: u32,
     memory_free_mib: u64,
-    gpus: BTreeMap<u32, GpuState>,
+    /// The node's GPUs by index; the first GPU of a duplicated index wins.
+    gpus: Vec<GpuState>,
     /// Live and planned replicas of any deployment on this node.
     occupants: u32,
     /// Mean GPU utilisation in millionths, for choosing scale-down victims.
@@ -118,17 +146,55 @@ struct NodeState<'a> {
 }
 
 impl NodeState<'_> {
-    fn matches(&self, deployment: &DeploymentDemand) -> bool {
-        self.view.healthy
-            && deployment.node_selector.iter().all(|(key, value)| self.view.labels.get(key) == Some(value))
+    fn host_fits(&self, request: &ReplicaRequest) -> bool {
+        self.cpu_free_cores >= request.cpu_cores && self.memory_free_mib >= request.memory_mib
     }
 
-    fn host_fits(&self, deployment: &DeploymentDemand) -> bool {
-        self.cpu_free_cores >= deployment.request.cpu_cores && self.memory_free_mib >= deployment.request.memory_mib
+    fn is_empty(&self) -> bool {
+        self.occupants == 0
     }
 
-    fn free_by_gpu(&self) -> BTreeMap<u32, u64> {
-        self.gpus.iter().map(|(index, gpu)| (*index, gpu.free_mib())).collect()
+    fn gpu_position(&self, index: u32) -> Option<usize> {
+        self.gpus.binary_search_by_key(&index, |gpu| gpu.index).ok()
+    }
+
+    fn free_by_gpu(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.gpus.iter().map(|gpu| (gpu.index, gpu.free_mib()))
+    }
+
+    /// The position of the GPU with the least free memory that still fits `need_mib`
+    /// (then the lowest index): the node's first entry when the index is walked upwards.
+    fn first_fitting(&self, need_mib: u64) -> Option<usize> {
+        self.gpus
+            .iter()
+            .enumerate()
+            .filter(|(_, gpu)| gpu.free_mib() >= need_mib)
+            .min_by_key(|(position, gpu)| (gpu.free_mib(), *position))
+            .map(|(position, _)| position)
+    }
+
+    fn free_keys(&self, slot: usize) -> impl Iterator<Item = FreeKey> + '_ {
+        let empty = self.is_empty();
+        self.gpus.iter().enumerate().map(move |(position, gpu)| (empty, gpu.free_mib(), slot, position))
+    }
+
+    /// Adds (`true`) or removes (`false`) a live replica's GPU memory and occupancy.
+    fn hold(&mut self, replica: &PlacedReplica, add: bool) {
+        for (n, index) in replica.gpu_indices.iter().enumerate() {
+            // A GPU named twice holds the memory once.
+            if replica.gpu_indices[..n].contains(index) {
+                continue;
+            }
+            if let Some(position) = self.gpu_position(*index) {
+                let gpu = &mut self.gpus[position];
+                gpu.used_mib = if add {
+                    gpu.used_mib.saturating_add(replica.memory_per_gpu_mib)
+                } else {
+                    gpu.used_mib.saturating_sub(replica.memory_per_gpu_mib)
+                };
+            }
+        }
+        self.occupants = if add { self.occupants.saturating_add(1) } else { self.occupants.saturating_sub(1) };
     }
 }
 
@@ -141,117 +207,187 @@ struct Candidate {
     gpu_indices: Vec<u32>,
 }
 
+/// Live replicas by id.
+type Live<'a> = BTreeMap<&'a str, &'a PlacedReplica>;
+
 /// The working copy of the cluster, updated as actions are planned.
 struct State<'a> {
-    nodes: BTreeMap<u64, NodeState<'a>>,
-    live: BTreeMap<&'a str, &'a PlacedReplica>,
-    /// Planned replicas per deployment and node.
-    planned: BTreeMap<String, BTreeMap<u64, u32>>,
+    /// Every node in id order; a node's position here is its slot. The first node of a
+    /// duplicated id wins.
+    nodes: Vec<NodeState<'a>>,
+    slots: BTreeMap<u64, usize>,
+    /// Every GPU of every healthy node, kept in step with `nodes`.
+    free_index: BTreeSet<FreeKey>,
+    /// Live replicas by id; the first replica of a duplicated id wins.
+    live: Live<'a>,
+    /// The same, per deployment and per node id.
+    live_by_deployment: BTreeMap<&'a str, Live<'a>>,
+    live_by_node: BTreeMap<u64, Live<'a>>,
+    /// Planned replicas per deployment and slot. A deployment has one turn unless its id is
+    /// duplicated at different priorities; a later turn counts what earlier ones planned.
+    planned: BTreeMap<&'a str, BTreeMap<usize, u32>>,
     /// The demanded priority of each deployment; it overrides the priority recorded on its
     /// replicas, which may be stale.
-    demand_priority: BTreeMap<String, i32>,
+    demand_priority: BTreeMap<&'a str, i32>,
+    /// Per distinct node selector, whether each slot is healthy and matches it.
+    eligible_by_selector: BTreeMap<&'a BTreeMap<String, String>, Vec<bool>>,
+    /// While a spreading deployment is placed: its live and planned replicas per slot, and
+    /// the slots holding at least one, by that count.
+    spread_counts: Vec<u32>,
+    spread_levels: BTreeMap<u32, BTreeSet<usize>>,
     actions: Vec<Action>,
 }
 
 impl<'a> State<'a> {
     fn new(snapshot: &'a ClusterSnapshot) -> Self {
-        let mut nodes = BTreeMap::new();
+        let mut views: BTreeMap<u64, &'a NodeView> = BTreeMap::new();
         for view in &snapshot.nodes {
-            nodes.entry(view.id).or_insert_with(|| {
-                let mut gpus = BTreeMap::new();
-                for gpu in &view.gpus {
-                    gpus.entry(gpu.index).or_insert(GpuState { promisable_mib: gpu.promisable_mib(), used_mib: 0 });
-                }
-                let load_sum: f64 = view
-                    .gpus
-                    .iter()
-                    .map(|gpu| if gpu.load.is_finite() { f64::from(gpu.load.clamp(0.0, 1.0)) } else { 0.0 })
-                    .sum();
-                let load_mean = if view.gpus.is_empty() {
-                    0.0
-                } else {
-                    load_sum / f64::from(u32::try_from(view.gpus.len()).unwrap_or(u32::MAX))
-                };
-                NodeState {
-                    view,
-                    cpu_free_cores: view.cpu_free_cores,
-                    memory_free_mib: view.memory_free_mib,
-                    gpus,
-                    occupants: 0,
-                    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-                    load_millionths: (load_mean * 1e6).round() as u64,
-                }
+            views.entry(view.id).or_insert(view);
+        }
+        let mut nodes = Vec::with_capacity(views.len());
+        let mut slots = BTreeMap::new();
+        for (slot, view) in views.into_values().enumerate() {
+            let mut gpus = BTreeMap::new();
+            for gpu in &view.gpus {
+                gpus.entry(gpu.index).or_insert(GpuState {
+                    index: gpu.index,
+                    promisable_mib: gpu.promisable_mib(),
+                    used_mib: 0,
+                });
+            }
+            let load_sum: f64 = view
+                .gpus
+                .iter()
+                .map(|gpu| if gpu.load.is_finite() { f64::from(gpu.load.clamp(0.0, 1.0)) } else { 0.0 })
+                .sum();
+            let load_mean = if view.gpus.is_empty() {
+                0.0
+            } else {
+                load_sum / f64::from(u32::try_from(view.gpus.len()).unwrap_or(u32::MAX))
+            };
+            slots.insert(view.id, slot);
+            nodes.push(NodeState {
+                view,
+                cpu_free_cores: view.cpu_free_cores,
+                memory_free_mib: view.memory_free_mib,
+                gpus: gpus.into_values().collect(),
+                occupants: 0,
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                load_millionths: (load_mean * 1e6).round() as u64,
             });
         }
-        let mut state = State {
+        // Sorted and deduplicated up front, so that the maps are built in bulk; the sort is
+        // stable, so the first replica of a duplicated id stays first and wins.
+        let mut replicas: Vec<&'a PlacedReplica> = snapshot.replicas.iter().collect();
+        replicas.sort_by_key(|replica| replica.replica_id.as_str());
+        replicas.dedup_by_key(|replica| replica.replica_id.as_str());
+        for replica in &replicas {
+            if let Some(slot) = slots.get(&replica.node_id) {
+                nodes[*slot].hold(replica, true);
+            }
+        }
+        let live: Live<'a> = replicas.iter().map(|replica| (replica.replica_id.as_str(), *replica)).collect();
+        replicas.sort_by_key(|replica| (replica.deployment_id.as_str(), replica.replica_id.as_str()));
+        let live_by_deployment = replicas
+            .chunk_by(|a, b| a.deployment_id == b.deployment_id)
+            .map(|chunk| {
+                (
+                    chunk[0].deployment_id.as_str(),
+                    chunk.iter().map(|replica| (replica.replica_id.as_str(), *replica)).collect(),
+                )
+            })
+            .collect();
+        replicas.sort_by_key(|replica| (replica.node_id, replica.replica_id.as_str()));
+        let live_by_node = replicas
+            .chunk_by(|a, b| a.node_id == b.node_id)
+            .map(|chunk| {
+                (chunk[0].node_id, chunk.iter().map(|replica| (replica.replica_id.as_str(), *replica)).collect())
+            })
+            .collect();
+        let free_index = nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, node)| node.view.healthy)
+            .flat_map(|(slot, node)| node.free_keys(slot))
+            .collect();
+        let node_count = nodes.len();
+        State {
             nodes,
-            live: BTreeMap::new(),
+            slots,
+            free_index,
+            live,
+            live_by_deployment,
+            live_by_node,
             planned: BTreeMap::new(),
             demand_priority: BTreeMap::new(),
+            eligible_by_selector: BTreeMap::new(),
+            spread_counts: vec![0; node_count],
+            spread_levels: BTreeMap::new(),
             actions: Vec::new(),
-        };
-        for replica in &snapshot.replicas {
-            if state.live.contains_key(replica.replica_id.as_str()) {
-                continue;
-            }
-            state.live.insert(&replica.replica_id, replica);
-            state.hold(replica, true);
         }
-        state
     }
 
-    /// Adds (`true`) or removes (`false`) a live replica's GPU memory and occupancy.
-    fn hold(&mut self, replica: &PlacedReplica, add: bool) {
-        let Some(node) = self.nodes.get_mut(&replica.node_id) else {
+    /// Changes a node and moves its GPUs in the free-memory index to match.
+    fn update_node(&mut self, slot: usize, change: impl FnOnce(&mut NodeState<'a>)) {
+        let node = &mut self.nodes[slot];
+        if !node.view.healthy {
+            change(node);
             return;
-        };
-        let gpu_indices: BTreeSet<u32> = replica.gpu_indices.iter().copied().collect();
-        for index in gpu_indices {
-            if let Some(gpu) = node.gpus.get_mut(&index) {
-                gpu.used_mib = if add {
-                    gpu.used_mib.saturating_add(replica.memory_per_gpu_mib)
-                } else {
-                    gpu.used_mib.saturating_sub(replica.memory_per_gpu_mib)
-                };
+        }
+        let before: Vec<FreeKey> = node.free_keys(slot).collect();
+        change(node);
+        for (old, new) in before.into_iter().zip(node.free_keys(slot)) {
+            if old != new {
+                self.free_index.remove(&old);
+                self.free_index.insert(new);
             }
         }
-        node.occupants = if add { node.occupants.saturating_add(1) } else { node.occupants.saturating_sub(1) };
+    }
+
+    fn node(&self, node_id: u64) -> Option<&NodeState<'a>> {
+        self.slots.get(&node_id).map(|slot| &self.nodes[*slot])
     }
 
     /// A replica's priority for preemption: its deployment's demanded priority when the
     /// deployment is in the demand, else the priority recorded on the replica.
     fn effective_priority(&self, replica: &PlacedReplica) -> i32 {
-        self.demand_priority.get(&replica.deployment_id).copied().unwrap_or(replica.priority)
+        self.demand_priority.get(replica.deployment_id.as_str()).copied().unwrap_or(replica.priority)
     }
 
     fn stop(&mut self, replica_id: &str, reason: String) {
-        if let Some(replica) = self.live.remove(replica_id) {
-            self.hold(replica, false);
-            self.actions.push(Action::Stop { replica_id: replica.replica_id.clone(), reason });
+        let Some(replica) = self.live.remove(replica_id) else {
+            return;
+        };
+        if let Some(of_deployment) = self.live_by_deployment.get_mut(replica.deployment_id.as_str()) {
+            of_deployment.remove(replica_id);
         }
+        if let Some(on_node) = self.live_by_node.get_mut(&replica.node_id) {
+            on_node.remove(replica_id);
+        }
+        if let Some(slot) = self.slots.get(&replica.node_id).copied() {
+            self.update_node(slot, |node| node.hold(replica, false));
+        }
+        self.actions.push(Action::Stop { replica_id: replica.replica_id.clone(), reason });
     }
 
     fn node_is_healthy(&self, node_id: u64) -> bool {
-        self.nodes.get(&node_id).is_some_and(|node| node.view.healthy)
+        self.node(node_id).is_some_and(|node| node.view.healthy)
+    }
+
+    /// Live replicas of a deployment, by id.
+    fn live_of(&self, deployment_id: &str) -> impl Iterator<Item = &'a PlacedReplica> + '_ {
+        self.live_by_deployment.get(deployment_id).into_iter().flat_map(BTreeMap::values).copied()
     }
 
     /// Live replicas of a deployment on healthy nodes, by id.
     fn running(&self, deployment_id: &str) -> Vec<&'a PlacedReplica> {
-        self.live
-            .values()
-            .filter(|replica| replica.deployment_id == deployment_id && self.node_is_healthy(replica.node_id))
-            .copied()
-            .collect()
+        self.live_of(deployment_id).filter(|replica| self.node_is_healthy(replica.node_id)).collect()
     }
 
     /// Pass 1 for one deployment: stop replicas on unhealthy nodes and scale down.
     fn stop_unhealthy_and_extra(&mut self, deployment: &DeploymentDemand) {
-        let unhealthy: Vec<&'a PlacedReplica> = self
-            .live
-            .values()
-            .filter(|replica| replica.deployment_id == deployment.id && !self.node_is_healthy(replica.node_id))
-            .copied()
-            .collect();
+        let unhealthy: Vec<&'a PlacedReplica> =
+            self.live_of(&deployment.id).filter(|replica| !self.node_is_healthy(replica.node_id)).collect();
         for replica in unhealthy {
             self.stop(
                 &replica.replica_id,
@@ -266,7 +402,7 @@ impl<'a> State<'a> {
         // Most loaded node first; then the node with the lowest id; then the highest
         // replica id, so the oldest-named replicas tend to survive.
         running.sort_by_key(|replica| {
-            let load = self.nodes.get(&replica.node_id).map_or(0, |node| node.load_millionths);
+            let load = self.node(replica.node_id).map_or(0, |node| node.load_millionths);
             (Reverse(load), replica.node_id, Reverse(replica.replica_id.as_str()))
         });
         let running_count = running.len();
@@ -278,36 +414,61 @@ impl<'a> State<'a> {
         }
     }
 
-    fn planned_on(&self, deployment_id: &str, node_id: u64) -> u32 {
-        self.planned.get(deployment_id).and_then(|per_node| per_node.get(&node_id)).copied().unwrap_or(0)
+    /// Whether each slot is healthy and matches the selector, computed once per selector.
+    /// The caller hands it back with [`State::return_eligible`].
+    fn take_eligible(&mut self, selector: &'a BTreeMap<String, String>) -> Vec<bool> {
+        self.eligible_by_selector.remove(selector).unwrap_or_else(|| {
+            self.nodes
+                .iter()
+                .map(|node| {
+                    node.view.healthy && selector.iter().all(|(key, value)| node.view.labels.get(key) == Some(value))
+                })
+                .collect()
+        })
+    }
+
+    fn return_eligible(&mut self, selector: &'a BTreeMap<String, String>, eligible: Vec<bool>) {
+        self.eligible_by_selector.insert(selector, eligible);
     }
 
     fn planned_total(&self, deployment_id: &str) -> usize {
-        self.planned.get(deployment_id).map_or(0, |per_node| per_node.values().map(|n| *n as usize).sum())
-    }
-
-    /// Replicas of the deployment (live and planned) on a node, for spreading.
-    fn deployment_count_on(&self, deployment_id: &str, node_id: u64) -> u32 {
-        let live = self
-            .live
-            .values()
-            .filter(|replica| replica.deployment_id == deployment_id && replica.node_id == node_id)
-            .count();
-        u32::try_from(live).unwrap_or(u32::MAX).saturating_add(self.planned_on(deployment_id, node_id))
+        self.planned.get(deployment_id).map_or(0, |per_slot| per_slot.values().map(|n| *n as usize).sum())
     }
 
     /// Pass 2 for one deployment: place its missing replicas, preempting where allowed.
-    fn place_missing(&mut self, deployment: &DeploymentDemand) -> Option<Unplaceable> {
+    fn place_missing(&mut self, deployment: &'a DeploymentDemand) -> Option<Unplaceable> {
         let have = self.running(&deployment.id).len() + self.planned_total(&deployment.id);
         let desired = deployment.replicas as usize;
         let missing = desired.saturating_sub(have);
+        if missing == 0 {
+            return None;
+        }
+        let eligible = self.take_eligible(&deployment.node_selector);
+        let spread = deployment.strategy == Strategy::Spread;
+        if spread {
+            self.begin_spread(&deployment.id);
+        }
+        let short = self.place_replicas(deployment, &eligible, missing);
+        if spread {
+            self.end_spread();
+        }
+        self.return_eligible(&deployment.node_selector, eligible);
+        short
+    }
+
+    fn place_replicas(
+        &mut self,
+        deployment: &'a DeploymentDemand,
+        eligible: &[bool],
+        missing: usize,
+    ) -> Option<Unplaceable> {
         for placed in 0..missing {
-            if let Some(candidate) = self.best_candidate(deployment) {
+            if let Some(candidate) = self.best_candidate(deployment, eligible) {
                 self.commit(deployment, candidate);
                 continue;
             }
             if deployment.allow_preemption
-                && let Some((victims, candidate)) = self.best_preemption(deployment)
+                && let Some((victims, candidate)) = self.best_preemption(deployment, eligible)
             {
                 for victim in victims {
                     let reason = format!(
@@ -321,7 +482,7 @@ impl<'a> State<'a> {
                 self.commit(deployment, candidate);
                 continue;
             }
-            let (error, closest) = self.explain(deployment);
+            let (error, closest) = self.explain(deployment, eligible);
             return Some(Unplaceable {
                 deployment_id: deployment.id.clone(),
                 missing_replicas: u32::try_from(missing - placed).unwrap_or(u32::MAX),
@@ -332,20 +493,67 @@ impl<'a> State<'a> {
         None
     }
 
-    fn commit(&mut self, deployment: &DeploymentDemand, candidate: Candidate) {
-        let request = &deployment.request;
-        let memory_per_gpu_mib = if candidate.gpu_indices.is_empty() { 0 } else { request.memory_per_gpu_mib };
-        if let Some(node) = self.nodes.get_mut(&candidate.node_id) {
-            node.cpu_free_cores = node.cpu_free_cores.saturating_sub(request.cpu_cores);
-            node.memory_free_mib = node.memory_free_mib.saturating_sub(request.memory_mib);
-            node.occupants = node.occupants.saturating_add(1);
-            for index in &candidate.gpu_indices {
-                if let Some(gpu) = node.gpus.get_mut(index) {
-                    gpu.used_mib = gpu.used_mib.saturating_add(memory_per_gpu_mib);
-                }
+    /// Counts a spreading deployment's live and planned replicas per slot. Preemption
+    /// never stops a replica of the deployment being placed, so only its own places change
+    /// the counts during its turn.
+    fn begin_spread(&mut self, deployment_id: &str) {
+        let mut counts: Vec<(usize, u32)> = self
+            .live_of(deployment_id)
+            .filter_map(|replica| self.slots.get(&replica.node_id).map(|slot| (*slot, 1)))
+            .collect();
+        counts.extend(self.planned.get(deployment_id).into_iter().flatten().map(|(slot, n)| (*slot, *n)));
+        let mut touched = BTreeSet::new();
+        for (slot, n) in counts {
+            self.spread_counts[slot] += n;
+            touched.insert(slot);
+        }
+        for slot in touched {
+            self.spread_levels.entry(self.spread_counts[slot]).or_default().insert(slot);
+        }
+    }
+
+    fn end_spread(&mut self) {
+        for slots in std::mem::take(&mut self.spread_levels).into_values() {
+            for slot in slots {
+                self.spread_counts[slot] = 0;
             }
         }
-        *self.planned.entry(deployment.id.clone()).or_default().entry(candidate.node_id).or_insert(0) += 1;
+    }
+
+    fn count_spread(&mut self, slot: usize) {
+        let count = self.spread_counts[slot];
+        if count > 0
+            && let Some(level) = self.spread_levels.get_mut(&count)
+        {
+            level.remove(&slot);
+            if level.is_empty() {
+                self.spread_levels.remove(&count);
+            }
+        }
+        self.spread_counts[slot] = count + 1;
+        self.spread_levels.entry(count + 1).or_default().insert(slot);
+    }
+
+    fn commit(&mut self, deployment: &'a DeploymentDemand, candidate: Candidate) {
+        let request = &deployment.request;
+        let memory_per_gpu_mib = if candidate.gpu_indices.is_empty() { 0 } else { request.memory_per_gpu_mib };
+        if let Some(slot) = self.slots.get(&candidate.node_id).copied() {
+            self.update_node(slot, |node| {
+                node.cpu_free_cores = node.cpu_free_cores.saturating_sub(request.cpu_cores);
+                node.memory_free_mib = node.memory_free_mib.saturating_sub(request.memory_mib);
+                node.occupants = node.occupants.saturating_add(1);
+                for index in &candidate.gpu_indices {
+                    if let Some(position) = node.gpu_position(*index) {
+                        let gpu = &mut node.gpus[position];
+                        gpu.used_mib = gpu.used_mib.saturating_add(memory_per_gpu_mib);
+                    }
+                }
+            });
+            *self.planned.entry(&deployment.id).or_default().entry(slot).or_insert(0) += 1;
+            if deployment.strategy == Strategy::Spread {
+                self.count_spread(slot);
+            }
+        }
         self.actions.push(Action::Place {
             deployment_id: deployment.id.clone(),
             node_id: candidate.node_id,
@@ -354,79 +562,146 @@ impl<'a> State<'a> {
         });
     }
 
-    /// The ordering key of a candidate on a node: smaller is better.
-    fn candidate_key(
-        &self,
-        deployment: &DeploymentDemand,
-        node: &NodeState<'_>,
-        fit_free_mib: u64,
-    ) -> (u32, bool, u64, u64) {
-        let spread = match deployment.strategy {
-            Strategy::Binpack => 0,
-            Strategy::Spread => self.deployment_count_on(&deployment.id, node.view.id),
-        };
-        (spread, node.occupants == 0, fit_free_mib, node.view.id)
-    }
-
     /// The best place for one more replica without stopping anything.
-    fn best_candidate(&self, deployment: &DeploymentDemand) -> Option<Candidate> {
+    fn best_candidate(&self, deployment: &DeploymentDemand, eligible: &[bool]) -> Option<Candidate> {
         let request = &deployment.request;
-        let eligible: Vec<&NodeState<'_>> =
-            self.nodes.values().filter(|node| node.matches(deployment) && node.host_fits(deployment)).collect();
         if request.gpus > 0 {
-            let best = eligible
-                .iter()
-                .filter_map(|node| {
-                    let free = node.free_by_gpu();
-                    let gpu_indices = choose_gpus(&free, request.gpus, request.memory_per_gpu_mib)?;
-                    let fit_free_mib = gpu_indices.iter().map(|index| free[index]).sum();
-                    Some((self.candidate_key(deployment, node, fit_free_mib), gpu_indices))
-                })
-                .min_by(|a, b| a.0.cmp(&b.0));
-            if let Some((key, gpu_indices)) = best {
-                return Some(Candidate { node_id: key.3, gpu_indices });
-            }
-            if !request.allow_cpu_fallback {
-                return None;
+            let best = match deployment.strategy {
+                Strategy::Binpack => self.search_index(request, eligible, |_| true),
+                Strategy::Spread => self.search_spread(request, eligible),
+            };
+            if best.is_some() || !request.allow_cpu_fallback {
+                return best;
             }
         }
         // CPU placement: best fit on host memory.
-        eligible
+        let spread = deployment.strategy == Strategy::Spread;
+        self.nodes
             .iter()
-            .map(|node| self.candidate_key(deployment, node, node.memory_free_mib))
+            .enumerate()
+            .filter(|(slot, node)| eligible[*slot] && node.host_fits(request))
+            .map(|(slot, node)| {
+                let count = if spread { self.spread_counts[slot] } else { 0 };
+                (count, node.is_empty(), node.memory_free_mib, slot)
+            })
             .min()
-            .map(|key| Candidate { node_id: key.3, gpu_indices: Vec::new() })
+            .map(|(_, _, _, slot)| Candidate { node_id: self.nodes[slot].view.id, gpu_indices: Vec::new() })
+    }
+
+    /// The best GPU place for a spreading deployment: the first level (nodes holding the
+    /// same number of its replicas, fewest first) with any place at all.
+    fn search_spread(&self, request: &ReplicaRequest, eligible: &[bool]) -> Option<Candidate> {
+        let counted: usize = self.spread_levels.values().map(BTreeSet::len).sum();
+        if counted < self.nodes.len()
+            && let Some(best) = self.search_index(request, eligible, |slot| self.spread_counts[slot] == 0)
+        {
+            return Some(best);
+        }
+        self.spread_levels.iter().find_map(|(count, slots)| {
+            if slots.len() <= LEVEL_SCAN_MAX {
+                self.search_slots(request, eligible, slots)
+            } else {
+                self.search_index(request, eligible, |slot| self.spread_counts[slot] == *count)
+            }
+        })
+    }
+
+    /// The best GPU place among the eligible nodes that `admit` accepts, by walking the
+    /// free-memory index: occupied nodes first, then empty ones, each from the requested
+    /// memory upwards.
+    fn search_index(
+        &self,
+        request: &ReplicaRequest,
+        eligible: &[bool],
+        admit: impl Fn(usize) -> bool,
+    ) -> Option<Candidate> {
+        let need_mib = request.memory_per_gpu_mib;
+        let gpus = u64::from(request.gpus);
+        for empty in [false, true] {
+            let mut best: Option<(u64, usize, Vec<u32>)> = None;
+            for &(_, free_mib, slot, position) in
+                self.free_index.range((empty, need_mib, 0, 0)..=(empty, u64::MAX, usize::MAX, usize::MAX))
+            {
+                // This node, and every node first met after it, gives the replica at least
+                // `gpus` times `free_mib`, and later nodes with as much have higher ids.
+                if let Some((best_fit_mib, best_slot, _)) = &best
+                    && let Some(bound_mib) = gpus.checked_mul(free_mib)
+                    && (bound_mib, slot) > (*best_fit_mib, *best_slot)
+                {
+                    break;
+                }
+                let node = &self.nodes[slot];
+                // A node is looked at once, at its first entry in this walk.
+                if !eligible[slot]
+                    || !node.host_fits(request)
+                    || node.first_fitting(need_mib) != Some(position)
+                    || !admit(slot)
+                {
+                    continue;
+                }
+                if let Some((gpu_indices, fit_mib)) = choose_gpus(node.free_by_gpu(), request.gpus, need_mib)
+                    && best
+                        .as_ref()
+                        .is_none_or(|(best_fit_mib, best_slot, _)| (fit_mib, slot) < (*best_fit_mib, *best_slot))
+                {
+                    best = Some((fit_mib, slot, gpu_indices));
+                }
+            }
+            if let Some((_, slot, gpu_indices)) = best {
+                return Some(Candidate { node_id: self.nodes[slot].view.id, gpu_indices });
+            }
+        }
+        None
+    }
+
+    /// The best GPU place among a few nodes, looking at each.
+    fn search_slots(&self, request: &ReplicaRequest, eligible: &[bool], slots: &BTreeSet<usize>) -> Option<Candidate> {
+        slots
+            .iter()
+            .filter(|slot| eligible[**slot] && self.nodes[**slot].host_fits(request))
+            .filter_map(|slot| {
+                let node = &self.nodes[*slot];
+                let (gpu_indices, fit_mib) = choose_gpus(node.free_by_gpu(), request.gpus, request.memory_per_gpu_mib)?;
+                Some(((node.is_empty(), fit_mib, *slot), gpu_indices))
+            })
+            .min_by(|a, b| a.0.cmp(&b.0))
+            .map(|((_, _, slot), gpu_indices)| Candidate { node_id: self.nodes[slot].view.id, gpu_indices })
     }
 
     /// The cheapest preemption that makes room for one GPU replica: the fewest victims,
     /// then the lowest sum of their priorities, then the lowest node id. CPU replicas never
     /// preempt, since the snapshot does not say how much host capacity a replica holds.
-    fn best_preemption(&self, deployment: &DeploymentDemand) -> Option<(Vec<&'a PlacedReplica>, Candidate)> {
+    fn best_preemption(
+        &self,
+        deployment: &DeploymentDemand,
+        eligible: &[bool],
+    ) -> Option<(Vec<&'a PlacedReplica>, Candidate)> {
         let request = &deployment.request;
         if request.gpus == 0 {
             return None;
         }
         let mut best: Option<Preemption<'a, (usize, i64, u64)>> = None;
-        for node in self.nodes.values() {
-            if !node.matches(deployment) || !node.host_fits(deployment) {
+        for (slot, node) in self.nodes.iter().enumerate() {
+            if !eligible[slot] || !node.host_fits(request) {
                 continue;
             }
             let candidates: Vec<&'a PlacedReplica> = self
-                .live
-                .values()
+                .live_by_node
+                .get(&node.view.id)
+                .into_iter()
+                .flat_map(BTreeMap::values)
+                .copied()
                 .filter(|replica| {
-                    replica.node_id == node.view.id
-                        && replica.deployment_id != deployment.id
+                    replica.deployment_id != deployment.id
                         && replica.preemptible
                         && self.effective_priority(replica) < deployment.priority
                         && !replica.gpu_indices.is_empty()
                 })
-                .copied()
                 .collect();
             if candidates.is_empty() {
                 continue;
             }
-            let free = node.free_by_gpu();
+            let free: BTreeMap<u32, u64> = node.free_by_gpu().collect();
             let priorities: BTreeMap<&str, i32> =
                 candidates.iter().map(|victim| (victim.replica_id.as_str(), self.effective_priority(victim))).collect();
             let Some((victims, gpu_indices)) = cheapest_victims(&free, &candidates, &priorities, request) else {
@@ -443,10 +718,11 @@ impl<'a> State<'a> {
 
     /// Why one more replica of the deployment cannot be placed, and the closest miss.
     #[allow(clippy::too_many_lines)]
-    fn explain(&self, deployment: &DeploymentDemand) -> (ScheduleError, Option<Closest>) {
+    fn explain(&self, deployment: &DeploymentDemand, eligible: &[bool]) -> (ScheduleError, Option<Closest>) {
         let request = &deployment.request;
         let deployment_id = deployment.id.clone();
-        let matching: Vec<&NodeState<'_>> = self.nodes.values().filter(|node| node.matches(deployment)).collect();
+        let matching: Vec<&NodeState<'_>> =
+            self.nodes.iter().enumerate().filter(|(slot, _)| eligible[*slot]).map(|(_, node)| node).collect();
         if matching.is_empty() {
             let selector = if deployment.node_selector.is_empty() {
                 "no selector".to_owned()
@@ -460,7 +736,7 @@ impl<'a> State<'a> {
             };
             return (ScheduleError::NoEligibleNode { deployment_id, selector }, None);
         }
-        let host_ok: Vec<&NodeState<'_>> = matching.iter().copied().filter(|node| node.host_fits(deployment)).collect();
+        let host_ok: Vec<&NodeState<'_>> = matching.iter().copied().filter(|node| node.host_fits(request)).collect();
         if host_ok.is_empty() || request.gpus == 0 {
             let closest_node = matching
                 .iter()
@@ -494,7 +770,7 @@ impl<'a> State<'a> {
         let closest = host_ok
             .iter()
             .filter_map(|node| {
-                let mut free: Vec<(u64, u32)> = node.gpus.iter().map(|(index, gpu)| (gpu.free_mib(), *index)).collect();
+                let mut free: Vec<(u64, u32)> = node.gpus.iter().map(|gpu| (gpu.free_mib(), gpu.index)).collect();
                 free.sort_by_key(|(free_mib, index)| (Reverse(*free_mib), *index));
                 let (free_mib, gpu_index) = *free.get(need - 1)?;
                 Some(Closest {
@@ -534,28 +810,32 @@ impl<'a> State<'a> {
     }
 }
 
-/// Chooses `count` distinct GPUs with at least `need_mib` free each, sorted by index.
+/// Chooses `count` distinct GPUs with at least `need_mib` free each, from `(index, free
+/// MiB)` pairs in index order; returns their indices, sorted, and their free memory summed.
 ///
 /// One GPU: best fit (the least free memory that fits, then the lowest index). Several
 /// GPUs: those that could hold the most further replicas of this size first (then the
 /// least free memory, then the lowest index); plain best fit would strand capacity, e.g.
 /// with room for 1, 1 and 2 replicas it would pair the two small GPUs and fit one
 /// 2-GPU replica instead of two.
-fn choose_gpus(free_by_gpu: &BTreeMap<u32, u64>, count: u32, need_mib: u64) -> Option<Vec<u32>> {
-    let mut fitting: Vec<(u32, u64)> =
-        free_by_gpu.iter().filter(|(_, free)| **free >= need_mib).map(|(index, free)| (*index, *free)).collect();
+fn choose_gpus(free_by_gpu: impl Iterator<Item = (u32, u64)>, count: u32, need_mib: u64) -> Option<(Vec<u32>, u64)> {
+    let fitting = free_by_gpu.filter(|(_, free)| *free >= need_mib);
+    if count == 1 {
+        // The same choice as sorting by (free, index), without the allocation.
+        let (index, free) = fitting.min_by_key(|(index, free)| (*free, *index))?;
+        return Some((vec![index], free));
+    }
+    let mut fitting: Vec<(u32, u64)> = fitting.collect();
     if fitting.len() < count as usize || count == 0 {
         return None;
     }
-    if count == 1 {
-        fitting.sort_by_key(|(index, free)| (*free, *index));
-    } else {
-        let units = |free: u64| free.checked_div(need_mib).unwrap_or(u64::MAX);
-        fitting.sort_by_key(|(index, free)| (Reverse(units(*free)), *free, *index));
-    }
-    let mut chosen: Vec<u32> = fitting.into_iter().take(count as usize).map(|(index, _)| index).collect();
+    let units = |free: u64| free.checked_div(need_mib).unwrap_or(u64::MAX);
+    fitting.sort_by_key(|(index, free)| (Reverse(units(*free)), *free, *index));
+    fitting.truncate(count as usize);
+    let fit_mib = fitting.iter().map(|(_, free)| *free).sum();
+    let mut chosen: Vec<u32> = fitting.into_iter().map(|(index, _)| index).collect();
     chosen.sort_unstable();
-    Some(chosen)
+    Some((chosen, fit_mib))
 }
 
 /// The fewest victims (then the lowest sum of priorities, then the first by replica id)
@@ -564,7 +844,7 @@ fn cheapest_victims<'a>(
     free_by_gpu: &BTreeMap<u32, u64>,
     candidates: &[&'a PlacedReplica],
     priorities: &BTreeMap<&str, i32>,
-    request: &crate::types::ReplicaRequest,
+    request: &ReplicaRequest,
 ) -> Option<(Vec<&'a PlacedReplica>, Vec<u32>)> {
     let fits_without = |victims: &[&PlacedReplica]| {
         let mut free = free_by_gpu.clone();
@@ -576,7 +856,7 @@ fn cheapest_victims<'a>(
                 }
             }
         }
-        choose_gpus(&free, request.gpus, request.memory_per_gpu_mib)
+        choose_gpus(free.into_iter(), request.gpus, request.memory_per_gpu_mib).map(|(gpu_indices, _)| gpu_indices)
     };
     if candidates.len() <= EXHAUSTIVE_VICTIMS_MAX {
         let mut best: Option<Preemption<'a, (u32, i64, Reverse<u32>)>> = None;

@@ -1,21 +1,30 @@
 //! `NodeAgent`: watches the committed cluster state and reconciles this node's local
-//! actors with it. Today those are the `GpuActor`s: one per GPU the node is registered
-//! with, holding a lease for every replica and training job placed on that GPU. A GPU
-//! actor that fails is restarted (and its leases re-issued from the committed state) at
-//! most `max_restarts` times per `restart_window`; after that it stays down and its
-//! failure shows in [`AgentStatus`], which the API serves.
+//! actors with it:
+//!
+//! - a `GpuActor` per GPU the node is registered with, holding a lease for every replica
+//!   and training job placed on that GPU. A GPU actor that fails is restarted (and its
+//!   leases re-issued from the committed state) at most `max_restarts` times per
+//!   `restart_window`; after that it stays down and its failure shows in [`AgentStatus`],
+//!   which the API serves.
+//! - a `ReplicaActor` per replica placed on the node. The agent commits what its replicas
+//!   report (`loading`, `ready`, `failed`) as their replica state; it stops a replica the
+//!   leader marked `stopping` and then removes it from the state; it stops a replica the
+//!   state no longer holds (its node was declared dead and it was placed elsewhere, REC-1).
+//!   A replica that fails to load is started again after a back-off, at most `max_restarts`
+//!   times per `restart_window`; then it stays `failed`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use maas_consensus::RaftHandle;
-use maas_consensus::state::{ClusterState, NodeId};
+use maas_consensus::state::{ClusterState, Command, NodeId, ReplicaId, ReplicaState};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use ractor_cluster::RactorMessage;
 use serde::Serialize;
 
 use super::gpu::{GpuActor, GpuMsg, GpuSpec};
+use super::replica::{LocalReplicaState, ReplicaActor, ReplicaMsg, ReplicaRuntime, ReplicaSpec, replica_actor_name};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -25,6 +34,8 @@ pub struct AgentConfig {
     pub reconcile_every: Duration,
     pub max_restarts: usize,
     pub restart_window: Duration,
+    /// The wait before a failed replica is started again, times its recent failures.
+    pub replica_backoff: Duration,
 }
 
 impl AgentConfig {
@@ -35,6 +46,7 @@ impl AgentConfig {
             reconcile_every: Duration::from_millis(500),
             max_restarts: 5,
             restart_window: Duration::from_secs(60),
+            replica_backoff: Duration::from_secs(1),
         }
     }
 }
@@ -44,6 +56,7 @@ impl AgentConfig {
 pub struct AgentStatus {
     pub node_id: u64,
     pub gpus: Vec<GpuActorStatus>,
+    pub replicas: Vec<LocalReplicaStatus>,
     /// Reconciliations done so far.
     pub reconciliations: u64,
 }
@@ -56,6 +69,9 @@ pub struct GpuActorStatus {
     pub memory_total_mib: u64,
     pub reserve_mib: u64,
     pub leased_mib: u64,
+    /// Held by replicas that are loading or loaded (a simulated GPU's use; a real GPU's
+    /// driver-measured use comes with its telemetry).
+    pub used_mib: u64,
     pub free_mib: u64,
     /// Holder → MiB.
     pub leases: BTreeMap<String, u64>,
@@ -64,9 +80,26 @@ pub struct GpuActorStatus {
     pub failed: Option<String>,
 }
 
+/// A replica actor on this node, as the agent last heard from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LocalReplicaStatus {
+    pub replica_id: String,
+    pub deployment_id: String,
+    pub running: bool,
+    pub local: Option<LocalReplicaState>,
+    pub committed: String,
+    /// Starts after a failure within the restart window.
+    pub restarts: usize,
+}
+
 #[derive(RactorMessage)]
 pub enum AgentMsg {
     Reconcile,
+    /// A replica actor's news.
+    ReplicaReport {
+        replica_id: String,
+        state: LocalReplicaState,
+    },
 }
 
 pub struct NodeAgent;
@@ -79,17 +112,27 @@ pub struct AgentState {
     by_actor: HashMap<ActorId, u32>,
     restarts: BTreeMap<u32, Vec<Instant>>,
     failed: BTreeMap<u32, String>,
+    runtime: Arc<dyn ReplicaRuntime>,
+    replicas: BTreeMap<String, ActorRef<ReplicaMsg>>,
+    replica_by_actor: HashMap<ActorId, String>,
+    /// What each replica actor last reported; kept after it stops (a failure).
+    local: BTreeMap<String, LocalReplicaState>,
+    replica_starts: BTreeMap<String, Vec<Instant>>,
+    /// Replicas whose restart budget is spent.
+    given_up: BTreeSet<String>,
+    /// When a change of each replica was last proposed, so a slow commit is not flooded.
+    proposed_at: BTreeMap<String, Instant>,
 }
 
 impl Actor for NodeAgent {
     type Msg = AgentMsg;
     type State = AgentState;
-    type Arguments = (AgentConfig, RaftHandle<ClusterState>, Arc<RwLock<AgentStatus>>);
+    type Arguments = (AgentConfig, RaftHandle<ClusterState>, Arc<RwLock<AgentStatus>>, Arc<dyn ReplicaRuntime>);
 
     async fn pre_start(
         &self,
         myself: ActorRef<AgentMsg>,
-        (config, control, status): Self::Arguments,
+        (config, control, status, runtime): Self::Arguments,
     ) -> Result<AgentState, ActorProcessingErr> {
         myself.send_interval(config.reconcile_every, || AgentMsg::Reconcile);
         let _ = myself.cast(AgentMsg::Reconcile);
@@ -101,6 +144,13 @@ impl Actor for NodeAgent {
             by_actor: HashMap::new(),
             restarts: BTreeMap::new(),
             failed: BTreeMap::new(),
+            runtime,
+            replicas: BTreeMap::new(),
+            replica_by_actor: HashMap::new(),
+            local: BTreeMap::new(),
+            replica_starts: BTreeMap::new(),
+            given_up: BTreeSet::new(),
+            proposed_at: BTreeMap::new(),
         })
     }
 
@@ -112,6 +162,14 @@ impl Actor for NodeAgent {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             AgentMsg::Reconcile => state.reconcile(&myself).await,
+            AgentMsg::ReplicaReport { replica_id, state: local } => {
+                // A failing actor stops itself right after its report, and its stop may be
+                // handled first: a report of a replica still placed here counts either way.
+                if let Some(known) = state.local.get_mut(&replica_id) {
+                    *known = local;
+                    state.reconcile(&myself).await;
+                }
+            }
         }
         Ok(())
     }
@@ -129,6 +187,14 @@ impl Actor for NodeAgent {
             }
             _ => return Ok(()),
         };
+        if let Some(replica_id) = state.replica_by_actor.remove(&cell.get_id()) {
+            state.replicas.remove(&replica_id);
+            if !matches!(state.local.get(&replica_id), Some(LocalReplicaState::Failed(_))) && how.starts_with("failed")
+            {
+                state.local.insert(replica_id.clone(), LocalReplicaState::Failed(format!("the replica actor {how}")));
+            }
+            return Ok(());
+        }
         let Some(index) = state.by_actor.remove(&cell.get_id()) else { return Ok(()) };
         state.gpus.remove(&index);
         let now = Instant::now();
@@ -150,10 +216,87 @@ impl Actor for NodeAgent {
 }
 
 impl AgentState {
-    /// Brings the running GPU actors and their leases in line with the committed state.
+    /// Brings the running GPU actors, their leases and the replica actors in line with the
+    /// committed state.
     async fn reconcile(&mut self, myself: &ActorRef<AgentMsg>) {
+        let (desired, holders, placed) = self.committed();
+        self.reconcile_replicas(myself, &placed).await;
+
+        // Stop actors of GPUs the node no longer has.
+        let gone: Vec<u32> = self.gpus.keys().copied().filter(|index| !desired.contains_key(index)).collect();
+        for index in gone {
+            if let Some(actor) = self.gpus.remove(&index) {
+                self.by_actor.remove(&actor.get_id());
+                actor.stop(Some("the gpu is no longer registered".into()));
+            }
+        }
+        let mut status = AgentStatus { node_id: self.config.node_id, ..AgentStatus::default() };
+        for (index, spec) in &desired {
+            if !self.gpus.contains_key(index) && !self.failed.contains_key(index) {
+                let name = gpu_actor_name(self.config.node_id, *index);
+                match Actor::spawn_linked(Some(name), GpuActor, spec.clone(), myself.get_cell()).await {
+                    Ok((actor, _)) => {
+                        self.by_actor.insert(actor.get_id(), *index);
+                        self.gpus.insert(*index, actor);
+                    }
+                    Err(err) => tracing::error!(gpu = index, error = %err, "cannot start a gpu actor"),
+                }
+            }
+            let wanted = holders.get(index).cloned().unwrap_or_default();
+            let snapshot = match self.gpus.get(index) {
+                Some(actor) => sync_leases(actor, &wanted).await,
+                None => None,
+            };
+            let used_mib = placed
+                .values()
+                .filter(|(spec, _)| spec.gpu_indices.contains(index))
+                .filter(|(spec, _)| {
+                    matches!(
+                        self.local.get(&spec.replica_id),
+                        Some(LocalReplicaState::Loading | LocalReplicaState::Ready(_))
+                    ) && self.replicas.contains_key(&spec.replica_id)
+                })
+                .map(|(spec, _)| spec.memory_per_gpu_mib)
+                .sum();
+            status.gpus.push(GpuActorStatus {
+                index: *index,
+                model: spec.model.clone(),
+                simulated: spec.simulated,
+                memory_total_mib: spec.memory_total_mib,
+                reserve_mib: spec.reserve_mib,
+                leased_mib: snapshot.as_ref().map_or(0, super::gpu::GpuState::leased_mib),
+                used_mib,
+                free_mib: snapshot.as_ref().map_or(0, super::gpu::GpuState::free_mib),
+                leases: snapshot.map(|s| s.leases).unwrap_or_default(),
+                restarts: self.restarts.get(index).map_or(0, Vec::len),
+                failed: self.failed.get(index).cloned(),
+            });
+        }
+        status.replicas = placed
+            .values()
+            .map(|(spec, committed)| LocalReplicaStatus {
+                replica_id: spec.replica_id.clone(),
+                deployment_id: spec.deployment_id.clone(),
+                running: self.replicas.contains_key(&spec.replica_id),
+                local: self.local.get(&spec.replica_id).cloned(),
+                committed: committed.to_string(),
+                restarts: self.replica_starts.get(&spec.replica_id).map_or(0, |starts| starts.len().saturating_sub(1)),
+            })
+            .collect();
+        let mut shared = self.status.write().expect("agent status lock");
+        status.reconciliations = shared.reconciliations + 1;
+        *shared = status;
+    }
+
+    /// This node's GPUs, the memory each holder is promised on each, and the replicas
+    /// placed here with their committed states.
+    #[allow(clippy::type_complexity)]
+    fn committed(
+        &self,
+    ) -> (BTreeMap<u32, GpuSpec>, BTreeMap<u32, BTreeMap<String, u64>>, BTreeMap<String, (ReplicaSpec, ReplicaState)>)
+    {
         let node_id = NodeId(self.config.node_id);
-        let (desired, holders) = self.control.read_local(|cluster| {
+        self.control.read_local(|cluster| {
             let gpus: BTreeMap<u32, GpuSpec> = cluster
                 .node(node_id)
                 .map(|node| {
@@ -174,60 +317,140 @@ impl AgentState {
                 })
                 .unwrap_or_default();
             let mut holders: BTreeMap<u32, BTreeMap<String, u64>> = BTreeMap::new();
+            let mut placed: BTreeMap<String, (ReplicaSpec, ReplicaState)> = BTreeMap::new();
             for replica in cluster.replicas_on_node(node_id) {
                 for index in &replica.gpu_indices {
                     holders.entry(*index).or_default().insert(replica.id.0.clone(), replica.memory_per_gpu_mib);
                 }
+                let deployment = cluster.deployment(&replica.deployment_id);
+                let spec = ReplicaSpec {
+                    replica_id: replica.id.0.clone(),
+                    deployment_id: replica.deployment_id.0.clone(),
+                    model_name: deployment.map(|d| d.spec.model_name.clone()).unwrap_or_default(),
+                    model_version: deployment.map(|d| d.spec.model_version.clone()).unwrap_or_default(),
+                    model_path: deployment.and_then(|d| d.spec.model_path.clone()),
+                    gpu_indices: replica.gpu_indices.clone(),
+                    memory_per_gpu_mib: replica.memory_per_gpu_mib,
+                };
+                placed.insert(replica.id.0.clone(), (spec, replica.state.clone()));
             }
             for job in cluster.training_jobs_on_node(node_id) {
                 for index in &job.gpu_indices {
                     holders.entry(*index).or_default().insert(job.id.0.clone(), job.memory_per_gpu_mib);
                 }
             }
-            (gpus, holders)
-        });
-        // Stop actors of GPUs the node no longer has.
-        let gone: Vec<u32> = self.gpus.keys().copied().filter(|index| !desired.contains_key(index)).collect();
-        for index in gone {
-            if let Some(actor) = self.gpus.remove(&index) {
-                self.by_actor.remove(&actor.get_id());
-                actor.stop(Some("the gpu is no longer registered".into()));
+            (gpus, holders, placed)
+        })
+    }
+
+    /// Starts, stops and reports the replica actors of this node.
+    async fn reconcile_replicas(
+        &mut self,
+        myself: &ActorRef<AgentMsg>,
+        placed: &BTreeMap<String, (ReplicaSpec, ReplicaState)>,
+    ) {
+        // Replicas the state no longer places here stop (REC-1: the node was declared
+        // dead and they run elsewhere now).
+        let stale: Vec<String> = self.replicas.keys().filter(|id| !placed.contains_key(*id)).cloned().collect();
+        for replica_id in stale {
+            tracing::info!(replica = %replica_id, "stopping a replica no longer placed on this node");
+            self.stop_replica(&replica_id);
+        }
+        self.local.retain(|id, _| placed.contains_key(id));
+        self.replica_starts.retain(|id, _| placed.contains_key(id));
+        self.given_up.retain(|id| placed.contains_key(id));
+        self.proposed_at.retain(|id, _| placed.contains_key(id));
+
+        let now = Instant::now();
+        for (replica_id, (spec, committed)) in placed {
+            if *committed == ReplicaState::Stopping {
+                self.stop_replica(replica_id);
+                let id = ReplicaId(replica_id.clone());
+                self.propose(replica_id, Command::RemoveReplica { replica_id: id, at_ms: wall_clock_ms() });
+                continue;
+            }
+            if !self.replicas.contains_key(replica_id) && !self.given_up.contains(replica_id) {
+                self.start_replica(myself, spec, now).await;
+            }
+            let wanted = match self.local.get(replica_id) {
+                Some(LocalReplicaState::Loading) => ReplicaState::Loading,
+                Some(LocalReplicaState::Ready(_)) => ReplicaState::Ready,
+                Some(LocalReplicaState::Failed(reason)) => ReplicaState::Failed { reason: reason.clone() },
+                None => continue,
+            };
+            if *committed != wanted {
+                let id = ReplicaId(replica_id.clone());
+                self.propose(
+                    replica_id,
+                    Command::SetReplicaState { replica_id: id, state: wanted, at_ms: wall_clock_ms() },
+                );
             }
         }
-        let mut status = AgentStatus { node_id: self.config.node_id, gpus: Vec::new(), reconciliations: 0 };
-        for (index, spec) in &desired {
-            if !self.gpus.contains_key(index) && !self.failed.contains_key(index) {
-                let name = gpu_actor_name(self.config.node_id, *index);
-                match Actor::spawn_linked(Some(name), GpuActor, spec.clone(), myself.get_cell()).await {
-                    Ok((actor, _)) => {
-                        self.by_actor.insert(actor.get_id(), *index);
-                        self.gpus.insert(*index, actor);
-                    }
-                    Err(err) => tracing::error!(gpu = index, error = %err, "cannot start a gpu actor"),
+    }
+
+    /// Starts a replica's actor, unless it is in its back-off after a failure or its
+    /// restart budget is spent.
+    async fn start_replica(&mut self, myself: &ActorRef<AgentMsg>, spec: &ReplicaSpec, now: Instant) {
+        let replica_id = &spec.replica_id;
+        let starts = self.replica_starts.entry(replica_id.clone()).or_default();
+        starts.retain(|at| now.duration_since(*at) < self.config.restart_window);
+        let failures = u32::try_from(starts.len()).unwrap_or(u32::MAX);
+        if starts.len() > self.config.max_restarts {
+            tracing::error!(replica = %replica_id, "replica failed {} times within {:?}; it stays failed", starts.len(), self.config.restart_window);
+            self.given_up.insert(replica_id.clone());
+            return;
+        }
+        if starts.last().is_some_and(|last| now.duration_since(*last) < self.config.replica_backoff * failures) {
+            return;
+        }
+        starts.push(now);
+        let arguments = (spec.clone(), Arc::clone(&self.runtime), myself.clone());
+        let name = replica_actor_name(replica_id);
+        match Actor::spawn_linked(Some(name), ReplicaActor, arguments, myself.get_cell()).await {
+            Ok((actor, _)) => {
+                self.replica_by_actor.insert(actor.get_id(), replica_id.clone());
+                self.replicas.insert(replica_id.clone(), actor);
+                self.local.insert(replica_id.clone(), LocalReplicaState::Loading);
+            }
+            Err(err) => tracing::error!(replica = %replica_id, error = %err, "cannot start a replica actor"),
+        }
+    }
+
+    fn stop_replica(&mut self, replica_id: &str) {
+        if let Some(actor) = self.replicas.remove(replica_id) {
+            self.replica_by_actor.remove(&actor.get_id());
+            actor.stop(Some("the replica is no longer wanted here".into()));
+        }
+    }
+
+    /// Proposes a change of one replica in the background, at most once a second per
+    /// replica; the next reconciliation proposes again what did not commit.
+    fn propose(&mut self, replica_id: &str, command: Command) {
+        let now = Instant::now();
+        if self.proposed_at.get(replica_id).is_some_and(|at| now.duration_since(*at) < Duration::from_secs(1)) {
+            return;
+        }
+        self.proposed_at.insert(replica_id.to_owned(), now);
+        let control = self.control.clone();
+        let agent_name = self.config.node_id;
+        tokio::spawn(async move {
+            let described = format!("{command:?}");
+            match control.propose(command).await {
+                Ok(Ok(_)) => tracing::debug!(node_id = agent_name, change = %described, "replica change committed"),
+                Ok(Err(rejection)) => {
+                    tracing::debug!(node_id = agent_name, change = %described, %rejection, "replica change rejected");
+                }
+                Err(err) => {
+                    tracing::debug!(node_id = agent_name, change = %described, error = %err, "replica change not committed");
                 }
             }
-            let wanted = holders.get(index).cloned().unwrap_or_default();
-            let snapshot = match self.gpus.get(index) {
-                Some(actor) => sync_leases(actor, &wanted).await,
-                None => None,
-            };
-            status.gpus.push(GpuActorStatus {
-                index: *index,
-                model: spec.model.clone(),
-                simulated: spec.simulated,
-                memory_total_mib: spec.memory_total_mib,
-                reserve_mib: spec.reserve_mib,
-                leased_mib: snapshot.as_ref().map_or(0, super::gpu::GpuState::leased_mib),
-                free_mib: snapshot.as_ref().map_or(0, super::gpu::GpuState::free_mib),
-                leases: snapshot.map(|s| s.leases).unwrap_or_default(),
-                restarts: self.restarts.get(index).map_or(0, Vec::len),
-                failed: self.failed.get(index).cloned(),
-            });
-        }
-        let mut shared = self.status.write().expect("agent status lock");
-        status.reconciliations = shared.reconciliations + 1;
-        *shared = status;
+        });
     }
+}
+
+fn wall_clock_ms() -> u64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The registered name of a GPU actor: unique in the cluster, as ractor names must be.

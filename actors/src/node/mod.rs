@@ -1,8 +1,13 @@
 //! The node's own actors: the `NodeAgent`, which reconciles local actors with the
-//! committed cluster state, and the `GpuActor`s it supervises.
+//! committed cluster state, and the `GpuActor`s and `ReplicaActor`s it supervises.
 
 pub mod agent;
+pub mod estimate;
 pub mod gpu;
+pub mod replica;
 
-pub use agent::{AgentConfig, AgentMsg, AgentStatus, GpuActorStatus, NodeAgent};
+pub use agent::{AgentConfig, AgentMsg, AgentStatus, GpuActorStatus, LocalReplicaStatus, NodeAgent};
 pub use gpu::{GpuActor, GpuError, GpuMsg, GpuSpec, GpuState, GpuTelemetry};
+pub use replica::{
+    LoadFuture, LoadedReplica, LocalReplicaState, ModelPathRuntime, ReplicaActor, ReplicaRuntime, ReplicaSpec,
+};

@@ -140,7 +140,12 @@ pub struct ReplicaRequest {
 pub struct DeploymentSpec {
     pub model_name: String,
     pub model_version: String,
+    /// Where the model's files are on every node that may run it (a Hugging Face folder
+    /// or a `.gguf` file), for models not in the repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_path: Option<String>,
     pub request: ReplicaRequest,
+
     pub strategy: PlacementStrategy,
     /// A node qualifies when it carries every one of these labels with the same value.
     pub node_selector: BTreeMap<String, String>,

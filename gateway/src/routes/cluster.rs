@@ -196,7 +196,7 @@ pub const COOKIE_HEADER: &str = "x-maas-cluster-cookie";
 
 /// Membership changes need the cluster's cookie (until admin accounts exist, it is the
 /// credential of cluster operations).
-fn check_cookie(state: &AppState, presented: Option<&str>) -> Result<(), ApiError> {
+pub(crate) fn check_cookie(state: &AppState, presented: Option<&str>) -> Result<(), ApiError> {
     let Some(expected) = state.cluster_cookie.get() else {
         return Err(ApiError::unavailable("the control plane is starting; retry shortly"));
     };
@@ -321,11 +321,11 @@ pub async fn remove_member(state: &AppState, cookie: Option<&str>, id: u64) -> R
     cluster_status(state)
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     u64::try_from(maas_store::ids::now_ms()).unwrap_or(0)
 }
 
-fn control_plane(state: &AppState) -> Result<&RaftHandle<ClusterState>, ApiError> {
+pub(crate) fn control_plane(state: &AppState) -> Result<&RaftHandle<ClusterState>, ApiError> {
     state.cluster.get().ok_or_else(|| ApiError::unavailable("the control plane is starting; retry shortly"))
 }
 

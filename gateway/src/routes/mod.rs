@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod debug;
+pub mod deployments;
 pub mod health;
 pub mod index;
 pub mod openapi;
@@ -18,6 +19,8 @@ use crate::state::AppState;
 pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let api = health::routes(state)
         .or(cluster::routes(state))
+        .unify()
+        .or(deployments::routes(state))
         .unify()
         .or(openapi::routes(state))
         .unify()

@@ -25,13 +25,23 @@ use crate::state::AppState;
         super::cluster::change_labels,
         super::cluster::list_gpus,
         super::cluster::node_agent,
+        super::deployments::list_deployments,
+        super::deployments::get_deployment,
+        super::deployments::create_deployment,
+        super::deployments::update_deployment,
+        super::deployments::scale_deployment,
+        super::deployments::delete_deployment,
+        super::deployments::estimate_deployment,
+        super::deployments::drain_node,
+        super::deployments::undrain_node,
         super::debug::delay,
         super::debug::echo,
     ),
     components(schemas(crate::error::ErrorBody, crate::error::ErrorDetail)),
     tags(
         (name = "operations", description = "Health, readiness, metrics and diagnostics"),
-        (name = "cluster", description = "The control plane: raft status, members and nodes")
+        (name = "cluster", description = "The control plane: raft status, members and nodes"),
+        (name = "deployments", description = "Deployments of models: replicas placed by GPU memory, rolling updates, estimates")
     )
 )]
 pub struct ApiDoc;

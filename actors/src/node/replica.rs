@@ -1,0 +1,149 @@
+//! `ReplicaActor`: one per model replica placed on this node. It loads its model through
+//! the node's [`ReplicaRuntime`] (fetch and verify the model's files, load the weights)
+//! and tells the agent how that went; the agent commits the replica's state. The actor
+//! holds what was loaded for as long as it runs; stopping it frees that.
+//!
+//! The runtime is a trait so that the actor knows nothing of where model files come from
+//! (the model repository and blob store, wired by the node).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor_cluster::RactorMessage;
+use serde::Serialize;
+
+use super::agent::AgentMsg;
+
+/// What a replica runs: everything its node needs to load it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReplicaSpec {
+    pub replica_id: String,
+    pub deployment_id: String,
+    pub model_name: String,
+    pub model_version: String,
+    /// The deployment's `model_path`, for a model not in the repository.
+    pub model_path: Option<String>,
+    /// GPU indices on this node; empty for a replica on CPU.
+    pub gpu_indices: Vec<u32>,
+    pub memory_per_gpu_mib: u64,
+}
+
+/// A loaded replica: a line that says what was loaded, and the loaded model itself
+/// (dropped when the replica stops).
+pub struct LoadedReplica {
+    pub summary: String,
+    pub model: Box<dyn std::any::Any + Send + Sync>,
+}
+
+pub type LoadFuture = Pin<Box<dyn Future<Output = Result<LoadedReplica, String>> + Send>>;
+
+/// How a node loads a replica's model. Long CPU or disk work belongs on a blocking thread
+/// inside the future, never on the async workers.
+pub trait ReplicaRuntime: Send + Sync + 'static {
+    fn load(&self, spec: ReplicaSpec) -> LoadFuture;
+}
+
+/// Loads a replica from its deployment's `model_path` on this node: the files are read
+/// through and checked ([`maas_engine::model_files::inspect`]) on a blocking thread.
+pub struct ModelPathRuntime;
+
+impl ReplicaRuntime for ModelPathRuntime {
+    fn load(&self, spec: ReplicaSpec) -> LoadFuture {
+        Box::pin(async move {
+            let Some(path) = spec.model_path.clone() else {
+                return Err(format!(
+                    "model {}:{} has no files on this node: deploy it with a model_path",
+                    spec.model_name, spec.model_version
+                ));
+            };
+            let files =
+                tokio::task::spawn_blocking(move || maas_engine::model_files::inspect(std::path::Path::new(&path)))
+                    .await
+                    .map_err(|err| format!("the loading thread failed: {err}"))?
+                    .map_err(|err| err.to_string())?;
+            Ok(LoadedReplica { summary: files.summary(), model: Box::new(files) })
+        })
+    }
+}
+
+/// A replica's state on its node, as its actor last reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "detail")]
+pub enum LocalReplicaState {
+    Loading,
+    /// Loaded; the text says what.
+    Ready(String),
+    Failed(String),
+}
+
+#[derive(RactorMessage)]
+pub enum ReplicaMsg {
+    Load,
+}
+
+pub struct ReplicaActor;
+
+pub struct ReplicaActorState {
+    spec: ReplicaSpec,
+    runtime: Arc<dyn ReplicaRuntime>,
+    agent: ActorRef<AgentMsg>,
+    loaded: Option<LoadedReplica>,
+}
+
+impl Actor for ReplicaActor {
+    type Msg = ReplicaMsg;
+    type State = ReplicaActorState;
+    type Arguments = (ReplicaSpec, Arc<dyn ReplicaRuntime>, ActorRef<AgentMsg>);
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ReplicaMsg>,
+        (spec, runtime, agent): Self::Arguments,
+    ) -> Result<ReplicaActorState, ActorProcessingErr> {
+        let _ = myself.cast(ReplicaMsg::Load);
+        Ok(ReplicaActorState { spec, runtime, agent, loaded: None })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ReplicaMsg>,
+        message: ReplicaMsg,
+        state: &mut ReplicaActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            ReplicaMsg::Load => state.load(&myself).await,
+        }
+        Ok(())
+    }
+}
+
+impl ReplicaActorState {
+    async fn load(&mut self, myself: &ActorRef<ReplicaMsg>) {
+        let replica_id = self.spec.replica_id.clone();
+        self.report(LocalReplicaState::Loading);
+        match self.runtime.load(self.spec.clone()).await {
+            Ok(loaded) => {
+                tracing::info!(replica = %replica_id, loaded = %loaded.summary, "replica ready");
+                self.report(LocalReplicaState::Ready(loaded.summary.clone()));
+                self.loaded = Some(loaded);
+            }
+            Err(reason) => {
+                tracing::error!(replica = %replica_id, %reason, "replica failed to load");
+                self.report(LocalReplicaState::Failed(reason.clone()));
+                // Stopping lets the agent decide on a restart under its budget.
+                myself.stop(Some(format!("load failed: {reason}")));
+            }
+        }
+    }
+
+    fn report(&self, state: LocalReplicaState) {
+        let _ = self.agent.cast(AgentMsg::ReplicaReport { replica_id: self.spec.replica_id.clone(), state });
+    }
+}
+
+/// The registered name of a replica actor: unique in the cluster, as ractor names must be.
+pub fn replica_actor_name(replica_id: &str) -> String {
+    format!("maas.replica.{replica_id}")
+}

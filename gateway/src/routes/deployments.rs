@@ -1,0 +1,691 @@
+//! Deployments: what a user wants served (a model, how many replicas, what each needs),
+//! committed through raft; the leader's reconcile loop places the replicas and each node's
+//! agent runs its share. Also the VRAM estimate shown before deploying, and node drain.
+//!
+//! Changes need the cluster cookie (the credential of cluster operations until accounts
+//! and roles exist); reads are open, like the rest of the cluster's status.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use maas_actors::node::estimate::{ModelEstimate, estimate_model};
+use maas_consensus::reconcile::{self, ReconcileSettings};
+use maas_consensus::state::{
+    ClusterState, Command, DeploymentId, DeploymentRecord, DeploymentSpec, NodeId, NodeStatus, PlacementStrategy,
+    Rejection, ReplicaRequest,
+};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use warp::filters::BoxedFilter;
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use super::cluster::{COOKIE_HEADER, check_cookie, control_plane, now_ms};
+use super::with_state;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The most replicas one deployment may ask for.
+pub const MAX_REPLICAS: u32 = 1000;
+/// The most GPUs one replica may span (on one node, SCH-2).
+pub const MAX_GPUS_PER_REPLICA: u32 = 16;
+
+pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
+    let list = warp::path!("v1" / "deployments")
+        .and(warp::get())
+        .and(with_state(state))
+        .and_then(|s: Arc<AppState>| async move { list_deployments(&s).map_err(warp::reject::custom) });
+    let get = warp::path!("v1" / "deployments" / String)
+        .and(warp::get())
+        .and(with_state(state))
+        .and_then(|id: String, s: Arc<AppState>| async move { get_deployment(&s, &id).map_err(warp::reject::custom) });
+    let create = warp::path!("v1" / "deployments")
+        .and(warp::post())
+        .and(with_state(state))
+        .and(warp::header::optional::<String>(COOKIE_HEADER))
+        .and(crate::json::json_body::<DeploymentRequest>(64 * 1024))
+        .and_then(|s: Arc<AppState>, cookie: Option<String>, request: DeploymentRequest| async move {
+            create_deployment(&s, cookie.as_deref(), request).await.map_err(warp::reject::custom)
+        });
+    let update = warp::path!("v1" / "deployments" / String)
+        .and(warp::put())
+        .and(with_state(state))
+        .and(warp::header::optional::<String>(COOKIE_HEADER))
+        .and(crate::json::json_body::<DeploymentRequest>(64 * 1024))
+        .and_then(|id: String, s: Arc<AppState>, cookie: Option<String>, request: DeploymentRequest| async move {
+            update_deployment(&s, cookie.as_deref(), id, request).await.map_err(warp::reject::custom)
+        });
+    let scale = warp::path!("v1" / "deployments" / String)
+        .and(warp::patch())
+        .and(with_state(state))
+        .and(warp::header::optional::<String>(COOKIE_HEADER))
+        .and(crate::json::json_body::<ScaleRequest>(4 * 1024))
+        .and_then(|id: String, s: Arc<AppState>, cookie: Option<String>, request: ScaleRequest| async move {
+            scale_deployment(&s, cookie.as_deref(), id, request).await.map_err(warp::reject::custom)
+        });
+    let delete = warp::path!("v1" / "deployments" / String)
+        .and(warp::delete())
+        .and(with_state(state))
+        .and(warp::header::optional::<String>(COOKIE_HEADER))
+        .and_then(|id: String, s: Arc<AppState>, cookie: Option<String>| async move {
+            delete_deployment(&s, cookie.as_deref(), id).await.map_err(warp::reject::custom)
+        });
+    let estimate = warp::path!("v1" / "deployments" / "estimate")
+        .and(warp::post())
+        .and(with_state(state))
+        .and(crate::json::json_body::<EstimateRequest>(16 * 1024))
+        .and_then(|s: Arc<AppState>, request: EstimateRequest| async move {
+            estimate_deployment(&s, request).await.map_err(warp::reject::custom)
+        });
+    let drain = warp::path!("v1" / "nodes" / u64 / "drain")
+        .and(warp::post().map(|| true).or(warp::delete().map(|| false)).unify())
+        .and(with_state(state))
+        .and(warp::header::optional::<String>(COOKIE_HEADER))
+        .and_then(|id: u64, start: bool, s: Arc<AppState>, cookie: Option<String>| async move {
+            if start {
+                drain_node(&s, cookie.as_deref(), id).await
+            } else {
+                undrain_node(&s, cookie.as_deref(), id).await
+            }
+            .map_err(warp::reject::custom)
+        });
+    // `estimate` before `get`/`create`, whose paths would otherwise take it.
+    estimate
+        .or(list)
+        .unify()
+        .or(get)
+        .unify()
+        .or(create)
+        .unify()
+        .or(update)
+        .unify()
+        .or(scale)
+        .unify()
+        .or(delete)
+        .unify()
+        .or(drain)
+        .unify()
+        .boxed()
+}
+
+fn default_version() -> String {
+    "latest".to_owned()
+}
+fn one() -> u32 {
+    1
+}
+fn default_context() -> u32 {
+    4096
+}
+fn default_sequences() -> u32 {
+    4
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StrategyName {
+    /// Fill GPUs that are in use first, leaving whole GPUs free (the default).
+    #[default]
+    Binpack,
+    /// Put replicas on different nodes first.
+    Spread,
+}
+
+/// A deployment as the user asks for it. Memory per GPU is estimated from the model's
+/// files (`model_path`) unless given.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentRequest {
+    /// The deployment's name: 1 to 63 lowercase letters, digits and `-`, starting with a
+    /// letter or digit. Optional on PUT (the path names it).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The model's name.
+    pub model: String,
+    #[serde(default = "default_version")]
+    pub model_version: String,
+    /// Where the model's files are on the nodes: a Hugging Face folder or a `.gguf` file.
+    #[serde(default)]
+    pub model_path: Option<String>,
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// GPUs per replica, on one node (tensor parallelism); 0 runs on CPU.
+    #[serde(default = "one")]
+    pub gpus_per_replica: u32,
+    /// Overrides the estimate.
+    #[serde(default)]
+    pub memory_per_gpu_mib: Option<u64>,
+    /// The context length per sequence the KV cache is sized for.
+    #[serde(default = "default_context")]
+    pub context_tokens: u32,
+    /// Sequences decoded at once (the KV cache holds this many contexts).
+    #[serde(default = "default_sequences")]
+    pub concurrent_sequences: u32,
+    #[serde(default)]
+    pub strategy: StrategyName,
+    /// Only nodes with all these labels take replicas.
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+    /// Higher places first.
+    #[serde(default)]
+    pub priority: i32,
+    /// Whether higher-priority work may stop these replicas.
+    #[serde(default)]
+    pub allow_preemption: bool,
+    /// Run on CPU when no GPU fits.
+    #[serde(default)]
+    pub cpu_fallback: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleRequest {
+    pub replicas: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EstimateRequest {
+    pub model_path: String,
+    #[serde(default = "one")]
+    pub gpus_per_replica: u32,
+    #[serde(default = "default_context")]
+    pub context_tokens: u32,
+    #[serde(default = "default_sequences")]
+    pub concurrent_sequences: u32,
+    /// Bytes per parameter (2 for f16/bf16, 4 for f32); default: the model's own dtype.
+    #[serde(default)]
+    pub dtype_bytes: Option<f64>,
+}
+
+/// One replica of a deployment, from the committed state.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReplicaView {
+    pub id: String,
+    pub node_id: u64,
+    pub gpu_indices: Vec<u32>,
+    pub memory_per_gpu_mib: u64,
+    /// `pending`, `loading`, `ready`, `failed` or `stopping`.
+    pub state: String,
+    /// Why it failed, when it did.
+    pub reason: Option<String>,
+    pub generation: u64,
+    /// `current`, `outgoing` (an older generation or a draining node) or `stopping`.
+    pub role: String,
+    pub restarts: u32,
+}
+
+/// Why some replicas are not placed, and what came closest.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Shortfall {
+    pub missing_replicas: u32,
+    pub reason: String,
+    pub closest_node_id: Option<u64>,
+    pub closest_gpu_index: Option<u32>,
+    pub closest_free_mib: Option<u64>,
+    pub short_by_mib: Option<u64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeploymentView {
+    pub id: String,
+    pub model: String,
+    pub model_version: String,
+    pub model_path: Option<String>,
+    pub replicas_desired: u32,
+    /// Ready replicas of the current generation.
+    pub replicas_ready: u32,
+    pub generation: u64,
+    pub gpus_per_replica: u32,
+    pub memory_per_gpu_mib: u64,
+    pub strategy: StrategyName,
+    pub node_selector: BTreeMap<String, String>,
+    pub priority: i32,
+    pub allow_preemption: bool,
+    pub cpu_fallback: bool,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub replicas: Vec<ReplicaView>,
+    /// Set when the scheduler cannot place every replica.
+    pub shortfall: Option<Shortfall>,
+    /// The estimate the memory came from, on create and update when it was estimated.
+    #[schema(value_type = Option<Object>)]
+    pub estimate: Option<ModelEstimate>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeploymentList {
+    pub deployments: Vec<DeploymentView>,
+}
+
+/// Where an estimated replica would go now, or why it would not fit.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EstimateReply {
+    #[schema(value_type = Object)]
+    pub model: ModelEstimate,
+    pub gpus_per_replica: u32,
+    /// The estimate split over the replica's GPUs.
+    pub memory_per_gpu_mib: u64,
+    /// A node that has room for one replica now, if any.
+    pub fits_on_node: Option<u64>,
+    pub fits_on_gpus: Vec<u32>,
+    pub shortfall: Option<Shortfall>,
+}
+
+fn settings(state: &AppState) -> ReconcileSettings {
+    ReconcileSettings { gpu_reserve_mib: state.gpu_reserve_mib.get().copied().unwrap_or(0) }
+}
+
+fn view(
+    cluster: &ClusterState,
+    deployment: &DeploymentRecord,
+    shortfalls: &BTreeMap<String, Shortfall>,
+) -> DeploymentView {
+    let mut replicas_ready = 0;
+    let replicas = cluster
+        .replicas_of_deployment(&deployment.id)
+        .map(|replica| {
+            let role = match reconcile::replica_role(cluster, replica) {
+                reconcile::ReplicaRole::Current => "current",
+                reconcile::ReplicaRole::Outgoing => "outgoing",
+                reconcile::ReplicaRole::Stopping => "stopping",
+                reconcile::ReplicaRole::Lost => "lost",
+            };
+            if role == "current" && replica.state == maas_consensus::state::ReplicaState::Ready {
+                replicas_ready += 1;
+            }
+            ReplicaView {
+                id: replica.id.0.clone(),
+                node_id: replica.node_id.0,
+                gpu_indices: replica.gpu_indices.clone(),
+                memory_per_gpu_mib: replica.memory_per_gpu_mib,
+                state: replica.state.name().to_owned(),
+                reason: match &replica.state {
+                    maas_consensus::state::ReplicaState::Failed { reason } => Some(reason.clone()),
+                    _ => None,
+                },
+                generation: replica.deployment_generation,
+                role: role.to_owned(),
+                restarts: replica.restarts,
+            }
+        })
+        .collect();
+    let spec = &deployment.spec;
+    DeploymentView {
+        id: deployment.id.0.clone(),
+        model: spec.model_name.clone(),
+        model_version: spec.model_version.clone(),
+        model_path: spec.model_path.clone(),
+        replicas_desired: deployment.replicas_desired,
+        replicas_ready,
+        generation: deployment.generation,
+        gpus_per_replica: spec.request.gpus_per_replica,
+        memory_per_gpu_mib: spec.request.memory_per_gpu_mib,
+        strategy: match spec.strategy {
+            PlacementStrategy::Binpack => StrategyName::Binpack,
+            PlacementStrategy::Spread => StrategyName::Spread,
+        },
+        node_selector: spec.node_selector.clone(),
+        priority: spec.priority,
+        allow_preemption: spec.allow_preemption,
+        cpu_fallback: spec.request.cpu_fallback_allowed,
+        created_at_ms: deployment.created_at_ms,
+        updated_at_ms: deployment.updated_at_ms,
+        replicas,
+        shortfall: shortfalls.get(&deployment.id.0).cloned(),
+        estimate: None,
+    }
+}
+
+/// The scheduler's shortfalls for the committed state, computed here (the plan is pure, so
+/// any node gives the leader's answer for the state it has applied).
+fn shortfalls(cluster: &ClusterState, settings: &ReconcileSettings) -> BTreeMap<String, Shortfall> {
+    let plan = maas_scheduler::plan(&reconcile::snapshot(cluster, settings), &reconcile::demand(cluster));
+    plan.unplaceable.into_iter().map(|short| (short.deployment_id.clone(), shortfall(short))).collect()
+}
+
+fn shortfall(short: maas_scheduler::Unplaceable) -> Shortfall {
+    Shortfall {
+        missing_replicas: short.missing_replicas,
+        reason: short.reason,
+        closest_node_id: short.closest.as_ref().map(|c| c.node_id),
+        closest_gpu_index: short.closest.as_ref().and_then(|c| c.gpu_index),
+        closest_free_mib: short.closest.as_ref().map(|c| c.free_mib),
+        short_by_mib: short.closest.as_ref().map(|c| c.short_by_mib),
+    }
+}
+
+/// Every deployment with its replicas and, where some cannot be placed, why.
+#[utoipa::path(get, path = "/v1/deployments", tag = "deployments",
+    responses((status = 200, body = DeploymentList), (status = 503, body = crate::error::ErrorBody)))]
+pub fn list_deployments(state: &AppState) -> Result<Response, ApiError> {
+    let handle = control_plane(state)?;
+    let settings = settings(state);
+    let deployments = handle.read_local(|cluster| {
+        let shortfalls = shortfalls(cluster, &settings);
+        cluster.deployments().values().map(|d| view(cluster, d, &shortfalls)).collect()
+    });
+    Ok(warp::reply::json(&DeploymentList { deployments }).into_response())
+}
+
+/// One deployment with its replicas.
+#[utoipa::path(get, path = "/v1/deployments/{id}", tag = "deployments",
+    params(("id" = String, Path, description = "the deployment's name")),
+    responses((status = 200, body = DeploymentView), (status = 404, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
+pub fn get_deployment(state: &AppState, id: &str) -> Result<Response, ApiError> {
+    let handle = control_plane(state)?;
+    let settings = settings(state);
+    let found = handle.read_local(|cluster| {
+        let deployment = cluster.deployment(&DeploymentId(id.to_owned()))?;
+        Some(view(cluster, deployment, &shortfalls(cluster, &settings)))
+    });
+    found.map(|v| warp::reply::json(&v).into_response()).ok_or_else(|| not_found(id))
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("no deployment named {id}")).with_param("id")
+}
+
+/// Checks a request and turns it into a spec; estimates memory from the model's files
+/// when not given.
+async fn spec_from(request: DeploymentRequest) -> Result<(DeploymentSpec, u32, Option<ModelEstimate>), ApiError> {
+    let bad = |param: &str, message: String| ApiError::bad_request("invalid_input", message).with_param(param);
+    if request.model.trim().is_empty() || request.model.len() > 256 {
+        return Err(bad("model", "model must be 1 to 256 characters".into()));
+    }
+    if request.model_version.trim().is_empty() || request.model_version.len() > 128 {
+        return Err(bad("model_version", "model_version must be 1 to 128 characters".into()));
+    }
+    if request.replicas > MAX_REPLICAS {
+        return Err(bad("replicas", format!("replicas must be at most {MAX_REPLICAS}")));
+    }
+    if request.gpus_per_replica > MAX_GPUS_PER_REPLICA {
+        return Err(bad("gpus_per_replica", format!("gpus_per_replica must be at most {MAX_GPUS_PER_REPLICA}")));
+    }
+    if request.context_tokens == 0 || request.concurrent_sequences == 0 {
+        return Err(bad("context_tokens", "context_tokens and concurrent_sequences must be at least 1".into()));
+    }
+    let model_path = match request.model_path {
+        Some(path) if path.trim().is_empty() => return Err(bad("model_path", "model_path is empty".into())),
+        Some(path) if !Path::new(&path).is_absolute() => {
+            return Err(bad("model_path", format!("model_path {path} must be absolute (every node resolves it)")));
+        }
+        other => other,
+    };
+    let mut estimate = None;
+    let memory_per_gpu_mib = match (request.memory_per_gpu_mib, &model_path) {
+        _ if request.gpus_per_replica == 0 => 0,
+        (Some(0), _) => return Err(bad("memory_per_gpu_mib", "memory_per_gpu_mib must be above 0".into())),
+        (Some(mib), _) => mib,
+        (None, Some(path)) => {
+            let (path, context, sequences) = (path.clone(), request.context_tokens, request.concurrent_sequences);
+            let made = tokio::task::spawn_blocking(move || estimate_model(Path::new(&path), context, sequences, 0.0))
+                .await
+                .map_err(|err| ApiError::internal(format!("the estimate failed: {err}")))?
+                .map_err(|reason| bad("model_path", format!("cannot estimate the model's memory: {reason}")))?;
+            let per_gpu = made.estimate.total_mib.div_ceil(u64::from(request.gpus_per_replica));
+            estimate = Some(made);
+            per_gpu
+        }
+        (None, None) => {
+            return Err(bad(
+                "memory_per_gpu_mib",
+                "give memory_per_gpu_mib, or a model_path to estimate it from the model's files".into(),
+            ));
+        }
+    };
+    let spec = DeploymentSpec {
+        model_name: request.model,
+        model_version: request.model_version,
+        model_path,
+        request: ReplicaRequest {
+            gpus_per_replica: request.gpus_per_replica,
+            memory_per_gpu_mib,
+            cpu_fallback_allowed: request.cpu_fallback,
+        },
+        strategy: match request.strategy {
+            StrategyName::Binpack => PlacementStrategy::Binpack,
+            StrategyName::Spread => PlacementStrategy::Spread,
+        },
+        node_selector: request.node_selector,
+        priority: request.priority,
+        allow_preemption: request.allow_preemption,
+    };
+    Ok((spec, request.replicas, estimate))
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+}
+
+async fn put(
+    state: &AppState,
+    id: String,
+    spec: DeploymentSpec,
+    replicas: u32,
+    estimate: Option<ModelEstimate>,
+    created: bool,
+) -> Result<Response, ApiError> {
+    let handle = control_plane(state)?;
+    let command = Command::PutDeployment { deployment_id: DeploymentId(id.clone()), spec, replicas, at_ms: now_ms() };
+    if let Err(rejection) = handle.propose(command).await? {
+        return Err(ApiError::bad_request("invalid_deployment", rejection.to_string()));
+    }
+    let settings = settings(state);
+    let mut found = handle
+        .read_local(|cluster| {
+            let deployment = cluster.deployment(&DeploymentId(id.clone()))?;
+            Some(view(cluster, deployment, &shortfalls(cluster, &settings)))
+        })
+        .ok_or_else(|| not_found(&id))?;
+    found.estimate = estimate;
+    let status = if created { http::StatusCode::CREATED } else { http::StatusCode::OK };
+    Ok(warp::reply::with_status(warp::reply::json(&found), status).into_response())
+}
+
+/// Creates a deployment. Without `memory_per_gpu_mib`, the memory per GPU is estimated
+/// from the model's files and returned with the deployment.
+#[utoipa::path(post, path = "/v1/deployments", tag = "deployments", request_body = DeploymentRequest,
+    params(("x-maas-cluster-cookie" = String, Header, description = "the cluster cookie")),
+    responses((status = 201, body = DeploymentView), (status = 400, body = crate::error::ErrorBody),
+        (status = 403, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
+pub async fn create_deployment(
+    state: &AppState,
+    cookie: Option<&str>,
+    request: DeploymentRequest,
+) -> Result<Response, ApiError> {
+    check_cookie(state, cookie)?;
+    let name = request.name.clone().unwrap_or_default();
+    if !valid_name(&name) {
+        return Err(ApiError::bad_request(
+            "invalid_input",
+            format!("name {name:?} must be 1 to 63 lowercase letters, digits and -, starting with a letter or digit"),
+        )
+        .with_param("name"));
+    }
+    let handle = control_plane(state)?;
+    if handle.read_local(|cluster| cluster.deployment(&DeploymentId(name.clone())).is_some()) {
+        return Err(ApiError::conflict(format!(
+            "a deployment named {name} exists: update it with PUT /v1/deployments/{name} or choose another name"
+        )));
+    }
+    let (spec, replicas, estimate) = spec_from(request).await?;
+    put(state, name, spec, replicas, estimate, true).await
+}
+
+/// Replaces a deployment's spec: a rolling update (new replicas are Ready before old ones
+/// stop). The replica count is set too.
+#[utoipa::path(put, path = "/v1/deployments/{id}", tag = "deployments", request_body = DeploymentRequest,
+    params(("id" = String, Path, description = "the deployment's name"), ("x-maas-cluster-cookie" = String, Header, description = "the cluster cookie")),
+    responses((status = 200, body = DeploymentView), (status = 400, body = crate::error::ErrorBody),
+        (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
+pub async fn update_deployment(
+    state: &AppState,
+    cookie: Option<&str>,
+    id: String,
+    request: DeploymentRequest,
+) -> Result<Response, ApiError> {
+    check_cookie(state, cookie)?;
+    if request.name.as_ref().is_some_and(|name| *name != id) {
+        return Err(ApiError::bad_request(
+            "invalid_input",
+            "the name in the body differs from the path's: a deployment cannot be renamed",
+        )
+        .with_param("name"));
+    }
+    let handle = control_plane(state)?;
+    if !handle.read_local(|cluster| cluster.deployment(&DeploymentId(id.clone())).is_some()) {
+        return Err(not_found(&id));
+    }
+    let (spec, replicas, estimate) = spec_from(request).await?;
+    put(state, id, spec, replicas, estimate, false).await
+}
+
+/// Sets a deployment's replica count (not a new generation: running replicas stay).
+#[utoipa::path(patch, path = "/v1/deployments/{id}", tag = "deployments", request_body = ScaleRequest,
+    params(("id" = String, Path, description = "the deployment's name"), ("x-maas-cluster-cookie" = String, Header, description = "the cluster cookie")),
+    responses((status = 200, body = DeploymentView), (status = 400, body = crate::error::ErrorBody),
+        (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
+pub async fn scale_deployment(
+    state: &AppState,
+    cookie: Option<&str>,
+    id: String,
+    request: ScaleRequest,
+) -> Result<Response, ApiError> {
+    check_cookie(state, cookie)?;
+    if request.replicas > MAX_REPLICAS {
+        return Err(ApiError::bad_request("invalid_input", format!("replicas must be at most {MAX_REPLICAS}"))
+            .with_param("replicas"));
+    }
+    let handle = control_plane(state)?;
+    let command = Command::ScaleDeployment {
+        deployment_id: DeploymentId(id.clone()),
+        replicas: request.replicas,
+        at_ms: now_ms(),
+    };
+    match handle.propose(command).await? {
+        Ok(_) => get_deployment(state, &id),
+        Err(Rejection::UnknownDeployment(_)) => Err(not_found(&id)),
+        Err(other) => Err(ApiError::bad_request("invalid_input", other.to_string())),
+    }
+}
+
+/// Deletes a deployment: its replicas stop.
+#[utoipa::path(delete, path = "/v1/deployments/{id}", tag = "deployments",
+    params(("id" = String, Path, description = "the deployment's name"), ("x-maas-cluster-cookie" = String, Header, description = "the cluster cookie")),
+    responses((status = 200, description = "deleted", content_type = "application/json"), (status = 403, body = crate::error::ErrorBody),
+        (status = 404, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
+pub async fn delete_deployment(state: &AppState, cookie: Option<&str>, id: String) -> Result<Response, ApiError> {
+    check_cookie(state, cookie)?;
+    let handle = control_plane(state)?;
+    let command = Command::DeleteDeployment { deployment_id: DeploymentId(id.clone()), at_ms: now_ms() };
+    match handle.propose(command).await? {
+        Ok(_) => Ok(warp::reply::json(&serde_json::json!({"id": id, "deleted": true})).into_response()),
+        Err(Rejection::UnknownDeployment(_)) => Err(not_found(&id)),
+        Err(other) => Err(ApiError::bad_request("invalid_input", other.to_string())),
+    }
+}
+
+/// The memory one replica of a model on disk needs, and where it would fit now.
+#[utoipa::path(post, path = "/v1/deployments/estimate", tag = "deployments", request_body = EstimateRequest,
+    responses((status = 200, body = EstimateReply), (status = 400, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
+pub async fn estimate_deployment(state: &AppState, request: EstimateRequest) -> Result<Response, ApiError> {
+    let bad = |param: &str, message: String| ApiError::bad_request("invalid_input", message).with_param(param);
+    if request.gpus_per_replica == 0 || request.gpus_per_replica > MAX_GPUS_PER_REPLICA {
+        return Err(bad("gpus_per_replica", format!("gpus_per_replica must be 1 to {MAX_GPUS_PER_REPLICA}")));
+    }
+    if request.context_tokens == 0 || request.concurrent_sequences == 0 {
+        return Err(bad("context_tokens", "context_tokens and concurrent_sequences must be at least 1".into()));
+    }
+    let dtype_bytes = request.dtype_bytes.unwrap_or(0.0);
+    if !(0.0..=8.0).contains(&dtype_bytes) {
+        return Err(bad("dtype_bytes", "dtype_bytes must be between 0 and 8".into()));
+    }
+    let (path, context, sequences) = (request.model_path.clone(), request.context_tokens, request.concurrent_sequences);
+    let model = tokio::task::spawn_blocking(move || estimate_model(Path::new(&path), context, sequences, dtype_bytes))
+        .await
+        .map_err(|err| ApiError::internal(format!("the estimate failed: {err}")))?
+        .map_err(|reason| bad("model_path", reason))?;
+    let memory_per_gpu_mib = model.estimate.total_mib.div_ceil(u64::from(request.gpus_per_replica));
+
+    // Where one replica would go now: the scheduler on the committed placements with only
+    // this demand.
+    let handle = control_plane(state)?;
+    let settings = settings(state);
+    let plan = handle.read_local(|cluster| {
+        let demand = maas_scheduler::Demand {
+            deployments: vec![maas_scheduler::DeploymentDemand {
+                id: "\u{0}estimate".to_owned(),
+                replicas: 1,
+                request: maas_scheduler::ReplicaRequest {
+                    gpus: request.gpus_per_replica,
+                    memory_per_gpu_mib,
+                    cpu_cores: 0,
+                    memory_mib: 0,
+                    allow_cpu_fallback: false,
+                    allow_multi_node: false,
+                },
+                strategy: maas_scheduler::Strategy::Binpack,
+                node_selector: BTreeMap::new(),
+                priority: 0,
+                allow_preemption: false,
+            }],
+        };
+        maas_scheduler::plan(&reconcile::snapshot(cluster, &settings), &demand)
+    });
+    let place = plan.places().next().map(|(_, node, gpus, _)| (node, gpus.to_vec()));
+    let reply = EstimateReply {
+        model,
+        gpus_per_replica: request.gpus_per_replica,
+        memory_per_gpu_mib,
+        fits_on_node: place.as_ref().map(|(node, _)| *node),
+        fits_on_gpus: place.map(|(_, gpus)| gpus).unwrap_or_default(),
+        shortfall: plan.unplaceable.into_iter().next().map(shortfall),
+    };
+    Ok(warp::reply::json(&reply).into_response())
+}
+
+/// Drains a node: it takes no new replicas, and each of its replicas is replaced on
+/// another node before it stops (where room exists).
+#[utoipa::path(post, path = "/v1/nodes/{id}/drain", tag = "cluster",
+    params(("id" = u64, Path, description = "the node id"), ("x-maas-cluster-cookie" = String, Header, description = "the cluster cookie")),
+    responses((status = 200, description = "draining", content_type = "application/json"), (status = 403, body = crate::error::ErrorBody),
+        (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
+pub async fn drain_node(state: &AppState, cookie: Option<&str>, id: u64) -> Result<Response, ApiError> {
+    set_drain(state, cookie, id, true).await
+}
+
+/// Ends a drain: the node takes work again.
+#[utoipa::path(delete, path = "/v1/nodes/{id}/drain", tag = "cluster",
+    params(("id" = u64, Path, description = "the node id"), ("x-maas-cluster-cookie" = String, Header, description = "the cluster cookie")),
+    responses((status = 200, description = "alive again", content_type = "application/json"), (status = 403, body = crate::error::ErrorBody),
+        (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
+pub async fn undrain_node(state: &AppState, cookie: Option<&str>, id: u64) -> Result<Response, ApiError> {
+    set_drain(state, cookie, id, false).await
+}
+
+async fn set_drain(state: &AppState, cookie: Option<&str>, id: u64, drain: bool) -> Result<Response, ApiError> {
+    check_cookie(state, cookie)?;
+    let handle = control_plane(state)?;
+    let Some(status) = handle.read_local(|cluster| cluster.node(NodeId(id)).map(|node| node.status)) else {
+        return Err(ApiError::not_found(format!("node {id} is not a member of this cluster")));
+    };
+    let to = match (drain, status) {
+        (true, NodeStatus::Alive | NodeStatus::Suspect | NodeStatus::Draining) => NodeStatus::Draining,
+        (false, NodeStatus::Draining | NodeStatus::Alive) => NodeStatus::Alive,
+        (_, other) => {
+            return Err(ApiError::conflict(format!(
+                "node {id} is {other}: only an alive node can be drained, and only a draining one undrained"
+            )));
+        }
+    };
+    if let Err(rejection) =
+        handle.propose(Command::SetNodeStatus { node_id: NodeId(id), status: to, at_ms: now_ms() }).await?
+    {
+        return Err(ApiError::conflict(rejection.to_string()));
+    }
+    Ok(warp::reply::json(&serde_json::json!({"node_id": id, "status": to.to_string()})).into_response())
+}
