@@ -1,0 +1,205 @@
+//! The deployments API over HTTP against a real one-node control plane: each change is
+//! committed through raft; bad input, a missing cookie and unknown names get clear 4xx
+//! answers and change nothing; the estimate reads a real (tiny) model's files.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use maas_consensus::control::NoPeers;
+use maas_consensus::state::{ClusterState, Command, GpuRecord, NodeId, NodeResources, NodeSpec};
+use maas_consensus::storage::DiskStorage;
+use maas_consensus::{DriverConfig, RaftHandle};
+use maas_gateway::{AppState, GatewayOptions, HttpServer, ServeOptions};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+const COOKIE: &str = "deployments-test-cookie";
+
+struct Setup {
+    base: String,
+    control: RaftHandle<ClusterState>,
+    dir: tempfile::TempDir,
+    /// Held so the server runs for the whole test.
+    _serving: maas_gateway::ShutdownTrigger,
+}
+
+async fn start() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        DriverConfig { tick: Duration::from_millis(10), bootstrap_voters: Some(vec![1]), ..DriverConfig::new(1) };
+    let control = maas_consensus::driver::start(
+        &config,
+        DiskStorage::open(&dir.path().join("raft")).unwrap(),
+        ClusterState::default(),
+        Arc::new(NoPeers),
+    )
+    .unwrap();
+    control.campaign();
+    let gpu = |index| GpuRecord { index, model: "H100".into(), memory_total_mib: 81920, simulated: true };
+    let node = NodeSpec {
+        id: NodeId(1),
+        name: "node-1".into(),
+        api_addr: "http://127.0.0.1:1".into(),
+        cluster_addr: "127.0.0.1:2".into(),
+        labels: BTreeMap::new(),
+        resources: NodeResources { cpu_cores: 8, memory_mib: 65536, gpus: vec![gpu(0), gpu(1)] },
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(control.propose(Command::RegisterNode { node: node.clone(), at_ms: 1 }).await, Ok(Ok(_))) {
+        assert!(Instant::now() < deadline, "the node registers");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let state = Arc::new(AppState::new("test-node", GatewayOptions::default()));
+    let _ = state.cluster.set(control.clone());
+    let _ = state.cluster_cookie.set(COOKIE.to_owned());
+    let _ = state.gpu_reserve_mib.set(1024);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = HttpServer::new(
+        listener,
+        maas_gateway::routes::routes(&state),
+        &ServeOptions { max_body_bytes: 1 << 20, drain_timeout: Duration::from_secs(1), tls: None },
+    );
+    let base = format!("http://{}", server.local_addr().unwrap());
+    let (trigger, shutdown) = maas_gateway::shutdown_channel();
+    tokio::spawn(server.run(shutdown));
+    Setup { base, control, dir, _serving: trigger }
+}
+
+async fn call(
+    setup: &Setup,
+    method: reqwest::Method,
+    path: &str,
+    cookie: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = reqwest::Client::new().request(method, format!("{}{path}", setup.base));
+    if let Some(cookie) = cookie {
+        request = request.header("x-maas-cluster-cookie", cookie);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn deployments_in_state(setup: &Setup) -> usize {
+    setup.control.read_local(|state| state.deployments().len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_deployment_requests_get_a_clear_4xx_and_change_nothing() {
+    let setup = start().await;
+    let post = reqwest::Method::POST;
+    let ok = json!({"name": "chat", "model": "llama", "memory_per_gpu_mib": 30000});
+    let cases: Vec<(Option<&str>, Value, u16, &str)> = vec![
+        (None, ok.clone(), 403, "cookie"),
+        (Some("wrong-cookie-000"), ok.clone(), 403, "cookie"),
+        (
+            Some(COOKIE),
+            json!({"name": "chat", "model": "llama", "memory_per_gpu_mib": 30000, "colour": "red"}),
+            400,
+            "colour",
+        ),
+        (
+            Some(COOKIE),
+            json!({"name": "chat", "model": "llama", "replicas": "two", "memory_per_gpu_mib": 1}),
+            400,
+            "replicas",
+        ),
+        (Some(COOKIE), json!({"name": "Chat!", "model": "llama", "memory_per_gpu_mib": 30000}), 400, "lowercase"),
+        (Some(COOKIE), json!({"name": "chat", "model": "llama"}), 400, "model_path"),
+        (Some(COOKIE), json!({"name": "chat", "model": "llama", "model_path": "relative/dir"}), 400, "absolute"),
+        (Some(COOKIE), json!({"name": "chat", "model": "llama", "model_path": "/nonexistent/model"}), 400, "estimate"),
+        (
+            Some(COOKIE),
+            json!({"name": "chat", "model": "llama", "replicas": 5000, "memory_per_gpu_mib": 1}),
+            400,
+            "at most",
+        ),
+        (Some(COOKIE), json!({"name": "chat", "model": "llama", "memory_per_gpu_mib": 0}), 400, "above 0"),
+    ];
+    for (cookie, body, status, mention) in cases {
+        let (got, answer) = call(&setup, post.clone(), "/v1/deployments", cookie, Some(body.clone())).await;
+        assert_eq!(got, status, "{body} → {answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(mention), "{body}: {message:?} should mention {mention}");
+    }
+    assert_eq!(deployments_in_state(&setup), 0, "nothing was committed");
+
+    let missing = [
+        (reqwest::Method::GET, "/v1/deployments/ghost", None),
+        (reqwest::Method::PATCH, "/v1/deployments/ghost", Some(json!({"replicas": 2}))),
+        (reqwest::Method::DELETE, "/v1/deployments/ghost", None),
+        (reqwest::Method::POST, "/v1/nodes/9/drain", None),
+    ];
+    for (method, path, body) in missing {
+        let (got, answer) = call(&setup, method.clone(), path, Some(COOKIE), body).await;
+        assert_eq!(got, 404, "{method} {path} → {answer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_is_estimated_created_scaled_explained_and_deleted() {
+    let setup = start().await;
+    let model = setup.dir.path().join("tiny");
+    maas_engine::tiny::write_llama(&model, maas_engine::tiny::TinyShape::default(), 3).unwrap();
+    let path = model.display().to_string();
+
+    // The estimate, before deploying: the model's own figures, and where it would go.
+    let (status, estimate) = call(
+        &setup,
+        reqwest::Method::POST,
+        "/v1/deployments/estimate",
+        None,
+        Some(json!({"model_path": path, "context_tokens": 512, "concurrent_sequences": 2})),
+    )
+    .await;
+    assert_eq!(status, 200, "{estimate}");
+    assert_eq!(estimate["model"]["architecture"], "LlamaForCausalLM");
+    let total = estimate["model"]["estimate"]["total_mib"].as_u64().unwrap();
+    assert_eq!(estimate["memory_per_gpu_mib"].as_u64(), Some(total));
+    assert_eq!(estimate["fits_on_node"], 1);
+
+    let body = json!({"name": "tiny", "model": "tiny", "model_path": path, "replicas": 2, "context_tokens": 512, "concurrent_sequences": 2});
+    let (status, created) =
+        call(&setup, reqwest::Method::POST, "/v1/deployments", Some(COOKIE), Some(body.clone())).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["memory_per_gpu_mib"].as_u64(), Some(total), "the estimate sized the replicas");
+    assert_eq!(created["generation"], 1);
+    let (status, again) = call(&setup, reqwest::Method::POST, "/v1/deployments", Some(COOKIE), Some(body)).await;
+    assert_eq!(status, 409, "{again}");
+
+    // Scaling past the room left is explained: which GPU came closest, by how much.
+    let huge = json!({"model": "big", "memory_per_gpu_mib": 60000, "replicas": 3});
+    let (status, updated) = call(&setup, reqwest::Method::PUT, "/v1/deployments/tiny", Some(COOKIE), Some(huge)).await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["generation"], 2, "a new spec is a new generation");
+    let (_, listed) = call(&setup, reqwest::Method::GET, "/v1/deployments", None, None).await;
+    let shortfall = &listed["deployments"][0]["shortfall"];
+    assert_eq!(shortfall["missing_replicas"], 1, "two GPUs hold two 60000 MiB replicas: {listed}");
+    assert!(shortfall["reason"].as_str().unwrap().contains("60000"), "{shortfall}");
+    assert!(shortfall["short_by_mib"].as_u64().is_some_and(|mib| mib > 0), "{shortfall}");
+
+    let (status, scaled) =
+        call(&setup, reqwest::Method::PATCH, "/v1/deployments/tiny", Some(COOKIE), Some(json!({"replicas": 1}))).await;
+    assert_eq!(status, 200, "{scaled}");
+    assert_eq!(scaled["replicas_desired"], 1);
+    assert_eq!(scaled["generation"], 2, "scaling is not a new generation");
+
+    // Drain and undrain the node.
+    let (status, drained) = call(&setup, reqwest::Method::POST, "/v1/nodes/1/drain", Some(COOKIE), None).await;
+    assert_eq!((status, drained["status"].as_str()), (200, Some("draining")), "{drained}");
+    let (status, back) = call(&setup, reqwest::Method::DELETE, "/v1/nodes/1/drain", Some(COOKIE), None).await;
+    assert_eq!((status, back["status"].as_str()), (200, Some("alive")), "{back}");
+
+    let (status, _) = call(&setup, reqwest::Method::DELETE, "/v1/deployments/tiny", Some(COOKIE), None).await;
+    assert_eq!(status, 200);
+    let (status, _) = call(&setup, reqwest::Method::GET, "/v1/deployments/tiny", None, None).await;
+    assert_eq!(status, 404);
+    assert_eq!(deployments_in_state(&setup), 0);
+    setup.control.stop();
+}
