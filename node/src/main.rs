@@ -143,6 +143,10 @@ enum BenchCommand {
     /// A 3-node raft cluster with fsync: proposals/s with 1 and 64 proposers, commit
     /// latency p50/p99, and leader failover time.
     Raft(bench::RaftBench),
+    /// The leader's reconcile path end to end: register nodes with simulated GPUs, plan
+    /// every replica of many deployments in one round, commit the placements through a
+    /// 3-node raft cluster; placements/s for each.
+    Placements(bench::PlacementsBench),
 }
 
 #[derive(Debug, Subcommand)]
@@ -276,7 +280,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Gpu { command: GpuCommand::List { ref target } } => client::run(client::gpu_list(target)),
-        Command::Bench { command: BenchCommand::Raft(ref args) } => {
+        Command::Bench { ref command } => {
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(runtime) => runtime,
                 Err(err) => {
@@ -284,7 +288,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(bench::raft(args)) {
+            let report = match command {
+                BenchCommand::Raft(args) => runtime.block_on(bench::raft(args)),
+                BenchCommand::Placements(args) => runtime.block_on(bench::placements(args)),
+            };
+            match report {
                 Ok(report) => {
                     print!("{report}");
                     ExitCode::SUCCESS
