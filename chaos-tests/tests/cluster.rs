@@ -420,6 +420,14 @@ async fn a_killed_nodes_replicas_are_ready_elsewhere_with_the_default_timing() {
         .filter(|g| g["node_id"] != victim_id)
         .filter_map(|g| g["memory_reserved_mib"].as_u64())
         .sum();
+    let used: u64 = gpus["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["node_id"] != victim_id)
+        .filter_map(|g| g["memory_used_mib"].as_u64())
+        .sum();
     let per_replica = deployment(&cluster.live_urls(), "tiny").await.unwrap()["memory_per_gpu_mib"].as_u64().unwrap();
     assert_eq!(reserved, 3 * per_replica, "the survivors hold exactly the three replicas");
+    assert_eq!(used, 3 * per_replica, "and all three are loaded: {gpus}");
 }

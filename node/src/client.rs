@@ -223,13 +223,14 @@ pub async fn gpu_list(target: &Target) -> Result<String> {
                 text(&gpu["index"]),
                 format!("{}{}", text(&gpu["model"]), if gpu["simulated"] == true { " (simulated)" } else { "" }),
                 format!("{} MiB", text(&gpu["memory_total_mib"])),
+                format!("{} MiB", text(&gpu["memory_used_mib"])),
                 format!("{} MiB", text(&gpu["memory_reserved_mib"])),
                 format!("{} MiB", text(&gpu["memory_free_mib"])),
                 text(&gpu["node_status"]),
             ]
         })
         .collect();
-    Ok(table(&["NODE", "GPU", "MODEL", "TOTAL", "RESERVED", "FREE", "NODE STATUS"], &rows))
+    Ok(table(&["NODE", "GPU", "MODEL", "TOTAL", "USED", "RESERVED", "FREE", "NODE STATUS"], &rows))
 }
 
 /// Sends `body` (if any) with `method` and the cluster cookie; returns the JSON answer or

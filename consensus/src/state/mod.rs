@@ -133,6 +133,22 @@ impl ClusterState {
         u64::try_from(self.gpu_memory_placed_exact_mib(node_id, gpu_index)).unwrap_or(u64::MAX)
     }
 
+    /// Memory on one GPU held by what runs: replicas loading or ready, training jobs
+    /// running. The rest of [`Self::gpu_memory_placed_mib`] is promised to work that has
+    /// not started.
+    pub fn gpu_memory_in_use_mib(&self, node_id: NodeId, gpu_index: u32) -> u64 {
+        let replicas = self
+            .replicas_on_node(node_id)
+            .filter(|replica| matches!(replica.state, ReplicaState::Loading | ReplicaState::Ready))
+            .filter(|replica| replica.gpu_indices.contains(&gpu_index))
+            .map(|replica| replica.memory_per_gpu_mib);
+        let jobs = self
+            .training_jobs_on_node(node_id)
+            .filter(|job| job.state == TrainingJobState::Running && job.gpu_indices.contains(&gpu_index))
+            .map(|job| job.memory_per_gpu_mib);
+        replicas.chain(jobs).fold(0, u64::saturating_add)
+    }
+
     /// [`Self::gpu_memory_placed_mib`] without saturation, for the apply-time SCH-1 check.
     fn gpu_memory_placed_exact_mib(&self, node_id: NodeId, gpu_index: u32) -> u128 {
         self.gpu_holdings(node_id).filter(|(index, _)| *index == gpu_index).map(|(_, mib)| u128::from(mib)).sum()

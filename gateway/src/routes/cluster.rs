@@ -95,7 +95,9 @@ pub struct ClusterGpu {
     pub model: String,
     pub simulated: bool,
     pub memory_total_mib: u64,
-    /// Promised to the replicas and training jobs placed on this GPU.
+    /// Held by replicas loading or ready and training jobs running on this GPU.
+    pub memory_used_mib: u64,
+    /// Promised to the replicas and training jobs placed on this GPU (used included).
     pub memory_reserved_mib: u64,
     /// Total less reserved (the node also keeps `node.gpu_memory_reserve_mib` back).
     pub memory_free_mib: u64,
@@ -129,6 +131,7 @@ pub fn list_gpus(state: &AppState) -> Result<Response, ApiError> {
                     model: gpu.model.clone(),
                     simulated: gpu.simulated,
                     memory_total_mib: gpu.memory_total_mib,
+                    memory_used_mib: cluster.gpu_memory_in_use_mib(node.id, gpu.index),
                     memory_reserved_mib: reserved,
                     memory_free_mib: gpu.memory_total_mib.saturating_sub(reserved),
                 });
