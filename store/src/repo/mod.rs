@@ -2,6 +2,7 @@
 //! reachable through a [`crate::TenantScope`].
 
 pub mod files;
+pub mod models;
 pub mod orgs;
 pub mod users;
 
@@ -18,5 +19,9 @@ impl Db {
 
     pub fn files(&self) -> files::Files<'_> {
         files::Files { db: self }
+    }
+
+    pub fn models(&self) -> models::Models<'_> {
+        models::Models { db: self }
     }
 }

@@ -1,0 +1,162 @@
+//! Turning generated tokens into streamed text: pure, over any `decode` function.
+//!
+//! [`TextStream`] releases text only when it decodes cleanly (a byte-level BPE token can
+//! end inside a multi-byte character) and holds back text that could be the start of a
+//! stop sequence; a stop sequence found ends the text before it. It decodes a short window
+//! of recent tokens each time (as text-generation-inference does), so decoders that strip
+//! a leading space see the same context on both sides of the difference.
+//!
+//! [`Detokenizer`] pairs tokens with the text they released: a token's event waits until
+//! all text up to it is settled, so every event's text is final and the concatenation of
+//! the events' texts is the output.
+
+/// Text released by one token.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StreamStep {
+    pub text: String,
+    /// A stop sequence was found; `text` ends before it and generation should end.
+    pub stopped: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct TextStream {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+    pending: String,
+    stops: Vec<String>,
+}
+
+impl TextStream {
+    pub fn new(stops: Vec<String>) -> Self {
+        TextStream {
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+            pending: String::new(),
+            stops: stops.into_iter().filter(|stop| !stop.is_empty()).collect(),
+        }
+    }
+
+    /// True when nothing is held back (every token so far decoded, no stop prefix pending).
+    pub fn is_settled(&self) -> bool {
+        self.read_offset == self.ids.len() && self.pending.is_empty()
+    }
+
+    /// Adds a token; returns the text it releases.
+    pub fn push<E>(&mut self, token: u32, decode: impl Fn(&[u32]) -> Result<String, E>) -> Result<StreamStep, E> {
+        self.ids.push(token);
+        let prefix = decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let text = decode(&self.ids[self.prefix_offset..])?;
+        if text.len() > prefix.len() && !text.ends_with('\u{FFFD}') {
+            if let Some(delta) = text.get(prefix.len()..) {
+                self.pending.push_str(delta);
+            }
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+        }
+        Ok(self.release())
+    }
+
+    /// Ends the stream: releases everything held, an incomplete character as U+FFFD.
+    pub fn finish<E>(&mut self, decode: impl Fn(&[u32]) -> Result<String, E>) -> Result<StreamStep, E> {
+        if self.read_offset < self.ids.len() {
+            let prefix = decode(&self.ids[self.prefix_offset..self.read_offset])?;
+            let text = decode(&self.ids[self.prefix_offset..])?;
+            if let Some(delta) = text.get(prefix.len()..) {
+                self.pending.push_str(delta);
+            }
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+        }
+        let step = self.release();
+        if step.stopped {
+            return Ok(step);
+        }
+        let mut text = step.text;
+        text.push_str(&std::mem::take(&mut self.pending));
+        Ok(StreamStep { text, stopped: false })
+    }
+
+    fn release(&mut self) -> StreamStep {
+        let found = self.stops.iter().filter_map(|stop| self.pending.find(stop.as_str())).min();
+        if let Some(position) = found {
+            let text = self.pending[..position].to_owned();
+            self.pending.clear();
+            return StreamStep { text, stopped: true };
+        }
+        let held = self.stops.iter().map(|stop| held_suffix(&self.pending, stop)).max().unwrap_or(0);
+        let text = self.pending[..self.pending.len() - held].to_owned();
+        self.pending.drain(..self.pending.len() - held);
+        StreamStep { text, stopped: false }
+    }
+}
+
+/// The length of the longest suffix of `text` that is a proper prefix of `stop`.
+fn held_suffix(text: &str, stop: &str) -> usize {
+    let longest = stop.len().saturating_sub(1).min(text.len());
+    (1..=longest)
+        .rev()
+        .find(|&length| {
+            text.is_char_boundary(text.len() - length)
+                && stop.is_char_boundary(length)
+                && text.ends_with(&stop[..length])
+        })
+        .unwrap_or(0)
+}
+
+/// Tokens paired with the settled text each releases.
+#[derive(Debug, Clone)]
+pub struct Detokenizer<T> {
+    stream: TextStream,
+    held: Vec<T>,
+    unsent: String,
+}
+
+/// What a token released: events `(token, text)` in order, and whether a stop sequence
+/// ended the output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Released<T> {
+    pub events: Vec<(T, String)>,
+    pub stopped: bool,
+}
+
+impl<T> Detokenizer<T> {
+    pub fn new(stops: Vec<String>) -> Self {
+        Detokenizer { stream: TextStream::new(stops), held: Vec::new(), unsent: String::new() }
+    }
+
+    /// Adds a generated token (`item` is what its event carries besides the text).
+    pub fn push<E>(
+        &mut self,
+        token: u32,
+        item: T,
+        decode: impl Fn(&[u32]) -> Result<String, E>,
+    ) -> Result<Released<T>, E> {
+        let step = self.stream.push(token, decode)?;
+        self.held.push(item);
+        self.unsent.push_str(&step.text);
+        if step.stopped || self.stream.is_settled() {
+            return Ok(Released { events: self.release_all(), stopped: step.stopped });
+        }
+        Ok(Released { events: Vec::new(), stopped: false })
+    }
+
+    /// Ends the output (end of sequence, length): releases every held token and text.
+    pub fn finish<E>(&mut self, decode: impl Fn(&[u32]) -> Result<String, E>) -> Result<Released<T>, E> {
+        let step = self.stream.finish(decode)?;
+        self.unsent.push_str(&step.text);
+        Ok(Released { events: self.release_all(), stopped: step.stopped })
+    }
+
+    /// The held tokens' events; the text goes with the last of them.
+    fn release_all(&mut self) -> Vec<(T, String)> {
+        let count = self.held.len();
+        let mut text = std::mem::take(&mut self.unsent);
+        self.held
+            .drain(..)
+            .enumerate()
+            .map(|(index, item)| (item, if index + 1 == count { std::mem::take(&mut text) } else { String::new() }))
+            .collect()
+    }
+}

@@ -1,0 +1,159 @@
+//! A model's text side: the `tokenizers` tokenizer (tokenizer.json, or built from GGUF
+//! metadata), its chat template and the tokens that end generation.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use candle_core::quantized::tokenizer::TokenizerFromGguf;
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::error::{EngineError, Result};
+use crate::model::read_json;
+
+pub struct ModelTokenizer {
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    eos_ids: BTreeSet<u32>,
+}
+
+impl std::fmt::Debug for ModelTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelTokenizer").field("eos_ids", &self.eos_ids).finish_non_exhaustive()
+    }
+}
+
+/// A token as `tokenizer_config.json` writes it: a string or `{"content": ...}`.
+fn token_text(value: Option<&Value>) -> Option<String> {
+    match value? {
+        Value::String(text) => Some(text.clone()),
+        Value::Object(map) => map.get("content").and_then(Value::as_str).map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// Token ids from an `eos_token_id` field: a number or a list of numbers.
+fn token_ids(value: Option<&Value>) -> Vec<u32> {
+    match value {
+        Some(Value::Number(number)) => number.as_u64().and_then(|id| u32::try_from(id).ok()).into_iter().collect(),
+        Some(Value::Array(items)) => {
+            items.iter().filter_map(Value::as_u64).filter_map(|id| u32::try_from(id).ok()).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+impl ModelTokenizer {
+    /// Loads the tokenizer of a model: a Hugging Face folder, or a `.gguf` file (a
+    /// `tokenizer.json` beside it wins over the GGUF's own vocabulary).
+    pub fn load(path: &Path) -> Result<Self> {
+        if path.is_dir() { Self::load_folder(path) } else { Self::load_gguf(path) }
+    }
+
+    fn load_folder(dir: &Path) -> Result<Self> {
+        let tokenizer_path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&tokenizer_path)
+            .map_err(|e| EngineError::load(&tokenizer_path, format!("not a usable tokenizer.json: {e}")))?;
+        let optional_json = |name: &str| -> Result<Value> {
+            let path = dir.join(name);
+            if path.is_file() { read_json(&path) } else { Ok(Value::Null) }
+        };
+        let config = optional_json("config.json")?;
+        let tokenizer_config = optional_json("tokenizer_config.json")?;
+        let generation_config = optional_json("generation_config.json")?;
+        let bos_token = token_text(tokenizer_config.get("bos_token"));
+        let eos_token = token_text(tokenizer_config.get("eos_token"));
+        let template_source = match tokenizer_config.get("chat_template") {
+            Some(Value::String(source)) => Some(source.clone()),
+            // A list of named templates: the default one.
+            Some(Value::Array(templates)) => templates
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .or_else(|| templates.first())
+                .and_then(|t| t.get("template"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            _ => None,
+        }
+        .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
+        let template = ChatTemplate::new(template_source.as_deref(), bos_token.as_deref(), eos_token.as_deref())
+            .map_err(|e| EngineError::load(dir, e.to_string()))?;
+        let mut eos_ids: BTreeSet<u32> = token_ids(generation_config.get("eos_token_id")).into_iter().collect();
+        eos_ids.extend(token_ids(config.get("eos_token_id")));
+        if let Some(id) = eos_token.as_deref().and_then(|text| tokenizer.token_to_id(text)) {
+            eos_ids.insert(id);
+        }
+        Ok(ModelTokenizer { tokenizer, template, eos_ids })
+    }
+
+    fn load_gguf(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| EngineError::load(path, e.to_string()))?;
+        let mut content = gguf_file::Content::read(&mut std::io::BufReader::new(file))
+            .map_err(|e| EngineError::load(path, format!("not a readable GGUF file: {e}")))?;
+        let string = |key: &str| content.metadata.get(key).and_then(|v| v.to_string().ok()).cloned();
+        let id = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok());
+        let beside = path.with_file_name("tokenizer.json");
+        let tokenizer = if beside.is_file() {
+            Tokenizer::from_file(&beside)
+                .map_err(|e| EngineError::load(&beside, format!("not a usable tokenizer.json: {e}")))?
+        } else {
+            match string("tokenizer.ggml.model").as_deref() {
+                Some("gpt2") => {}
+                Some(other) => {
+                    return Err(EngineError::load(
+                        path,
+                        format!(
+                            "its tokenizer kind {other:?} cannot be built from GGUF metadata here: put the model's tokenizer.json beside the file"
+                        ),
+                    ));
+                }
+                None => return Err(EngineError::load(path, "tokenizer.ggml.model is missing")),
+            }
+            // llama.cpp calls Llama 3's pre-tokenizer "llama-bpe"; candle knows it as "llama3".
+            if string("tokenizer.ggml.pre").as_deref() == Some("llama-bpe") {
+                content
+                    .metadata
+                    .insert("tokenizer.ggml.pre".into(), gguf_file::Value::String("llama3".into()));
+            }
+            Tokenizer::from_gguf(&content)
+                .map_err(|e| EngineError::load(path, format!("cannot build the tokenizer from GGUF metadata: {e}")))?
+        };
+        let token = |key: &str| id(key).and_then(|id| tokenizer.id_to_token(id));
+        let bos_token = token("tokenizer.ggml.bos_token_id");
+        let eos_token = token("tokenizer.ggml.eos_token_id");
+        let template = ChatTemplate::new(string("tokenizer.chat_template").as_deref(), bos_token.as_deref(), eos_token.as_deref())
+            .map_err(|e| EngineError::load(path, e.to_string()))?;
+        let mut eos_ids = BTreeSet::new();
+        eos_ids.extend(id("tokenizer.ggml.eos_token_id"));
+        eos_ids.extend(id("tokenizer.ggml.eot_token_id"));
+        Ok(ModelTokenizer { tokenizer, template, eos_ids })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        Ok(self.tokenizer.encode(text, add_special_tokens).map_err(EngineError::tokenizer)?.get_ids().to_vec())
+    }
+
+    /// Decodes ids to text, leaving out special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer.decode(ids, true).map_err(EngineError::tokenizer)
+    }
+
+    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.template.render(messages, add_generation_prompt)
+    }
+
+    /// Tokens that end generation.
+    pub fn eos_ids(&self) -> &BTreeSet<u32> {
+        &self.eos_ids
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+}

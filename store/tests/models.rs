@@ -1,0 +1,80 @@
+//! The model repository against real SQLite and real PostgreSQL: versions are immutable,
+//! `latest` is the newest, bad names and paths are refused and change nothing.
+
+mod common;
+
+use common::TestDb;
+use maas_store::StoreError;
+use maas_store::repo::models::{LATEST, ModelFile, ModelMetadata, NewModelVersion};
+
+on_both_backends!(versions_are_immutable_and_latest_is_the_newest, bad_versions_are_refused_and_change_nothing);
+
+fn file(path: &str, byte: char) -> ModelFile {
+    ModelFile { path: path.into(), sha256: byte.to_string().repeat(64), size_bytes: 10 }
+}
+
+fn version(name: &str, version: Option<&str>, files: Vec<ModelFile>) -> NewModelVersion {
+    NewModelVersion {
+        name: name.into(),
+        version: version.map(str::to_owned),
+        description: "a tiny model".into(),
+        metadata: ModelMetadata {
+            format: "safetensors".into(),
+            architecture: "LlamaForCausalLM".into(),
+            parameters: 78_272,
+            context_length: 512,
+            dtype: "float32".into(),
+            quantization: "none".into(),
+            tasks: vec!["chat".into(), "completion".into()],
+        },
+        files,
+    }
+}
+
+async fn versions_are_immutable_and_latest_is_the_newest(t: &TestDb) {
+    let models = t.db.models();
+    let first = models.register_platform(version("org/tiny", None, vec![file("config.json", 'a')])).await.unwrap();
+    assert_eq!(first.version, "v1");
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let second = models
+        .register_platform(version("org/tiny", None, vec![file("config.json", 'b'), file("sub/w.safetensors", 'c')]))
+        .await
+        .unwrap();
+    assert_eq!(second.version, "v2");
+    assert_eq!(second.total_bytes, 20);
+    assert_eq!(second.model_id, first.model_id);
+
+    let again = models.register_platform(version("org/tiny", Some("v1"), vec![file("x", 'd')])).await.unwrap_err();
+    assert!(matches!(&again, StoreError::Conflict(m) if m.contains("immutable")), "{again}");
+
+    let latest = models.find_platform("org/tiny", LATEST).await.unwrap();
+    assert_eq!(latest, second, "latest is the newest, read back whole");
+    assert_eq!(models.find_platform("org/tiny", "v1").await.unwrap(), first);
+    assert!(matches!(models.find_platform("org/tiny", "v9").await, Err(StoreError::NotFound { .. })));
+    assert!(matches!(models.find_platform("nope", LATEST).await, Err(StoreError::NotFound { .. })));
+    let listed = models.list_platform().await.unwrap();
+    assert_eq!(listed.iter().map(|v| v.version.as_str()).collect::<Vec<_>>(), ["v2", "v1"]);
+    assert!(models.blob_is_referenced(&"c".repeat(64)).await.unwrap());
+    assert!(!models.blob_is_referenced(&"e".repeat(64)).await.unwrap());
+}
+
+async fn bad_versions_are_refused_and_change_nothing(t: &TestDb) {
+    let models = t.db.models();
+    let cases = [
+        version("", None, vec![file("a", 'a')]),
+        version("/abs", None, vec![file("a", 'a')]),
+        version("a:b", None, vec![file("a", 'a')]),
+        version("ok", Some("latest"), vec![file("a", 'a')]),
+        version("ok", Some("has space"), vec![file("a", 'a')]),
+        version("ok", None, vec![]),
+        version("ok", None, vec![file("../etc/passwd", 'a')]),
+        version("ok", None, vec![file("/etc/passwd", 'a')]),
+        version("ok", None, vec![file("a", 'a'), file("a", 'b')]),
+        version("ok", None, vec![ModelFile { path: "a".into(), sha256: "xyz".into(), size_bytes: 1 }]),
+    ];
+    for case in cases {
+        let error = models.register_platform(case.clone()).await.unwrap_err();
+        assert!(matches!(error, StoreError::InvalidInput(_)), "{case:?}: {error}");
+    }
+    assert!(models.list_platform().await.unwrap().is_empty());
+}
