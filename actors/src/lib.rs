@@ -9,6 +9,7 @@
 //! placement (that is `maas-scheduler`'s).
 
 pub mod error;
+pub mod models;
 pub mod node;
 pub mod transport;
 

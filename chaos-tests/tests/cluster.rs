@@ -353,17 +353,24 @@ async fn a_killed_nodes_replicas_are_ready_elsewhere_with_the_default_timing() {
     let made = Command::new(maas_binary()).args(["dev", "tiny-model"]).arg(&model).output().unwrap();
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
 
-    // Three replicas, one per node (spread), through the CLI; the estimate comes first.
+    // Imported into the repository through node 1 (its blobs are there only), then three
+    // replicas, one per node (spread): nodes 2 and 3 fetch the files from node 1.
     let first = cluster.members[0].api_url.clone();
+    let imported = Command::new(maas_binary())
+        .args(["model", "import", "--name", "tiny", "--quiet", "--cookie", COOKIE, "--server", &first])
+        .arg(&model)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&imported.stdout);
+    assert!(imported.status.success(), "{}", String::from_utf8_lossy(&imported.stderr));
+    assert!(stdout.contains("imported tiny:v1 (LlamaForCausalLM"), "{stdout}");
     let deployed = Command::new(maas_binary())
         .args(["deploy", "tiny", "--replicas", "3", "--strategy", "spread", "--cookie", COOKIE, "--server", &first])
-        .arg("--model-path")
-        .arg(&model)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&deployed.stdout);
     assert!(deployed.status.success(), "{}", String::from_utf8_lossy(&deployed.stderr));
-    assert!(stdout.contains("MiB per replica") && stdout.contains("deployment tiny created"), "{stdout}");
+    assert!(stdout.contains("deployment tiny created") && stdout.contains("tiny:v1"), "{stdout}");
     maas_chaos_tests::wait_until("three replicas are ready, one per node", Duration::from_secs(60), || async {
         deployment(&cluster.live_urls(), "tiny").await.is_some_and(|d| {
             let mut nodes = ready_nodes(&d);
@@ -430,4 +437,47 @@ async fn a_killed_nodes_replicas_are_ready_elsewhere_with_the_default_timing() {
     let per_replica = deployment(&cluster.live_urls(), "tiny").await.unwrap()["memory_per_gpu_mib"].as_u64().unwrap();
     assert_eq!(reserved, 3 * per_replica, "the survivors hold exactly the three replicas");
     assert_eq!(used, 3 * per_replica, "and all three are loaded: {gpus}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_serves_a_model_whose_replica_runs_on_another() {
+    let gpus = "[[node.simulated_gpus]]\nmodel = \"H100\"\nmemory_mib = 81920\ncount = 1\n";
+    let cluster = start_three_with(Cluster::create_with(3, Timing::Fast, gpus)).await;
+    let model = cluster.dir.path().join("tiny-llama");
+    assert!(Command::new(maas_binary()).args(["dev", "tiny-model"]).arg(&model).status().unwrap().success());
+    let first = cluster.members[0].api_url.clone();
+    let cli = |args: &[&str]| {
+        let output =
+            Command::new(maas_binary()).args(args).args(["--cookie", COOKIE, "--server", &first]).output().unwrap();
+        assert!(output.status.success(), "maas {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    };
+    cli(&["model", "import", model.to_str().unwrap(), "--name", "tiny", "--quiet"]);
+    cli(&["deploy", "tiny", "--name", "solo", "--replicas", "1", "--context", "256", "--sequences", "2"]);
+    maas_chaos_tests::wait_until("the replica is ready", Duration::from_secs(60), || async {
+        deployment(&cluster.live_urls(), "solo").await.is_some_and(|d| ready_nodes(&d).len() == 1)
+    })
+    .await
+    .unwrap();
+    let host = ready_nodes(&deployment(&cluster.live_urls(), "solo").await.unwrap())[0];
+    // Every node answers, two of them through the replica's node; streamed answers too.
+    for member in &cluster.members {
+        for stream in [false, true] {
+            let response = reqwest::Client::new()
+                .post(format!("{}/v1/chat/completions", member.api_url))
+                .json(&json!({"model": "solo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5, "temperature": 0, "stream": stream}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "node {} (replica on node {host})", member.id);
+            let body = response.text().await.unwrap();
+            if stream {
+                assert!(
+                    body.trim_end().ends_with("data:[DONE]") || body.trim_end().ends_with("data: [DONE]"),
+                    "{body}"
+                );
+            } else {
+                assert!(body.contains("chat.completion"), "{body}");
+            }
+        }
+    }
 }

@@ -3,6 +3,9 @@
 //! (`trim_blocks`, `lstrip_blocks`, `raise_exception`, Python string methods, `tojson`,
 //! `strftime_now`). Without a template, a plain `role: content` transcript.
 
+use std::fmt::Write;
+
+use minijinja::value::{Kwargs, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, Value, context};
 
 use crate::error::{EngineError, Result};
@@ -36,7 +39,10 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate").field("bos_token", &self.bos_token).field("eos_token", &self.eos_token).finish()
+        f.debug_struct("ChatTemplate")
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .finish_non_exhaustive()
     }
 }
 
@@ -50,6 +56,7 @@ impl ChatTemplate {
         environment.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         environment.add_function("raise_exception", raise_exception);
         environment.add_function("strftime_now", strftime_now);
+        environment.add_filter("tojson", tojson);
         environment
             .add_template_owned(TEMPLATE_NAME, source.unwrap_or(PLAIN_TEMPLATE).to_owned())
             .map_err(|e| EngineError::Template(format!("the chat template does not compile: {e:#}")))?;
@@ -62,10 +69,8 @@ impl ChatTemplate {
 
     /// Renders a conversation; `add_generation_prompt` opens the assistant's turn.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let template = self
-            .environment
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| EngineError::Template(e.to_string()))?;
+        let template =
+            self.environment.get_template(TEMPLATE_NAME).map_err(|e| EngineError::Template(e.to_string()))?;
         template
             .render(context! {
                 messages => messages,
@@ -74,30 +79,108 @@ impl ChatTemplate {
                 eos_token => &self.eos_token,
             })
             .map_err(|e| match e.kind() {
-                ErrorKind::InvalidOperation => {
-                    EngineError::BadRequest(format!("the chat template refused the conversation: {}", e.detail().unwrap_or("")))
-                }
+                ErrorKind::InvalidOperation => EngineError::BadRequest(format!(
+                    "the chat template refused the conversation: {}",
+                    e.detail().unwrap_or("")
+                )),
                 _ => EngineError::Template(format!("{e:#}")),
             })
     }
 }
 
 /// Templates call `raise_exception("...")` to refuse a conversation (a bad role order).
-fn raise_exception(message: String) -> std::result::Result<Value, Error> {
-    Err(Error::new(ErrorKind::InvalidOperation, message))
+fn raise_exception(message: &str) -> std::result::Result<Value, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, message.to_owned()))
+}
+
+/// `tojson` as Hugging Face's Jinja has it (Python's `json.dumps`): keys in their order,
+/// `", "` and `": "` separators (`","` with an indent), non-ASCII kept, no HTML escaping.
+// minijinja hands keyword arguments over by value.
+#[allow(clippy::needless_pass_by_value)]
+fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<Value, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let mut out = String::new();
+    write_json(&mut out, value, indent, 0)?;
+    Ok(Value::from_safe_string(out))
+}
+
+fn write_json(out: &mut String, value: &Value, indent: Option<usize>, depth: usize) -> std::result::Result<(), Error> {
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(width) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(width * depth));
+        }
+    };
+    let separator = if indent.is_some() { "," } else { ", " };
+    match value.kind() {
+        ValueKind::Undefined | ValueKind::None => out.push_str("null"),
+        ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
+        ValueKind::Number => out.push_str(&value.to_string()),
+        ValueKind::String => {
+            out.push_str(&serde_json::to_string(value.as_str().unwrap_or_default()).unwrap_or_default());
+        }
+        ValueKind::Map => {
+            out.push('{');
+            let mut first = true;
+            for key in value.try_iter()? {
+                if !first {
+                    out.push_str(separator);
+                }
+                first = false;
+                newline(out, depth + 1);
+                let name = key.as_str().map_or_else(|| key.to_string(), str::to_owned);
+                out.push_str(&serde_json::to_string(&name).unwrap_or_default());
+                out.push_str(": ");
+                write_json(out, &value.get_item(&key)?, indent, depth + 1)?;
+            }
+            if !first {
+                newline(out, depth);
+            }
+            out.push('}');
+        }
+        _ => {
+            out.push('[');
+            let mut first = true;
+            for item in value.try_iter()? {
+                if !first {
+                    out.push_str(separator);
+                }
+                first = false;
+                newline(out, depth + 1);
+                write_json(out, &item, indent, depth + 1)?;
+            }
+            if !first {
+                newline(out, depth);
+            }
+            out.push(']');
+        }
+    }
+    Ok(())
 }
 
 /// `strftime_now(format)`, which Llama 3 templates use for today's date. Supports the
 /// common directives (`%d %m %Y %y %b %B %H %M %S %%`); dates are UTC.
-fn strftime_now(format: String) -> String {
-    let seconds = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs());
-    format_utc(seconds, &format)
+fn strftime_now(format: &str) -> String {
+    let seconds =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs());
+    format_utc(seconds, format)
 }
 
-const MONTHS: [&str; 12] =
-    ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
 
 /// Formats seconds since the Unix epoch as UTC with strftime-like directives.
 pub(crate) fn format_utc(seconds: u64, format: &str) -> String {
@@ -111,23 +194,21 @@ pub(crate) fn format_utc(seconds: u64, format: &str) -> String {
             out.push(c);
             continue;
         }
-        match chars.next() {
-            Some('d') => out.push_str(&format!("{day:02}")),
-            Some('m') => out.push_str(&format!("{month:02}")),
-            Some('Y') => out.push_str(&year.to_string()),
-            Some('y') => out.push_str(&format!("{:02}", year % 100)),
-            Some('b') => out.push_str(&MONTHS[month as usize - 1][..3]),
-            Some('B') => out.push_str(MONTHS[month as usize - 1]),
-            Some('H') => out.push_str(&format!("{:02}", in_day / 3600)),
-            Some('M') => out.push_str(&format!("{:02}", in_day % 3600 / 60)),
-            Some('S') => out.push_str(&format!("{:02}", in_day % 60)),
-            Some('%') => out.push('%'),
-            Some(other) => {
-                out.push('%');
-                out.push(other);
-            }
-            None => out.push('%'),
-        }
+        let month_name = MONTHS[usize::try_from(month - 1).unwrap_or(0) % 12];
+        // Writing to a String cannot fail.
+        let _ = match chars.next() {
+            Some('d') => write!(out, "{day:02}"),
+            Some('m') => write!(out, "{month:02}"),
+            Some('Y') => write!(out, "{year}"),
+            Some('y') => write!(out, "{:02}", year % 100),
+            Some('b') => write!(out, "{}", &month_name[..3]),
+            Some('B') => write!(out, "{month_name}"),
+            Some('H') => write!(out, "{:02}", in_day / 3600),
+            Some('M') => write!(out, "{:02}", in_day % 3600 / 60),
+            Some('S') => write!(out, "{:02}", in_day % 60),
+            Some('%') | None => write!(out, "%"),
+            Some(other) => write!(out, "%{other}"),
+        };
     }
     out
 }

@@ -41,9 +41,16 @@ impl Architecture {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (all frequencies divided by it).
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1's piecewise scaling of the low frequencies.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_context: f64 },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_context: f64,
+    },
     /// Per-frequency divisors, as GGUF's `rope_freqs.weight` holds them.
     Divisors(Vec<f32>),
 }
@@ -242,4 +249,46 @@ pub fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
             scaled as f32
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &Value) -> Result<ModelConfig> {
+        let mut value = serde_json::json!({
+            "model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128_256,
+            "max_position_embeddings": 131_072, "rope_theta": 500_000.0, "tie_word_embeddings": false,
+        });
+        if let (Some(value), Some(extra)) = (value.as_object_mut(), extra.as_object()) {
+            value.extend(extra.clone());
+        }
+        ModelConfig::from_hf(Path::new("m"), &value)
+    }
+
+    #[test]
+    fn llama3_rope_scaling_keeps_high_frequencies_and_divides_low_ones() {
+        let plain = config(&serde_json::json!({})).unwrap();
+        let scaled = config(&serde_json::json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}))
+        .unwrap();
+        let (plain, scaled) = (inverse_frequencies(&plain), inverse_frequencies(&scaled));
+        assert_eq!(plain.len(), 64);
+        assert!((scaled[0] - plain[0]).abs() < 1e-9, "short wavelengths are kept");
+        assert!((scaled[63] * 8.0 - plain[63]).abs() < 1e-12, "long wavelengths are divided by the factor");
+        assert!(scaled[32] < plain[32] && scaled[32] > plain[32] / 8.0, "between them, a blend");
+    }
+
+    #[test]
+    fn unsupported_scaling_serves_the_original_context_and_mistral_its_window() {
+        let yarn = config(&serde_json::json!({"rope_scaling": {"type": "yarn", "factor": 4.0,
+            "original_max_position_embeddings": 32768}}))
+        .unwrap();
+        assert_eq!((yarn.context_length, &yarn.rope_scaling), (32768, &RopeScaling::None));
+        let mistral = config(&serde_json::json!({"model_type": "mistral", "sliding_window": 4096})).unwrap();
+        assert_eq!((mistral.architecture, mistral.context_length), (Architecture::Mistral, 4096));
+        let error = config(&serde_json::json!({"model_type": "falcon"})).unwrap_err().to_string();
+        assert!(error.contains("not supported"), "{error}");
+    }
 }

@@ -1,12 +1,38 @@
 //! Models on candle: loading (safetensors, GGUF, tokenizer.json), generation with a KV
 //! cache, sampling, batching, embeddings, LoRA / QLoRA / full training, and GPU discovery.
 //!
-//! Today: GPU discovery ([`gpu`]) and model files checked and read from disk
-//! ([`model_files`]). Loading into candle and generation come with the inference work.
+//! - [`engine`]: [`Engine`], the serving loop: a bounded queue and continuous batching on
+//!   its own thread, streaming [`GenerationEvent`]s.
+//! - [`model`]: the Llama-family decoder (llama, mistral, qwen2) with per-sequence KV
+//!   caches, from safetensors or GGUF.
+//! - [`sampling`] and [`stream`]: pure cores (choosing a token; turning tokens into text
+//!   with stop sequences).
+//! - [`tokenizer`] and [`chat`]: tokenizers and chat templates.
+//! - [`embeddings`]: BERT-family sentence embeddings.
+//! - [`gpu`]: GPU discovery; [`model_files`]: model files checked on disk; [`tiny`]: tiny
+//!   random models in the real formats, for tests.
 //!
 //! **Boundary:** knows nothing about the cluster. `unsafe` is allowed only in [`gpu`] (the
 //! workspace denies it elsewhere).
 
+pub mod chat;
+pub mod config;
+pub mod embeddings;
+pub mod engine;
+pub mod error;
 pub mod gpu;
+pub mod model;
 pub mod model_files;
+pub mod sampling;
+pub mod stream;
 pub mod tiny;
+pub mod tokenizer;
+
+pub use chat::ChatMessage;
+pub use embeddings::EmbeddingModel;
+pub use engine::{
+    Engine, EngineOptions, EngineStats, FinishReason, GenerationEvent, GenerationRequest, ModelInfo, TokenLogprob,
+    TopLogprob,
+};
+pub use error::{EngineError, Result};
+pub use sampling::SamplingParams;

@@ -69,6 +69,10 @@ pub struct ModelFiles {
     /// Every file read, relative to the model's path, with its size.
     pub files: BTreeMap<String, u64>,
     pub tensors: u64,
+    /// Elements of every tensor (safetensors), or 0 when the headers do not say (GGUF).
+    pub parameters: u64,
+    /// `chat_template` of `tokenizer_config.json`, or GGUF's `tokenizer.chat_template`.
+    pub chat_template: Option<String>,
     pub total_bytes: u64,
 }
 
@@ -146,10 +150,25 @@ fn inspect_folder(dir: &Path, read_data: bool) -> Result<ModelFiles> {
     } else {
         return Err(not_a_model(dir, "tokenizer.json is missing"));
     }
+    let mut chat_template = None;
     for optional in ["tokenizer_config.json", "generation_config.json"] {
         let path = dir.join(optional);
         if path.is_file() {
-            read_json(&path)?;
+            let value = read_json(&path)?;
+            if optional == "tokenizer_config.json" {
+                chat_template = match value.get("chat_template") {
+                    Some(serde_json::Value::String(template)) => Some(template.clone()),
+                    // A list of named templates: the default one.
+                    Some(serde_json::Value::Array(list)) => list
+                        .iter()
+                        .find(|t| t.get("name").and_then(serde_json::Value::as_str) == Some("default"))
+                        .or_else(|| list.first())
+                        .and_then(|t| t.get("template"))
+                        .and_then(serde_json::Value::as_str)
+                        .map(str::to_owned),
+                    _ => None,
+                };
+            }
             files.insert(optional.to_owned(), file_len(&path)?);
         }
     }
@@ -183,6 +202,7 @@ fn inspect_folder(dir: &Path, read_data: bool) -> Result<ModelFiles> {
         return Err(not_a_model(dir, "no *.safetensors weights"));
     }
     let mut tensors = 0;
+    let mut parameters = 0;
     for shard in &shards {
         if shard.contains('/') || shard.contains('\\') || shard.starts_with('.') {
             return Err(corrupt(&index_path, &format!("shard name {shard:?} leaves the model folder")));
@@ -191,7 +211,9 @@ fn inspect_folder(dir: &Path, read_data: bool) -> Result<ModelFiles> {
         if !path.is_file() {
             return Err(not_a_model(dir, &format!("weight file {shard} is missing")));
         }
-        tensors += check_safetensors(&path, read_data)?;
+        let (count, elements) = check_safetensors(&path, read_data)?;
+        tensors += count;
+        parameters += elements;
         files.insert(shard.clone(), file_len(&path)?);
     }
     let total_bytes = files.values().sum();
@@ -201,13 +223,15 @@ fn inspect_folder(dir: &Path, read_data: bool) -> Result<ModelFiles> {
         gguf_metadata: BTreeMap::new(),
         files,
         tensors,
+        parameters,
+        chat_template,
         total_bytes,
     })
 }
 
 /// Parses a safetensors header and checks each tensor's range; reads the data through.
-/// Returns the number of tensors.
-fn check_safetensors(path: &Path, read_data: bool) -> Result<u64> {
+/// Returns the number of tensors and of their elements.
+fn check_safetensors(path: &Path, read_data: bool) -> Result<(u64, u64)> {
     let file = File::open(path).map_err(|source| io(path, source))?;
     let file_bytes = file.metadata().map_err(|source| io(path, source))?.len();
     let mut reader = BufReader::with_capacity(1 << 20, file);
@@ -223,6 +247,7 @@ fn check_safetensors(path: &Path, read_data: bool) -> Result<u64> {
         serde_json::from_slice(&header).map_err(|e| corrupt(path, &format!("header is not JSON: {e}")))?;
     let data_bytes = file_bytes - 8 - header_bytes;
     let mut tensors = 0;
+    let mut elements = 0u64;
     for (name, tensor) in &header {
         if name == "__metadata__" {
             continue;
@@ -242,15 +267,19 @@ fn check_safetensors(path: &Path, read_data: bool) -> Result<u64> {
             ));
         }
         tensors += 1;
+        elements += tensor
+            .get("shape")
+            .and_then(serde_json::Value::as_array)
+            .map_or(0, |shape| shape.iter().filter_map(serde_json::Value::as_u64).product::<u64>());
     }
     if !read_data {
-        return Ok(tensors);
+        return Ok((tensors, elements));
     }
     let read = std::io::copy(&mut reader, &mut std::io::sink()).map_err(|source| io(path, source))?;
     if read != data_bytes {
         return Err(corrupt(path, "the file changed while it was read"));
     }
-    Ok(tensors)
+    Ok((tensors, elements))
 }
 
 fn inspect_gguf(path: &Path, read_data: bool) -> Result<ModelFiles> {
@@ -282,12 +311,18 @@ fn inspect_gguf(path: &Path, read_data: bool) -> Result<ModelFiles> {
         std::io::copy(&mut reader.inner, &mut std::io::sink()).map_err(|source| io(path, source))?;
     }
     let name = path.file_name().map_or_else(|| "model.gguf".to_owned(), |n| n.to_string_lossy().into_owned());
+    let chat_template = match gguf_metadata.get("tokenizer.chat_template") {
+        Some(GgufMetadataValue::Str(template)) => Some(template.clone()),
+        _ => None,
+    };
     Ok(ModelFiles {
         format: ModelFormat::Gguf,
         config: None,
         gguf_metadata,
         files: BTreeMap::from([(name, file_bytes)]),
         tensors,
+        parameters: 0,
+        chat_template,
         total_bytes: file_bytes,
     })
 }

@@ -68,7 +68,9 @@ impl SamplingParams {
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
             return Err(format!("repetition_penalty must be above 0, got {}", self.repetition_penalty));
         }
-        for (name, value) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+        for (name, value) in
+            [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)]
+        {
             if !value.is_finite() || !(-2.0..=2.0).contains(&value) {
                 return Err(format!("{name} must be in [-2, 2], got {value}"));
             }
@@ -116,7 +118,8 @@ pub fn apply_penalties(logits: &mut [f32], params: &SamplingParams, history: &To
     if (params.repetition_penalty - 1.0).abs() > f32::EPSILON {
         for &token in &history.seen {
             if let Some(logit) = logits.get_mut(token as usize) {
-                *logit = if *logit > 0.0 { *logit / params.repetition_penalty } else { *logit * params.repetition_penalty };
+                *logit =
+                    if *logit > 0.0 { *logit / params.repetition_penalty } else { *logit * params.repetition_penalty };
             }
         }
     }

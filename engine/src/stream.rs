@@ -10,6 +10,9 @@
 //! all text up to it is settled, so every event's text is final and the concatenation of
 //! the events' texts is the output.
 
+/// Tokens held at most while their text ends inside a character.
+const MAX_HELD_TOKENS: usize = 4;
+
 /// Text released by one token.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StreamStep {
@@ -48,7 +51,13 @@ impl TextStream {
         self.ids.push(token);
         let prefix = decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let text = decode(&self.ids[self.prefix_offset..])?;
-        if text.len() > prefix.len() && !text.ends_with('\u{FFFD}') {
+        // A character is at most 4 bytes and a token at least one: more than 4 tokens that
+        // still end in U+FFFD are not valid UTF-8 and will not become it.
+        let undecodable = self.ids.len() - self.read_offset > MAX_HELD_TOKENS;
+        if text == prefix {
+            // The token adds no text (a special token, or an id the tokenizer lacks).
+            self.read_offset = self.ids.len();
+        } else if text.len() > prefix.len() && (!text.ends_with('\u{FFFD}') || undecodable) {
             if let Some(delta) = text.get(prefix.len()..) {
                 self.pending.push_str(delta);
             }

@@ -64,11 +64,15 @@ fn segments(path: &str) -> impl Iterator<Item = &str> {
     path.split('/').filter(|s| !s.is_empty())
 }
 
+/// Routes (method, template) whose bodies may be as large as `gateway.max_upload_bytes`.
+pub const UPLOAD_ROUTES: &[(&str, &str)] = &[("POST", "/v1/blobs")];
+
 /// Shared by every connection of one server.
 pub(crate) struct Middleware {
     pub(crate) routes: BoxedFilter<(Response,)>,
     pub(crate) labels: RouteLabels,
     pub(crate) max_body_bytes: u64,
+    pub(crate) max_upload_bytes: u64,
     pub(crate) in_flight: Arc<AtomicUsize>,
     /// Whether responses carry Strict-Transport-Security (the server speaks HTTPS).
     pub(crate) hsts: bool,
@@ -94,15 +98,17 @@ impl Middleware {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         let exceeded = Arc::new(AtomicBool::new(false));
-        let mut response = if declared_len.is_some_and(|len| len > self.max_body_bytes) {
-            ApiError::payload_too_large(self.max_body_bytes).into_response()
+        let limit = if UPLOAD_ROUTES.iter().any(|(m, r)| *m == method.as_str() && *r == route) {
+            self.max_upload_bytes
+        } else {
+            self.max_body_bytes
+        };
+        let mut response = if declared_len.is_some_and(|len| len > limit) {
+            ApiError::payload_too_large(limit).into_response()
         } else {
             request.extensions_mut().insert(RequestContext { request_id: request_id.clone(), client_addr });
-            let request = request.map(|body| LimitedBody {
-                inner: body,
-                remaining: self.max_body_bytes,
-                exceeded: Arc::clone(&exceeded),
-            });
+            let request =
+                request.map(|body| LimitedBody { inner: body, remaining: limit, exceeded: Arc::clone(&exceeded) });
             let mut routes = warp::service(self.routes.clone());
             match routes.call(request).instrument(span.clone()).await {
                 Ok(response) => response,
@@ -110,7 +116,7 @@ impl Middleware {
             }
         };
         if exceeded.load(Ordering::Relaxed) {
-            response = ApiError::payload_too_large(self.max_body_bytes).into_response();
+            response = ApiError::payload_too_large(limit).into_response();
         }
         if let Ok(value) = HeaderValue::from_str(&request_id) {
             response.headers_mut().insert(REQUEST_ID_HEADER, value);

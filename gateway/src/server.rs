@@ -72,6 +72,8 @@ pub enum ShutdownOutcome {
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub max_body_bytes: u64,
+    /// The body limit of upload routes ([`crate::middleware::UPLOAD_ROUTES`]).
+    pub max_upload_bytes: u64,
     pub drain_timeout: Duration,
     /// HTTPS when set (see [`crate::tls::server_config`]); responses then carry HSTS.
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -95,6 +97,7 @@ impl HttpServer {
             routes,
             labels,
             max_body_bytes: options.max_body_bytes,
+            max_upload_bytes: options.max_upload_bytes.max(options.max_body_bytes),
             in_flight: Arc::new(AtomicUsize::new(0)),
             hsts: options.tls.is_some(),
         });

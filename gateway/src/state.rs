@@ -54,12 +54,29 @@ impl Default for GatewayOptions {
     }
 }
 
+/// The node's tenant data and files.
+#[derive(Clone)]
+pub struct Stores {
+    pub db: maas_store::Db,
+    pub blobs: maas_store::BlobStore,
+    /// `node.data_dir`: models are laid out under `models/`.
+    pub data_dir: std::path::PathBuf,
+}
+
 pub struct AppState {
     pub node_name: String,
     /// The control plane, once started (routes answer 503 until then).
     pub cluster: OnceLock<RaftHandle<ClusterState>>,
     /// The cluster cookie: joining and removing members must present it.
     pub cluster_cookie: OnceLock<String>,
+    /// The models this node's replicas serve.
+    pub serving: OnceLock<maas_actors::node::ServingTable>,
+    /// Requests this node has in flight to each replica (what routing balances).
+    pub in_flight: crate::routes::openai::InFlight,
+    /// For requests to peers (replicas on other nodes).
+    pub http: reqwest::Client,
+    /// The database and blob store, once open.
+    pub stores: OnceLock<Stores>,
     /// Memory kept free on every GPU (`node.gpu_memory_reserve_mib`), for the scheduler's
     /// view of the cluster.
     pub gpu_reserve_mib: OnceLock<u64>,
@@ -79,6 +96,13 @@ impl AppState {
             node_name: node_name.into(),
             cluster: OnceLock::new(),
             cluster_cookie: OnceLock::new(),
+            stores: OnceLock::new(),
+            serving: OnceLock::new(),
+            in_flight: crate::routes::openai::InFlight::default(),
+            http: reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(3))
+                .build()
+                .unwrap_or_default(),
             gpu_reserve_mib: OnceLock::new(),
             peer_health: OnceLock::new(),
             agent: OnceLock::new(),

@@ -52,6 +52,11 @@ async fn start() -> Setup {
     }
 
     let state = Arc::new(AppState::new("test-node", GatewayOptions::default()));
+    let db =
+        maas_store::Db::connect(&maas_store::DbOptions::new(maas_store::db::sqlite_url_in(dir.path()))).await.unwrap();
+    db.migrate().await.unwrap();
+    let blobs = maas_store::BlobStore::open(dir.path().join("blobs")).await.unwrap();
+    let _ = state.stores.set(maas_gateway::state::Stores { db, blobs, data_dir: dir.path().to_owned() });
     let _ = state.cluster.set(control.clone());
     let _ = state.cluster_cookie.set(COOKIE.to_owned());
     let _ = state.gpu_reserve_mib.set(1024);
@@ -59,7 +64,12 @@ async fn start() -> Setup {
     let server = HttpServer::new(
         listener,
         maas_gateway::routes::routes(&state),
-        &ServeOptions { max_body_bytes: 1 << 20, drain_timeout: Duration::from_secs(1), tls: None },
+        &ServeOptions {
+            max_body_bytes: 1 << 20,
+            max_upload_bytes: 0,
+            drain_timeout: Duration::from_secs(1),
+            tls: None,
+        },
     );
     let base = format!("http://{}", server.local_addr().unwrap());
     let (trigger, shutdown) = maas_gateway::shutdown_channel();
@@ -111,7 +121,8 @@ async fn bad_deployment_requests_get_a_clear_4xx_and_change_nothing() {
             "replicas",
         ),
         (Some(COOKIE), json!({"name": "Chat!", "model": "llama", "memory_per_gpu_mib": 30000}), 400, "lowercase"),
-        (Some(COOKIE), json!({"name": "chat", "model": "llama"}), 400, "model_path"),
+        (Some(COOKIE), json!({"name": "chat", "model": "llama"}), 400, "not in the repository"),
+        (Some(COOKIE), json!({"name": "chat", "model": "llama", "memory_per_gpu_mib": 100}), 400, "maas model import"),
         (Some(COOKIE), json!({"name": "chat", "model": "llama", "model_path": "relative/dir"}), 400, "absolute"),
         (Some(COOKIE), json!({"name": "chat", "model": "llama", "model_path": "/nonexistent/model"}), 400, "estimate"),
         (
@@ -174,10 +185,12 @@ async fn a_deployment_is_estimated_created_scaled_explained_and_deleted() {
     assert_eq!(status, 409, "{again}");
 
     // Scaling past the room left is explained: which GPU came closest, by how much.
+    import(&setup, &model, "big").await;
     let huge = json!({"model": "big", "memory_per_gpu_mib": 60000, "replicas": 3});
     let (status, updated) = call(&setup, reqwest::Method::PUT, "/v1/deployments/tiny", Some(COOKIE), Some(huge)).await;
     assert_eq!(status, 200, "{updated}");
     assert_eq!(updated["generation"], 2, "a new spec is a new generation");
+    assert_eq!(updated["model_version"], "v1", "the version is pinned, not `latest`");
     let (_, listed) = call(&setup, reqwest::Method::GET, "/v1/deployments", None, None).await;
     let shortfall = &listed["deployments"][0]["shortfall"];
     assert_eq!(shortfall["missing_replicas"], 1, "two GPUs hold two 60000 MiB replicas: {listed}");
@@ -201,5 +214,134 @@ async fn a_deployment_is_estimated_created_scaled_explained_and_deleted() {
     let (status, _) = call(&setup, reqwest::Method::GET, "/v1/deployments/tiny", None, None).await;
     assert_eq!(status, 404);
     assert_eq!(deployments_in_state(&setup), 0);
+    setup.control.stop();
+}
+
+/// Uploads the model folder's files as blobs and registers them as model `name`.
+async fn import(setup: &Setup, dir: &std::path::Path, name: &str) -> Value {
+    let client = reqwest::Client::new();
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let size = bytes.len();
+        let reply: Value = client
+            .post(format!("{}/v1/blobs", setup.base))
+            .header("x-maas-cluster-cookie", COOKIE)
+            .body(bytes)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        files.push(
+            json!({"path": path.file_name().unwrap().to_str().unwrap(), "sha256": reply["sha256"], "size_bytes": size}),
+        );
+    }
+    let (status, record) = call(
+        setup,
+        reqwest::Method::POST,
+        "/v1/registry/models",
+        Some(COOKIE),
+        Some(json!({"name": name, "files": files})),
+    )
+    .await;
+    assert_eq!(status, 201, "{record}");
+    record
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_are_uploaded_checked_registered_and_served_to_peers() {
+    let setup = start().await;
+    let model = setup.dir.path().join("tiny");
+    maas_engine::tiny::write_llama(&model, maas_engine::tiny::TinyShape::default(), 5).unwrap();
+    let record = import(&setup, &model, "org/tiny-llama").await;
+    assert_eq!(record["version"], "v1");
+    assert_eq!(record["architecture"], "LlamaForCausalLM");
+    assert_eq!(record["format"], "safetensors");
+    assert_eq!(record["context_length"], 512);
+    assert!(record["parameters"].as_u64().is_some_and(|p| p > 50_000), "{record}");
+    assert_eq!(record["tasks"], json!(["chat", "completion"]));
+    let again = import(&setup, &model, "org/tiny-llama").await;
+    assert_eq!(again["version"], "v2", "the same files again are a new version");
+
+    let (_, listed) = call(&setup, reqwest::Method::GET, "/v1/registry/models", None, None).await;
+    assert_eq!(listed["versions"].as_array().unwrap().len(), 2);
+
+    // A blob served to a peer, whole and from an offset (a resumed download).
+    let weights =
+        record["files"].as_array().unwrap().iter().find(|f| f["path"] == "model.safetensors").unwrap().clone();
+    let sha = weights["sha256"].as_str().unwrap();
+    let expected = std::fs::read(model.join("model.safetensors")).unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/blobs/{sha}", setup.base);
+    let whole = client.get(&url).header("x-maas-cluster-cookie", COOKIE).send().await.unwrap();
+    assert_eq!(whole.status(), 200);
+    assert_eq!(whole.bytes().await.unwrap().as_ref(), expected.as_slice());
+    let tail =
+        client.get(&url).header("x-maas-cluster-cookie", COOKIE).header("range", "bytes=1000-").send().await.unwrap();
+    assert_eq!(tail.status(), 206);
+    assert_eq!(tail.bytes().await.unwrap().as_ref(), &expected[1000..]);
+    assert_eq!(client.get(&url).send().await.unwrap().status(), 403, "peers present the cookie");
+    let missing = format!("{}/v1/blobs/{}", setup.base, "0".repeat(64));
+    assert_eq!(client.get(&missing).header("x-maas-cluster-cookie", COOKIE).send().await.unwrap().status(), 404);
+
+    // Registration refuses blobs never uploaded and files that are not a model.
+    let (status, answer) = call(
+        &setup,
+        reqwest::Method::POST,
+        "/v1/registry/models",
+        Some(COOKIE),
+        Some(json!({"name": "ghost", "files": [{"path": "config.json", "sha256": "1".repeat(64), "size_bytes": 3}]})),
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("was not uploaded"), "{answer}");
+    let note: Value = client
+        .post(format!("{}/v1/blobs", setup.base))
+        .header("x-maas-cluster-cookie", COOKIE)
+        .body("just some notes")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (status, answer) = call(
+        &setup,
+        reqwest::Method::POST,
+        "/v1/registry/models",
+        Some(COOKIE),
+        Some(json!({"name": "notes", "files": [{"path": "notes.txt", "sha256": note["sha256"], "size_bytes": 15}]})),
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("config.json"), "{answer}");
+    let (status, answer) = call(
+        &setup,
+        reqwest::Method::POST,
+        "/v1/registry/models",
+        Some(COOKIE),
+        Some(json!({"name": "evil", "files": [{"path": "../../etc/x", "sha256": note["sha256"], "size_bytes": 15}]})),
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    let (_, listed) = call(&setup, reqwest::Method::GET, "/v1/registry/models", None, None).await;
+    assert_eq!(listed["versions"].as_array().unwrap().len(), 2, "refused registrations add nothing");
+
+    // A deployment of the repository's model pins the newest version and is estimated
+    // from its recorded config.
+    let (status, created) = call(
+        &setup,
+        reqwest::Method::POST,
+        "/v1/deployments",
+        Some(COOKIE),
+        Some(json!({"name": "tiny", "model": "org/tiny-llama", "context_tokens": 512})),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["model_version"], "v2");
+    assert!(created["estimate"]["estimate"]["total_mib"].as_u64().is_some_and(|mib| mib > 512), "{created}");
     setup.control.stop();
 }

@@ -24,7 +24,7 @@ async fn start(max_body_bytes: u64, drain_timeout: Duration) -> TestServer {
     let server = HttpServer::new(
         listener,
         maas_gateway::routes::routes(&state),
-        &ServeOptions { max_body_bytes, drain_timeout, tls: None },
+        &ServeOptions { max_body_bytes, max_upload_bytes: 0, drain_timeout, tls: None },
     );
     let base = format!("http://{}", server.local_addr().unwrap());
     let in_flight = server.in_flight();

@@ -35,7 +35,12 @@ async fn https_serves_with_hsts() {
     let server = HttpServer::new(
         listener,
         maas_gateway::routes::routes(&state),
-        &ServeOptions { max_body_bytes: 1 << 20, drain_timeout: Duration::from_secs(5), tls: Some(tls) },
+        &ServeOptions {
+            max_body_bytes: 1 << 20,
+            max_upload_bytes: 0,
+            drain_timeout: Duration::from_secs(5),
+            tls: Some(tls),
+        },
     );
     let addr = server.local_addr().unwrap();
     let (_trigger, shutdown) = maas_gateway::shutdown_channel();

@@ -332,19 +332,26 @@ fn absolute(path: &std::path::Path) -> Result<String> {
 pub async fn deploy(args: &DeployArgs) -> Result<String> {
     let mut out = String::new();
     let model_path = args.model_path.as_deref().map(absolute).transpose()?;
-    if let Some(path) = &model_path {
+    if args.gpus > 0 {
         // The estimate, before anything is deployed.
-        let request = serde_json::json!({
-            "model_path": path, "gpus_per_replica": args.gpus.max(1),
+        let mut request = serde_json::json!({
+            "gpus_per_replica": args.gpus.max(1),
             "context_tokens": args.context, "concurrent_sequences": args.sequences,
         });
+        if let Some(path) = &model_path {
+            request["model_path"] = Value::String(path.clone());
+        } else {
+            request["model"] = Value::String(args.model.clone());
+            request["model_version"] = Value::String(args.model_version.clone());
+        }
+        let path = model_path.clone().unwrap_or_else(|| format!("{}:{}", args.model, args.model_version));
         let estimate =
             send(&args.target, reqwest::Method::POST, "/v1/deployments/estimate", &args.cookie.cookie, Some(&request))
                 .await?;
         let e = &estimate["model"]["estimate"];
         let _ = writeln!(
             out,
-            "estimate for {} ({}, {} bytes on disk; context {} x {} sequences):\n  {} parameters: {} MiB weights + {} MiB KV cache + {} MiB overhead = {} MiB per replica, {} MiB on each of {} GPU(s)",
+            "estimate for {} ({}, {} bytes of weights and files; context {} x {} sequences):\n  {} parameters: {} MiB weights + {} MiB KV cache + {} MiB overhead = {} MiB per replica, {} MiB on each of {} GPU(s)",
             path,
             text(&estimate["model"]["architecture"]),
             text(&estimate["model"]["total_bytes"]),
@@ -369,8 +376,6 @@ pub async fn deploy(args: &DeployArgs) -> Result<String> {
         if args.memory_mib.is_some() {
             let _ = writeln!(out, "  (--memory-mib overrides it)");
         }
-    } else if args.memory_mib.is_none() && args.gpus > 0 {
-        bail!("give --model-path (to estimate the memory from the model's files) or --memory-mib");
     }
     if args.dry_run {
         return Ok(out);
@@ -505,4 +510,157 @@ pub async fn node_drain(target: &Target, cookie: &str, id: u64, undo: bool) -> R
             "node {id} is draining: its replicas move to other nodes as room allows (`maas deployment list` shows them)\n"
         )
     })
+}
+
+/// What `maas model import` uploads.
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// A Hugging Face model folder (config.json, *.safetensors, tokenizer.json, ...) or a
+    /// .gguf file.
+    pub path: PathBuf,
+    /// The model's name in the repository (letters, digits, `.`, `-`, `_`, `/`).
+    #[arg(long)]
+    pub name: String,
+    /// The version (default: the next vN). Versions are immutable.
+    #[arg(long)]
+    pub version: Option<String>,
+    #[arg(long, default_value = "")]
+    pub description: String,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub cookie: Cookie,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+/// The files of a model folder (relative path, absolute path, size), hidden files skipped.
+fn model_files(root: &std::path::Path) -> Result<Vec<(String, PathBuf, u64)>> {
+    let meta = std::fs::metadata(root).with_context(|| format!("cannot read {}", root.display()))?;
+    if meta.is_file() {
+        let name = root.file_name().context("the path has no file name")?.to_string_lossy().into_owned();
+        return Ok(vec![(name, root.to_owned(), meta.len())]);
+    }
+    let mut found = Vec::new();
+    let mut pending = vec![root.to_owned()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let path = entry.path();
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                pending.push(path);
+            } else if kind.is_file() {
+                let relative = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().replace('\\', "/");
+                found.push((relative, path.clone(), entry.metadata()?.len()));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+pub async fn model_import(args: &ImportArgs) -> Result<String> {
+    // Check it is a model here first: a bad folder fails before anything is uploaded.
+    let checked = maas_engine::model_files::inspect_headers(&args.path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let files = model_files(&args.path)?;
+    let total: u64 = files.iter().map(|(_, _, size)| size).sum();
+    let progress = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(total).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:30!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        )
+    };
+    let client = reqwest::Client::new();
+    let base = args.target.server.trim_end_matches('/');
+    let mut manifest = Vec::new();
+    for (relative, path, size) in &files {
+        progress.set_message(relative.clone());
+        let file = tokio::fs::File::open(path).await.with_context(|| format!("cannot open {}", path.display()))?;
+        let counted = progress.clone();
+        let stream =
+            futures_util::StreamExt::map(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20), move |chunk| {
+                if let Ok(bytes) = &chunk {
+                    counted.inc(bytes.len() as u64);
+                }
+                chunk
+            });
+        let response = client
+            .post(format!("{base}/v1/blobs"))
+            .header("x-maas-cluster-cookie", &args.cookie.cookie)
+            .header(reqwest::header::CONTENT_LENGTH, *size)
+            .body(reqwest::Body::wrap_stream(stream))
+            .send()
+            .await
+            .with_context(|| {
+                format!("cannot reach the maas node at {base}: is it running? (set --server or MAAS_SERVER)")
+            })?;
+        let status = response.status();
+        let body: Value =
+            response.json().await.with_context(|| format!("uploading {relative}: answer {status} is not JSON"))?;
+        if !status.is_success() {
+            bail!("uploading {relative}: {} ({status})", body["error"]["message"].as_str().unwrap_or("no message"));
+        }
+        manifest.push(serde_json::json!({"path": relative, "sha256": body["sha256"], "size_bytes": size}));
+    }
+    progress.finish_and_clear();
+    let mut request = serde_json::json!({"name": args.name, "description": args.description, "files": manifest});
+    if let Some(version) = &args.version {
+        request["version"] = Value::String(version.clone());
+    }
+    let record =
+        send(&args.target, reqwest::Method::POST, "/v1/registry/models", &args.cookie.cookie, Some(&request)).await?;
+    if args.target.json {
+        return Ok(format!("{record:#}\n"));
+    }
+    Ok(format!(
+        "imported {}:{} ({}, {} parameters, context {}, {}, tasks {}): {} files, {} bytes, {} tensors checked\n",
+        text(&record["name"]),
+        text(&record["version"]),
+        text(&record["architecture"]),
+        text(&record["parameters"]),
+        text(&record["context_length"]),
+        text(&record["dtype"]),
+        record["tasks"].as_array().map(|t| t.iter().map(text).collect::<Vec<_>>().join(", ")).unwrap_or_default(),
+        files.len(),
+        total,
+        checked.tensors,
+    ))
+}
+
+pub async fn model_list(target: &Target) -> Result<String> {
+    let list = get(&target.server, "/v1/registry/models").await?;
+    if target.json {
+        return Ok(format!("{list:#}\n"));
+    }
+    let versions = list["versions"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if versions.is_empty() {
+        return Ok("no models in the repository (import one with `maas model import PATH --name NAME`)\n".to_owned());
+    }
+    let rows: Vec<Vec<String>> = versions
+        .iter()
+        .map(|v| {
+            vec![
+                text(&v["name"]),
+                text(&v["version"]),
+                text(&v["architecture"]),
+                text(&v["parameters"]),
+                text(&v["context_length"]),
+                format!("{}/{}", text(&v["dtype"]), text(&v["quantization"])),
+                v["tasks"].as_array().map(|t| t.iter().map(text).collect::<Vec<_>>().join(",")).unwrap_or_default(),
+                format!("{} MiB", v["total_bytes"].as_u64().unwrap_or(0).div_ceil(1024 * 1024)),
+            ]
+        })
+        .collect();
+    Ok(table(&["NAME", "VERSION", "ARCHITECTURE", "PARAMETERS", "CONTEXT", "DTYPE/QUANT", "TASKS", "SIZE"], &rows))
 }

@@ -67,6 +67,11 @@ enum Command {
         #[command(subcommand)]
         command: GpuCommand,
     },
+    /// The model repository: import models as immutable versions, list them.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
     /// Deploy a model: replicas placed by GPU memory across the cluster. The memory is
     /// estimated from the model's files and shown first.
     Deploy(client::DeployArgs),
@@ -90,6 +95,18 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum GpuCommand {
     /// Every GPU in the cluster with its model and total, reserved and free memory.
+    List {
+        #[command(flatten)]
+        target: client::Target,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// Upload a model folder or .gguf file (with a progress bar) and register it as a new
+    /// version; its files are checked as a model first.
+    Import(client::ImportArgs),
+    /// Every model version in the repository with its metadata.
     List {
         #[command(flatten)]
         target: client::Target,
@@ -231,7 +248,7 @@ fn main() -> ExitCode {
                 env.push(("MAAS_LISTEN__API".into(), listen.clone()));
             }
             match Config::from_toml("", &config::Source::Defaults, env) {
-                Ok(config) => start(&cli, config),
+                Ok(config) => start(&cli, config, true),
                 Err(err) => config_error(&err),
             }
         }
@@ -239,7 +256,7 @@ fn main() -> ExitCode {
             Ok(mut config) => {
                 config.cluster.join.extend(join.iter().cloned());
                 match config.validate() {
-                    Ok(()) => start(&cli, config),
+                    Ok(()) => start(&cli, config, false),
                     Err(err) => config_error(&err),
                 }
             }
@@ -254,6 +271,8 @@ fn main() -> ExitCode {
             client::run(client::node_drain(target, &cookie.cookie, id, undo))
         }
         Command::Deploy(ref args) => client::run(client::deploy(args)),
+        Command::Model { command: ModelCommand::Import(ref args) } => client::run(client::model_import(args)),
+        Command::Model { command: ModelCommand::List { ref target } } => client::run(client::model_list(target)),
         Command::Deployment { command: DeploymentCommand::List { ref target } } => {
             client::run(client::deployment_list(target))
         }
@@ -314,7 +333,9 @@ fn config_error(err: &config::ConfigError) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn start(cli: &Cli, mut config: Config) -> ExitCode {
+/// Runs a node; `quick_start` (`maas up`) also imports and deploys a tiny model when the
+/// node has none, so a chat request is answered at once.
+fn start(cli: &Cli, mut config: Config, quick_start: bool) -> ExitCode {
     if let Some(format) = cli.log_format {
         config.log.format = format;
     }
@@ -332,7 +353,7 @@ fn start(cli: &Cli, mut config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run::run_node(config)) {
+    match runtime.block_on(run::run_node(config, quick_start)) {
         Ok(code) => code,
         Err(err) => {
             tracing::error!(error = format!("{err:#}"), "node failed");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use maas_actors::node::{AgentConfig, AgentStatus, ModelPathRuntime, NodeAgent, ReplicaRuntime};
+use maas_actors::node::{AgentConfig, AgentStatus, NodeAgent, ReplicaRuntime};
 use maas_actors::transport::{ClusterConfig as TransportConfig, ClusterTransport};
 use maas_consensus::RaftHandle;
 use maas_consensus::control::{ControlPlane, ControlPlaneConfig};
@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 
-pub async fn run_node(mut config: Config) -> Result<ExitCode> {
+pub async fn run_node(mut config: Config, quick_start: bool) -> Result<ExitCode> {
     std::fs::create_dir_all(&config.node.data_dir).with_context(|| {
         format!("cannot create the data directory {} (node.data_dir)", config.node.data_dir.display())
     })?;
@@ -54,6 +54,7 @@ pub async fn run_node(mut config: Config) -> Result<ExitCode> {
         maas_gateway::routes::routes(&state),
         &ServeOptions {
             max_body_bytes: config.gateway.max_body_bytes,
+            max_upload_bytes: config.gateway.max_upload_bytes,
             drain_timeout: Duration::from_secs(config.gateway.drain_timeout_secs),
             tls,
         },
@@ -66,28 +67,20 @@ pub async fn run_node(mut config: Config) -> Result<ExitCode> {
 
     let api_url = format!("{scheme}://{api_addr}");
     let started = async {
-        let (db, _blobs) = open_stores(&config).await.inspect_err(|err| {
+        let (db, blobs) = open_stores(&config).await.inspect_err(|err| {
             state.readiness.set("store", Check::Failed(format!("{err:#}")));
         })?;
+        let stores_blobs = blobs.clone();
+        let _ = state.stores.set(maas_gateway::state::Stores {
+            db: db.clone(),
+            blobs,
+            data_dir: config.node.data_dir.clone(),
+        });
         state.readiness.set("store", Check::Ready);
         let cluster = start_cluster(&config, &data_dir, &api_url).await.inspect_err(|err| {
             state.readiness.set("cluster", Check::Failed(format!("{err:#}")));
         })?;
-        let agent_status = Arc::new(std::sync::RwLock::new(AgentStatus::default()));
-        let agent_config = AgentConfig::new(config.node.id, config.node.gpu_memory_reserve_mib);
-        let (agent, _) = ractor::Actor::spawn(
-            None,
-            NodeAgent,
-            (
-                agent_config,
-                cluster.control.handle().clone(),
-                Arc::clone(&agent_status),
-                Arc::new(ModelPathRuntime) as Arc<dyn ReplicaRuntime>,
-            ),
-        )
-        .await
-        .context("cannot start the node agent")?;
-        let _ = state.agent.set(agent_status);
+        let agent = start_agent(&config, &cluster, &state, &db, &stores_blobs).await?;
         anyhow::Ok((db, cluster, agent))
     }
     .await;
@@ -109,6 +102,9 @@ pub async fn run_node(mut config: Config) -> Result<ExitCode> {
         .peer_health
         .set(Arc::new(move || transport.peer_states().into_iter().map(|(id, peer)| (id, peer.to_string())).collect()));
     tokio::spawn(register(cluster.control.handle().clone(), cluster.node.clone(), Arc::clone(&state)));
+    if quick_start && let Some(stores) = state.stores.get().cloned() {
+        tokio::spawn(deploy_tiny_model(cluster.control.handle().clone(), stores, data_dir.clone()));
+    }
     print_banner(&config, &api_url, &data_dir, &cluster.node);
 
     let outcome = server.await.context("the HTTP server task failed")?;
@@ -380,6 +376,54 @@ fn check_node_identity(data_dir: &Path, node_id: u64) -> Result<()> {
     }
 }
 
+/// Starts the node agent, which runs this node's GPU and replica actors.
+async fn start_agent(
+    config: &Config,
+    cluster: &Cluster,
+    state: &Arc<AppState>,
+    db: &Db,
+    blobs: &BlobStore,
+) -> Result<ractor::ActorRef<maas_actors::node::AgentMsg>> {
+    let handle = cluster.control.handle().clone();
+    let own_id = config.node.id;
+    let peers: maas_actors::models::PeerList = Arc::new(move || {
+        handle.read_local(|state| {
+            state
+                .nodes()
+                .values()
+                .filter(|node| node.id.0 != own_id && node.status == maas_consensus::state::NodeStatus::Alive)
+                .map(|node| node.api_addr.clone())
+                .collect()
+        })
+    });
+    let runtime = maas_actors::models::NodeRuntime {
+        engine: maas_engine::EngineOptions { max_batch: 32, max_queue: 4096, ..maas_engine::EngineOptions::default() },
+        db: db.clone(),
+        blobs: blobs.clone(),
+        data_dir: config.node.data_dir.clone(),
+        peers,
+        cookie: config.cluster.cookie.clone(),
+    };
+    let agent_status = Arc::new(std::sync::RwLock::new(AgentStatus::default()));
+    let agent_config = AgentConfig::new(config.node.id, config.node.gpu_memory_reserve_mib);
+    let serving = agent_config.serving.clone();
+    let (agent, _) = ractor::Actor::spawn(
+        None,
+        NodeAgent,
+        (
+            agent_config,
+            cluster.control.handle().clone(),
+            Arc::clone(&agent_status),
+            Arc::new(runtime) as Arc<dyn ReplicaRuntime>,
+        ),
+    )
+    .await
+    .context("cannot start the node agent")?;
+    let _ = state.agent.set(agent_status);
+    let _ = state.serving.set(serving);
+    Ok(agent)
+}
+
 async fn open_stores(config: &Config) -> Result<(Db, BlobStore)> {
     let url = config.database_url();
     let mut options = DbOptions::new(url);
@@ -478,4 +522,84 @@ impl DataDirLock {
             }
         }
     }
+}
+
+/// The quick start's model: when the repository is empty, a tiny random-weight Llama is
+/// written, imported as `tiny-llama` and deployed (one replica, on CPU) as `tiny-llama`.
+/// Its answers are noise; it shows the whole path from a request to a replica working.
+async fn deploy_tiny_model(
+    handle: maas_consensus::RaftHandle<maas_consensus::state::ClusterState>,
+    stores: maas_gateway::state::Stores,
+    data_dir: PathBuf,
+) {
+    if let Err(err) = import_and_deploy_tiny(&handle, &stores, &data_dir).await {
+        tracing::warn!(error = format!("{err:#}"), "cannot deploy the quick start's tiny model");
+    }
+}
+
+async fn import_and_deploy_tiny(
+    handle: &maas_consensus::RaftHandle<maas_consensus::state::ClusterState>,
+    stores: &maas_gateway::state::Stores,
+    data_dir: &Path,
+) -> Result<()> {
+    use maas_consensus::state::{Command, DeploymentId, DeploymentSpec, PlacementStrategy, ReplicaRequest};
+    if !stores.db.models().list_platform().await?.is_empty() {
+        return Ok(());
+    }
+    let dir = data_dir.join("tiny-llama");
+    let shape = maas_engine::tiny::TinyShape::default();
+    let written = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || maas_engine::tiny::write_llama(&dir, shape, 1)
+    })
+    .await??;
+    let mut files = Vec::new();
+    for name in written {
+        let file = tokio::fs::File::open(dir.join(&name)).await?;
+        let info = stores.blobs.put(file, None).await?;
+        files.push(maas_store::repo::models::ModelFile {
+            path: name,
+            sha256: info.digest.to_hex(),
+            size_bytes: info.size_bytes,
+        });
+    }
+    let checked = maas_actors::models::check_model(dir.clone()).await.map_err(anyhow::Error::msg)?;
+    let record = stores
+        .db
+        .models()
+        .register_platform(maas_store::repo::models::NewModelVersion {
+            name: "tiny-llama".into(),
+            version: None,
+            description: "a tiny random-weight Llama written by `maas up`: its output is noise".into(),
+            metadata: maas_actors::models::metadata_of(&checked),
+            files,
+        })
+        .await?;
+    let spec = DeploymentSpec {
+        model_name: record.name.clone(),
+        model_version: record.version.clone(),
+        model_path: None,
+        request: ReplicaRequest { gpus_per_replica: 0, memory_per_gpu_mib: 0, cpu_fallback_allowed: true },
+        strategy: PlacementStrategy::Binpack,
+        node_selector: std::collections::BTreeMap::new(),
+        priority: 0,
+        allow_preemption: false,
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let command = Command::PutDeployment {
+            deployment_id: DeploymentId("tiny-llama".into()),
+            spec: spec.clone(),
+            replicas: 1,
+            at_ms: u64::try_from(maas_store::ids::now_ms()).unwrap_or(0),
+        };
+        match handle.propose(command).await {
+            Ok(Ok(_)) => break,
+            Ok(Err(rejection)) => anyhow::bail!("the deployment was refused: {rejection}"),
+            Err(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(err) => return Err(err.into()),
+        }
+    }
+    tracing::info!("quick start: a tiny random-weight model is deployed as `tiny-llama` (its output is noise)");
+    Ok(())
 }

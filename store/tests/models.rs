@@ -26,6 +26,7 @@ fn version(name: &str, version: Option<&str>, files: Vec<ModelFile>) -> NewModel
             dtype: "float32".into(),
             quantization: "none".into(),
             tasks: vec!["chat".into(), "completion".into()],
+            config: serde_json::json!({"hidden_size": 64}),
         },
         files,
     }

@@ -36,6 +36,8 @@ pub struct AgentConfig {
     pub restart_window: Duration,
     /// The wait before a failed replica is started again, times its recent failures.
     pub replica_backoff: Duration,
+    /// Where Ready replicas put their loaded models for the gateway.
+    pub serving: super::ServingTable,
 }
 
 impl AgentConfig {
@@ -47,6 +49,7 @@ impl AgentConfig {
             max_restarts: 5,
             restart_window: Duration::from_secs(60),
             replica_backoff: Duration::from_secs(1),
+            serving: super::ServingTable::default(),
         }
     }
 }
@@ -404,7 +407,7 @@ impl AgentState {
             return;
         }
         starts.push(now);
-        let arguments = (spec.clone(), Arc::clone(&self.runtime), myself.clone());
+        let arguments = (spec.clone(), Arc::clone(&self.runtime), myself.clone(), self.config.serving.clone());
         let name = replica_actor_name(replica_id);
         match Actor::spawn_linked(Some(name), ReplicaActor, arguments, myself.get_cell()).await {
             Ok((actor, _)) => {

@@ -64,3 +64,51 @@ pub fn estimate_model(
         estimate,
     })
 }
+
+/// As [`estimate_model`], for a version in the model repository: from the config it
+/// recorded (`config.json`, or the GGUF metadata), with no file needed on this node.
+pub fn estimate_version(
+    record: &maas_store::repo::models::ModelVersionRecord,
+    context_tokens: u32,
+    concurrent_sequences: u32,
+) -> Result<ModelEstimate, String> {
+    let config = &record.metadata.config;
+    let (format, estimate) = if record.metadata.format == "gguf" {
+        let metadata: BTreeMap<String, GgufValue> = config
+            .as_object()
+            .map(|object| {
+                object
+                    .iter()
+                    .filter_map(|(key, value)| {
+                        let value = match value {
+                            serde_json::Value::Bool(v) => GgufValue::Bool(*v),
+                            serde_json::Value::String(v) => GgufValue::Str(v.clone()),
+                            serde_json::Value::Number(n) => n
+                                .as_u64()
+                                .map(GgufValue::U64)
+                                .or_else(|| n.as_i64().map(GgufValue::I64))
+                                .or_else(|| n.as_f64().map(GgufValue::F64))?,
+                            _ => return None,
+                        };
+                        Some((key.clone(), value))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        (
+            ModelFormat::Gguf,
+            estimate_from_gguf_metadata(&metadata, record.total_bytes, context_tokens, concurrent_sequences),
+        )
+    } else {
+        (ModelFormat::Safetensors, estimate_from_hf_config(config, 0.0, context_tokens, concurrent_sequences))
+    };
+    let estimate = estimate.map_err(|err| format!("{}:{}: {err}", record.name, record.version))?;
+    Ok(ModelEstimate {
+        format,
+        architecture: Some(record.metadata.architecture.clone()),
+        total_bytes: record.total_bytes,
+        context_tokens,
+        concurrent_sequences,
+        estimate,
+    })
+}

@@ -5,9 +5,11 @@ pub mod agent;
 pub mod estimate;
 pub mod gpu;
 pub mod replica;
+pub mod serving;
 
 pub use agent::{AgentConfig, AgentMsg, AgentStatus, GpuActorStatus, LocalReplicaStatus, NodeAgent};
 pub use gpu::{GpuActor, GpuError, GpuMsg, GpuSpec, GpuState, GpuTelemetry};
 pub use replica::{
     LoadFuture, LoadedReplica, LocalReplicaState, ModelPathRuntime, ReplicaActor, ReplicaRuntime, ReplicaSpec,
 };
+pub use serving::{ServingModel, ServingTable};

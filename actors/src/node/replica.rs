@@ -34,6 +34,8 @@ pub struct ReplicaSpec {
 /// (dropped when the replica stops).
 pub struct LoadedReplica {
     pub summary: String,
+    /// What requests use, when the replica serves them (files-only replicas do not).
+    pub serving: Option<super::ServingModel>,
     pub model: Box<dyn std::any::Any + Send + Sync>,
 }
 
@@ -63,7 +65,7 @@ impl ReplicaRuntime for ModelPathRuntime {
                     .await
                     .map_err(|err| format!("the loading thread failed: {err}"))?
                     .map_err(|err| err.to_string())?;
-            Ok(LoadedReplica { summary: files.summary(), model: Box::new(files) })
+            Ok(LoadedReplica { summary: files.summary(), serving: None, model: Box::new(files) })
         })
     }
 }
@@ -89,21 +91,32 @@ pub struct ReplicaActorState {
     spec: ReplicaSpec,
     runtime: Arc<dyn ReplicaRuntime>,
     agent: ActorRef<AgentMsg>,
+    serving: super::ServingTable,
     loaded: Option<LoadedReplica>,
 }
 
 impl Actor for ReplicaActor {
     type Msg = ReplicaMsg;
     type State = ReplicaActorState;
-    type Arguments = (ReplicaSpec, Arc<dyn ReplicaRuntime>, ActorRef<AgentMsg>);
+    type Arguments = (ReplicaSpec, Arc<dyn ReplicaRuntime>, ActorRef<AgentMsg>, super::ServingTable);
 
     async fn pre_start(
         &self,
         myself: ActorRef<ReplicaMsg>,
-        (spec, runtime, agent): Self::Arguments,
+        (spec, runtime, agent, serving): Self::Arguments,
     ) -> Result<ReplicaActorState, ActorProcessingErr> {
         let _ = myself.cast(ReplicaMsg::Load);
-        Ok(ReplicaActorState { spec, runtime, agent, loaded: None })
+        Ok(ReplicaActorState { spec, runtime, agent, serving, loaded: None })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<ReplicaMsg>,
+        state: &mut ReplicaActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        // No new request reaches it; requests in flight hold the engine until they end.
+        state.serving.remove(&state.spec.replica_id);
+        Ok(())
     }
 
     async fn handle(
@@ -126,6 +139,9 @@ impl ReplicaActorState {
         match self.runtime.load(self.spec.clone()).await {
             Ok(loaded) => {
                 tracing::info!(replica = %replica_id, loaded = %loaded.summary, "replica ready");
+                if let Some(model) = &loaded.serving {
+                    self.serving.insert(&replica_id, model.clone());
+                }
                 self.report(LocalReplicaState::Ready(loaded.summary.clone()));
                 self.loaded = Some(loaded);
             }

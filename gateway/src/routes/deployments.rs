@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use maas_actors::node::estimate::{ModelEstimate, estimate_model};
+use maas_actors::node::estimate::{ModelEstimate, estimate_model, estimate_version};
 use maas_consensus::reconcile::{self, ReconcileSettings};
 use maas_consensus::state::{
     ClusterState, Command, DeploymentId, DeploymentRecord, DeploymentSpec, NodeId, NodeStatus, PlacementStrategy,
@@ -187,7 +187,14 @@ pub struct ScaleRequest {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EstimateRequest {
-    pub model_path: String,
+    /// A model on disk (a folder or a .gguf file) ...
+    #[serde(default)]
+    pub model_path: Option<String>,
+    /// ... or a model of the repository.
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default = "default_version")]
+    pub model_version: String,
     #[serde(default = "one")]
     pub gpus_per_replica: u32,
     #[serde(default = "default_context")]
@@ -389,7 +396,10 @@ fn not_found(id: &str) -> ApiError {
 
 /// Checks a request and turns it into a spec; estimates memory from the model's files
 /// when not given.
-async fn spec_from(request: DeploymentRequest) -> Result<(DeploymentSpec, u32, Option<ModelEstimate>), ApiError> {
+async fn spec_from(
+    state: &AppState,
+    mut request: DeploymentRequest,
+) -> Result<(DeploymentSpec, u32, Option<ModelEstimate>), ApiError> {
     let bad = |param: &str, message: String| ApiError::bad_request("invalid_input", message).with_param(param);
     if request.model.trim().is_empty() || request.model.len() > 256 {
         return Err(bad("model", "model must be 1 to 256 characters".into()));
@@ -413,6 +423,27 @@ async fn spec_from(request: DeploymentRequest) -> Result<(DeploymentSpec, u32, O
         }
         other => other,
     };
+    if request.gpus_per_replica > 0 && request.memory_per_gpu_mib == Some(0) {
+        return Err(bad("memory_per_gpu_mib", "memory_per_gpu_mib must be above 0".into()));
+    }
+    // A model from the repository: its version is pinned now ("latest" resolved), and
+    // its recorded config gives the estimate.
+    let record = if model_path.is_none() {
+        let stores = super::registry::stores(state)?;
+        let record = stores.db.models().find_platform(&request.model, &request.model_version).await.map_err(|_| {
+            bad(
+                "model",
+                format!(
+                    "model {}:{} is not in the repository: import it with `maas model import PATH --name {}`, or give a model_path",
+                    request.model, request.model_version, request.model
+                ),
+            )
+        })?;
+        request.model_version.clone_from(&record.version);
+        Some(record)
+    } else {
+        None
+    };
     let mut estimate = None;
     let memory_per_gpu_mib = match (request.memory_per_gpu_mib, &model_path) {
         _ if request.gpus_per_replica == 0 => 0,
@@ -429,10 +460,17 @@ async fn spec_from(request: DeploymentRequest) -> Result<(DeploymentSpec, u32, O
             per_gpu
         }
         (None, None) => {
-            return Err(bad(
-                "memory_per_gpu_mib",
-                "give memory_per_gpu_mib, or a model_path to estimate it from the model's files".into(),
-            ));
+            let record = record.as_ref().expect("looked up above");
+            let made =
+                estimate_version(record, request.context_tokens, request.concurrent_sequences).map_err(|reason| {
+                    bad(
+                        "memory_per_gpu_mib",
+                        format!("cannot estimate the model's memory ({reason}): give memory_per_gpu_mib"),
+                    )
+                })?;
+            let per_gpu = made.estimate.total_mib.div_ceil(u64::from(request.gpus_per_replica));
+            estimate = Some(made);
+            per_gpu
         }
     };
     let spec = DeploymentSpec {
@@ -512,7 +550,7 @@ pub async fn create_deployment(
             "a deployment named {name} exists: update it with PUT /v1/deployments/{name} or choose another name"
         )));
     }
-    let (spec, replicas, estimate) = spec_from(request).await?;
+    let (spec, replicas, estimate) = spec_from(state, request).await?;
     put(state, name, spec, replicas, estimate, true).await
 }
 
@@ -540,7 +578,7 @@ pub async fn update_deployment(
     if !handle.read_local(|cluster| cluster.deployment(&DeploymentId(id.clone())).is_some()) {
         return Err(not_found(&id));
     }
-    let (spec, replicas, estimate) = spec_from(request).await?;
+    let (spec, replicas, estimate) = spec_from(state, request).await?;
     put(state, id, spec, replicas, estimate, false).await
 }
 
@@ -604,11 +642,26 @@ pub async fn estimate_deployment(state: &AppState, request: EstimateRequest) -> 
     if !(0.0..=8.0).contains(&dtype_bytes) {
         return Err(bad("dtype_bytes", "dtype_bytes must be between 0 and 8".into()));
     }
-    let (path, context, sequences) = (request.model_path.clone(), request.context_tokens, request.concurrent_sequences);
-    let model = tokio::task::spawn_blocking(move || estimate_model(Path::new(&path), context, sequences, dtype_bytes))
-        .await
-        .map_err(|err| ApiError::internal(format!("the estimate failed: {err}")))?
-        .map_err(|reason| bad("model_path", reason))?;
+    let (context, sequences) = (request.context_tokens, request.concurrent_sequences);
+    let model = match (&request.model_path, &request.model) {
+        (Some(path), _) => {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || estimate_model(Path::new(&path), context, sequences, dtype_bytes))
+                .await
+                .map_err(|err| ApiError::internal(format!("the estimate failed: {err}")))?
+                .map_err(|reason| bad("model_path", reason))?
+        }
+        (None, Some(name)) => {
+            let record = super::registry::stores(state)?
+                .db
+                .models()
+                .find_platform(name, &request.model_version)
+                .await
+                .map_err(|err| bad("model", err.to_string()))?;
+            estimate_version(&record, context, sequences).map_err(|reason| bad("model", reason))?
+        }
+        (None, None) => return Err(bad("model_path", "give a model_path or a model of the repository".into())),
+    };
     let memory_per_gpu_mib = model.estimate.total_mib.div_ceil(u64::from(request.gpus_per_replica));
 
     // Where one replica would go now: the scheduler on the committed placements with only

@@ -5,7 +5,9 @@ pub mod debug;
 pub mod deployments;
 pub mod health;
 pub mod index;
+pub mod openai;
 pub mod openapi;
+pub mod registry;
 
 use std::sync::Arc;
 
@@ -21,6 +23,10 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .or(cluster::routes(state))
         .unify()
         .or(deployments::routes(state))
+        .unify()
+        .or(registry::routes(state))
+        .unify()
+        .or(openai::routes(state))
         .unify()
         .or(openapi::routes(state))
         .unify()

@@ -34,6 +34,14 @@ use crate::state::AppState;
         super::deployments::estimate_deployment,
         super::deployments::drain_node,
         super::deployments::undrain_node,
+        super::registry::upload_blob,
+        super::registry::download_blob,
+        super::registry::register_model,
+        super::registry::list_models,
+        super::openai::list_models,
+        super::openai::chat_completions,
+        super::openai::completions,
+        super::openai::embeddings,
         super::debug::delay,
         super::debug::echo,
     ),
@@ -41,6 +49,8 @@ use crate::state::AppState;
     tags(
         (name = "operations", description = "Health, readiness, metrics and diagnostics"),
         (name = "cluster", description = "The control plane: raft status, members and nodes"),
+        (name = "inference", description = "OpenAI-compatible inference: models, chat, completions, embeddings"),
+        (name = "models", description = "The model repository: blobs and immutable model versions"),
         (name = "deployments", description = "Deployments of models: replicas placed by GPU memory, rolling updates, estimates")
     )
 )]

@@ -2,7 +2,9 @@
 -- tests compare the two. A model is a name owned by the platform (visible to every
 -- tenant; imported by operators), a user or an organisation; a version is immutable: its
 -- files are blobs in the blob store, listed in `files` as JSON
--- ([{"path": ..., "sha256": ..., "size_bytes": ...}]).
+-- ([{"path": ..., "sha256": ..., "size_bytes": ...}]); `config` is the model's own
+-- description as JSON (config.json, or a GGUF file's scalar metadata), which estimates
+-- read without the files.
 
 CREATE TABLE models (
     id             TEXT PRIMARY KEY NOT NULL,
@@ -25,6 +27,7 @@ CREATE TABLE model_versions (
     dtype           TEXT NOT NULL,
     quantization    TEXT NOT NULL,
     tasks           TEXT NOT NULL,
+    config          TEXT NOT NULL,
     files           TEXT NOT NULL,
     total_bytes     BIGINT NOT NULL CHECK (total_bytes >= 0),
     created_at_ms   BIGINT NOT NULL,

@@ -35,6 +35,8 @@ pub struct ModelMetadata {
     pub quantization: String,
     /// `chat`, `completion`, `embedding`.
     pub tasks: Vec<String>,
+    /// The model's own description: `config.json`, or a GGUF file's scalar metadata.
+    pub config: serde_json::Value,
 }
 
 #[derive(Debug, Clone)]
@@ -110,13 +112,14 @@ struct VersionRow {
     dtype: String,
     quantization: String,
     tasks: String,
+    config: String,
     files: String,
     total_bytes: i64,
     created_at_ms: i64,
 }
 
 const VERSION_COLUMNS: &str = "v.id, v.model_id, m.name, m.owner_kind, m.owner_id, m.description, v.version, v.format, \
-     v.architecture, v.parameters, v.context_length, v.dtype, v.quantization, v.tasks, v.files, v.total_bytes, v.created_at_ms";
+     v.architecture, v.parameters, v.context_length, v.dtype, v.quantization, v.tasks, v.config, v.files, v.total_bytes, v.created_at_ms";
 
 fn version_from_row(row: VersionRow) -> Result<ModelVersionRecord> {
     let VersionRow {
@@ -134,6 +137,7 @@ fn version_from_row(row: VersionRow) -> Result<ModelVersionRecord> {
         dtype,
         quantization,
         tasks,
+        config,
         files,
         total_bytes,
         created_at_ms,
@@ -150,6 +154,7 @@ fn version_from_row(row: VersionRow) -> Result<ModelVersionRecord> {
             dtype,
             quantization,
             tasks: serde_json::from_str(&tasks).map_err(|e| corrupt("tasks", e))?,
+            config: serde_json::from_str(&config).map_err(|e| corrupt("config", e))?,
         },
         files: serde_json::from_str(&files).map_err(|e| corrupt("files", e))?,
         total_bytes: u64::try_from(total_bytes).unwrap_or(0),
@@ -165,7 +170,7 @@ fn version_from_row(row: VersionRow) -> Result<ModelVersionRecord> {
 }
 
 /// Checks a new version's name, version and files; returns its total size.
-fn validate(new: &NewModelVersion) -> Result<u64> {
+pub fn validate(new: &NewModelVersion) -> Result<u64> {
     if !model_name_is_valid(&new.name) {
         return Err(StoreError::InvalidInput(format!(
             "model name `{}` must be 1 to 128 letters, digits, `.`, `-`, `_` or `/`",
@@ -248,8 +253,8 @@ impl Models<'_> {
         let id = new_id("mv");
         sqlx::query(
             "INSERT INTO model_versions (id, model_id, version, format, architecture, parameters, context_length, dtype, \
-             quantization, tasks, files, total_bytes, created_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+             quantization, tasks, config, files, total_bytes, created_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(&id)
         .bind(&model_id)
@@ -261,6 +266,7 @@ impl Models<'_> {
         .bind(&new.metadata.dtype)
         .bind(&new.metadata.quantization)
         .bind(serde_json::to_string(&new.metadata.tasks).expect("strings serialise"))
+        .bind(new.metadata.config.to_string())
         .bind(serde_json::to_string(&new.files).expect("files serialise"))
         .bind(to_i64(total_bytes, "total size")?)
         .bind(now)

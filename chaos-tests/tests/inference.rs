@@ -1,0 +1,166 @@
+//! The OpenAI-compatible API on a real `maas` process: a tiny model imported into the
+//! repository and deployed on a simulated GPU answers `/v1/models`, chat completions (whole
+//! and streamed over SSE, ending in `data: [DONE]`, with usage), text completions, and
+//! refuses malformed requests with OpenAI-shaped 4xx errors.
+
+use std::process::Command;
+use std::time::Duration;
+
+use maas_chaos_tests::{MaasProcess, maas_binary, wait_until};
+use serde_json::{Value, json};
+
+const COOKIE: &str = "inference-test-cookie";
+
+async fn serving_node() -> (MaasProcess, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let node = MaasProcess::start_with_config(&format!(
+        "[node]\n[[node.simulated_gpus]]\nmodel = \"H100\"\nmemory_mib = 81920\ncount = 1\n\
+         [listen]\napi = \"127.0.0.1:0\"\ncluster = \"127.0.0.1:0\"\n[cluster]\ncookie = \"{COOKIE}\"\n"
+    ))
+    .unwrap();
+    node.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let model = dir.path().join("tiny");
+    let cli = |args: &[&str]| {
+        let output = Command::new(maas_binary())
+            .args(args)
+            .args(["--cookie", COOKIE, "--server", &node.base_url])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "maas {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    };
+    let made = Command::new(maas_binary()).args(["dev", "tiny-model"]).arg(&model).output().unwrap();
+    assert!(made.status.success());
+    cli(&["model", "import", model.to_str().unwrap(), "--name", "tiny", "--quiet"]);
+    cli(&["deploy", "tiny", "--name", "chat", "--context", "256", "--sequences", "4"]);
+    wait_until("the deployment serves", Duration::from_secs(60), || async {
+        let models: Value = reqwest::get(format!("{}/v1/models", node.base_url)).await.unwrap().json().await.unwrap();
+        models["data"].as_array().is_some_and(|d| d.iter().any(|m| m["id"] == "chat"))
+    })
+    .await
+    .unwrap();
+    (node, dir)
+}
+
+async fn post(node: &MaasProcess, path: &str, body: &Value) -> (u16, Value) {
+    let response = reqwest::Client::new().post(format!("{}{path}", node.base_url)).json(body).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployed_model_answers_the_openai_api() {
+    let (node, _dir) = serving_node().await;
+    let chat = json!({"model": "chat", "messages": [{"role": "user", "content": "hello world"}], "max_tokens": 8, "temperature": 0});
+    let (status, first) = post(&node, "/v1/chat/completions", &chat).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["object"], "chat.completion");
+    assert_eq!(first["choices"][0]["message"]["role"], "assistant");
+    let usage = &first["usage"];
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 0);
+    assert!((1..=8).contains(&usage["completion_tokens"].as_u64().unwrap()), "{usage}");
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap())
+    );
+    let (_, again) = post(&node, "/v1/chat/completions", &chat).await;
+    assert_eq!(
+        again["choices"][0]["message"]["content"], first["choices"][0]["message"]["content"],
+        "greedy is deterministic"
+    );
+
+    // Streamed: the same text in chunks, a finish reason, usage, then [DONE].
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", node.base_url))
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let body = response.text().await.unwrap();
+    let events: Vec<&str> =
+        body.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim).filter(|l| !l.is_empty()).collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{body}");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let text: String =
+        chunks.iter().filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str()).collect::<Vec<_>>().concat();
+    assert_eq!(text, first["choices"][0]["message"]["content"].as_str().unwrap());
+    assert!(chunks.iter().any(|c| c["choices"].get(0).is_some_and(|ch| !ch["finish_reason"].is_null())));
+    assert_eq!(chunks.last().unwrap()["usage"], first["usage"], "the last chunk carries the usage");
+
+    // Text completions, with log-probabilities.
+    let (status, completion) = post(
+        &node,
+        "/v1/completions",
+        &json!({"model": "chat", "prompt": "the model", "max_tokens": 4, "logprobs": 2, "seed": 7}),
+    )
+    .await;
+    assert_eq!(status, 200, "{completion}");
+    assert_eq!(completion["object"], "text_completion");
+    let logprobs = completion["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap();
+    assert!(!logprobs.is_empty() && logprobs.iter().all(|l| l.as_f64().is_some_and(|l| l <= 0.0)), "{completion}");
+
+    // Malformed requests: OpenAI-shaped errors naming the problem.
+    let cases = [
+        (json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}), 404, "model_not_found"),
+        (
+            json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}),
+            400,
+            "max_tokens",
+        ),
+        (json!({"model": "chat", "messages": []}), 400, "messages"),
+        (json!({"model": "chat", "messages": [{"role": "wizard", "content": "hi"}]}), 400, "wizard"),
+        (json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "n": 3}), 400, "n = 1"),
+        (
+            json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}),
+            400,
+            "temperature",
+        ),
+        (
+            json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "frobnicate": true}),
+            400,
+            "frobnicate",
+        ),
+        (json!({"model": "chat", "messages": [{"role": "user", "content": "word ".repeat(2000)}]}), 400, "context"),
+    ];
+    for (body, status, mention) in cases {
+        let (got, answer) = post(&node, "/v1/chat/completions", &body).await;
+        assert_eq!(got, status, "{answer}");
+        let error = &answer["error"];
+        assert!(error["type"].is_string() && error["message"].is_string(), "OpenAI's error shape: {answer}");
+        assert!(answer.to_string().contains(mention), "{answer} should mention {mention}");
+    }
+    let bad_json = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", node.base_url))
+        .header("content-type", "application/json")
+        .body("{\"model\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_json.status(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_python_package_works_unchanged() {
+    let (node, _dir) = serving_node().await;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_sdk.py");
+    let base_url = node.base_url.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(script)
+            .arg(base_url)
+            .arg("chat")
+            .output()
+            .expect("python3 runs (.ci/run installs openai)")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("{stdout}{stderr}");
+    assert!(output.status.success(), "the openai package's checks failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+}

@@ -1,0 +1,258 @@
+//! Decode throughput of the engine on this machine's CPU, against its memory bandwidth.
+//!
+//! ```sh
+//! cargo run --release -p maas-engine --example decode_bench              # a random Qwen2.5-0.5B-shaped model
+//! cargo run --release -p maas-engine --example decode_bench -- --model DIR_OR_GGUF
+//! cargo run --release -p maas-engine --example decode_bench -- --write-model /tmp/q05   # keep the random model
+//! ```
+//!
+//! Reports: the memory bandwidth (summing a 1 GiB buffer, one thread and all threads);
+//! single-stream decode tokens/s against the bound that bandwidth sets (bandwidth divided
+//! by the weight bytes one decode step reads); the total tokens/s of 16 concurrent
+//! streams; the time to the first token of a 512-token prompt.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use maas_engine::tiny::{TinyShape, write_qwen2_with_vocab};
+use maas_engine::{Engine, EngineOptions, GenerationEvent, GenerationRequest, SamplingParams};
+use tokio::sync::mpsc::Receiver;
+
+const GIB: usize = 1 << 30;
+
+struct Args {
+    model: Option<PathBuf>,
+    /// Where to write (and keep) the random model; a temporary folder by default.
+    write_model: Option<PathBuf>,
+    tokens: usize,
+    streams: usize,
+    prompt_tokens: usize,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args { model: None, write_model: None, tokens: 64, streams: 16, prompt_tokens: 512 };
+    let mut iter = std::env::args().skip(1);
+    while let Some(arg) = iter.next() {
+        let mut value = || iter.next().ok_or_else(|| anyhow::anyhow!("{arg} needs a value"));
+        match arg.as_str() {
+            "--model" => args.model = Some(PathBuf::from(value()?)),
+            "--write-model" => args.write_model = Some(PathBuf::from(value()?)),
+            "--tokens" => args.tokens = value()?.parse()?,
+            "--streams" => args.streams = value()?.parse()?,
+            "--prompt-tokens" => args.prompt_tokens = value()?.parse()?,
+            other => anyhow::bail!(
+                "unknown argument {other}: use --model, --write-model, --tokens, --streams, --prompt-tokens"
+            ),
+        }
+    }
+    Ok(args)
+}
+
+/// Reads `buffer` once with `threads` threads; returns bytes per second.
+#[allow(clippy::cast_precision_loss)]
+fn read_bandwidth(buffer: &[f32], threads: usize) -> f64 {
+    let chunk = buffer.len().div_ceil(threads);
+    let start = Instant::now();
+    let total: f32 = std::thread::scope(|scope| {
+        let handles: Vec<_> = buffer
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    // Sixteen independent lanes, so the sum vectorises and memory is the limit.
+                    let mut lanes = [0.0f32; 16];
+                    for block in part.chunks_exact(16) {
+                        for (lane, value) in lanes.iter_mut().zip(block) {
+                            *lane += value;
+                        }
+                    }
+                    lanes.iter().sum::<f32>()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    std::hint::black_box(total);
+    std::mem::size_of_val(buffer) as f64 / elapsed
+}
+
+/// The best of a few reads of a 1 GiB buffer.
+#[allow(clippy::cast_precision_loss)]
+fn memory_bandwidth(threads: usize) -> f64 {
+    let buffer: Vec<f32> = (0..GIB / 4).map(|i| (i % 7) as f32).collect();
+    (0..5).map(|_| read_bandwidth(&buffer, threads)).fold(0.0, f64::max)
+}
+
+fn request(prompt: &str, max_tokens: usize) -> GenerationRequest {
+    GenerationRequest {
+        prompt: prompt.into(),
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        ignore_eos: true,
+        add_special_tokens: false,
+        ..GenerationRequest::default()
+    }
+}
+
+/// Waits for the next token; returns false at the end of the stream.
+fn next_token(events: &mut Receiver<GenerationEvent>) -> anyhow::Result<bool> {
+    match events.blocking_recv() {
+        Some(GenerationEvent::Token { .. }) => Ok(true),
+        Some(GenerationEvent::Done { .. }) | None => Ok(false),
+        Some(GenerationEvent::Failed(reason)) => anyhow::bail!("generation failed: {reason}"),
+    }
+}
+
+/// Decode tokens/s of one stream: from its first event to its end, counted by the engine
+/// (events may come in bursts where text waits to settle).
+#[allow(clippy::cast_precision_loss)]
+fn single_stream(engine: &Engine, tokens: usize) -> anyhow::Result<f64> {
+    let mut events = engine.submit(request("hello world", tokens))?;
+    next_token(&mut events)?;
+    let start = Instant::now();
+    let generated_before = engine.stats().tokens_generated_total;
+    while next_token(&mut events)? {}
+    let generated = engine.stats().tokens_generated_total - generated_before;
+    Ok(generated as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Total decode tokens/s of `streams` concurrent streams, once all have started.
+#[allow(clippy::cast_precision_loss)]
+fn concurrent_streams(engine: &Engine, streams: usize, tokens: usize) -> anyhow::Result<f64> {
+    let prompts = ["hello world", "what is the answer", "the tiny model", "why and how", "yes no maybe"];
+    let mut receivers = Vec::new();
+    for index in 0..streams {
+        receivers.push(engine.submit(request(prompts[index % prompts.len()], tokens))?);
+    }
+    for events in &mut receivers {
+        next_token(events)?;
+    }
+    let start = Instant::now();
+    let generated_before = engine.stats().tokens_generated_total;
+    // Until the first stream ends, all of them decode together.
+    let mut finished = false;
+    while !finished {
+        for events in &mut receivers {
+            if !next_token(events)? {
+                finished = true;
+                break;
+            }
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let generated = engine.stats().tokens_generated_total - generated_before;
+    for mut events in receivers {
+        while next_token(&mut events)? {}
+    }
+    Ok(generated as f64 / elapsed)
+}
+
+/// A prompt of exactly `tokens` tokens.
+fn prompt_of(engine: &Engine, tokens: usize) -> anyhow::Result<String> {
+    let words = ["hello", "world", "the", "answer", "model", "question", "tiny", "random"];
+    let mut prompt = String::new();
+    let mut index = 0;
+    while engine.count_tokens(&prompt)? < tokens {
+        prompt.push_str(words[index % words.len()]);
+        prompt.push(' ');
+        index += 1;
+    }
+    while engine.count_tokens(&prompt)? > tokens {
+        prompt.pop();
+    }
+    anyhow::ensure!(engine.count_tokens(&prompt)? == tokens, "cannot build a prompt of exactly {tokens} tokens");
+    Ok(prompt)
+}
+
+fn time_to_first_token(engine: &Engine, prompt: &str) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let mut events = engine.submit(request(prompt, 1))?;
+    next_token(&mut events)?;
+    let elapsed = start.elapsed();
+    while next_token(&mut events)? {}
+    Ok(elapsed)
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    println!("machine: {threads} threads, load average {}", load_average());
+    let one_thread = memory_bandwidth(1);
+    let all_threads = memory_bandwidth(threads);
+    println!(
+        "memory bandwidth (sum of a 1 GiB f32 buffer, best of 5): {:.1} GB/s on 1 thread, {:.1} GB/s on {threads}",
+        one_thread / 1e9,
+        all_threads / 1e9
+    );
+
+    let scratch = tempfile::tempdir()?;
+    let model = if let Some(path) = args.model {
+        path
+    } else {
+        let dir = args.write_model.unwrap_or_else(|| scratch.path().join("qwen2.5-0.5b-shaped"));
+        let start = Instant::now();
+        let shape = TinyShape { hidden: 896, layers: 24, heads: 14, kv_heads: 2, intermediate: 4864, context: 4096 };
+        if !dir.join("config.json").is_file() {
+            write_qwen2_with_vocab(&dir, shape, 151_936, 1)?;
+            println!("wrote a random Qwen2.5-0.5B-shaped f32 model in {:.1} s", start.elapsed().as_secs_f64());
+        }
+        dir
+    };
+    let start = Instant::now();
+    let engine = Engine::load(&model, EngineOptions { max_batch: args.streams.max(1), ..EngineOptions::default() })?;
+    let info = engine.info();
+    println!(
+        "loaded {} ({}, {} parameters, {} weights) in {:.1} s",
+        info.architecture,
+        info.format,
+        info.parameters,
+        info.dtype,
+        start.elapsed().as_secs_f64()
+    );
+    let bytes_per_token = info.decode_bytes_per_token as f64;
+    let bound = all_threads / bytes_per_token;
+    println!("weights read per decode step: {:.2} GB → bandwidth bound {bound:.2} tokens/s", bytes_per_token / 1e9);
+
+    // Warm up: first allocations, page faults of the weights.
+    single_stream(&engine, 8)?;
+    // Best of a few rounds: other work on the machine only ever slows a round down.
+    let mut single = 0.0f64;
+    for _ in 0..3 {
+        single = single.max(single_stream(&engine, args.tokens)?);
+    }
+    println!(
+        "single stream: {single:.2} tokens/s ({:.0}% of the bound, {:.1} ms/token; best of 3)",
+        100.0 * single / bound,
+        1000.0 / single
+    );
+    let mut concurrent = 0.0f64;
+    for _ in 0..2 {
+        concurrent = concurrent.max(concurrent_streams(&engine, args.streams, args.tokens)?);
+    }
+    println!(
+        "{} concurrent streams: {concurrent:.2} tokens/s in total ({:.1}x single; best of 2)",
+        args.streams,
+        concurrent / single
+    );
+    let prompt = prompt_of(&engine, args.prompt_tokens)?;
+    let mut firsts: Vec<Duration> =
+        (0..3).map(|_| time_to_first_token(&engine, &prompt)).collect::<anyhow::Result<_>>()?;
+    firsts.sort();
+    println!(
+        "time to first token, {}-token prompt: {:.2} s (median of 3; best {:.2} s)",
+        args.prompt_tokens,
+        firsts[1].as_secs_f64(),
+        firsts[0].as_secs_f64()
+    );
+    println!("load average at the end: {}", load_average());
+    Ok(())
+}
+
+/// The 1-minute load average: other processes' work shows in the figures.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into())
+}

@@ -1,0 +1,1139 @@
+//! The OpenAI-compatible inference API: `/v1/models`, `/v1/chat/completions`,
+//! `/v1/completions` (both with SSE streaming ending in `data: [DONE]` and
+//! `stream_options.include_usage`) and `/v1/embeddings`. The `model` of a request names a
+//! deployment. Each request goes to a Ready replica of it anywhere in the cluster, chosen
+//! by power of two choices on this node's requests in flight to each replica; a replica on
+//! another node is reached over an internal route of its node
+//! (`/internal/replicas/{id}/generate`, NDJSON events), and a replica that fails before
+//! its first token is replaced by the next candidate.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt as _;
+use maas_actors::node::{ServingModel, ServingTable};
+use maas_consensus::state::{DeploymentId, NodeId, NodeStatus, ReplicaState};
+use maas_engine::{EngineError, FinishReason, GenerationEvent, GenerationRequest, SamplingParams};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use utoipa::ToSchema;
+use warp::filters::BoxedFilter;
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use super::cluster::{COOKIE_HEADER, check_cookie, control_plane};
+use super::with_state;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Requests this node has in flight to each replica, the load that routing balances.
+#[derive(Debug, Default)]
+pub struct InFlight(Mutex<HashMap<String, usize>>);
+
+struct InFlightGuard<'a>(&'a InFlight, String);
+
+impl InFlight {
+    fn enter(&self, replica_id: &str) -> InFlightGuard<'_> {
+        *self.0.lock().expect("in-flight lock").entry(replica_id.to_owned()).or_default() += 1;
+        InFlightGuard(self, replica_id.to_owned())
+    }
+
+    fn load(&self, replica_id: &str) -> usize {
+        self.0.lock().expect("in-flight lock").get(replica_id).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.0.0.lock().expect("in-flight lock");
+        if let Some(count) = map.get_mut(&self.1) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                map.remove(&self.1);
+            }
+        }
+    }
+}
+
+pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
+    let models = warp::path!("v1" / "models")
+        .and(warp::get())
+        .and(with_state(state))
+        .and_then(|s: Arc<AppState>| async move { list_models(&s).map_err(warp::reject::custom) });
+    let chat = warp::path!("v1" / "chat" / "completions")
+        .and(warp::post())
+        .and(with_state(state))
+        .and(crate::json::json_body::<ChatRequest>(8 * 1024 * 1024))
+        .and_then(|s: Arc<AppState>, request: ChatRequest| async move {
+            chat_completions(s, request).await.map_err(warp::reject::custom)
+        });
+    let completions = warp::path!("v1" / "completions")
+        .and(warp::post())
+        .and(with_state(state))
+        .and(crate::json::json_body::<CompletionRequest>(8 * 1024 * 1024))
+        .and_then(|s: Arc<AppState>, request: CompletionRequest| async move {
+            completions(s, request).await.map_err(warp::reject::custom)
+        });
+    let embeddings = warp::path!("v1" / "embeddings")
+        .and(warp::post())
+        .and(with_state(state))
+        .and(crate::json::json_body::<EmbeddingRequest>(8 * 1024 * 1024))
+        .and_then(|s: Arc<AppState>, request: EmbeddingRequest| async move {
+            embeddings(s, request).await.map_err(warp::reject::custom)
+        });
+    let internal_generate = warp::path!("internal" / "replicas" / String / "generate")
+        .and(warp::post())
+        .and(with_state(state))
+        .and(warp::header::optional::<String>(COOKIE_HEADER))
+        .and(crate::json::json_body::<RemoteRequest>(8 * 1024 * 1024))
+        .and_then(|id: String, s: Arc<AppState>, cookie: Option<String>, body: RemoteRequest| async move {
+            internal_generate(&s, cookie.as_deref(), &id, body).map_err(warp::reject::custom)
+        });
+    let internal_embed = warp::path!("internal" / "replicas" / String / "embed")
+        .and(warp::post())
+        .and(with_state(state))
+        .and(warp::header::optional::<String>(COOKIE_HEADER))
+        .and(crate::json::json_body::<Vec<String>>(8 * 1024 * 1024))
+        .and_then(|id: String, s: Arc<AppState>, cookie: Option<String>, texts: Vec<String>| async move {
+            internal_embed(&s, cookie.as_deref(), &id, texts).await.map_err(warp::reject::custom)
+        });
+    models
+        .or(chat)
+        .unify()
+        .or(completions)
+        .unify()
+        .or(embeddings)
+        .unify()
+        .or(internal_generate)
+        .unify()
+        .or(internal_embed)
+        .unify()
+        .boxed()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn serving(state: &AppState) -> Result<&ServingTable, ApiError> {
+    state.serving.get().ok_or_else(|| ApiError::unavailable("the node is starting; retry shortly"))
+}
+
+// ---- the model list ----
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelObject {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelList {
+    pub object: &'static str,
+    pub data: Vec<ModelObject>,
+}
+
+/// The models that can be called: every deployment with a Ready replica (its name is the
+/// `model` of a request).
+#[utoipa::path(get, path = "/v1/models", tag = "inference", responses((status = 200, body = ModelList)))]
+pub fn list_models(state: &AppState) -> Result<Response, ApiError> {
+    let handle = control_plane(state)?;
+    let data = handle.read_local(|cluster| {
+        cluster
+            .deployments()
+            .values()
+            .filter(|d| cluster.replicas_of_deployment(&d.id).any(|r| r.state == ReplicaState::Ready))
+            .map(|d| ModelObject {
+                id: d.id.0.clone(),
+                object: "model",
+                created: d.created_at_ms / 1000,
+                owned_by: format!("maas ({}:{})", d.spec.model_name, d.spec.model_version),
+            })
+            .collect()
+    });
+    Ok(warp::reply::json(&ModelList { object: "list", data }).into_response())
+}
+
+// ---- routing ----
+
+/// Where a replica runs.
+#[derive(Debug, Clone)]
+struct Target {
+    replica_id: String,
+    /// None: on this node.
+    remote_api: Option<String>,
+}
+
+fn next_random() -> u64 {
+    static STATE: AtomicU64 = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
+    // splitmix64 over a shared counter: cheap, good enough to break ties between replicas.
+    let mut z = STATE.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The Ready replicas of deployment `model`, best first: the less loaded of two picked
+/// at random, then the rest (the fallbacks of a retry).
+fn candidates(state: &AppState, model: &str) -> Result<Vec<Target>, ApiError> {
+    let handle = control_plane(state)?;
+    let own = handle.status().id;
+    let found = handle.read_local(|cluster| {
+        let deployment = cluster.deployment(&DeploymentId(model.to_owned()))?;
+        let targets: Vec<Target> = cluster
+            .replicas_of_deployment(&deployment.id)
+            .filter(|r| r.state == ReplicaState::Ready)
+            .filter_map(|r| {
+                let node = cluster.node(r.node_id)?;
+                if !matches!(node.status, NodeStatus::Alive | NodeStatus::Draining) {
+                    return None;
+                }
+                let remote_api = (r.node_id != NodeId(own)).then(|| node.api_addr.clone());
+                Some(Target { replica_id: r.id.0.clone(), remote_api })
+            })
+            .collect();
+        Some(targets)
+    });
+    let Some(mut targets) = found else {
+        return Err(ApiError::new(
+            http::StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!("the model `{model}` does not exist: GET /v1/models lists the models you can call"),
+        )
+        .with_param("model"));
+    };
+    if targets.is_empty() {
+        return Err(ApiError::unavailable(format!(
+            "the model `{model}` has no ready replica yet: `maas deployment list` shows why; retry shortly"
+        )));
+    }
+    if targets.len() >= 2 {
+        let count = targets.len() as u64;
+        let a = usize::try_from(next_random() % count).unwrap_or(0);
+        let mut b = usize::try_from(next_random() % (count - 1)).unwrap_or(0);
+        if b >= a {
+            b += 1;
+        }
+        let chosen = if state.in_flight.load(&targets[b].replica_id) < state.in_flight.load(&targets[a].replica_id) {
+            b
+        } else {
+            a
+        };
+        targets.swap(0, chosen);
+    }
+    Ok(targets)
+}
+
+fn engine_error(err: &EngineError) -> ApiError {
+    match err {
+        EngineError::QueueFull { .. } => ApiError::new(
+            http::StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "replica_queue_full",
+            err.to_string(),
+        ),
+        EngineError::PromptTooLong { .. } => {
+            ApiError::bad_request("context_length_exceeded", err.to_string()).with_param("messages")
+        }
+        EngineError::BadRequest(_) | EngineError::Template(_) | EngineError::Tokenizer(_) => {
+            ApiError::bad_request("invalid_request", err.to_string())
+        }
+        _ => ApiError::internal(err.to_string()),
+    }
+}
+
+/// Starts `request` on the first candidate that takes it; a candidate that fails before
+/// answering (gone, full) is skipped for the next.
+async fn start_generation(
+    state: &Arc<AppState>,
+    model: &str,
+    request: GenerationRequest,
+    render: Option<Vec<maas_engine::ChatMessage>>,
+) -> Result<(mpsc::Receiver<GenerationEvent>, String), ApiError> {
+    let targets = candidates(state, model)?;
+    let mut last_error = None;
+    for target in targets {
+        let mut request = request.clone();
+        let outcome = match &target.remote_api {
+            None => {
+                let Some(ServingModel::Generator(engine)) = serving(state)?.get(&target.replica_id) else {
+                    last_error =
+                        Some(ApiError::unavailable(format!("replica {} is not loaded here yet", target.replica_id)));
+                    continue;
+                };
+                if let Some(messages) = &render {
+                    request.prompt = engine.render_chat(messages, true).map_err(|e| engine_error(&e))?;
+                    request.add_special_tokens = false;
+                }
+                engine.submit(request).map_err(|e| engine_error(&e))
+            }
+            Some(api) => remote_generate(state, api, &target.replica_id, request, render.clone()).await,
+        };
+        match outcome {
+            Ok(events) => return Ok((events, target.replica_id)),
+            // A bad request fails the same everywhere.
+            Err(err) if err.status == http::StatusCode::BAD_REQUEST => return Err(err),
+            Err(err) => {
+                tracing::warn!(replica = %target.replica_id, error = %err.message, "replica refused a request; trying another");
+                last_error = Some(err);
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| ApiError::unavailable("no replica could take the request; retry shortly")))
+}
+
+/// A generation event on the internal wire.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+enum WireEvent {
+    Token { text: String, token_id: u32, logprob: Option<WireLogprob> },
+    Done { finish_reason: WireFinish, prompt_tokens: usize, completion_tokens: usize },
+    Failed { message: String },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum WireFinish {
+    Stop,
+    Length,
+    Cancelled,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct WireLogprob {
+    token: String,
+    logprob: f32,
+    top: Vec<(u32, String, f32)>,
+}
+
+impl From<GenerationEvent> for WireEvent {
+    fn from(event: GenerationEvent) -> Self {
+        match event {
+            GenerationEvent::Token { text, token_id, logprob } => WireEvent::Token {
+                text,
+                token_id,
+                logprob: logprob.map(|l| WireLogprob {
+                    token: l.token,
+                    logprob: l.logprob,
+                    top: l.top.into_iter().map(|t| (t.token_id, t.token, t.logprob)).collect(),
+                }),
+            },
+            GenerationEvent::Done { finish_reason, prompt_tokens, completion_tokens } => {
+                let finish_reason = match finish_reason {
+                    FinishReason::Stop => WireFinish::Stop,
+                    FinishReason::Length => WireFinish::Length,
+                    FinishReason::Cancelled => WireFinish::Cancelled,
+                };
+                WireEvent::Done { finish_reason, prompt_tokens, completion_tokens }
+            }
+            GenerationEvent::Failed(message) => WireEvent::Failed { message },
+        }
+    }
+}
+
+impl From<WireEvent> for GenerationEvent {
+    fn from(event: WireEvent) -> Self {
+        match event {
+            WireEvent::Token { text, token_id, logprob } => GenerationEvent::Token {
+                text,
+                token_id,
+                logprob: logprob.map(|l| maas_engine::TokenLogprob {
+                    token: l.token,
+                    logprob: l.logprob,
+                    top: l
+                        .top
+                        .into_iter()
+                        .map(|(token_id, token, logprob)| maas_engine::TopLogprob { token_id, token, logprob })
+                        .collect(),
+                }),
+            },
+            WireEvent::Done { finish_reason, prompt_tokens, completion_tokens } => {
+                let finish_reason = match finish_reason {
+                    WireFinish::Stop => FinishReason::Stop,
+                    WireFinish::Length => FinishReason::Length,
+                    WireFinish::Cancelled => FinishReason::Cancelled,
+                };
+                GenerationEvent::Done { finish_reason, prompt_tokens, completion_tokens }
+            }
+            WireEvent::Failed { message } => GenerationEvent::Failed(message),
+        }
+    }
+}
+
+/// The internal body: the request, and chat messages to render on the replica's node
+/// (its engine holds the template).
+#[derive(Debug, Serialize, Deserialize)]
+struct RemoteRequest {
+    request: GenerationRequest,
+    messages: Option<Vec<(String, String)>>,
+}
+
+async fn remote_generate(
+    state: &AppState,
+    api: &str,
+    replica_id: &str,
+    request: GenerationRequest,
+    render: Option<Vec<maas_engine::ChatMessage>>,
+) -> Result<mpsc::Receiver<GenerationEvent>, ApiError> {
+    let cookie = state.cluster_cookie.get().cloned().unwrap_or_default();
+    let body = RemoteRequest {
+        request,
+        messages: render.map(|messages| messages.into_iter().map(|m| (m.role, m.content)).collect()),
+    };
+    let url = format!("{}/internal/replicas/{replica_id}/generate", api.trim_end_matches('/'));
+    let response = state
+        .http
+        .post(&url)
+        .header(COOKIE_HEADER, cookie)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| ApiError::unavailable(format!("replica {replica_id}'s node is unreachable: {e}")))?;
+    let status = response.status();
+    if !status.is_success() {
+        let answer: Value = response.json().await.unwrap_or_default();
+        let message = answer["error"]["message"].as_str().unwrap_or("no message").to_owned();
+        return Err(match status {
+            http::StatusCode::BAD_REQUEST => ApiError::bad_request("invalid_request", message),
+            other => ApiError::new(other, "api_error", "replica_unavailable", message),
+        });
+    }
+    let (sender, receiver) = mpsc::channel(64);
+    let mut bytes = response.bytes_stream();
+    tokio::spawn(async move {
+        let mut buffer = Vec::new();
+        while let Some(chunk) = bytes.next().await {
+            let Ok(chunk) = chunk else {
+                let _ = sender.send(GenerationEvent::Failed("the replica's node broke the stream".into())).await;
+                return;
+            };
+            buffer.extend_from_slice(&chunk);
+            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buffer.drain(..=end).collect();
+                let event = match serde_json::from_slice::<WireEvent>(&line[..line.len() - 1]) {
+                    Ok(event) => GenerationEvent::from(event),
+                    Err(err) => GenerationEvent::Failed(format!("the replica's node sent a bad event: {err}")),
+                };
+                // The caller went away: dropping the response cancels the remote sequence.
+                if sender.send(event).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(receiver)
+}
+
+/// The serving end of [`remote_generate`]: runs the request on a replica of this node and
+/// streams its events as NDJSON. Peers present the cluster cookie.
+fn internal_generate(
+    state: &AppState,
+    cookie: Option<&str>,
+    replica_id: &str,
+    body: RemoteRequest,
+) -> Result<Response, ApiError> {
+    check_cookie(state, cookie)?;
+    let Some(ServingModel::Generator(engine)) = serving(state)?.get(replica_id) else {
+        return Err(ApiError::unavailable(format!("replica {replica_id} is not loaded on this node")));
+    };
+    let mut request = body.request;
+    if let Some(messages) = body.messages {
+        let messages: Vec<maas_engine::ChatMessage> =
+            messages.into_iter().map(|(role, content)| maas_engine::ChatMessage { role, content }).collect();
+        request.prompt = engine.render_chat(&messages, true).map_err(|e| engine_error(&e))?;
+        request.add_special_tokens = false;
+    }
+    let events = engine.submit(request).map_err(|e| engine_error(&e))?;
+    let lines = futures_util::stream::unfold(events, |mut events| async move {
+        let event = events.recv().await?;
+        let mut line = serde_json::to_vec(&WireEvent::from(event)).unwrap_or_default();
+        line.push(b'\n');
+        Some((Ok::<_, Infallible>(bytes::Bytes::from(line)), events))
+    });
+    Ok(warp::reply::with_header(warp::reply::stream(lines), "content-type", "application/x-ndjson").into_response())
+}
+
+async fn internal_embed(
+    state: &AppState,
+    cookie: Option<&str>,
+    replica_id: &str,
+    texts: Vec<String>,
+) -> Result<Response, ApiError> {
+    check_cookie(state, cookie)?;
+    let Some(ServingModel::Embedder(model)) = serving(state)?.get(replica_id) else {
+        return Err(ApiError::unavailable(format!("replica {replica_id} is not loaded on this node")));
+    };
+    let (vectors, tokens) = embed_local(model, texts).await?;
+    Ok(warp::reply::json(&json!({"embeddings": vectors, "tokens": tokens})).into_response())
+}
+
+async fn embed_local(
+    model: Arc<maas_engine::EmbeddingModel>,
+    texts: Vec<String>,
+) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let tokens = texts.iter().map(|t| model.count_tokens(t)).sum::<Result<usize, _>>()?;
+        Ok::<_, EngineError>((model.embed(&texts)?, tokens))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| engine_error(&e))
+}
+
+// ---- the OpenAI requests ----
+
+/// A message's content: a string, or OpenAI's list of parts (text parts are joined).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMessageIn {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Sampling fields shared by chat and text completions (written out in each request type:
+/// serde's `flatten` would hide which field a type error is in).
+#[derive(Debug, Clone, Default)]
+pub struct Sampling {
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<u64>,
+    pub stop: Option<Stop>,
+    pub n: Option<u32>,
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub user: Option<String>,
+}
+
+macro_rules! sampling_of {
+    ($request:expr) => {
+        Sampling {
+            max_tokens: $request.max_tokens,
+            max_completion_tokens: $request.max_completion_tokens,
+            temperature: $request.temperature,
+            top_p: $request.top_p,
+            top_k: $request.top_k,
+            presence_penalty: $request.presence_penalty,
+            frequency_penalty: $request.frequency_penalty,
+            repetition_penalty: $request.repetition_penalty,
+            seed: $request.seed,
+            stop: $request.stop.clone(),
+            n: $request.n,
+            stream: $request.stream,
+            stream_options: $request.stream_options.clone(),
+            user: $request.user.clone(),
+        }
+    };
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessageIn>,
+    #[serde(default)]
+    pub logprobs: bool,
+    #[serde(default)]
+    pub top_logprobs: Option<usize>,
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// An extension (vLLM's): sample among the k most likely tokens.
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    /// An extension (vLLM's): divides the logits of tokens already seen.
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: Prompt,
+    #[serde(default)]
+    pub logprobs: Option<usize>,
+    #[serde(default)]
+    pub echo: bool,
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// An extension (vLLM's): sample among the k most likely tokens.
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    /// An extension (vLLM's): divides the logits of tokens already seen.
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+fn bad(param: &str, message: impl Into<String>) -> ApiError {
+    ApiError::bad_request("invalid_request", message).with_param(param)
+}
+
+/// The engine request for OpenAI's sampling fields, checked.
+fn generation(sampling: &Sampling, prompt: String, logprobs: Option<usize>) -> Result<GenerationRequest, ApiError> {
+    if sampling.n.is_some_and(|n| n != 1) {
+        return Err(bad("n", "only n = 1 is supported: send several requests for several choices"));
+    }
+    let max_tokens = sampling.max_completion_tokens.or(sampling.max_tokens).unwrap_or(256);
+    if max_tokens < 1 {
+        return Err(bad("max_tokens", format!("max_tokens must be at least 1, got {max_tokens}")));
+    }
+    let top_k = sampling.top_k.unwrap_or(0);
+    if top_k < 0 {
+        return Err(bad("top_k", "top_k must not be negative"));
+    }
+    let stop = match &sampling.stop {
+        None => Vec::new(),
+        Some(Stop::One(text)) => vec![text.clone()],
+        Some(Stop::Many(list)) => list.clone(),
+    };
+    if stop.len() > 4 || stop.iter().any(String::is_empty) {
+        return Err(bad("stop", "stop takes up to 4 non-empty sequences"));
+    }
+    let params = SamplingParams {
+        temperature: sampling.temperature.unwrap_or(1.0),
+        top_p: sampling.top_p.unwrap_or(1.0),
+        top_k: usize::try_from(top_k).unwrap_or(0),
+        repetition_penalty: sampling.repetition_penalty.unwrap_or(1.0),
+        presence_penalty: sampling.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: sampling.frequency_penalty.unwrap_or(0.0),
+        seed: sampling.seed,
+    };
+    params.validate().map_err(|reason| bad("temperature", reason))?;
+    if logprobs.is_some_and(|n| n > maas_engine::engine::MAX_TOP_LOGPROBS) {
+        return Err(bad(
+            "top_logprobs",
+            format!("at most {} top log-probabilities", maas_engine::engine::MAX_TOP_LOGPROBS),
+        ));
+    }
+    Ok(GenerationRequest {
+        prompt,
+        max_tokens: usize::try_from(max_tokens).unwrap_or(usize::MAX),
+        sampling: params,
+        stop,
+        logprobs,
+        add_special_tokens: true,
+        ignore_eos: false,
+    })
+}
+
+fn message_text(message: &ChatMessageIn) -> Result<String, ApiError> {
+    Ok(match &message.content {
+        None => String::new(),
+        Some(Content::Text(text)) => text.clone(),
+        Some(Content::Parts(parts)) => {
+            let mut text = String::new();
+            for part in parts {
+                if part.kind != "text" {
+                    return Err(bad(
+                        "messages",
+                        format!("content parts of type `{}` are not supported: send text", part.kind),
+                    ));
+                }
+                text.push_str(part.text.as_deref().unwrap_or_default());
+            }
+            text
+        }
+    })
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+fn finish_name(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length | FinishReason::Cancelled => "length",
+    }
+}
+
+fn logprob_json(logprob: &maas_engine::TokenLogprob) -> Value {
+    json!({
+        "token": logprob.token,
+        "logprob": logprob.logprob,
+        "bytes": logprob.token.as_bytes(),
+        "top_logprobs": logprob.top.iter().map(|t| json!({"token": t.token, "logprob": t.logprob, "bytes": t.token.as_bytes()})).collect::<Vec<_>>(),
+    })
+}
+
+/// What a finished generation produced.
+struct Collected {
+    text: String,
+    logprobs: Vec<Value>,
+    finish_reason: FinishReason,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+async fn collect(mut events: mpsc::Receiver<GenerationEvent>) -> Result<Collected, ApiError> {
+    let mut collected = Collected {
+        text: String::new(),
+        logprobs: Vec::new(),
+        finish_reason: FinishReason::Cancelled,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+    };
+    while let Some(event) = events.recv().await {
+        match event {
+            GenerationEvent::Token { text, logprob, .. } => {
+                collected.text.push_str(&text);
+                if let Some(logprob) = &logprob {
+                    collected.logprobs.push(logprob_json(logprob));
+                }
+            }
+            GenerationEvent::Done { finish_reason, prompt_tokens, completion_tokens } => {
+                collected.finish_reason = finish_reason;
+                collected.prompt_tokens = prompt_tokens;
+                collected.completion_tokens = completion_tokens;
+                return Ok(collected);
+            }
+            GenerationEvent::Failed(message) => {
+                return Err(ApiError::internal(format!("generation failed: {message}")));
+            }
+        }
+    }
+    Err(ApiError::internal("the replica stopped before the generation finished"))
+}
+
+fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens})
+}
+
+/// OpenAI's chat completions: the messages rendered with the model's chat template.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "inference", request_body(content = Object, description = "OpenAI's chat completion request"),
+    responses((status = 200, description = "a chat.completion, or an SSE stream of chat.completion.chunk ending in data: [DONE]", content_type = "application/json"),
+        (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
+pub async fn chat_completions(state: Arc<AppState>, request: ChatRequest) -> Result<Response, ApiError> {
+    if request.messages.is_empty() {
+        return Err(bad("messages", "messages must hold at least one message"));
+    }
+    let mut messages = Vec::with_capacity(request.messages.len());
+    for message in &request.messages {
+        if !matches!(message.role.as_str(), "system" | "user" | "assistant" | "developer" | "tool") {
+            return Err(bad("messages", format!("unknown role `{}`", message.role)));
+        }
+        let role = if message.role == "developer" { "system".to_owned() } else { message.role.clone() };
+        messages.push(maas_engine::ChatMessage { role, content: message_text(message)? });
+    }
+    let logprobs = if request.logprobs { Some(request.top_logprobs.unwrap_or(0)) } else { None };
+    let sampling = sampling_of!(request);
+    let generation_request = generation(&sampling, String::new(), logprobs)?;
+    let (events, replica) = start_generation(&state, &request.model, generation_request, Some(messages)).await?;
+    let id = new_id("chatcmpl");
+    let created = unix_now();
+    let model = request.model.clone();
+    if !sampling.stream {
+        let _guard = state.in_flight.enter(&replica);
+        let done = collect(events).await?;
+        let body = json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": done.text},
+                "logprobs": if request.logprobs { json!({"content": done.logprobs}) } else { Value::Null },
+                "finish_reason": finish_name(done.finish_reason),
+            }],
+            "usage": usage(done.prompt_tokens, done.completion_tokens),
+        });
+        return Ok(warp::reply::json(&body).into_response());
+    }
+    let include_usage = sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let chunk = move |delta: Value, logprobs: Value, finish: Value| {
+        json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+               "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+    };
+    Ok(sse(state, replica, events, include_usage, move |part| match part {
+        Part::Start => Some(chunk(json!({"role": "assistant", "content": ""}), Value::Null, Value::Null)),
+        Part::Token { text, logprob } => {
+            if text.is_empty() && logprob.is_none() {
+                return None;
+            }
+            let logprobs = logprob.map_or(Value::Null, |l| json!({"content": [l]}));
+            Some(chunk(json!({"content": text}), logprobs, Value::Null))
+        }
+        Part::Finish(reason) => Some(chunk(json!({}), Value::Null, json!(finish_name(reason)))),
+        Part::Usage(usage) => {
+            let mut last = chunk(Value::Null, Value::Null, Value::Null);
+            last["choices"] = json!([]);
+            last["usage"] = usage;
+            Some(last)
+        }
+    }))
+}
+
+/// OpenAI's (legacy) text completions: the prompt as it is.
+#[utoipa::path(post, path = "/v1/completions", tag = "inference", request_body(content = Object, description = "OpenAI's completion request"),
+    responses((status = 200, description = "a text_completion, or an SSE stream ending in data: [DONE]", content_type = "application/json"),
+        (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
+pub async fn completions(state: Arc<AppState>, request: CompletionRequest) -> Result<Response, ApiError> {
+    let prompt = match &request.prompt {
+        Prompt::One(text) => text.clone(),
+        Prompt::Many(list) if list.len() == 1 => list[0].clone(),
+        Prompt::Many(_) => return Err(bad("prompt", "send one prompt per request")),
+    };
+    if request.echo {
+        return Err(bad("echo", "echo is not supported"));
+    }
+    let sampling = sampling_of!(request);
+    let generation_request = generation(&sampling, prompt, request.logprobs)?;
+    let (events, replica) = start_generation(&state, &request.model, generation_request, None).await?;
+    let id = new_id("cmpl");
+    let created = unix_now();
+    let model = request.model.clone();
+    if !sampling.stream {
+        let _guard = state.in_flight.enter(&replica);
+        let done = collect(events).await?;
+        let logprobs = if request.logprobs.is_some() {
+            json!({
+                "tokens": done.logprobs.iter().map(|l| l["token"].clone()).collect::<Vec<_>>(),
+                "token_logprobs": done.logprobs.iter().map(|l| l["logprob"].clone()).collect::<Vec<_>>(),
+            })
+        } else {
+            Value::Null
+        };
+        let body = json!({
+            "id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": done.text, "logprobs": logprobs, "finish_reason": finish_name(done.finish_reason)}],
+            "usage": usage(done.prompt_tokens, done.completion_tokens),
+        });
+        return Ok(warp::reply::json(&body).into_response());
+    }
+    let include_usage = sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let chunk = move |text: &str, finish: Value| {
+        json!({"id": id, "object": "text_completion", "created": created, "model": model,
+               "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}]})
+    };
+    Ok(sse(state, replica, events, include_usage, move |part| match part {
+        Part::Start => None,
+        Part::Token { text, .. } => (!text.is_empty()).then(|| chunk(&text, Value::Null)),
+        Part::Finish(reason) => Some(chunk("", json!(finish_name(reason)))),
+        Part::Usage(usage) => {
+            let mut last = chunk("", Value::Null);
+            last["choices"] = json!([]);
+            last["usage"] = usage;
+            Some(last)
+        }
+    }))
+}
+
+/// A step of a streamed generation, for the endpoint to shape into its chunk.
+enum Part {
+    Start,
+    Token { text: String, logprob: Option<Value> },
+    Finish(FinishReason),
+    Usage(Value),
+}
+
+/// Streams a generation as server-sent events: the endpoint's chunks, then `[DONE]`. The
+/// client going away drops the stream, and with it the generation's receiver, which
+/// cancels the sequence.
+fn sse(
+    state: Arc<AppState>,
+    replica: String,
+    events: mpsc::Receiver<GenerationEvent>,
+    include_usage: bool,
+    shape: impl Fn(Part) -> Option<Value> + Send + Sync + 'static,
+) -> Response {
+    struct Stream {
+        state: Arc<AppState>,
+        replica: String,
+        events: mpsc::Receiver<GenerationEvent>,
+        started: bool,
+        pending: std::collections::VecDeque<String>,
+        finished: bool,
+    }
+    impl Drop for Stream {
+        fn drop(&mut self) {
+            // The request's place in the replica's load ends with its stream.
+            let mut map = self.state.in_flight.0.lock().expect("in-flight lock");
+            if let Some(count) = map.get_mut(&self.replica) {
+                *count = count.saturating_sub(1);
+            }
+        }
+    }
+    *state.in_flight.0.lock().expect("in-flight lock").entry(replica.clone()).or_default() += 1;
+    let shape = Arc::new(shape);
+    let initial =
+        Stream { state, replica, events, started: false, pending: std::collections::VecDeque::new(), finished: false };
+    let stream = futures_util::stream::unfold(initial, move |mut s| {
+        let shape = Arc::clone(&shape);
+        async move {
+            loop {
+                if let Some(data) = s.pending.pop_front() {
+                    return Some((Ok::<_, Infallible>(warp::sse::Event::default().data(data)), s));
+                }
+                if s.finished {
+                    return None;
+                }
+                if !s.started {
+                    s.started = true;
+                    if let Some(value) = shape(Part::Start) {
+                        s.pending.push_back(value.to_string());
+                    }
+                    continue;
+                }
+                match s.events.recv().await {
+                    Some(GenerationEvent::Token { text, logprob, .. }) => {
+                        if let Some(value) = shape(Part::Token { text, logprob: logprob.as_ref().map(logprob_json) }) {
+                            s.pending.push_back(value.to_string());
+                        }
+                    }
+                    Some(GenerationEvent::Done { finish_reason, prompt_tokens, completion_tokens }) => {
+                        if let Some(value) = shape(Part::Finish(finish_reason)) {
+                            s.pending.push_back(value.to_string());
+                        }
+                        if include_usage
+                            && let Some(value) = shape(Part::Usage(usage(prompt_tokens, completion_tokens)))
+                        {
+                            s.pending.push_back(value.to_string());
+                        }
+                        s.pending.push_back("[DONE]".to_owned());
+                        s.finished = true;
+                    }
+                    Some(GenerationEvent::Failed(message)) => {
+                        let error = json!({"error": {"message": format!("generation failed: {message}"), "type": "api_error", "code": "generation_failed"}});
+                        s.pending.push_back(error.to_string());
+                        s.pending.push_back("[DONE]".to_owned());
+                        s.finished = true;
+                    }
+                    None => {
+                        let error = json!({"error": {"message": "the replica stopped before the generation finished", "type": "api_error", "code": "replica_stopped"}});
+                        s.pending.push_back(error.to_string());
+                        s.finished = true;
+                    }
+                }
+            }
+        }
+    });
+    warp::sse::reply(stream).into_response()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingRequest {
+    pub model: String,
+    pub input: EmbeddingInput,
+    /// `float` (default) or `base64` (little-endian f32).
+    #[serde(default)]
+    pub encoding_format: Option<String>,
+    #[serde(default)]
+    pub dimensions: Option<usize>,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// The most inputs one embeddings request may carry.
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// OpenAI's embeddings, from a BERT-family deployment (mean pooling, unit length).
+#[utoipa::path(post, path = "/v1/embeddings", tag = "inference", request_body(content = Object, description = "OpenAI's embeddings request"),
+    responses((status = 200, description = "a list of embeddings", content_type = "application/json"),
+        (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
+pub async fn embeddings(state: Arc<AppState>, request: EmbeddingRequest) -> Result<Response, ApiError> {
+    let texts = match request.input {
+        EmbeddingInput::One(text) => vec![text],
+        EmbeddingInput::Many(list) => list,
+    };
+    if texts.is_empty() || texts.len() > MAX_EMBEDDING_INPUTS {
+        return Err(bad("input", format!("input must hold 1 to {MAX_EMBEDDING_INPUTS} strings")));
+    }
+    let base64 = match request.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => return Err(bad("encoding_format", format!("encoding_format `{other}` is not float or base64"))),
+    };
+    let targets = candidates(&state, &request.model)?;
+    let mut last_error = None;
+    let mut result = None;
+    for target in targets {
+        let _guard = state.in_flight.enter(&target.replica_id);
+        let outcome = match &target.remote_api {
+            None => match serving(&state)?.get(&target.replica_id) {
+                Some(ServingModel::Embedder(model)) => embed_local(model, texts.clone()).await,
+                Some(ServingModel::Generator(_)) => {
+                    return Err(bad("model", format!("`{}` is not an embedding model", request.model)));
+                }
+                None => Err(ApiError::unavailable(format!("replica {} is not loaded here yet", target.replica_id))),
+            },
+            Some(api) => remote_embed(&state, api, &target.replica_id, &texts).await,
+        };
+        match outcome {
+            Ok(done) => {
+                result = Some(done);
+                break;
+            }
+            Err(err) if err.status == http::StatusCode::BAD_REQUEST => return Err(err),
+            Err(err) => last_error = Some(err),
+        }
+    }
+    let Some((vectors, tokens)) = result else {
+        return Err(last_error.unwrap_or_else(|| ApiError::unavailable("no replica could take the request")));
+    };
+    if let Some(dimensions) = request.dimensions
+        && vectors.first().is_some_and(|v| v.len() != dimensions)
+    {
+        return Err(bad("dimensions", format!("this model's embeddings have {} dimensions", vectors[0].len())));
+    }
+    let data: Vec<Value> = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(index, vector)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64_encode(&bytes))
+            } else {
+                json!(vector)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    let body = json!({"object": "list", "data": data, "model": request.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}});
+    Ok(warp::reply::json(&body).into_response())
+}
+
+async fn remote_embed(
+    state: &AppState,
+    api: &str,
+    replica_id: &str,
+    texts: &[String],
+) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+    let cookie = state.cluster_cookie.get().cloned().unwrap_or_default();
+    let url = format!("{}/internal/replicas/{replica_id}/embed", api.trim_end_matches('/'));
+    let response = state
+        .http
+        .post(&url)
+        .header(COOKIE_HEADER, cookie)
+        .json(texts)
+        .send()
+        .await
+        .map_err(|e| ApiError::unavailable(format!("replica {replica_id}'s node is unreachable: {e}")))?;
+    let status = response.status();
+    let answer: Value = response.json().await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    if !status.is_success() {
+        let message = answer["error"]["message"].as_str().unwrap_or("no message").to_owned();
+        return Err(ApiError::new(status, "api_error", "replica_unavailable", message));
+    }
+    let vectors: Vec<Vec<f32>> = serde_json::from_value(answer["embeddings"].clone())
+        .map_err(|e| ApiError::internal(format!("bad embeddings from {replica_id}: {e}")))?;
+    Ok((vectors, usize::try_from(answer["tokens"].as_u64().unwrap_or(0)).unwrap_or(0)))
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}

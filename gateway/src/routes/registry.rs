@@ -1,0 +1,239 @@
+//! The model repository over HTTP: blobs are uploaded (streamed, hashed, stored once by
+//! content) and served to peers with byte ranges (a resumed download); a model version is
+//! registered as a list of uploaded blobs with their paths, after its files have been laid
+//! out and checked as a model. Changes and blob reads need the cluster cookie (operators
+//! and peers) until accounts exist.
+
+use std::sync::Arc;
+
+use futures_util::TryStreamExt as _;
+use maas_actors::models::{check_model, materialise, metadata_of};
+use maas_store::Digest;
+use maas_store::repo::models::{ModelFile, ModelVersionRecord, NewModelVersion};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use warp::filters::BoxedFilter;
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use super::cluster::{COOKIE_HEADER, check_cookie};
+use super::with_state;
+use crate::error::ApiError;
+use crate::state::{AppState, Stores};
+
+pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
+    let upload = warp::path!("v1" / "blobs")
+        .and(warp::post())
+        .and(with_state(state))
+        .and(warp::header::optional::<String>(COOKIE_HEADER))
+        .and(warp::body::stream())
+        .and_then(|s: Arc<AppState>, cookie: Option<String>, body| async move {
+            upload_blob(&s, cookie.as_deref(), body).await.map_err(warp::reject::custom)
+        });
+    let download = warp::path!("v1" / "blobs" / String)
+        .and(warp::get())
+        .and(with_state(state))
+        .and(warp::header::optional::<String>(COOKIE_HEADER))
+        .and(warp::header::optional::<String>("range"))
+        .and_then(|digest: String, s: Arc<AppState>, cookie: Option<String>, range: Option<String>| async move {
+            download_blob(&s, cookie.as_deref(), &digest, range.as_deref()).await.map_err(warp::reject::custom)
+        });
+    let register = warp::path!("v1" / "registry" / "models")
+        .and(warp::post())
+        .and(with_state(state))
+        .and(warp::header::optional::<String>(COOKIE_HEADER))
+        .and(crate::json::json_body::<RegisterRequest>(4 * 1024 * 1024))
+        .and_then(|s: Arc<AppState>, cookie: Option<String>, request: RegisterRequest| async move {
+            register_model(&s, cookie.as_deref(), request).await.map_err(warp::reject::custom)
+        });
+    let list = warp::path!("v1" / "registry" / "models")
+        .and(warp::get())
+        .and(with_state(state))
+        .and_then(|s: Arc<AppState>| async move { list_models(&s).await.map_err(warp::reject::custom) });
+    upload.or(download).unify().or(register).unify().or(list).unify().boxed()
+}
+
+pub(crate) fn stores(state: &AppState) -> Result<&Stores, ApiError> {
+    state.stores.get().ok_or_else(|| ApiError::unavailable("the store is starting; retry shortly"))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BlobReply {
+    pub sha256: String,
+    pub size_bytes: u64,
+}
+
+/// Stores the request body as a blob and names it by its sha256 (storing the same bytes
+/// twice keeps one copy). The body may be as large as `gateway.max_upload_bytes`.
+#[utoipa::path(post, path = "/v1/blobs", tag = "models",
+    params(("x-maas-cluster-cookie" = String, Header, description = "the cluster cookie")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = BlobReply), (status = 403, body = crate::error::ErrorBody), (status = 413, body = crate::error::ErrorBody)))]
+pub async fn upload_blob(
+    state: &AppState,
+    cookie: Option<&str>,
+    body: impl futures_util::Stream<Item = Result<impl bytes::Buf, warp::Error>> + Unpin + Send,
+) -> Result<Response, ApiError> {
+    check_cookie(state, cookie)?;
+    let stores = stores(state)?;
+    let reader = tokio_util::io::StreamReader::new(
+        body.map_ok(|mut buf| buf.copy_to_bytes(buf.remaining())).map_err(std::io::Error::other),
+    );
+    let info = stores.blobs.put(reader, None).await?;
+    Ok(warp::reply::json(&BlobReply { sha256: info.digest.to_hex(), size_bytes: info.size_bytes }).into_response())
+}
+
+/// A blob's bytes, for a peer fetching a model: `Range: bytes=N-` resumes at byte N.
+#[utoipa::path(get, path = "/v1/blobs/{sha256}", tag = "models",
+    params(("sha256" = String, Path, description = "the blob's sha256"), ("x-maas-cluster-cookie" = String, Header, description = "the cluster cookie")),
+    responses((status = 200, description = "the bytes", content_type = "application/octet-stream"), (status = 206, description = "the bytes from the range's start"),
+        (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 416, body = crate::error::ErrorBody)))]
+pub async fn download_blob(
+    state: &AppState,
+    cookie: Option<&str>,
+    digest: &str,
+    range: Option<&str>,
+) -> Result<Response, ApiError> {
+    use tokio::io::AsyncSeekExt as _;
+    check_cookie(state, cookie)?;
+    let stores = stores(state)?;
+    let digest: Digest = digest.parse().map_err(|_| ApiError::bad_request("invalid_input", "not a sha256 digest"))?;
+    let path = stores.blobs.path_of(&digest);
+    let mut file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|_| ApiError::not_found(format!("blob {} is not on this node", digest.to_hex())))?;
+    let size = file.metadata().await.map_err(|e| ApiError::internal(e.to_string()))?.len();
+    let start = match range {
+        None => 0,
+        Some(range) => {
+            let start = range
+                .strip_prefix("bytes=")
+                .and_then(|r| r.strip_suffix('-'))
+                .and_then(|n| n.parse::<u64>().ok())
+                .ok_or_else(|| ApiError::bad_request("invalid_range", "only `Range: bytes=N-` is supported"))?;
+            if start > size {
+                return Err(ApiError::new(
+                    http::StatusCode::RANGE_NOT_SATISFIABLE,
+                    "invalid_request_error",
+                    "range_not_satisfiable",
+                    format!("the blob has {size} bytes; the range starts at {start}"),
+                ));
+            }
+            file.seek(std::io::SeekFrom::Start(start)).await.map_err(|e| ApiError::internal(e.to_string()))?;
+            start
+        }
+    };
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
+    let mut response = warp::reply::stream(stream).into_response();
+    let headers = response.headers_mut();
+    headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/octet-stream"));
+    headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(size - start));
+    if range.is_some() {
+        if let Ok(value) = http::HeaderValue::from_str(&format!("bytes {start}-{}/{size}", size.saturating_sub(1))) {
+            headers.insert(http::header::CONTENT_RANGE, value);
+        }
+        *response.status_mut() = http::StatusCode::PARTIAL_CONTENT;
+    }
+    Ok(response)
+}
+
+/// A version of a model: its uploaded files.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub name: String,
+    /// Default: the next `vN`.
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub description: String,
+    #[schema(value_type = Vec<Object>)]
+    pub files: Vec<ModelFile>,
+}
+
+/// Registers a model version from uploaded blobs. The files are laid out as a model
+/// folder and checked (config, tokenizer, every safetensors header, or the GGUF header);
+/// the metadata (architecture, parameters, context length, dtype, quantisation, tasks)
+/// comes from them.
+#[utoipa::path(post, path = "/v1/registry/models", tag = "models", request_body = RegisterRequest,
+    params(("x-maas-cluster-cookie" = String, Header, description = "the cluster cookie")),
+    responses((status = 201, description = "the version", content_type = "application/json"), (status = 400, body = crate::error::ErrorBody),
+        (status = 403, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
+pub async fn register_model(
+    state: &AppState,
+    cookie: Option<&str>,
+    request: RegisterRequest,
+) -> Result<Response, ApiError> {
+    check_cookie(state, cookie)?;
+    let stores = stores(state)?;
+    for file in &request.files {
+        let digest: Digest = file
+            .sha256
+            .parse()
+            .map_err(|_| ApiError::bad_request("invalid_input", format!("file {}: not a sha256 digest", file.path)))?;
+        let stored_bytes = tokio::fs::metadata(stores.blobs.path_of(&digest)).await.map(|m| m.len()).ok();
+        if stored_bytes != Some(file.size_bytes) {
+            return Err(ApiError::bad_request(
+                "blob_missing",
+                format!(
+                    "file {}: blob {} of {} bytes was not uploaded (POST /v1/blobs)",
+                    file.path, file.sha256, file.size_bytes
+                ),
+            ));
+        }
+    }
+    let new = NewModelVersion {
+        name: request.name,
+        version: request.version,
+        description: request.description,
+        metadata: maas_store::repo::models::ModelMetadata {
+            format: String::new(),
+            architecture: String::new(),
+            parameters: 0,
+            context_length: 0,
+            dtype: String::new(),
+            quantization: String::new(),
+            tasks: Vec::new(),
+            config: serde_json::Value::Null,
+        },
+        files: request.files,
+    };
+    // Check names and paths before laying anything out.
+    maas_store::repo::models::validate(&new)?;
+    let probe = ModelVersionRecord {
+        id: String::new(),
+        model_id: String::new(),
+        name: new.name.clone(),
+        owner_kind: String::new(),
+        owner_id: String::new(),
+        description: String::new(),
+        version: String::new(),
+        metadata: new.metadata.clone(),
+        files: new.files.clone(),
+        total_bytes: 0,
+        created_at_ms: 0,
+    };
+    let dir = materialise(&stores.blobs, &stores.data_dir, &probe).await.map_err(ApiError::internal)?;
+    let inspect_dir = match new.files.as_slice() {
+        [single] if single.path.to_ascii_lowercase().ends_with(".gguf") => dir.join(&single.path),
+        _ => dir.clone(),
+    };
+    let files = check_model(inspect_dir).await.map_err(|reason| ApiError::bad_request("not_a_model", reason))?;
+    let record = stores.db.models().register_platform(NewModelVersion { metadata: metadata_of(&files), ..new }).await?;
+    tracing::info!(model = %record.name, version = %record.version, bytes = record.total_bytes, "model version registered");
+    Ok(warp::reply::with_status(warp::reply::json(&record), http::StatusCode::CREATED).into_response())
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RegistryList {
+    #[schema(value_type = Vec<Object>)]
+    pub versions: Vec<ModelVersionRecord>,
+}
+
+/// Every version of every model in the repository, newest first within a model.
+#[utoipa::path(get, path = "/v1/registry/models", tag = "models",
+    responses((status = 200, body = RegistryList), (status = 503, body = crate::error::ErrorBody)))]
+pub async fn list_models(state: &AppState) -> Result<Response, ApiError> {
+    let versions = stores(state)?.db.models().list_platform().await?;
+    Ok(warp::reply::json(&RegistryList { versions }).into_response())
+}
