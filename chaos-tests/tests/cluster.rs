@@ -239,9 +239,18 @@ async fn killing_the_leader_during_writes_loses_no_acknowledged_write() {
         let missing: Vec<&String> = acknowledged.iter().filter(|k| !labels.contains(*k)).collect();
         assert!(missing.is_empty(), "{url} lost acknowledged writes: {missing:?}");
     }
-    let status = get(&format!("{}/v1/cluster/status", cluster.live_urls()[0])).await.unwrap();
-    let dead = status["members"].as_array().unwrap().iter().find(|m| m["id"] == leader).unwrap().clone();
-    assert!(dead["status"] == "suspect" || dead["status"] == "dead", "the killed node is detected: {dead}");
+    // The new leader's failure detector starts afresh when it is elected: the killed node
+    // is suspect once it has been silent for suspect_after_ms (0.5 s) under that leader.
+    let url = format!("{}/v1/cluster/status", cluster.live_urls()[0]);
+    maas_chaos_tests::wait_until("the killed node is detected", Duration::from_secs(10), || async {
+        let Ok(status) = get(&url).await else { return false };
+        status["members"]
+            .as_array()
+            .and_then(|members| members.iter().find(|m| m["id"] == leader))
+            .is_some_and(|m| m["status"] == "suspect" || m["status"] == "dead")
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
