@@ -164,3 +164,54 @@ async fn the_official_openai_python_package_works_unchanged() {
     assert!(output.status.success(), "the openai package's checks failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bert_model_embeds_and_a_quantised_gguf_model_chats() {
+    let (node, dir) = serving_node().await;
+    let run = |args: &[&str]| {
+        let output = Command::new(maas_binary())
+            .args(args)
+            .args(["--cookie", COOKIE, "--server", &node.base_url])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "maas {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    };
+    for (arch, name) in [("bert", "bert"), ("llama-gguf", "gguf")] {
+        let out = dir.path().join(name);
+        let made = Command::new(maas_binary()).args(["dev", "tiny-model", "--arch", arch]).arg(&out).output().unwrap();
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        let path = if name == "gguf" { out.join("tiny-llama-q8_0.gguf") } else { out };
+        run(&["model", "import", path.to_str().unwrap(), "--name", name, "--quiet"]);
+    }
+    run(&["deploy", "bert", "--name", "embed", "--gpus", "0", "--cpu-fallback"]);
+    run(&["deploy", "gguf", "--name", "quantised", "--context", "256", "--sequences", "2"]);
+    wait_until("both serve", Duration::from_secs(60), || async {
+        let models: Value = reqwest::get(format!("{}/v1/models", node.base_url)).await.unwrap().json().await.unwrap();
+        let ids: Vec<&str> = models["data"].as_array().unwrap().iter().filter_map(|m| m["id"].as_str()).collect();
+        ids.contains(&"embed") && ids.contains(&"quantised")
+    })
+    .await
+    .unwrap();
+
+    let (status, embedded) =
+        post(&node, "/v1/embeddings", &json!({"model": "embed", "input": ["hello world", "the model"]})).await;
+    assert_eq!(status, 200, "{embedded}");
+    let vectors = embedded["data"].as_array().unwrap();
+    assert_eq!(vectors.len(), 2);
+    for vector in vectors {
+        let norm: f64 = vector["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap().powi(2)).sum();
+        assert!((norm - 1.0).abs() < 1e-3, "unit length: {norm}");
+    }
+    assert!(embedded["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    let (status, answer) = post(&node, "/v1/embeddings", &json!({"model": "chat", "input": "hi"})).await;
+    assert_eq!(status, 400, "a chat model does not embed: {answer}");
+
+    let (status, answer) = post(
+        &node,
+        "/v1/chat/completions",
+        &json!({"model": "quantised", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
+}

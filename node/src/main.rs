@@ -145,8 +145,8 @@ enum DevCommand {
     /// Write a tiny random-weight model (config.json, model.safetensors, tokenizer.json)
     /// into OUT. Its output is noise: it exists to exercise the real loaders.
     TinyModel {
-        /// The architecture (llama).
-        #[arg(long, default_value = "llama", value_parser = ["llama"])]
+        /// llama, qwen2 or bert (a Hugging Face folder), or llama-gguf (one Q8_0 .gguf file in OUT).
+        #[arg(long, default_value = "llama", value_parser = ["llama", "qwen2", "bert", "llama-gguf"])]
         arch: String,
         /// The seed of the weights.
         #[arg(long, default_value_t = 1)]
@@ -282,22 +282,7 @@ fn main() -> ExitCode {
         Command::Deployment { command: DeploymentCommand::Delete { ref name, ref cookie, ref target } } => {
             client::run(client::deployment_delete(target, &cookie.cookie, name))
         }
-        Command::Dev { command: DevCommand::TinyModel { arch: _, seed, ref out } } => {
-            match maas_engine::tiny::write_llama(out, maas_engine::tiny::TinyShape::default(), seed) {
-                Ok(files) => {
-                    println!(
-                        "a tiny random-weight llama model (not a real model) in {}: {}",
-                        out.display(),
-                        files.join(", ")
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(err) => {
-                    eprintln!("error: cannot write the model into {}: {err}", out.display());
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Dev { command: DevCommand::TinyModel { ref arch, seed, ref out } } => dev_tiny_model(arch, seed, out),
         Command::Gpu { command: GpuCommand::List { ref target } } => client::run(client::gpu_list(target)),
         Command::Bench { ref command } => {
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -324,6 +309,36 @@ fn main() -> ExitCode {
         }
         Command::Cluster { command: ClusterCommand::Status { ref target } } => {
             client::run(client::cluster_status(target))
+        }
+    }
+}
+
+/// `maas dev tiny-model`: a tiny random-weight model of `arch` in `out`.
+fn dev_tiny_model(arch: &str, seed: u64, out: &std::path::Path) -> ExitCode {
+    let shape = maas_engine::tiny::TinyShape::default();
+    let written = match arch {
+        "qwen2" => maas_engine::tiny::write_qwen2(out, shape, seed),
+        "bert" => maas_engine::tiny::write_bert(out, maas_engine::tiny::TinyBertShape::default(), seed),
+        "llama-gguf" => std::fs::create_dir_all(out)
+            .and_then(|()| {
+                maas_engine::tiny::write_gguf_llama(
+                    &out.join("tiny-llama-q8_0.gguf"),
+                    shape,
+                    seed,
+                    maas_engine::tiny::GgufWeights::Q8_0,
+                )
+            })
+            .map(|()| vec!["tiny-llama-q8_0.gguf".to_owned()]),
+        _ => maas_engine::tiny::write_llama(out, shape, seed),
+    };
+    match written {
+        Ok(files) => {
+            println!("a tiny random-weight {arch} model (not a real model) in {}: {}", out.display(), files.join(", "));
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: cannot write the model into {}: {err}", out.display());
+            ExitCode::FAILURE
         }
     }
 }

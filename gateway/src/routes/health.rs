@@ -84,6 +84,22 @@ pub fn readyz(state: &AppState) -> Response {
     responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String))
 )]
 pub fn metrics(state: &AppState) -> Response {
+    // Each served replica's load, read from its engine at scrape time.
+    if let Some(serving) = state.serving.get() {
+        for (replica, model) in serving.all() {
+            if let maas_actors::node::ServingModel::Generator(engine) = model {
+                let load = engine.stats();
+                let labels = [("replica", replica)];
+                #[allow(clippy::cast_precision_loss)]
+                {
+                    metrics::gauge!("maas_replica_queue_depth", &labels).set(load.queue_depth as f64);
+                    metrics::gauge!("maas_replica_active_sequences", &labels).set(load.active_sequences as f64);
+                    metrics::gauge!("maas_replica_generated_tokens", &labels).set(load.tokens_generated_total as f64);
+                }
+                metrics::gauge!("maas_replica_tokens_per_second", &labels).set(load.tokens_per_second);
+            }
+        }
+    }
     warp::reply::with_header(state.metrics.render(), "content-type", "text/plain; version=0.0.4; charset=utf-8")
         .into_response()
 }
