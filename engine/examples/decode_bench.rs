@@ -4,6 +4,7 @@
 //! cargo run --release -p maas-engine --example decode_bench              # a random Qwen2.5-0.5B-shaped model
 //! cargo run --release -p maas-engine --example decode_bench -- --model DIR_OR_GGUF
 //! cargo run --release -p maas-engine --example decode_bench -- --write-model /tmp/q05   # keep the random model
+//! cargo run --release -p maas-engine --example decode_bench -- --gguf q8_0   # the layers as a Q8_0 GGUF
 //! ```
 //!
 //! Reports: the memory bandwidth (summing a 1 GiB buffer, one thread and all threads);
@@ -14,7 +15,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use maas_engine::tiny::{TinyShape, write_qwen2_with_vocab};
+use maas_engine::tiny::{GgufWeights, TinyShape, write_gguf_llama, write_qwen2_with_vocab};
 use maas_engine::{Engine, EngineOptions, GenerationEvent, GenerationRequest, SamplingParams};
 use tokio::sync::mpsc::Receiver;
 
@@ -24,24 +25,34 @@ struct Args {
     model: Option<PathBuf>,
     /// Where to write (and keep) the random model; a temporary folder by default.
     write_model: Option<PathBuf>,
+    /// Writes the model's layers as a GGUF llama in this type instead (a small vocabulary).
+    gguf: Option<GgufWeights>,
     tokens: usize,
     streams: usize,
     prompt_tokens: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args { model: None, write_model: None, tokens: 64, streams: 16, prompt_tokens: 512 };
+    let mut args = Args { model: None, write_model: None, gguf: None, tokens: 64, streams: 16, prompt_tokens: 512 };
     let mut iter = std::env::args().skip(1);
     while let Some(arg) = iter.next() {
         let mut value = || iter.next().ok_or_else(|| anyhow::anyhow!("{arg} needs a value"));
         match arg.as_str() {
             "--model" => args.model = Some(PathBuf::from(value()?)),
             "--write-model" => args.write_model = Some(PathBuf::from(value()?)),
+            "--gguf" => {
+                args.gguf = Some(match value()?.as_str() {
+                    "f32" => GgufWeights::F32,
+                    "q8_0" => GgufWeights::Q8_0,
+                    "q4_0" => GgufWeights::Q4_0,
+                    other => anyhow::bail!("--gguf {other}: use f32, q8_0 or q4_0"),
+                });
+            }
             "--tokens" => args.tokens = value()?.parse()?,
             "--streams" => args.streams = value()?.parse()?,
             "--prompt-tokens" => args.prompt_tokens = value()?.parse()?,
             other => anyhow::bail!(
-                "unknown argument {other}: use --model, --write-model, --tokens, --streams, --prompt-tokens"
+                "unknown argument {other}: use --model, --write-model, --gguf, --tokens, --streams, --prompt-tokens"
             ),
         }
     }
@@ -187,12 +198,19 @@ fn main() -> anyhow::Result<()> {
     );
 
     let scratch = tempfile::tempdir()?;
+    let shape = TinyShape { hidden: 896, layers: 24, heads: 14, kv_heads: 2, intermediate: 4864, context: 4096 };
     let model = if let Some(path) = args.model {
+        path
+    } else if let Some(weights) = args.gguf {
+        let path = args.write_model.unwrap_or_else(|| scratch.path().join("qwen2.5-0.5b-layers.gguf"));
+        if !path.is_file() {
+            write_gguf_llama(&path, shape, 1, weights)?;
+            println!("wrote the Qwen2.5-0.5B-shaped layers as a {weights:?} GGUF llama (a tiny vocabulary)");
+        }
         path
     } else {
         let dir = args.write_model.unwrap_or_else(|| scratch.path().join("qwen2.5-0.5b-shaped"));
         let start = Instant::now();
-        let shape = TinyShape { hidden: 896, layers: 24, heads: 14, kv_heads: 2, intermediate: 4864, context: 4096 };
         if !dir.join("config.json").is_file() {
             write_qwen2_with_vocab(&dir, shape, 151_936, 1)?;
             println!("wrote a random Qwen2.5-0.5B-shaped f32 model in {:.1} s", start.elapsed().as_secs_f64());

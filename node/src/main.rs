@@ -226,6 +226,7 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
+    pin_compute_threads();
     // Two rustls crypto providers are linked (ring, and aws-lc-rs through ractor_cluster):
     // choose one for the process, or building a TLS client config panics.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -310,6 +311,19 @@ fn main() -> ExitCode {
         Command::Cluster { command: ClusterCommand::Status { ref target } } => {
             client::run(client::cluster_status(target))
         }
+    }
+}
+
+/// Tells candle's CPU kernels how many threads to use. Without `RAYON_NUM_THREADS` candle
+/// counts the cores again on every matrix multiplication (it reads /proc/cpuinfo), which
+/// costs single-stream decoding about 15% (BENCHMARKS.md, inference engine).
+#[allow(unsafe_code)]
+fn pin_compute_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        // SAFETY: this runs first in `main`, before any other thread exists, so nothing
+        // reads or writes the environment concurrently.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", cores.to_string()) };
     }
 }
 
