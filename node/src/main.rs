@@ -1,6 +1,7 @@
 //! `maas`: the daemon and admin CLI of the maas Model-as-a-Service platform.
 
 mod bench;
+mod bench_gateway;
 mod client;
 mod config;
 mod logging;
@@ -164,6 +165,9 @@ enum BenchCommand {
     /// every replica of many deployments in one round, commit the placements through a
     /// 3-node raft cluster; placements/s for each.
     Placements(bench::PlacementsBench),
+    /// The gateway's overhead on a 1-token completion at several concurrencies, and how
+    /// many SSE streams one node holds at once.
+    Gateway(bench_gateway::GatewayBench),
 }
 
 #[derive(Debug, Subcommand)]
@@ -296,6 +300,7 @@ fn main() -> ExitCode {
             let report = match command {
                 BenchCommand::Raft(args) => runtime.block_on(bench::raft(args)),
                 BenchCommand::Placements(args) => runtime.block_on(bench::placements(args)),
+                BenchCommand::Gateway(args) => runtime.block_on(bench_gateway::gateway(args)),
             };
             match report {
                 Ok(report) => {
