@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use maas_engine::model_files::{GgufMetadataValue, ModelFiles, ModelFormat};
-use maas_store::repo::models::{ModelMetadata, ModelVersionRecord};
+use maas_store::repo::models::{ModelFile, ModelMetadata, ModelVersionRecord};
 use maas_store::{BlobStore, Digest};
 
 use crate::node::ServingModel;
@@ -106,9 +106,9 @@ fn gguf_file_type(file_type: u64) -> String {
 
 /// Where a version's files are laid out: `<data_dir>/models/<digest of the file list>`,
 /// the same on every node, so a folder made once serves every replica of the version.
-pub fn model_dir(data_dir: &Path, record: &ModelVersionRecord) -> PathBuf {
+pub fn model_dir(data_dir: &Path, files: &[ModelFile]) -> PathBuf {
     let mut listing = String::new();
-    for file in &record.files {
+    for file in files {
         listing.push_str(&file.path);
         listing.push('\t');
         listing.push_str(&file.sha256);
@@ -125,14 +125,14 @@ fn hex_digest(bytes: &[u8]) -> String {
 /// Lays a version's files out as a model folder of hard links into the blob store (a
 /// copy where the file system refuses links); every blob must be local. Idempotent, and
 /// atomic: the folder appears complete or not at all.
-pub async fn materialise(blobs: &BlobStore, data_dir: &Path, record: &ModelVersionRecord) -> Result<PathBuf, String> {
-    let target = model_dir(data_dir, record);
+pub async fn materialise(blobs: &BlobStore, data_dir: &Path, files: &[ModelFile]) -> Result<PathBuf, String> {
+    let target = model_dir(data_dir, files);
     if tokio::fs::try_exists(&target).await.unwrap_or(false) {
         return Ok(target);
     }
     let staging = data_dir.join("models").join(format!(".staging-{}", uuid::Uuid::new_v4()));
     let result = async {
-        for file in &record.files {
+        for file in files {
             let digest: Digest = file.sha256.parse().map_err(|e| format!("{}: {e}", file.path))?;
             let source = blobs.path_of(&digest);
             let destination = staging.join(&file.path);
@@ -254,6 +254,7 @@ pub type PeerList = std::sync::Arc<dyn Fn() -> Vec<String> + Send + Sync>;
 /// How this node loads replicas: a deployment's `model_path` when it has one, otherwise
 /// its model version from the repository: the version's blobs are fetched from peers
 /// where missing, laid out as a model folder, and every file is read and checked.
+#[derive(Clone)]
 pub struct NodeRuntime {
     /// How each generator replica's engine runs (batch size, queue bound).
     pub engine: maas_engine::EngineOptions,
@@ -287,7 +288,7 @@ impl NodeRuntime {
             if fetched > 0 {
                 tracing::info!(model = %record.name, version = %record.version, bytes = fetched, "model files fetched from peers");
             }
-            let dir = materialise(&self.blobs, &self.data_dir, &record).await?;
+            let dir = materialise(&self.blobs, &self.data_dir, &record.files).await?;
             match record.files.as_slice() {
                 [single] if record.metadata.format == "gguf" => dir.join(&single.path),
                 _ => dir,
@@ -304,14 +305,7 @@ impl NodeRuntime {
 
 impl crate::node::ReplicaRuntime for NodeRuntime {
     fn load(&self, spec: crate::node::ReplicaSpec) -> crate::node::LoadFuture {
-        let runtime = NodeRuntime {
-            engine: self.engine.clone(),
-            db: self.db.clone(),
-            blobs: self.blobs.clone(),
-            data_dir: self.data_dir.clone(),
-            peers: std::sync::Arc::clone(&self.peers),
-            cookie: self.cookie.clone(),
-        };
+        let runtime = self.clone();
         let options = self.engine.clone();
         Box::pin(async move {
             let model = runtime.prepare(&spec).await?;

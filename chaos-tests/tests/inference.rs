@@ -11,6 +11,13 @@ use serde_json::{Value, json};
 
 const COOKIE: &str = "inference-test-cookie";
 
+/// Runs a `maas` admin command against `node`; it must succeed.
+fn cli(node: &MaasProcess, args: &[&str]) {
+    let output =
+        Command::new(maas_binary()).args(args).args(["--cookie", COOKIE, "--server", &node.base_url]).output().unwrap();
+    assert!(output.status.success(), "maas {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
 async fn serving_node() -> (MaasProcess, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let node = MaasProcess::start_with_config(&format!(
@@ -20,18 +27,10 @@ async fn serving_node() -> (MaasProcess, tempfile::TempDir) {
     .unwrap();
     node.wait_ready(Duration::from_secs(30)).await.unwrap();
     let model = dir.path().join("tiny");
-    let cli = |args: &[&str]| {
-        let output = Command::new(maas_binary())
-            .args(args)
-            .args(["--cookie", COOKIE, "--server", &node.base_url])
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "maas {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    };
     let made = Command::new(maas_binary()).args(["dev", "tiny-model"]).arg(&model).output().unwrap();
     assert!(made.status.success());
-    cli(&["model", "import", model.to_str().unwrap(), "--name", "tiny", "--quiet"]);
-    cli(&["deploy", "tiny", "--name", "chat", "--context", "256", "--sequences", "4"]);
+    cli(&node, &["model", "import", model.to_str().unwrap(), "--name", "tiny", "--quiet"]);
+    cli(&node, &["deploy", "tiny", "--name", "chat", "--context", "256", "--sequences", "4"]);
     wait_until("the deployment serves", Duration::from_secs(60), || async {
         let models: Value = reqwest::get(format!("{}/v1/models", node.base_url)).await.unwrap().json().await.unwrap();
         models["data"].as_array().is_some_and(|d| d.iter().any(|m| m["id"] == "chat"))
@@ -168,23 +167,15 @@ async fn the_official_openai_python_package_works_unchanged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bert_model_embeds_and_a_quantised_gguf_model_chats() {
     let (node, dir) = serving_node().await;
-    let run = |args: &[&str]| {
-        let output = Command::new(maas_binary())
-            .args(args)
-            .args(["--cookie", COOKIE, "--server", &node.base_url])
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "maas {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    };
     for (arch, name) in [("bert", "bert"), ("llama-gguf", "gguf")] {
         let out = dir.path().join(name);
         let made = Command::new(maas_binary()).args(["dev", "tiny-model", "--arch", arch]).arg(&out).output().unwrap();
         assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
         let path = if name == "gguf" { out.join("tiny-llama-q8_0.gguf") } else { out };
-        run(&["model", "import", path.to_str().unwrap(), "--name", name, "--quiet"]);
+        cli(&node, &["model", "import", path.to_str().unwrap(), "--name", name, "--quiet"]);
     }
-    run(&["deploy", "bert", "--name", "embed", "--gpus", "0", "--cpu-fallback"]);
-    run(&["deploy", "gguf", "--name", "quantised", "--context", "256", "--sequences", "2"]);
+    cli(&node, &["deploy", "bert", "--name", "embed", "--gpus", "0", "--cpu-fallback"]);
+    cli(&node, &["deploy", "gguf", "--name", "quantised", "--context", "256", "--sequences", "2"]);
     wait_until("both serve", Duration::from_secs(60), || async {
         let models: Value = reqwest::get(format!("{}/v1/models", node.base_url)).await.unwrap().json().await.unwrap();
         let ids: Vec<&str> = models["data"].as_array().unwrap().iter().filter_map(|m| m["id"].as_str()).collect();

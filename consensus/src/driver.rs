@@ -271,6 +271,11 @@ impl<S: StateMachine> RaftHandle<S> {
         self.status.read().expect("status lock").clone()
     }
 
+    /// This node's raft id, without copying the whole status (for hot paths).
+    pub fn id(&self) -> u64 {
+        self.status.read().expect("status lock").id
+    }
+
     /// Feeds a message received from a peer.
     pub fn step(&self, message: Message) {
         let _ = self.send(Request::Step(message));

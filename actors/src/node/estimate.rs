@@ -1,12 +1,14 @@
-//! The VRAM a replica of a model on disk will need, shown to the user before deploying:
-//! the model's config or GGUF metadata ([`maas_engine::model_files::inspect_headers`]) put
-//! through the scheduler's estimate ([`maas_scheduler::estimate`]).
+//! The VRAM a replica will need, shown to the user before deploying: the model's config or
+//! GGUF metadata, as [`crate::models::metadata_of`] records it, put through the
+//! scheduler's estimate ([`maas_scheduler::estimate`]). A model on disk and a version of
+//! the repository go through the same path.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use maas_engine::model_files::{GgufMetadataValue, ModelFiles, ModelFormat, inspect_headers};
+use maas_engine::model_files::{ModelFormat, inspect_headers};
 use maas_scheduler::estimate::{GgufValue, VramEstimate, estimate_from_gguf_metadata, estimate_from_hf_config};
+use maas_store::repo::models::ModelMetadata;
 use serde::Serialize;
 
 /// An estimate and what it was made from.
@@ -29,52 +31,34 @@ pub fn estimate_model(
     concurrent_sequences: u32,
     dtype_bytes: f64,
 ) -> Result<ModelEstimate, String> {
-    let files: ModelFiles = inspect_headers(path).map_err(|err| err.to_string())?;
-    let estimate = match files.format {
-        ModelFormat::Safetensors => {
-            let config = files.config.as_ref().ok_or("the model has no config.json")?;
-            estimate_from_hf_config(config, dtype_bytes, context_tokens, concurrent_sequences)
-        }
-        ModelFormat::Gguf => {
-            let metadata: BTreeMap<String, GgufValue> = files
-                .gguf_metadata
-                .iter()
-                .filter_map(|(key, value)| {
-                    let value = match value {
-                        GgufMetadataValue::Unsigned(v) => GgufValue::U64(*v),
-                        GgufMetadataValue::Signed(v) => GgufValue::I64(*v),
-                        GgufMetadataValue::Float(v) => GgufValue::F64(*v),
-                        GgufMetadataValue::Bool(v) => GgufValue::Bool(*v),
-                        GgufMetadataValue::Str(v) => GgufValue::Str(v.clone()),
-                        GgufMetadataValue::Array { .. } => return None,
-                    };
-                    Some((key.clone(), value))
-                })
-                .collect();
-            estimate_from_gguf_metadata(&metadata, files.total_bytes, context_tokens, concurrent_sequences)
-        }
-    }
-    .map_err(|err| format!("{}: {err}", path.display()))?;
-    Ok(ModelEstimate {
-        format: files.format,
-        architecture: files.architecture(),
-        total_bytes: files.total_bytes,
-        context_tokens,
-        concurrent_sequences,
-        estimate,
-    })
+    let files = inspect_headers(path).map_err(|err| err.to_string())?;
+    let metadata = crate::models::metadata_of(&files);
+    estimate(&metadata, files.total_bytes, context_tokens, concurrent_sequences, dtype_bytes)
+        .map_err(|err| format!("{}: {err}", path.display()))
 }
 
 /// As [`estimate_model`], for a version in the model repository: from the config it
-/// recorded (`config.json`, or the GGUF metadata), with no file needed on this node.
+/// recorded, with no file needed on this node.
 pub fn estimate_version(
     record: &maas_store::repo::models::ModelVersionRecord,
     context_tokens: u32,
     concurrent_sequences: u32,
 ) -> Result<ModelEstimate, String> {
-    let config = &record.metadata.config;
-    let (format, estimate) = if record.metadata.format == "gguf" {
-        let metadata: BTreeMap<String, GgufValue> = config
+    estimate(&record.metadata, record.total_bytes, context_tokens, concurrent_sequences, 0.0)
+        .map_err(|err| format!("{}:{}: {err}", record.name, record.version))
+}
+
+fn estimate(
+    metadata: &ModelMetadata,
+    total_bytes: u64,
+    context_tokens: u32,
+    concurrent_sequences: u32,
+    dtype_bytes: f64,
+) -> Result<ModelEstimate, String> {
+    let config = &metadata.config;
+    let (format, estimate) = if metadata.format == "gguf" {
+        // The recorded GGUF metadata: scalars as JSON values.
+        let gguf: BTreeMap<String, GgufValue> = config
             .as_object()
             .map(|object| {
                 object
@@ -95,20 +79,16 @@ pub fn estimate_version(
                     .collect()
             })
             .unwrap_or_default();
-        (
-            ModelFormat::Gguf,
-            estimate_from_gguf_metadata(&metadata, record.total_bytes, context_tokens, concurrent_sequences),
-        )
+        (ModelFormat::Gguf, estimate_from_gguf_metadata(&gguf, total_bytes, context_tokens, concurrent_sequences))
     } else {
-        (ModelFormat::Safetensors, estimate_from_hf_config(config, 0.0, context_tokens, concurrent_sequences))
+        (ModelFormat::Safetensors, estimate_from_hf_config(config, dtype_bytes, context_tokens, concurrent_sequences))
     };
-    let estimate = estimate.map_err(|err| format!("{}:{}: {err}", record.name, record.version))?;
     Ok(ModelEstimate {
         format,
-        architecture: Some(record.metadata.architecture.clone()),
-        total_bytes: record.total_bytes,
+        architecture: Some(metadata.architecture.clone()),
+        total_bytes,
         context_tokens,
         concurrent_sequences,
-        estimate,
+        estimate: estimate.map_err(|err| err.to_string())?,
     })
 }

@@ -38,8 +38,23 @@ struct InFlightGuard<'a>(&'a InFlight, String);
 
 impl InFlight {
     fn enter(&self, replica_id: &str) -> InFlightGuard<'_> {
-        *self.0.lock().expect("in-flight lock").entry(replica_id.to_owned()).or_default() += 1;
+        self.arrive(replica_id);
         InFlightGuard(self, replica_id.to_owned())
+    }
+
+    /// Counts a request to `replica_id` until [`Self::leave`].
+    fn arrive(&self, replica_id: &str) {
+        *self.0.lock().expect("in-flight lock").entry(replica_id.to_owned()).or_default() += 1;
+    }
+
+    fn leave(&self, replica_id: &str) {
+        let mut map = self.0.lock().expect("in-flight lock");
+        if let Some(count) = map.get_mut(replica_id) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                map.remove(replica_id);
+            }
+        }
     }
 
     fn load(&self, replica_id: &str) -> usize {
@@ -49,13 +64,7 @@ impl InFlight {
 
 impl Drop for InFlightGuard<'_> {
     fn drop(&mut self) {
-        let mut map = self.0.0.lock().expect("in-flight lock");
-        if let Some(count) = map.get_mut(&self.1) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                map.remove(&self.1);
-            }
-        }
+        self.0.leave(&self.1);
     }
 }
 
@@ -67,15 +76,15 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let chat = warp::path!("v1" / "chat" / "completions")
         .and(warp::post())
         .and(with_state(state))
-        .and(crate::json::json_body::<ChatRequest>(8 * 1024 * 1024))
-        .and_then(|s: Arc<AppState>, request: ChatRequest| async move {
+        .and(crate::json::json_body::<InferenceRequest>(8 * 1024 * 1024))
+        .and_then(|s: Arc<AppState>, request: InferenceRequest| async move {
             chat_completions(s, request).await.map_err(warp::reject::custom)
         });
     let completions = warp::path!("v1" / "completions")
         .and(warp::post())
         .and(with_state(state))
-        .and(crate::json::json_body::<CompletionRequest>(8 * 1024 * 1024))
-        .and_then(|s: Arc<AppState>, request: CompletionRequest| async move {
+        .and(crate::json::json_body::<InferenceRequest>(8 * 1024 * 1024))
+        .and_then(|s: Arc<AppState>, request: InferenceRequest| async move {
             completions(s, request).await.map_err(warp::reject::custom)
         });
     let embeddings = warp::path!("v1" / "embeddings")
@@ -183,7 +192,7 @@ fn next_random() -> u64 {
 /// at random, then the rest (the fallbacks of a retry).
 fn candidates(state: &AppState, model: &str) -> Result<Vec<Target>, ApiError> {
     let handle = control_plane(state)?;
-    let own = handle.status().id;
+    let own = handle.id();
     let found = handle.read_local(|cluster| {
         let deployment = cluster.deployment(&DeploymentId(model.to_owned()))?;
         let targets: Vec<Target> = cluster
@@ -530,86 +539,12 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// Sampling fields shared by chat and text completions (written out in each request type:
-/// serde's `flatten` would hide which field a type error is in).
-#[derive(Debug, Clone, Default)]
-pub struct Sampling {
-    pub max_tokens: Option<i64>,
-    pub max_completion_tokens: Option<i64>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<i64>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
-    pub repetition_penalty: Option<f32>,
-    pub seed: Option<u64>,
-    pub stop: Option<Stop>,
-    pub n: Option<u32>,
-    pub stream: bool,
-    pub stream_options: Option<StreamOptions>,
-    pub user: Option<String>,
-}
-
-macro_rules! sampling_of {
-    ($request:expr) => {
-        Sampling {
-            max_tokens: $request.max_tokens,
-            max_completion_tokens: $request.max_completion_tokens,
-            temperature: $request.temperature,
-            top_p: $request.top_p,
-            top_k: $request.top_k,
-            presence_penalty: $request.presence_penalty,
-            frequency_penalty: $request.frequency_penalty,
-            repetition_penalty: $request.repetition_penalty,
-            seed: $request.seed,
-            stop: $request.stop.clone(),
-            n: $request.n,
-            stream: $request.stream,
-            stream_options: $request.stream_options.clone(),
-            user: $request.user.clone(),
-        }
-    };
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChatRequest {
-    pub model: String,
-    pub messages: Vec<ChatMessageIn>,
-    #[serde(default)]
-    pub logprobs: bool,
-    #[serde(default)]
-    pub top_logprobs: Option<usize>,
-    #[serde(default)]
-    pub max_tokens: Option<i64>,
-    #[serde(default)]
-    pub max_completion_tokens: Option<i64>,
-    #[serde(default)]
-    pub temperature: Option<f32>,
-    #[serde(default)]
-    pub top_p: Option<f32>,
-    /// An extension (vLLM's): sample among the k most likely tokens.
-    #[serde(default)]
-    pub top_k: Option<i64>,
-    #[serde(default)]
-    pub presence_penalty: Option<f32>,
-    #[serde(default)]
-    pub frequency_penalty: Option<f32>,
-    /// An extension (vLLM's): divides the logits of tokens already seen.
-    #[serde(default)]
-    pub repetition_penalty: Option<f32>,
-    #[serde(default)]
-    pub seed: Option<u64>,
-    #[serde(default)]
-    pub stop: Option<Stop>,
-    #[serde(default)]
-    pub n: Option<u32>,
-    #[serde(default)]
-    pub stream: bool,
-    #[serde(default)]
-    pub stream_options: Option<StreamOptions>,
-    #[serde(default)]
-    pub user: Option<String>,
+/// `logprobs`: a flag in chat completions, a count of alternatives in text completions.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+pub enum Logprobs {
+    Flag(bool),
+    Top(usize),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -619,15 +554,25 @@ pub enum Prompt {
     Many(Vec<String>),
 }
 
+/// A chat or text completion request: OpenAI's fields of both (each endpoint refuses the
+/// other's). One type, not two with the sampling fields flattened in: serde's `flatten`
+/// would hide which field a type error is in.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CompletionRequest {
+pub struct InferenceRequest {
     pub model: String,
-    pub prompt: Prompt,
+    /// Chat completions.
     #[serde(default)]
-    pub logprobs: Option<usize>,
+    pub messages: Option<Vec<ChatMessageIn>>,
+    #[serde(default)]
+    pub top_logprobs: Option<usize>,
+    /// Text completions.
+    #[serde(default)]
+    pub prompt: Option<Prompt>,
     #[serde(default)]
     pub echo: bool,
+    #[serde(default)]
+    pub logprobs: Option<Logprobs>,
     #[serde(default)]
     pub max_tokens: Option<i64>,
     #[serde(default)]
@@ -665,7 +610,11 @@ fn bad(param: &str, message: impl Into<String>) -> ApiError {
 }
 
 /// The engine request for OpenAI's sampling fields, checked.
-fn generation(sampling: &Sampling, prompt: String, logprobs: Option<usize>) -> Result<GenerationRequest, ApiError> {
+fn generation(
+    sampling: &InferenceRequest,
+    prompt: String,
+    logprobs: Option<usize>,
+) -> Result<GenerationRequest, ApiError> {
     if sampling.n.is_some_and(|n| n != 1) {
         return Err(bad("n", "only n = 1 is supported: send several requests for several choices"));
     }
@@ -799,26 +748,35 @@ fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "inference", request_body(content = Object, description = "OpenAI's chat completion request"),
     responses((status = 200, description = "a chat.completion, or an SSE stream of chat.completion.chunk ending in data: [DONE]", content_type = "application/json"),
         (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
-pub async fn chat_completions(state: Arc<AppState>, request: ChatRequest) -> Result<Response, ApiError> {
-    if request.messages.is_empty() {
+pub async fn chat_completions(state: Arc<AppState>, request: InferenceRequest) -> Result<Response, ApiError> {
+    if request.prompt.is_some() || request.echo {
+        return Err(bad("prompt", "chat completions take messages, not a prompt: use /v1/completions for a prompt"));
+    }
+    let chat = request.messages.as_deref().unwrap_or_default();
+    if chat.is_empty() {
         return Err(bad("messages", "messages must hold at least one message"));
     }
-    let mut messages = Vec::with_capacity(request.messages.len());
-    for message in &request.messages {
+    let mut messages = Vec::with_capacity(chat.len());
+    for message in chat {
         if !matches!(message.role.as_str(), "system" | "user" | "assistant" | "developer" | "tool") {
             return Err(bad("messages", format!("unknown role `{}`", message.role)));
         }
         let role = if message.role == "developer" { "system".to_owned() } else { message.role.clone() };
         messages.push(maas_engine::ChatMessage { role, content: message_text(message)? });
     }
-    let logprobs = if request.logprobs { Some(request.top_logprobs.unwrap_or(0)) } else { None };
-    let sampling = sampling_of!(request);
-    let generation_request = generation(&sampling, String::new(), logprobs)?;
+    let logprobs = match request.logprobs {
+        None | Some(Logprobs::Flag(false)) => None,
+        Some(Logprobs::Flag(true)) => Some(request.top_logprobs.unwrap_or(0)),
+        Some(Logprobs::Top(_)) => {
+            return Err(bad("logprobs", "logprobs is true or false; top_logprobs sets the count"));
+        }
+    };
+    let generation_request = generation(&request, String::new(), logprobs)?;
     let (events, replica) = start_generation(&state, &request.model, generation_request, Some(messages)).await?;
     let id = new_id("chatcmpl");
     let created = unix_now();
     let model = request.model.clone();
-    if !sampling.stream {
+    if !request.stream {
         let _guard = state.in_flight.enter(&replica);
         let done = collect(events).await?;
         let body = json!({
@@ -826,14 +784,14 @@ pub async fn chat_completions(state: Arc<AppState>, request: ChatRequest) -> Res
             "choices": [{
                 "index": 0,
                 "message": {"role": "assistant", "content": done.text},
-                "logprobs": if request.logprobs { json!({"content": done.logprobs}) } else { Value::Null },
+                "logprobs": if logprobs.is_some() { json!({"content": done.logprobs}) } else { Value::Null },
                 "finish_reason": finish_name(done.finish_reason),
             }],
             "usage": usage(done.prompt_tokens, done.completion_tokens),
         });
         return Ok(warp::reply::json(&body).into_response());
     }
-    let include_usage = sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let chunk = move |delta: Value, logprobs: Value, finish: Value| {
         json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
@@ -861,25 +819,33 @@ pub async fn chat_completions(state: Arc<AppState>, request: ChatRequest) -> Res
 #[utoipa::path(post, path = "/v1/completions", tag = "inference", request_body(content = Object, description = "OpenAI's completion request"),
     responses((status = 200, description = "a text_completion, or an SSE stream ending in data: [DONE]", content_type = "application/json"),
         (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
-pub async fn completions(state: Arc<AppState>, request: CompletionRequest) -> Result<Response, ApiError> {
+pub async fn completions(state: Arc<AppState>, request: InferenceRequest) -> Result<Response, ApiError> {
+    if request.messages.is_some() || request.top_logprobs.is_some() {
+        return Err(bad("messages", "text completions take a prompt, not messages: use /v1/chat/completions"));
+    }
     let prompt = match &request.prompt {
-        Prompt::One(text) => text.clone(),
-        Prompt::Many(list) if list.len() == 1 => list[0].clone(),
-        Prompt::Many(_) => return Err(bad("prompt", "send one prompt per request")),
+        None => return Err(bad("prompt", "prompt is required")),
+        Some(Prompt::One(text)) => text.clone(),
+        Some(Prompt::Many(list)) if list.len() == 1 => list[0].clone(),
+        Some(Prompt::Many(_)) => return Err(bad("prompt", "send one prompt per request")),
     };
     if request.echo {
         return Err(bad("echo", "echo is not supported"));
     }
-    let sampling = sampling_of!(request);
-    let generation_request = generation(&sampling, prompt, request.logprobs)?;
+    let logprobs = match request.logprobs {
+        None | Some(Logprobs::Flag(false)) => None,
+        Some(Logprobs::Flag(true)) => Some(0),
+        Some(Logprobs::Top(count)) => Some(count),
+    };
+    let generation_request = generation(&request, prompt, logprobs)?;
     let (events, replica) = start_generation(&state, &request.model, generation_request, None).await?;
     let id = new_id("cmpl");
     let created = unix_now();
     let model = request.model.clone();
-    if !sampling.stream {
+    if !request.stream {
         let _guard = state.in_flight.enter(&replica);
         let done = collect(events).await?;
-        let logprobs = if request.logprobs.is_some() {
+        let logprobs = if logprobs.is_some() {
             json!({
                 "tokens": done.logprobs.iter().map(|l| l["token"].clone()).collect::<Vec<_>>(),
                 "token_logprobs": done.logprobs.iter().map(|l| l["logprob"].clone()).collect::<Vec<_>>(),
@@ -894,7 +860,7 @@ pub async fn completions(state: Arc<AppState>, request: CompletionRequest) -> Re
         });
         return Ok(warp::reply::json(&body).into_response());
     }
-    let include_usage = sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let chunk = move |text: &str, finish: Value| {
         json!({"id": id, "object": "text_completion", "created": created, "model": model,
                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}]})
@@ -941,13 +907,10 @@ fn sse(
     impl Drop for Stream {
         fn drop(&mut self) {
             // The request's place in the replica's load ends with its stream.
-            let mut map = self.state.in_flight.0.lock().expect("in-flight lock");
-            if let Some(count) = map.get_mut(&self.replica) {
-                *count = count.saturating_sub(1);
-            }
+            self.state.in_flight.leave(&self.replica);
         }
     }
-    *state.in_flight.0.lock().expect("in-flight lock").entry(replica.clone()).or_default() += 1;
+    state.in_flight.arrive(&replica);
     let shape = Arc::new(shape);
     let initial =
         Stream { state, replica, events, started: false, pending: std::collections::VecDeque::new(), finished: false };

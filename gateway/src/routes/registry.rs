@@ -200,20 +200,7 @@ pub async fn register_model(
     };
     // Check names and paths before laying anything out.
     maas_store::repo::models::validate(&new)?;
-    let probe = ModelVersionRecord {
-        id: String::new(),
-        model_id: String::new(),
-        name: new.name.clone(),
-        owner_kind: String::new(),
-        owner_id: String::new(),
-        description: String::new(),
-        version: String::new(),
-        metadata: new.metadata.clone(),
-        files: new.files.clone(),
-        total_bytes: 0,
-        created_at_ms: 0,
-    };
-    let dir = materialise(&stores.blobs, &stores.data_dir, &probe).await.map_err(ApiError::internal)?;
+    let dir = materialise(&stores.blobs, &stores.data_dir, &new.files).await.map_err(ApiError::internal)?;
     let inspect_dir = match new.files.as_slice() {
         [single] if single.path.to_ascii_lowercase().ends_with(".gguf") => dir.join(&single.path),
         _ => dir.clone(),
