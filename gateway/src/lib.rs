@@ -4,6 +4,7 @@
 //! **Boundary:** errors become HTTP statuses only in [`error`]; handlers never block the
 //! async runtime.
 
+pub mod caller;
 pub mod error;
 pub mod json;
 pub mod metrics;

@@ -6,6 +6,9 @@ use crate::db::Db;
 use crate::error::{Result, StoreError};
 use crate::ids::{new_id, now_ms};
 
+/// The id of the node's built-in local user (see [`Users::ensure_local`]).
+pub const LOCAL_USER_ID: &str = "user_local";
+
 /// A platform-wide role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -115,6 +118,24 @@ impl Users<'_> {
         .fetch_optional(self.db.pool())
         .await?;
         row.map(user_from_row).transpose()
+    }
+
+    /// The node's built-in local user (an active admin), created if missing; requests act
+    /// as it until accounts and keys exist. Returns its id.
+    pub async fn ensure_local(&self) -> Result<String> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO users (id, email, phone, display_name, password_hash, role, status, \
+             created_at_ms, updated_at_ms) VALUES ($1, $2, NULL, $3, NULL, 'admin', 'active', $4, $4) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(LOCAL_USER_ID)
+        .bind("local@maas.invalid")
+        .bind("local operator")
+        .bind(now)
+        .execute(self.db.pool())
+        .await?;
+        Ok(LOCAL_USER_ID.to_owned())
     }
 
     pub async fn count(&self) -> Result<i64> {
