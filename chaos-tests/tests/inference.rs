@@ -206,3 +206,141 @@ async fn a_bert_model_embeds_and_a_quantised_gguf_model_chats() {
     assert_eq!(status, 200, "{answer}");
     assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
 }
+
+/// A streamed answer's data events: the JSON chunks, and whether it ended in `[DONE]`.
+async fn stream_events(node: &MaasProcess, path: &str, body: &Value) -> (reqwest::header::HeaderMap, Vec<Value>, bool) {
+    let response = reqwest::Client::new().post(format!("{}{path}", node.base_url)).json(body).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let headers = response.headers().clone();
+    let text = response.text().await.unwrap();
+    let events: Vec<&str> =
+        text.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim).filter(|l| !l.is_empty()).collect();
+    let done = events.last() == Some(&"[DONE]");
+    let chunks = events.iter().filter(|e| **e != "[DONE]").map(|e| serde_json::from_str(e).unwrap()).collect();
+    (headers, chunks, done)
+}
+
+async fn post_with_headers(node: &MaasProcess, path: &str, body: &Value) -> (u16, reqwest::header::HeaderMap, Value) {
+    let response = reqwest::Client::new().post(format!("{}{path}", node.base_url)).json(body).send().await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    (status, headers, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deterministic_answers_are_cached_and_formats_and_safety_rules_are_enforced() {
+    let (node, _dir) = serving_node().await;
+
+    // The response cache: a greedy request is answered by the model once, then from the
+    // cache (whole and streamed); a sampled request without a seed never is.
+    let greedy = json!({"model": "chat", "messages": [{"role": "user", "content": "cache me"}], "max_tokens": 8, "temperature": 0});
+    let (status, headers, first) = post_with_headers(&node, "/v1/chat/completions", &greedy).await;
+    assert_eq!(status, 200, "{first}");
+    assert!(headers.get("x-maas-cache").is_none(), "the first answer comes from the model");
+    let (_, headers, again) = post_with_headers(&node, "/v1/chat/completions", &greedy).await;
+    assert_eq!(headers.get("x-maas-cache").map(|v| v.to_str().unwrap()), Some("hit"));
+    assert_eq!(again["choices"][0]["message"], first["choices"][0]["message"]);
+    assert_eq!(again["usage"], first["usage"]);
+    let mut streamed = greedy.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (headers, chunks, done) = stream_events(&node, "/v1/chat/completions", &streamed).await;
+    assert!(done);
+    assert_eq!(headers.get("x-maas-cache").map(|v| v.to_str().unwrap()), Some("hit"));
+    let text: String = chunks.iter().filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str()).collect();
+    assert_eq!(text, first["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(chunks.last().unwrap()["usage"], first["usage"]);
+    let sampled = json!({"model": "chat", "messages": [{"role": "user", "content": "cache me"}], "max_tokens": 4, "temperature": 1});
+    for _ in 0..2 {
+        let (_, headers, _) = post_with_headers(&node, "/v1/chat/completions", &sampled).await;
+        assert!(headers.get("x-maas-cache").is_none(), "sampling without a seed is not cached");
+    }
+    let metrics = reqwest::get(format!("{}/metrics", node.base_url)).await.unwrap().text().await.unwrap();
+    assert!(metrics.lines().any(|l| l.starts_with("maas_response_cache_total{outcome=\"hit\"} 2")), "{metrics}");
+
+    // response_format: a bad schema is refused up front; the tiny random model's answer is
+    // not JSON, which is a 422 naming the failure (and the last event of a stream).
+    let mut json_object = greedy.clone();
+    json_object["response_format"] = json!({"type": "json_object"});
+    let (status, answer) = post(&node, "/v1/chat/completions", &json_object).await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["error"]["code"], "response_format_failed");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("not JSON"), "{answer}");
+    let mut bad_schema = greedy.clone();
+    bad_schema["response_format"] =
+        json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 12}}});
+    let (status, answer) = post(&node, "/v1/chat/completions", &bad_schema).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["param"], "response_format");
+    json_object["stream"] = json!(true);
+    let (_, chunks, done) = stream_events(&node, "/v1/chat/completions", &json_object).await;
+    assert!(done);
+    assert_eq!(chunks.last().unwrap()["error"]["code"], "response_format_failed", "{chunks:?}");
+
+    // Safety rules: an input keyword refuses the request with the rule's reason.
+    let (status, rule) = post(
+        &node,
+        "/v1/safety/rules",
+        &json!({"direction": "input", "kind": "keyword", "pattern": "Forbidden Topic", "reason": "this topic is not allowed here"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{rule}");
+    let refused = json!({"model": "chat", "messages": [{"role": "user", "content": "tell me about the FORBIDDEN topic"}], "max_tokens": 4});
+    let (status, answer) = post(&node, "/v1/chat/completions", &refused).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["code"], "content_filter");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("this topic is not allowed here"), "{answer}");
+    let (status, answer) =
+        post(&node, "/v1/safety/rules", &json!({"direction": "input", "kind": "regex", "pattern": "(unclosed"})).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["param"], "pattern");
+
+    // An output keyword taken from the middle of the model's own greedy answer ends the
+    // answer before it, with finish reason content_filter, whole and streamed.
+    let answer_text = first["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    let chars: Vec<char> = answer_text.chars().collect();
+    assert!(chars.len() >= 4, "the tiny model answers several characters: {answer_text:?}");
+    let start = chars.len() / 2;
+    let keyword: String = chars[start..(start + 2).min(chars.len())].iter().collect();
+    let (status, output_rule) =
+        post(&node, "/v1/safety/rules", &json!({"direction": "output", "kind": "keyword", "pattern": keyword})).await;
+    assert_eq!(status, 201, "{output_rule}");
+    let (status, headers, filtered) = post_with_headers(&node, "/v1/chat/completions", &greedy).await;
+    assert_eq!(status, 200, "{filtered}");
+    assert!(headers.get("x-maas-cache").is_none(), "new rules are not answered from the cache");
+    assert_eq!(filtered["choices"][0]["finish_reason"], "content_filter", "{filtered}");
+    let cut = filtered["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        answer_text.starts_with(cut) && !cut.to_ascii_lowercase().contains(&keyword.to_ascii_lowercase()),
+        "{cut:?} / {keyword:?}"
+    );
+    let mut streamed_filtered = greedy.clone();
+    streamed_filtered["stream"] = json!(true);
+    streamed_filtered["max_tokens"] = json!(8);
+    streamed_filtered["seed"] = json!(1);
+    let (_, chunks, done) = stream_events(&node, "/v1/chat/completions", &streamed_filtered).await;
+    assert!(done);
+    let text: String = chunks.iter().filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str()).collect();
+    assert_eq!(text, cut, "the stream is cut at the same place");
+    assert!(chunks.iter().any(|c| c["choices"].get(0).is_some_and(|ch| ch["finish_reason"] == "content_filter")));
+
+    // The rules are listed and can be deleted; then the answer is whole again.
+    let rules: Value = reqwest::get(format!("{}/v1/safety/rules", node.base_url)).await.unwrap().json().await.unwrap();
+    assert_eq!(rules["data"].as_array().unwrap().len(), 2, "{rules}");
+    for id in [&rule["id"], &output_rule["id"]] {
+        let deleted = reqwest::Client::new()
+            .delete(format!("{}/v1/safety/rules/{}", node.base_url, id.as_str().unwrap()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(deleted.status(), 200);
+    }
+    let missing =
+        reqwest::Client::new().delete(format!("{}/v1/safety/rules/rule_nope", node.base_url)).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let (status, _) = post(&node, "/v1/chat/completions", &refused).await;
+    assert_eq!(status, 200, "the input rule is gone");
+    let (_, headers, whole) = post_with_headers(&node, "/v1/chat/completions", &greedy).await;
+    assert_eq!(headers.get("x-maas-cache").map(|v| v.to_str().unwrap()), Some("hit"), "the rule-free answer is cached");
+    assert_eq!(whole["choices"][0]["message"]["content"], first["choices"][0]["message"]["content"]);
+}

@@ -30,7 +30,7 @@ use crate::chat::ChatMessage;
 use crate::error::{EngineError, Result};
 use crate::model::{CausalLm, KvCache};
 use crate::sampling::{SamplingParams, TokenHistory, sample};
-use crate::stream::Detokenizer;
+use crate::stream::{CompiledFilter, Detokenizer, OutputFilter};
 use crate::tokenizer::ModelTokenizer;
 
 /// The most top alternatives a request may ask for per token.
@@ -83,6 +83,9 @@ pub struct GenerationRequest {
     pub add_special_tokens: bool,
     /// Keeps generating past end-of-sequence tokens (benchmarks, tests).
     pub ignore_eos: bool,
+    /// Text the output must not contain: generation ends before it with
+    /// [`FinishReason::ContentFilter`].
+    pub filter: OutputFilter,
 }
 
 impl Default for GenerationRequest {
@@ -95,6 +98,7 @@ impl Default for GenerationRequest {
             logprobs: None,
             add_special_tokens: true,
             ignore_eos: false,
+            filter: OutputFilter::default(),
         }
     }
 }
@@ -117,7 +121,7 @@ pub struct TokenLogprob {
     pub top: Vec<TopLogprob>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     /// An end-of-sequence token or a stop sequence.
@@ -126,6 +130,8 @@ pub enum FinishReason {
     Length,
     /// The engine stopped before the sequence finished.
     Cancelled,
+    /// The output filter matched; the output ends before the match.
+    ContentFilter,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -183,6 +189,7 @@ pub struct ModelInfo {
 struct Pending {
     prompt: Vec<u32>,
     request: GenerationRequest,
+    filter: Option<CompiledFilter>,
     events: mpsc::Sender<GenerationEvent>,
 }
 
@@ -331,6 +338,11 @@ impl Engine {
             return Err(EngineError::BadRequest(format!("logprobs must be at most {MAX_TOP_LOGPROBS}, got {count}")));
         }
         request.sampling.validate().map_err(EngineError::BadRequest)?;
+        let filter = if request.filter.is_empty() {
+            None
+        } else {
+            Some(CompiledFilter::new(&request.filter).map_err(EngineError::BadRequest)?)
+        };
         let prompt = self.tokenizer.encode(&request.prompt, request.add_special_tokens)?;
         if prompt.is_empty() {
             return Err(EngineError::BadRequest("the prompt is empty".into()));
@@ -360,7 +372,7 @@ impl Engine {
         if queue.waiting.len() >= self.options.max_queue {
             return Err(EngineError::QueueFull { max_queue: self.options.max_queue });
         }
-        queue.waiting.push_back(Pending { prompt, request, events: sender });
+        queue.waiting.push_back(Pending { prompt, request, filter, events: sender });
         drop(queue);
         self.shared.wake.notify_one();
         Ok(receiver)
@@ -507,7 +519,7 @@ impl Batcher {
                 cache: self.model.new_cache(),
                 rng: StdRng::seed_from_u64(request.sampling.seed.unwrap_or(0)),
                 sampling: request.sampling,
-                detokenizer: Detokenizer::new(request.stop),
+                detokenizer: Detokenizer::filtered(request.stop, pending.filter),
                 max_tokens,
                 logprobs: request.logprobs,
                 ignore_eos: request.ignore_eos,
@@ -635,7 +647,9 @@ impl Batcher {
         };
         // The cache holds the prompt and every generated token but this one.
         let full = sequence.cache.len() + 1 >= self.context_length;
-        let finish = if end_of_sequence || released.stopped {
+        let finish = if released.blocked {
+            Some(FinishReason::ContentFilter)
+        } else if end_of_sequence || released.stopped {
             Some(FinishReason::Stop)
         } else if sequence.generated >= sequence.max_tokens || full {
             match sequence.detokenizer.finish(decode) {

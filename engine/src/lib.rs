@@ -36,3 +36,4 @@ pub use engine::{
 };
 pub use error::{EngineError, Result};
 pub use sampling::SamplingParams;
+pub use stream::OutputFilter;

@@ -13,12 +13,81 @@
 /// Tokens held at most while their text ends inside a character.
 const MAX_HELD_TOKENS: usize = 4;
 
+/// What the output must not contain (a tenant's output safety rules): keywords, compared
+/// without regard to ASCII case, and regular expressions. Sent with a request to the
+/// replica that runs it, so a remote replica filters the same way.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct OutputFilter {
+    pub keywords: Vec<String>,
+    pub patterns: Vec<String>,
+}
+
+impl OutputFilter {
+    pub fn is_empty(&self) -> bool {
+        self.keywords.iter().all(String::is_empty) && self.patterns.is_empty()
+    }
+}
+
+/// An [`OutputFilter`] ready to match: keywords lowercased, patterns compiled.
+#[derive(Debug, Clone)]
+pub struct CompiledFilter {
+    keywords: Vec<String>,
+    patterns: Vec<regex::Regex>,
+}
+
+impl CompiledFilter {
+    /// Compiles `filter`; a pattern that is not a valid regular expression is named.
+    pub fn new(filter: &OutputFilter) -> Result<Self, String> {
+        let patterns = filter
+            .patterns
+            .iter()
+            .map(|pattern| {
+                regex::RegexBuilder::new(pattern)
+                    .size_limit(1 << 20)
+                    .build()
+                    .map_err(|err| format!("the filter pattern `{pattern}` is not a valid regular expression: {err}"))
+            })
+            .collect::<Result<_, _>>()?;
+        let keywords =
+            filter.keywords.iter().filter(|k| !k.is_empty()).map(|keyword| keyword.to_ascii_lowercase()).collect();
+        Ok(CompiledFilter { keywords, patterns })
+    }
+
+    /// Where blocked text begins in `pending` (text not yet released, which follows
+    /// `released`): the earliest keyword in `pending`, or the earliest pattern match in the
+    /// whole output (0 when it began in released text).
+    fn find(&self, released: &str, pending: &str) -> Option<usize> {
+        let lowered = pending.to_ascii_lowercase();
+        let keyword = self.keywords.iter().filter_map(|keyword| lowered.find(keyword.as_str())).min();
+        let pattern = if self.patterns.is_empty() {
+            None
+        } else {
+            let whole = format!("{released}{pending}");
+            self.patterns
+                .iter()
+                .filter_map(|pattern| pattern.find(&whole))
+                .map(|found| found.start().saturating_sub(released.len()))
+                .min()
+        };
+        keyword.into_iter().chain(pattern).min()
+    }
+
+    /// The longest suffix of `pending` that could begin a keyword.
+    fn held(&self, pending: &str) -> usize {
+        let lowered = pending.to_ascii_lowercase();
+        self.keywords.iter().map(|keyword| held_suffix(&lowered, keyword)).max().unwrap_or(0)
+    }
+}
+
 /// Text released by one token.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StreamStep {
     pub text: String,
     /// A stop sequence was found; `text` ends before it and generation should end.
     pub stopped: bool,
+    /// The output filter matched; `text` ends before the match and generation should end.
+    pub blocked: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -28,16 +97,27 @@ pub struct TextStream {
     read_offset: usize,
     pending: String,
     stops: Vec<String>,
+    filter: Option<CompiledFilter>,
+    /// The text released so far, kept only when the filter has patterns (which may match
+    /// across released and pending text).
+    released: String,
 }
 
 impl TextStream {
     pub fn new(stops: Vec<String>) -> Self {
+        Self::filtered(stops, None)
+    }
+
+    /// A stream that also ends where `filter` matches (the match is not released).
+    pub fn filtered(stops: Vec<String>, filter: Option<CompiledFilter>) -> Self {
         TextStream {
             ids: Vec::new(),
             prefix_offset: 0,
             read_offset: 0,
             pending: String::new(),
             stops: stops.into_iter().filter(|stop| !stop.is_empty()).collect(),
+            filter,
+            released: String::new(),
         }
     }
 
@@ -79,25 +159,42 @@ impl TextStream {
             self.read_offset = self.ids.len();
         }
         let step = self.release();
-        if step.stopped {
+        if step.stopped || step.blocked {
             return Ok(step);
         }
         let mut text = step.text;
         text.push_str(&std::mem::take(&mut self.pending));
-        Ok(StreamStep { text, stopped: false })
+        Ok(StreamStep { text, stopped: false, blocked: false })
     }
 
     fn release(&mut self) -> StreamStep {
-        let found = self.stops.iter().filter_map(|stop| self.pending.find(stop.as_str())).min();
-        if let Some(position) = found {
+        let stop = self.stops.iter().filter_map(|stop| self.pending.find(stop.as_str())).min();
+        let blocked = self.filter.as_ref().and_then(|filter| filter.find(&self.released, &self.pending));
+        // The earlier of the two ends the text; a filter match at the same place wins.
+        let end = match (stop, blocked) {
+            (Some(stop), Some(blocked)) if stop < blocked => Some((stop, false)),
+            (_, Some(blocked)) => Some((blocked, true)),
+            (Some(stop), None) => Some((stop, false)),
+            (None, None) => None,
+        };
+        if let Some((position, blocked)) = end {
+            let mut position = position.min(self.pending.len());
+            while !self.pending.is_char_boundary(position) {
+                position -= 1;
+            }
             let text = self.pending[..position].to_owned();
             self.pending.clear();
-            return StreamStep { text, stopped: true };
+            return StreamStep { text, stopped: !blocked, blocked };
         }
-        let held = self.stops.iter().map(|stop| held_suffix(&self.pending, stop)).max().unwrap_or(0);
+        let held_by_stops = self.stops.iter().map(|stop| held_suffix(&self.pending, stop)).max().unwrap_or(0);
+        let held_by_filter = self.filter.as_ref().map_or(0, |filter| filter.held(&self.pending));
+        let held = held_by_stops.max(held_by_filter);
         let text = self.pending[..self.pending.len() - held].to_owned();
         self.pending.drain(..self.pending.len() - held);
-        StreamStep { text, stopped: false }
+        if self.filter.as_ref().is_some_and(|filter| !filter.patterns.is_empty()) {
+            self.released.push_str(&text);
+        }
+        StreamStep { text, stopped: false, blocked: false }
     }
 }
 
@@ -123,16 +220,22 @@ pub struct Detokenizer<T> {
 }
 
 /// What a token released: events `(token, text)` in order, and whether a stop sequence
-/// ended the output.
+/// or the output filter ended the output.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Released<T> {
     pub events: Vec<(T, String)>,
     pub stopped: bool,
+    pub blocked: bool,
 }
 
 impl<T> Detokenizer<T> {
     pub fn new(stops: Vec<String>) -> Self {
-        Detokenizer { stream: TextStream::new(stops), held: Vec::new(), unsent: String::new() }
+        Self::filtered(stops, None)
+    }
+
+    /// A detokenizer whose output also ends where `filter` matches.
+    pub fn filtered(stops: Vec<String>, filter: Option<CompiledFilter>) -> Self {
+        Detokenizer { stream: TextStream::filtered(stops, filter), held: Vec::new(), unsent: String::new() }
     }
 
     /// Adds a generated token (`item` is what its event carries besides the text).
@@ -145,17 +248,17 @@ impl<T> Detokenizer<T> {
         let step = self.stream.push(token, decode)?;
         self.held.push(item);
         self.unsent.push_str(&step.text);
-        if step.stopped || self.stream.is_settled() {
-            return Ok(Released { events: self.release_all(), stopped: step.stopped });
+        if step.stopped || step.blocked || self.stream.is_settled() {
+            return Ok(Released { events: self.release_all(), stopped: step.stopped, blocked: step.blocked });
         }
-        Ok(Released { events: Vec::new(), stopped: false })
+        Ok(Released { events: Vec::new(), stopped: false, blocked: false })
     }
 
     /// Ends the output (end of sequence, length): releases every held token and text.
     pub fn finish<E>(&mut self, decode: impl Fn(&[u32]) -> Result<String, E>) -> Result<Released<T>, E> {
         let step = self.stream.finish(decode)?;
         self.unsent.push_str(&step.text);
-        Ok(Released { events: self.release_all(), stopped: step.stopped })
+        Ok(Released { events: self.release_all(), stopped: step.stopped, blocked: step.blocked })
     }
 
     /// The held tokens' events; the text goes with the last of them.

@@ -13,8 +13,9 @@
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
+use maas_engine::OutputFilter;
 use maas_engine::sampling::{SamplingParams, TokenHistory, apply_penalties, argmax, candidates, logprobs, sample};
-use maas_engine::stream::{Detokenizer, TextStream};
+use maas_engine::stream::{CompiledFilter, Detokenizer, TextStream};
 
 fn rng(seed: u64) -> StdRng {
     StdRng::seed_from_u64(seed)
@@ -247,4 +248,65 @@ fn token_events_wait_for_their_text_to_settle() {
     let last = last.unwrap();
     assert!(last.stopped);
     assert_eq!(last.events.iter().map(|e| e.1.as_str()).collect::<String>(), "");
+}
+
+fn filtered(keywords: &[&str], patterns: &[&str]) -> TextStream {
+    let filter = OutputFilter {
+        keywords: keywords.iter().map(|k| (*k).to_owned()).collect(),
+        patterns: patterns.iter().map(|p| (*p).to_owned()).collect(),
+    };
+    TextStream::filtered(Vec::new(), Some(CompiledFilter::new(&filter).unwrap()))
+}
+
+/// Pushes bytes until the filter ends the stream: the released text and whether it did.
+fn push_until_blocked(stream: &mut TextStream, text: &str) -> (String, bool) {
+    let mut released = String::new();
+    for byte in text.bytes() {
+        let step = stream.push(u32::from(byte), decode_bytes).unwrap();
+        released.push_str(&step.text);
+        if step.blocked {
+            return (released, true);
+        }
+    }
+    released.push_str(&stream.finish(decode_bytes).unwrap().text);
+    (released, false)
+}
+
+#[test]
+fn the_output_filter_ends_the_text_before_a_keyword_in_any_case() {
+    let mut stream = filtered(&["secret plan"], &[]);
+    let (released, blocked) = push_until_blocked(&mut stream, "here is the SECRET Plan: attack");
+    assert!(blocked);
+    assert_eq!(released, "here is the ", "nothing of the keyword is released, whatever its case");
+
+    // Text that only begins like a keyword is held back, then released.
+    let mut stream = filtered(&["secret plan"], &[]);
+    let (released, blocked) = push_until_blocked(&mut stream, "a secret place");
+    assert!(!blocked);
+    assert_eq!(released, "a secret place");
+
+    // Chinese keywords match as they are.
+    let mut stream = filtered(&["机密"], &[]);
+    let (released, blocked) = push_until_blocked(&mut stream, "这是机密文件");
+    assert!(blocked);
+    assert_eq!(released, "这是");
+}
+
+#[test]
+fn the_output_filter_matches_patterns_across_released_text() {
+    // An identity-card-like number: 17 digits and a digit or X.
+    let mut stream = filtered(&[], &[r"\d{17}[\dXx]"]);
+    let (released, blocked) = push_until_blocked(&mut stream, "id 11010519491231002X end");
+    assert!(blocked);
+    assert!(!released.contains("11010519491231002X"), "{released}");
+    assert!(released.starts_with("id "), "{released}");
+
+    let mut stream = filtered(&[], &[r"\d{17}[\dXx]"]);
+    let (released, blocked) = push_until_blocked(&mut stream, "call 12345 now");
+    assert!(!blocked);
+    assert_eq!(released, "call 12345 now");
+
+    // A pattern that does not compile is named.
+    let bad = OutputFilter { keywords: Vec::new(), patterns: vec!["(".into()] };
+    assert!(CompiledFilter::new(&bad).unwrap_err().contains("`(`"));
 }

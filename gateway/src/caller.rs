@@ -13,6 +13,12 @@ use crate::state::AppState;
 /// The tenant scope of the request's caller.
 pub async fn caller_scope(state: &AppState) -> Result<TenantScope, ApiError> {
     let stores = state.stores.get().ok_or_else(|| ApiError::unavailable("the store is starting; retry shortly"))?;
-    let user_id = stores.db.users().ensure_local().await?;
-    Ok(TenantScope::resolve(&stores.db, &user_id, None).await?)
+    let scope = state
+        .local_scope
+        .get_or_try_init(|| async {
+            let user_id = stores.db.users().ensure_local().await?;
+            TenantScope::resolve(&stores.db, &user_id, None).await
+        })
+        .await?;
+    Ok(scope.clone())
 }

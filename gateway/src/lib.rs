@@ -7,9 +7,13 @@
 pub mod caller;
 pub mod error;
 pub mod json;
+pub mod load;
 pub mod metrics;
 pub mod middleware;
+pub mod response_cache;
+pub mod response_format;
 pub mod routes;
+pub mod safety;
 pub mod server;
 pub mod state;
 pub mod tls;

@@ -46,11 +46,20 @@ pub struct GatewayOptions {
     pub max_body_bytes: u64,
     /// Whether `/debug/*` routes are served.
     pub debug_routes: bool,
+    /// The platform's safety rules (`[safety] rules`), applied to every tenant.
+    pub safety_rules: Vec<crate::safety::PlatformRule>,
+    /// The response cache of deterministic requests.
+    pub response_cache: crate::response_cache::ResponseCacheOptions,
 }
 
 impl Default for GatewayOptions {
     fn default() -> Self {
-        GatewayOptions { max_body_bytes: 16 * 1024 * 1024, debug_routes: false }
+        GatewayOptions {
+            max_body_bytes: 16 * 1024 * 1024,
+            debug_routes: false,
+            safety_rules: Vec::new(),
+            response_cache: crate::response_cache::ResponseCacheOptions::default(),
+        }
     }
 }
 
@@ -84,6 +93,14 @@ pub struct AppState {
     pub peer_health: OnceLock<PeerHealth>,
     /// What this node's agent runs (its GPU actors and their leases).
     pub agent: OnceLock<Arc<std::sync::RwLock<maas_actors::node::AgentStatus>>>,
+    /// The scope of the built-in local user, resolved once (see [`crate::caller`]).
+    pub local_scope: tokio::sync::OnceCell<maas_store::TenantScope>,
+    /// The load other nodes report for their replicas.
+    pub replica_loads: crate::load::ReplicaLoads,
+    /// Callers' compiled safety rules.
+    pub safety: crate::safety::PolicyCache,
+    /// Answers of deterministic requests.
+    pub response_cache: crate::response_cache::ResponseCache,
     pub started: Instant,
     pub readiness: Readiness,
     pub metrics: PrometheusHandle,
@@ -106,6 +123,10 @@ impl AppState {
             gpu_reserve_mib: OnceLock::new(),
             peer_health: OnceLock::new(),
             agent: OnceLock::new(),
+            local_scope: tokio::sync::OnceCell::new(),
+            replica_loads: crate::load::ReplicaLoads::default(),
+            safety: crate::safety::PolicyCache::new(options.safety_rules.clone()),
+            response_cache: crate::response_cache::ResponseCache::new(options.response_cache.clone()),
             started: Instant::now(),
             readiness: Readiness::default(),
             metrics: crate::metrics::prometheus(),

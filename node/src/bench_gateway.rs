@@ -169,7 +169,16 @@ async fn serve(dir: &std::path::Path) -> Result<Serving> {
         Command::SetReplicaState { replica_id: ReplicaId("tiny-1-1".into()), state: ReplicaState::Ready, at_ms: 4 };
     propose(&control, ready).await?;
 
-    let state = Arc::new(maas_gateway::AppState::new("bench", maas_gateway::GatewayOptions::default()));
+    // The response cache would answer the benchmark's greedy requests without the engine:
+    // off, so every request crosses the gateway to the replica.
+    let options = maas_gateway::GatewayOptions {
+        response_cache: maas_gateway::response_cache::ResponseCacheOptions {
+            enabled: false,
+            ..maas_gateway::response_cache::ResponseCacheOptions::default()
+        },
+        ..maas_gateway::GatewayOptions::default()
+    };
+    let state = Arc::new(maas_gateway::AppState::new("bench", options));
     let serving = ServingTable::default();
     serving.insert("tiny-1-1", ServingModel::Generator(Arc::clone(&engine)));
     let _ = state.serving.set(serving);

@@ -30,6 +30,8 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub auth: AuthConfig,
     pub quota: QuotaConfig,
+    pub inference: InferenceConfig,
+    pub safety: SafetyConfig,
     pub log: LogConfig,
 }
 
@@ -216,6 +218,35 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+/// How the inference API answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceConfig {
+    /// Keep answers of deterministic requests (temperature 0 or a fixed seed) and serve
+    /// them again without running the model.
+    pub response_cache: bool,
+    /// Answers kept in this process when no Redis is configured.
+    #[serde(deserialize_with = "non_negative")]
+    pub response_cache_entries: u64,
+    /// How long a kept answer is served, in seconds.
+    #[serde(deserialize_with = "non_negative")]
+    pub response_cache_ttl_secs: u64,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        InferenceConfig { response_cache: true, response_cache_entries: 10_000, response_cache_ttl_secs: 3600 }
+    }
+}
+
+/// Platform-wide safety rules, applied to every tenant's requests and answers (tenants
+/// add their own through `/v1/safety/rules`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SafetyConfig {
+    pub rules: Vec<maas_gateway::safety::PlatformRule>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -421,6 +452,16 @@ impl Config {
             return bad("database.max_connections", "must be 1 or more".into());
         }
         check_url("redis.url", &self.redis.url, &["redis://", "rediss://", "unix://"])?;
+        for (i, rule) in self.safety.rules.iter().enumerate() {
+            maas_gateway::safety::check_pattern(rule.kind, &rule.pattern)
+                .or_else(|why| bad(&format!("safety.rules[{i}].pattern"), why))?;
+        }
+        if self.inference.response_cache_ttl_secs == 0 {
+            return bad(
+                "inference.response_cache_ttl_secs",
+                "must be 1 or more (turn the cache off with inference.response_cache = false)".into(),
+            );
+        }
         check_url("milvus.url", &self.milvus.url, &["http://", "https://"])?;
         if self.tls.cert_path.is_empty() != self.tls.key_path.is_empty() {
             return bad("tls", "set both tls.cert_path and tls.key_path, or neither".into());

@@ -39,7 +39,17 @@ pub async fn run_node(mut config: Config, quick_start: bool) -> Result<ExitCode>
         .with_context(|| format!("cannot listen on {} (listen.api)", config.listen.api))?;
     let state = Arc::new(AppState::new(
         config.node.name.clone(),
-        GatewayOptions { max_body_bytes: config.gateway.max_body_bytes, debug_routes: config.gateway.debug_routes },
+        GatewayOptions {
+            max_body_bytes: config.gateway.max_body_bytes,
+            debug_routes: config.gateway.debug_routes,
+            safety_rules: config.safety.rules.clone(),
+            response_cache: maas_gateway::response_cache::ResponseCacheOptions {
+                enabled: config.inference.response_cache,
+                max_entries: usize::try_from(config.inference.response_cache_entries).unwrap_or(usize::MAX),
+                ttl: Duration::from_secs(config.inference.response_cache_ttl_secs),
+                redis_url: config.redis.url.clone(),
+            },
+        },
     ));
     state.readiness.set("store", Check::Pending("migrating the database".into()));
     state.readiness.set("cluster", Check::Pending("starting the control plane".into()));
@@ -102,6 +112,7 @@ pub async fn run_node(mut config: Config, quick_start: bool) -> Result<ExitCode>
         .peer_health
         .set(Arc::new(move || transport.peer_states().into_iter().map(|(id, peer)| (id, peer.to_string())).collect()));
     tokio::spawn(register(cluster.control.handle().clone(), cluster.node.clone(), Arc::clone(&state)));
+    tokio::spawn(maas_gateway::load::poll_peers(Arc::clone(&state)));
     if quick_start && let Some(stores) = state.stores.get().cloned() {
         tokio::spawn(deploy_tiny_model(cluster.control.handle().clone(), stores, data_dir.clone()));
     }
@@ -491,8 +502,8 @@ fn print_banner(config: &Config, base: &str, data_dir: &Path, node: &NodeSpec) {
 /// an operator believe they are in force.
 fn warn_about_unused_settings(config: &Config) {
     if !config.redis.url.is_empty() {
-        tracing::warn!(
-            "redis.url is set, but this build keeps counters and caches in-process; redis is used once quotas land"
+        tracing::info!(
+            "redis.url is set: the response cache is kept in Redis (quota counters use it once quotas land)"
         );
     }
     if !config.milvus.url.is_empty() {

@@ -8,6 +8,7 @@ pub mod index;
 pub mod openai;
 pub mod openapi;
 pub mod registry;
+pub mod safety;
 
 use std::sync::Arc;
 
@@ -27,6 +28,10 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .or(registry::routes(state))
         .unify()
         .or(openai::routes(state))
+        .unify()
+        .or(safety::routes(state))
+        .unify()
+        .or(crate::load::routes(state))
         .unify()
         .or(openapi::routes(state))
         .unify()

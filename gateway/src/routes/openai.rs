@@ -2,7 +2,8 @@
 //! `/v1/completions` (both with SSE streaming ending in `data: [DONE]` and
 //! `stream_options.include_usage`) and `/v1/embeddings`. The `model` of a request names a
 //! deployment. Each request goes to a Ready replica of it anywhere in the cluster, chosen
-//! by power of two choices on this node's requests in flight to each replica; a replica on
+//! by power of two choices on the replicas' queue depth and active sequences (see
+//! [`crate::load`]); a replica on
 //! another node is reached over an internal route of its node
 //! (`/internal/replicas/{id}/generate`, NDJSON events), and a replica that fails before
 //! its first token is replaced by the next candidate.
@@ -27,7 +28,10 @@ use warp::{Filter, Reply};
 
 use super::cluster::{COOKIE_HEADER, check_cookie, control_plane};
 use super::with_state;
+use crate::caller::caller_scope;
 use crate::error::ApiError;
+use crate::response_cache::CachedAnswer;
+use crate::response_format::{Expected, ResponseFormat};
 use crate::state::AppState;
 
 /// Requests this node has in flight to each replica, the load that routing balances.
@@ -230,11 +234,15 @@ fn candidates(state: &AppState, model: &str) -> Result<Vec<Target>, ApiError> {
         if b >= a {
             b += 1;
         }
-        let chosen = if state.in_flight.load(&targets[b].replica_id) < state.in_flight.load(&targets[a].replica_id) {
-            b
-        } else {
-            a
+        let score = |target: &Target| {
+            crate::load::score(
+                state,
+                &target.replica_id,
+                target.remote_api.is_none(),
+                state.in_flight.load(&target.replica_id),
+            )
         };
+        let chosen = if score(&targets[b]) < score(&targets[a]) { b } else { a };
         targets.swap(0, chosen);
     }
     Ok(targets)
@@ -267,6 +275,8 @@ async fn start_generation(
     render: Option<Vec<maas_engine::ChatMessage>>,
 ) -> Result<(mpsc::Receiver<GenerationEvent>, String), ApiError> {
     let targets = candidates(state, model)?;
+    let mut request = request;
+    apply_safety(state, &mut request, render.as_deref()).await?;
     let mut last_error = None;
     for target in targets {
         let mut request = request.clone();
@@ -286,7 +296,23 @@ async fn start_generation(
             Some(api) => remote_generate(state, api, &target.replica_id, request, render.clone()).await,
         };
         match outcome {
-            Ok(events) => return Ok((events, target.replica_id)),
+            // A replica that fails or goes away before its first event is replaced by the
+            // next candidate; after that, the answer is the replica's.
+            Ok(mut events) => match events.recv().await {
+                Some(GenerationEvent::Failed(message)) => {
+                    tracing::warn!(replica = %target.replica_id, %message, "replica failed before answering; trying another");
+                    last_error = Some(ApiError::unavailable(format!(
+                        "replica {} failed before answering: {message}",
+                        target.replica_id
+                    )));
+                }
+                None => {
+                    tracing::warn!(replica = %target.replica_id, "replica stopped before answering; trying another");
+                    last_error =
+                        Some(ApiError::unavailable(format!("replica {} stopped before answering", target.replica_id)));
+                }
+                Some(first) => return Ok((prepend(first, events), target.replica_id)),
+            },
             // A bad request fails the same everywhere.
             Err(err) if err.status == http::StatusCode::BAD_REQUEST => return Err(err),
             Err(err) => {
@@ -296,6 +322,31 @@ async fn start_generation(
         }
     }
     Err(last_error.unwrap_or_else(|| ApiError::unavailable("no replica could take the request; retry shortly")))
+}
+
+/// `first`, then the rest of a generation's events. The generation is cancelled (its
+/// receiver dropped) as soon as the caller drops the returned receiver.
+fn prepend(first: GenerationEvent, mut rest: mpsc::Receiver<GenerationEvent>) -> mpsc::Receiver<GenerationEvent> {
+    let (sender, receiver) = mpsc::channel(64);
+    tokio::spawn(async move {
+        if sender.send(first).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                event = rest.recv() => match event {
+                    Some(event) => {
+                        if sender.send(event).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+                () = sender.closed() => return,
+            }
+        }
+    });
+    receiver
 }
 
 /// A generation event on the internal wire.
@@ -313,6 +364,7 @@ enum WireFinish {
     Stop,
     Length,
     Cancelled,
+    ContentFilter,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -339,6 +391,7 @@ impl From<GenerationEvent> for WireEvent {
                     FinishReason::Stop => WireFinish::Stop,
                     FinishReason::Length => WireFinish::Length,
                     FinishReason::Cancelled => WireFinish::Cancelled,
+                    FinishReason::ContentFilter => WireFinish::ContentFilter,
                 };
                 WireEvent::Done { finish_reason, prompt_tokens, completion_tokens }
             }
@@ -368,6 +421,7 @@ impl From<WireEvent> for GenerationEvent {
                     WireFinish::Stop => FinishReason::Stop,
                     WireFinish::Length => FinishReason::Length,
                     WireFinish::Cancelled => FinishReason::Cancelled,
+                    WireFinish::ContentFilter => FinishReason::ContentFilter,
                 };
                 GenerationEvent::Done { finish_reason, prompt_tokens, completion_tokens }
             }
@@ -603,6 +657,9 @@ pub struct InferenceRequest {
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub user: Option<String>,
+    /// `text`, `json_object` or `json_schema`: the answer is checked when complete.
+    #[serde(default)]
+    pub response_format: Option<ResponseFormat>,
 }
 
 fn bad(param: &str, message: impl Into<String>) -> ApiError {
@@ -658,6 +715,7 @@ fn generation(
         logprobs,
         add_special_tokens: true,
         ignore_eos: false,
+        filter: maas_engine::OutputFilter::default(),
     })
 }
 
@@ -689,6 +747,7 @@ fn finish_name(reason: FinishReason) -> &'static str {
     match reason {
         FinishReason::Stop => "stop",
         FinishReason::Length | FinishReason::Cancelled => "length",
+        FinishReason::ContentFilter => "content_filter",
     }
 }
 
@@ -772,13 +831,13 @@ pub async fn chat_completions(state: Arc<AppState>, request: InferenceRequest) -
         }
     };
     let generation_request = generation(&request, String::new(), logprobs)?;
-    let (events, replica) = start_generation(&state, &request.model, generation_request, Some(messages)).await?;
+    let expected = crate::response_format::expected(request.response_format.as_ref())?;
+    let source = answer_source(&state, &request.model, "chat", generation_request, Some(messages)).await?;
     let id = new_id("chatcmpl");
     let created = unix_now();
     let model = request.model.clone();
     if !request.stream {
-        let _guard = state.in_flight.enter(&replica);
-        let done = collect(events).await?;
+        let (done, hit) = finish_answer(&state, source, expected.as_ref()).await?;
         let body = json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{
@@ -789,14 +848,14 @@ pub async fn chat_completions(state: Arc<AppState>, request: InferenceRequest) -
             }],
             "usage": usage(done.prompt_tokens, done.completion_tokens),
         });
-        return Ok(warp::reply::json(&body).into_response());
+        return Ok(mark_cached(warp::reply::json(&body).into_response(), hit));
     }
     let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let chunk = move |delta: Value, logprobs: Value, finish: Value| {
         json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
     };
-    Ok(sse(state, replica, events, include_usage, move |part| match part {
+    Ok(sse(state, source, expected, include_usage, move |part| match part {
         Part::Start => Some(chunk(json!({"role": "assistant", "content": ""}), Value::Null, Value::Null)),
         Part::Token { text, logprob } => {
             if text.is_empty() && logprob.is_none() {
@@ -838,13 +897,13 @@ pub async fn completions(state: Arc<AppState>, request: InferenceRequest) -> Res
         Some(Logprobs::Top(count)) => Some(count),
     };
     let generation_request = generation(&request, prompt, logprobs)?;
-    let (events, replica) = start_generation(&state, &request.model, generation_request, None).await?;
+    let expected = crate::response_format::expected(request.response_format.as_ref())?;
+    let source = answer_source(&state, &request.model, "completions", generation_request, None).await?;
     let id = new_id("cmpl");
     let created = unix_now();
     let model = request.model.clone();
     if !request.stream {
-        let _guard = state.in_flight.enter(&replica);
-        let done = collect(events).await?;
+        let (done, hit) = finish_answer(&state, source, expected.as_ref()).await?;
         let logprobs = if logprobs.is_some() {
             json!({
                 "tokens": done.logprobs.iter().map(|l| l["token"].clone()).collect::<Vec<_>>(),
@@ -858,14 +917,14 @@ pub async fn completions(state: Arc<AppState>, request: InferenceRequest) -> Res
             "choices": [{"index": 0, "text": done.text, "logprobs": logprobs, "finish_reason": finish_name(done.finish_reason)}],
             "usage": usage(done.prompt_tokens, done.completion_tokens),
         });
-        return Ok(warp::reply::json(&body).into_response());
+        return Ok(mark_cached(warp::reply::json(&body).into_response(), hit));
     }
     let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let chunk = move |text: &str, finish: Value| {
         json!({"id": id, "object": "text_completion", "created": created, "model": model,
                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}]})
     };
-    Ok(sse(state, replica, events, include_usage, move |part| match part {
+    Ok(sse(state, source, expected, include_usage, move |part| match part {
         Part::Start => None,
         Part::Token { text, .. } => (!text.is_empty()).then(|| chunk(&text, Value::Null)),
         Part::Finish(reason) => Some(chunk("", json!(finish_name(reason)))),
@@ -886,34 +945,189 @@ enum Part {
     Usage(Value),
 }
 
+/// Where an answer comes from: the response cache, or a replica generating it.
+enum Source {
+    Cached(CachedAnswer),
+    Live {
+        events: mpsc::Receiver<GenerationEvent>,
+        replica: String,
+        /// Where to keep the answer once it is complete (a deterministic request).
+        cache_key: Option<String>,
+    },
+}
+
+/// The output filter of the caller's safety rules on `request`, after its text passed
+/// their input rules.
+async fn apply_safety(
+    state: &AppState,
+    request: &mut GenerationRequest,
+    render: Option<&[maas_engine::ChatMessage]>,
+) -> Result<(), ApiError> {
+    let scope = caller_scope(state).await.ok();
+    let policy = crate::safety::policy(state, scope.as_ref()).await?;
+    policy.check_input(
+        std::iter::once(request.prompt.as_str()).chain(render.into_iter().flatten().map(|m| m.content.as_str())),
+    )?;
+    request.filter.clone_from(&policy.output);
+    Ok(())
+}
+
+/// What makes a deployment's answers what they are: its model version and generation.
+fn deployment_version(state: &AppState, model: &str) -> Option<String> {
+    let handle = state.cluster.get()?;
+    handle.read_local(|cluster| {
+        let deployment = cluster.deployment(&DeploymentId(model.to_owned()))?;
+        let spec = &deployment.spec;
+        Some(format!(
+            "{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}",
+            deployment.id.0,
+            spec.model_name,
+            spec.model_version,
+            spec.model_path.as_deref().unwrap_or_default(),
+            deployment.generation
+        ))
+    })
+}
+
+/// The answer of a deterministic request from the cache, or a generation started on a
+/// replica (with the key to keep its answer under).
+async fn answer_source(
+    state: &Arc<AppState>,
+    model: &str,
+    endpoint: &str,
+    mut request: GenerationRequest,
+    render: Option<Vec<maas_engine::ChatMessage>>,
+) -> Result<Source, ApiError> {
+    let mut cache_key = None;
+    if state.response_cache.enabled() && crate::response_cache::is_deterministic(&request) {
+        apply_safety(state, &mut request, render.as_deref()).await?;
+        if let (Ok(scope), Some(deployment)) = (caller_scope(state).await, deployment_version(state, model)) {
+            cache_key = crate::response_cache::key(scope.user_id(), endpoint, &deployment, &request, render.as_deref());
+        }
+    }
+    if let Some(key) = &cache_key
+        && let Some(hit) = state.response_cache.get(key).await
+    {
+        metrics::counter!("maas_response_cache_total", "outcome" => "hit").increment(1);
+        return Ok(Source::Cached(hit));
+    }
+    if cache_key.is_some() {
+        metrics::counter!("maas_response_cache_total", "outcome" => "miss").increment(1);
+    }
+    let (events, replica) = start_generation(state, model, request, render).await?;
+    Ok(Source::Live { events, replica, cache_key })
+}
+
+/// A whole answer, checked against `response_format`; true when it came from the cache.
+async fn finish_answer(
+    state: &AppState,
+    source: Source,
+    expected: Option<&Expected>,
+) -> Result<(Collected, bool), ApiError> {
+    let (done, hit) = match source {
+        Source::Cached(answer) => (
+            Collected {
+                text: answer.text,
+                logprobs: Vec::new(),
+                finish_reason: answer.finish_reason,
+                prompt_tokens: answer.prompt_tokens,
+                completion_tokens: answer.completion_tokens,
+            },
+            true,
+        ),
+        Source::Live { events, replica, cache_key } => {
+            let _guard = state.in_flight.enter(&replica);
+            let done = collect(events).await?;
+            if let Some(key) = cache_key {
+                state
+                    .response_cache
+                    .put(key, cached(&done.text, done.finish_reason, done.prompt_tokens, done.completion_tokens))
+                    .await;
+            }
+            (done, false)
+        }
+    };
+    if let Some(expected) = expected {
+        expected.check(&done.text, done.finish_reason)?;
+    }
+    Ok((done, hit))
+}
+
+fn cached(text: &str, finish_reason: FinishReason, prompt_tokens: usize, completion_tokens: usize) -> CachedAnswer {
+    CachedAnswer { text: text.to_owned(), finish_reason, prompt_tokens, completion_tokens }
+}
+
+/// Marks an answer served from the response cache (`x-maas-cache: hit`).
+fn mark_cached(mut response: Response, hit: bool) -> Response {
+    if hit {
+        response.headers_mut().insert("x-maas-cache", http::HeaderValue::from_static("hit"));
+    }
+    response
+}
+
+/// A cached answer as the events of a generation.
+fn replay(answer: CachedAnswer) -> mpsc::Receiver<GenerationEvent> {
+    let (sender, receiver) = mpsc::channel(2);
+    let _ = sender.try_send(GenerationEvent::Token { text: answer.text, token_id: 0, logprob: None });
+    let _ = sender.try_send(GenerationEvent::Done {
+        finish_reason: answer.finish_reason,
+        prompt_tokens: answer.prompt_tokens,
+        completion_tokens: answer.completion_tokens,
+    });
+    receiver
+}
+
 /// Streams a generation as server-sent events: the endpoint's chunks, then `[DONE]`. The
 /// client going away drops the stream, and with it the generation's receiver, which
-/// cancels the sequence.
+/// cancels the sequence. An answer that fails `response_format` ends with that error
+/// before `[DONE]`; a complete answer of a deterministic request is kept in the cache.
 fn sse(
     state: Arc<AppState>,
-    replica: String,
-    events: mpsc::Receiver<GenerationEvent>,
+    source: Source,
+    expected: Option<Expected>,
     include_usage: bool,
     shape: impl Fn(Part) -> Option<Value> + Send + Sync + 'static,
 ) -> Response {
     struct Stream {
         state: Arc<AppState>,
-        replica: String,
+        /// The replica generating, counted in its load until the stream ends.
+        replica: Option<String>,
         events: mpsc::Receiver<GenerationEvent>,
         started: bool,
         pending: std::collections::VecDeque<String>,
         finished: bool,
+        expected: Option<Expected>,
+        cache_key: Option<String>,
+        /// The answer so far, kept when it is to be checked or cached.
+        text: String,
     }
     impl Drop for Stream {
         fn drop(&mut self) {
             // The request's place in the replica's load ends with its stream.
-            self.state.in_flight.leave(&self.replica);
+            if let Some(replica) = &self.replica {
+                self.state.in_flight.leave(replica);
+            }
         }
     }
-    state.in_flight.arrive(&replica);
+    let (events, replica, cache_key, hit) = match source {
+        Source::Cached(answer) => (replay(answer), None, None, true),
+        Source::Live { events, replica, cache_key } => {
+            state.in_flight.arrive(&replica);
+            (events, Some(replica), cache_key, false)
+        }
+    };
     let shape = Arc::new(shape);
-    let initial =
-        Stream { state, replica, events, started: false, pending: std::collections::VecDeque::new(), finished: false };
+    let initial = Stream {
+        state,
+        replica,
+        events,
+        started: false,
+        pending: std::collections::VecDeque::new(),
+        finished: false,
+        expected,
+        cache_key,
+        text: String::new(),
+    };
     let stream = futures_util::stream::unfold(initial, move |mut s| {
         let shape = Arc::clone(&shape);
         async move {
@@ -933,6 +1147,9 @@ fn sse(
                 }
                 match s.events.recv().await {
                     Some(GenerationEvent::Token { text, logprob, .. }) => {
+                        if s.expected.is_some() || s.cache_key.is_some() {
+                            s.text.push_str(&text);
+                        }
                         if let Some(value) = shape(Part::Token { text, logprob: logprob.as_ref().map(logprob_json) }) {
                             s.pending.push_back(value.to_string());
                         }
@@ -945,6 +1162,16 @@ fn sse(
                             && let Some(value) = shape(Part::Usage(usage(prompt_tokens, completion_tokens)))
                         {
                             s.pending.push_back(value.to_string());
+                        }
+                        if let Some(expected) = &s.expected
+                            && let Err(err) = expected.check(&s.text, finish_reason)
+                        {
+                            s.pending.push_back(serde_json::to_string(&err.body()).unwrap_or_default());
+                        }
+                        if let Some(key) = s.cache_key.take() {
+                            let answer = cached(&s.text, finish_reason, prompt_tokens, completion_tokens);
+                            let state = Arc::clone(&s.state);
+                            tokio::spawn(async move { state.response_cache.put(key, answer).await });
                         }
                         s.pending.push_back("[DONE]".to_owned());
                         s.finished = true;
@@ -964,7 +1191,7 @@ fn sse(
             }
         }
     });
-    warp::sse::reply(stream).into_response()
+    mark_cached(warp::sse::reply(stream).into_response(), hit)
 }
 
 #[derive(Debug, Clone, Deserialize)]

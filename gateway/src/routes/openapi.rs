@@ -42,6 +42,9 @@ use crate::state::AppState;
         super::openai::chat_completions,
         super::openai::completions,
         super::openai::embeddings,
+        super::safety::list_rules,
+        super::safety::create_rule,
+        super::safety::delete_rule,
         super::debug::delay,
         super::debug::echo,
     ),
@@ -51,6 +54,7 @@ use crate::state::AppState;
         (name = "cluster", description = "The control plane: raft status, members and nodes"),
         (name = "inference", description = "OpenAI-compatible inference: models, chat, completions, embeddings"),
         (name = "models", description = "The model repository: blobs and immutable model versions"),
+        (name = "safety", description = "Safety filters: keywords and patterns refused in requests and answers"),
         (name = "deployments", description = "Deployments of models: replicas placed by GPU memory, rolling updates, estimates")
     )
 )]

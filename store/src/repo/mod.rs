@@ -4,6 +4,7 @@
 pub mod files;
 pub mod models;
 pub mod orgs;
+pub mod safety;
 pub mod users;
 
 use crate::db::Db;
@@ -19,6 +20,10 @@ impl Db {
 
     pub fn files(&self) -> files::Files<'_> {
         files::Files { db: self }
+    }
+
+    pub fn safety_rules(&self) -> safety::SafetyRules<'_> {
+        safety::SafetyRules { db: self }
     }
 
     pub fn models(&self) -> models::Models<'_> {
