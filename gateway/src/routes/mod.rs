@@ -1,8 +1,10 @@
 //! The routes: one module per area, assembled by [`routes`].
 
+pub mod batches;
 pub mod cluster;
 pub mod debug;
 pub mod deployments;
+pub mod files;
 pub mod health;
 pub mod index;
 pub mod openai;
@@ -27,6 +29,10 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .or(registry::routes(state))
         .unify()
         .or(openai::routes(state))
+        .unify()
+        .or(files::routes(state))
+        .unify()
+        .or(batches::routes(state))
         .unify()
         .or(openapi::routes(state))
         .unify()

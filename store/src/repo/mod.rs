@@ -1,6 +1,7 @@
 //! Repositories: typed queries over the tenant-data tables. Tenant-owned tables are only
 //! reachable through a [`crate::TenantScope`].
 
+pub mod batches;
 pub mod files;
 pub mod models;
 pub mod orgs;
@@ -19,6 +20,10 @@ impl Db {
 
     pub fn files(&self) -> files::Files<'_> {
         files::Files { db: self }
+    }
+
+    pub fn batches(&self) -> batches::Batches<'_> {
+        batches::Batches { db: self }
     }
 
     pub fn models(&self) -> models::Models<'_> {
