@@ -150,7 +150,12 @@ async fn bad_uploads_get_a_clear_4xx_and_store_nothing() {
         (form(None, Some(good.as_bytes())), 400, "no `purpose` field", Some("purpose")),
         (form(Some("batch"), None), 400, "no `file` field", Some("file")),
         (form(Some("homework"), Some(good.as_bytes())), 400, "purpose `homework` is not one of", Some("purpose")),
-        (form(Some("batch"), Some(&jsonl(&[good.clone(), "{\"custom_id\": ".into()]))), 400, "line 2: not valid JSON", Some("file")),
+        (
+            form(Some("batch"), Some(&jsonl(&[good.clone(), "{\"custom_id\": ".into()]))),
+            400,
+            "line 2: not valid JSON",
+            Some("file"),
+        ),
         (
             form(Some("batch"), Some(&jsonl(&[good.clone(), String::new(), good.clone()]))),
             400,
@@ -194,7 +199,8 @@ async fn bad_uploads_get_a_clear_4xx_and_store_nothing() {
 #[tokio::test]
 async fn files_are_uploaded_listed_read_downloaded_and_deleted() {
     let setup = start().await;
-    let content = jsonl(&[request_line("a", "/v1/chat/completions", "m"), request_line("b", "/v1/chat/completions", "m")]);
+    let content =
+        jsonl(&[request_line("a", "/v1/chat/completions", "m"), request_line("b", "/v1/chat/completions", "m")]);
     let (status, file) = upload(&setup, form(Some("batch"), Some(&content))).await;
     assert_eq!(status, 200, "{file}");
     assert_eq!(file["object"], "file");
@@ -240,9 +246,7 @@ async fn bad_batch_requests_get_a_clear_4xx_and_create_nothing() {
     let content = jsonl(&[request_line("a", chat, "m"), request_line("b", "/v1/completions", "m")]);
     let (_, mixed) = upload(&setup, form(Some("batch"), Some(&content))).await;
     let (_, data) = upload(&setup, form(Some("user_data"), Some(b"x"))).await;
-    let batch = |file: &Value, endpoint: &str| {
-        json!({"input_file_id": file["id"], "endpoint": endpoint, "completion_window": "24h"})
-    };
+    let batch = |file: &Value, endpoint: &str| json!({"input_file_id": file["id"], "endpoint": endpoint, "completion_window": "24h"});
     let cases = [
         (batch(&mixed, chat), 400, "line 2: url \"/v1/completions\" differs from the batch's endpoint"),
         (json!({"input_file_id": "file-nope", "endpoint": chat, "completion_window": "24h"}), 404, "file-nope"),
@@ -250,7 +254,11 @@ async fn bad_batch_requests_get_a_clear_4xx_and_create_nothing() {
         (batch(&mixed, "/v1/images"), 400, "endpoint \"/v1/images\" is not one of"),
         (json!({"input_file_id": mixed["id"], "endpoint": chat, "completion_window": "1h"}), 400, "use \"24h\""),
         (json!({"input_file_id": mixed["id"], "endpoint": chat}), 400, "completion_window"),
-        (json!({"input_file_id": mixed["id"], "endpoint": chat, "completion_window": "24h", "colour": 1}), 400, "colour"),
+        (
+            json!({"input_file_id": mixed["id"], "endpoint": chat, "completion_window": "24h", "colour": 1}),
+            400,
+            "colour",
+        ),
         (
             json!({"input_file_id": mixed["id"], "endpoint": chat, "completion_window": "24h", "metadata": {"k": 1}}),
             400,
@@ -291,7 +299,8 @@ async fn lines_fail_one_by_one_and_a_cancelled_batch_ends_cancelled() {
     let chat = "/v1/chat/completions";
     let lines: Vec<String> = (0..3).map(|i| request_line(&format!("line-{i}"), chat, "no-such-model")).collect();
     let (_, file) = upload(&setup, form(Some("batch"), Some(&jsonl(&lines)))).await;
-    let create = json!({"input_file_id": file["id"], "endpoint": chat, "completion_window": "24h", "metadata": {"run": "test"}});
+    let create =
+        json!({"input_file_id": file["id"], "endpoint": chat, "completion_window": "24h", "metadata": {"run": "test"}});
 
     // Created before any worker runs: validating; cancelled at once.
     let (status, early) = call(&setup, reqwest::Method::POST, "/v1/batches", Some(create.clone())).await;
@@ -323,9 +332,13 @@ async fn lines_fail_one_by_one_and_a_cancelled_batch_ends_cancelled() {
     let error_file = done["error_file_id"].as_str().unwrap();
     let (_, error_record) = call(&setup, reqwest::Method::GET, &format!("/v1/files/{error_file}"), None).await;
     assert_eq!(error_record["purpose"], "batch_output");
-    let errors = reqwest::get(format!("{}/v1/files/{error_file}/content", setup.base)).await.unwrap().text().await.unwrap();
+    let errors =
+        reqwest::get(format!("{}/v1/files/{error_file}/content", setup.base)).await.unwrap().text().await.unwrap();
     let errors: Vec<Value> = errors.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(errors.iter().map(|e| e["custom_id"].as_str().unwrap()).collect::<Vec<_>>(), ["line-0", "line-1", "line-2"]);
+    assert_eq!(
+        errors.iter().map(|e| e["custom_id"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["line-0", "line-1", "line-2"]
+    );
     for error in &errors {
         assert_eq!(error["error"]["code"], "model_not_found", "{error}");
         assert_eq!(error["response"]["status_code"], 404, "{error}");

@@ -19,12 +19,13 @@ on_both_backends!(
 );
 
 async fn scope(t: &TestDb, email: &str) -> TenantScope {
-    let id =
-        t.db.users()
-            .create(NewUser { email: Some(email.into()), display_name: email.into(), active: true, ..NewUser::default() })
-            .await
-            .unwrap()
-            .id;
+    let id = t
+        .db
+        .users()
+        .create(NewUser { email: Some(email.into()), display_name: email.into(), active: true, ..NewUser::default() })
+        .await
+        .unwrap()
+        .id;
     TenantScope::resolve(&t.db, &id, None).await.unwrap()
 }
 

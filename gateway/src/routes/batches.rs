@@ -102,8 +102,7 @@ impl BatchInputChecker {
         if self.custom_ids.len() >= MAX_BATCH_LINES {
             return Err(format!("line {number}: a batch file holds at most {MAX_BATCH_LINES} requests"));
         }
-        let value: Value =
-            serde_json::from_str(line).map_err(|err| format!("line {number}: not valid JSON: {err}"))?;
+        let value: Value = serde_json::from_str(line).map_err(|err| format!("line {number}: not valid JSON: {err}"))?;
         if !value.is_object() {
             return Err(format!("line {number}: each line must be a JSON object with custom_id, method, url and body"));
         }
@@ -143,7 +142,8 @@ impl BatchInputChecker {
 async fn read_batch_file(stores: &Stores, sha256: &str) -> Result<Vec<(usize, BatchLine)>, String> {
     use tokio::io::AsyncBufReadExt as _;
     let digest: Digest = sha256.parse().map_err(|err| format!("{err}"))?;
-    let reader = stores.blobs.open_blob(&digest).await.map_err(|err| format!("the input file cannot be read: {err}"))?;
+    let reader =
+        stores.blobs.open_blob(&digest).await.map_err(|err| format!("the input file cannot be read: {err}"))?;
     let mut lines = tokio::io::BufReader::new(reader).lines();
     let mut checker = BatchInputChecker::default();
     let mut requests = Vec::new();
@@ -177,12 +177,9 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_state(state))
         .and_then(|id: String, s: Arc<AppState>| async move { get_batch(&s, &id).await.map_err(warp::reject::custom) });
-    let cancel = warp::path!("v1" / "batches" / String / "cancel")
-        .and(warp::post())
-        .and(with_state(state))
-        .and_then(|id: String, s: Arc<AppState>| async move {
-            cancel_batch(&s, &id).await.map_err(warp::reject::custom)
-        });
+    let cancel = warp::path!("v1" / "batches" / String / "cancel").and(warp::post()).and(with_state(state)).and_then(
+        |id: String, s: Arc<AppState>| async move { cancel_batch(&s, &id).await.map_err(warp::reject::custom) },
+    );
     create.or(list).unify().or(get).unify().or(cancel).unify().boxed()
 }
 
@@ -339,10 +336,11 @@ pub async fn create_batch(state: &AppState, request: CreateBatch) -> Result<Resp
     let scope = caller_scope(state).await?;
     let stores = stores(state)?;
     let file = stores.db.files().get(&scope, &request.input_file_id).await.map_err(|err| match err {
-        maas_store::StoreError::NotFound { .. } => {
-            ApiError::not_found(format!("input file `{}` not found: upload it with POST /v1/files", request.input_file_id))
-                .with_param("input_file_id")
-        }
+        maas_store::StoreError::NotFound { .. } => ApiError::not_found(format!(
+            "input file `{}` not found: upload it with POST /v1/files",
+            request.input_file_id
+        ))
+        .with_param("input_file_id"),
         other => other.into(),
     })?;
     if file.purpose != "batch" {
@@ -392,8 +390,9 @@ pub async fn create_batch(state: &AppState, request: CreateBatch) -> Result<Resp
 pub async fn list_batches(state: &AppState, query: ListQuery) -> Result<Response, ApiError> {
     let limit = query.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
-        return Err(ApiError::bad_request("invalid_limit", format!("limit must be 1 to 100, not {limit}"))
-            .with_param("limit"));
+        return Err(
+            ApiError::bad_request("invalid_limit", format!("limit must be 1 to 100, not {limit}")).with_param("limit")
+        );
     }
     let scope = caller_scope(state).await?;
     let mut batches = stores(state)?.db.batches().list(&scope, limit + 1, query.after.as_deref()).await?;
@@ -523,7 +522,8 @@ async fn run_batch(state: &Arc<AppState>, stores: &Stores, worker_id: &str, id: 
     let scope = match batches.scope_of(&batch).await {
         Ok(scope) => scope,
         Err(err) => {
-            let errors = json!([{"code": "owner_unavailable", "message": err.to_string(), "line": null, "param": null}]);
+            let errors =
+                json!([{"code": "owner_unavailable", "message": err.to_string(), "line": null, "param": null}]);
             batches.finish(id, BatchStatus::Failed, None, None, Some(&errors)).await?;
             return Ok(());
         }
@@ -535,7 +535,8 @@ async fn run_batch(state: &Arc<AppState>, stores: &Stores, worker_id: &str, id: 
     let lines = match input {
         Ok(lines) => lines,
         Err(message) => {
-            let errors = json!([{"code": "invalid_input_file", "message": message, "line": null, "param": "input_file_id"}]);
+            let errors =
+                json!([{"code": "invalid_input_file", "message": message, "line": null, "param": "input_file_id"}]);
             batches.finish(id, BatchStatus::Failed, None, None, Some(&errors)).await?;
             tracing::warn!(batch = %id, "batch failed: its input file cannot be read");
             return Ok(());
@@ -666,7 +667,8 @@ async fn write_output_files(
     let mut errors = Vec::new();
     for result in results {
         let id = format!("batch_req_{}", result.request_id.trim_start_matches("req_"));
-        let response = json!({"status_code": result.status_code, "request_id": result.request_id, "body": result.response});
+        let response =
+            json!({"status_code": result.status_code, "request_id": result.request_id, "body": result.response});
         let (target, error) = match &result.error {
             None => (&mut output, Value::Null),
             Some((code, message)) => (&mut errors, json!({"code": code, "message": message})),
@@ -732,7 +734,10 @@ mod tests {
                 Some("line 1: missing field `custom_id`"),
             ),
             (
-                vec![json!({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}, "x": 1}).to_string()],
+                vec![
+                    json!({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}, "x": 1})
+                        .to_string(),
+                ],
                 Some("line 1: unknown field `x`"),
             ),
             (vec![String::new()], Some("the file holds no requests")),

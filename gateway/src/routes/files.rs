@@ -49,18 +49,12 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_state(state))
         .and_then(|id: String, s: Arc<AppState>| async move { get_file(&s, &id).await.map_err(warp::reject::custom) });
-    let content = warp::path!("v1" / "files" / String / "content")
-        .and(warp::get())
-        .and(with_state(state))
-        .and_then(|id: String, s: Arc<AppState>| async move {
-            file_content(&s, &id).await.map_err(warp::reject::custom)
-        });
-    let delete = warp::path!("v1" / "files" / String)
-        .and(warp::delete())
-        .and(with_state(state))
-        .and_then(|id: String, s: Arc<AppState>| async move {
-            delete_file(&s, &id).await.map_err(warp::reject::custom)
-        });
+    let content = warp::path!("v1" / "files" / String / "content").and(warp::get()).and(with_state(state)).and_then(
+        |id: String, s: Arc<AppState>| async move { file_content(&s, &id).await.map_err(warp::reject::custom) },
+    );
+    let delete = warp::path!("v1" / "files" / String).and(warp::delete()).and(with_state(state)).and_then(
+        |id: String, s: Arc<AppState>| async move { delete_file(&s, &id).await.map_err(warp::reject::custom) },
+    );
     upload.or(list).unify().or(get).unify().or(content).unify().or(delete).unify().boxed()
 }
 
@@ -146,7 +140,9 @@ pub async fn upload_file(
                 while let Some(chunk) = field.chunk().await.map_err(form_error)? {
                     text.extend_from_slice(&chunk);
                     if text.len() > MAX_PURPOSE_BYTES {
-                        return Err(ApiError::bad_request("invalid_purpose", "purpose is too long").with_param("purpose"));
+                        return Err(
+                            ApiError::bad_request("invalid_purpose", "purpose is too long").with_param("purpose")
+                        );
                     }
                 }
                 purpose = Some(String::from_utf8_lossy(&text).trim().to_owned());
@@ -176,8 +172,11 @@ pub async fn upload_file(
         }
     }
     let Some(purpose) = purpose else {
-        return Err(ApiError::bad_request("missing_purpose", "the form has no `purpose` field: add purpose=batch (or another purpose)")
-            .with_param("purpose"));
+        return Err(ApiError::bad_request(
+            "missing_purpose",
+            "the form has no `purpose` field: add purpose=batch (or another purpose)",
+        )
+        .with_param("purpose"));
     };
     if !UPLOAD_PURPOSES.contains(&purpose.as_str()) {
         return Err(ApiError::bad_request(

@@ -1115,7 +1115,9 @@ pub(crate) async fn run_json(state: Arc<AppState>, url: &str, body: &Value) -> R
         "/v1/completions" => completions(state, crate::json::parse_json(&bytes)?).await?,
         "/v1/embeddings" => embeddings(state, crate::json::parse_json(&bytes)?).await?,
         other => {
-            return Err(ApiError::bad_request("invalid_url", format!("`{other}` cannot run in a batch")).with_param("url"));
+            return Err(
+                ApiError::bad_request("invalid_url", format!("`{other}` cannot run in a batch")).with_param("url")
+            );
         }
     };
     let collected = response

@@ -371,8 +371,7 @@ impl Batches<'_> {
     /// A batch by id, for the worker.
     pub async fn get_any(&self, id: &str) -> Result<BatchRecord> {
         let sql = format!("SELECT {BATCH_COLUMNS} FROM batches b WHERE b.id = $1");
-        let row: Option<BatchRow> =
-            sqlx::query_as(trusted_sql(sql)).bind(id).fetch_optional(self.db.pool()).await?;
+        let row: Option<BatchRow> = sqlx::query_as(trusted_sql(sql)).bind(id).fetch_optional(self.db.pool()).await?;
         row.map(batch_from_row).transpose()?.ok_or_else(|| StoreError::NotFound { what: "batch", id: id.to_owned() })
     }
 
@@ -384,22 +383,26 @@ impl Batches<'_> {
 
     /// Moves a `validating` batch to `in_progress`.
     pub async fn mark_in_progress(&self, id: &str) -> Result<()> {
-        sqlx::query("UPDATE batches SET status = 'in_progress', in_progress_at_ms = $1 WHERE id = $2 AND status = 'validating'")
-            .bind(now_ms())
-            .bind(id)
-            .execute(self.db.pool())
-            .await?;
+        sqlx::query(
+            "UPDATE batches SET status = 'in_progress', in_progress_at_ms = $1 WHERE id = $2 AND status = 'validating'",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .execute(self.db.pool())
+        .await?;
         Ok(())
     }
 
     /// Moves an `in_progress` batch to `finalizing` (every line answered; the output
     /// files are being written).
     pub async fn mark_finalizing(&self, id: &str) -> Result<()> {
-        sqlx::query("UPDATE batches SET status = 'finalizing', finalizing_at_ms = $1 WHERE id = $2 AND status = 'in_progress'")
-            .bind(now_ms())
-            .bind(id)
-            .execute(self.db.pool())
-            .await?;
+        sqlx::query(
+            "UPDATE batches SET status = 'finalizing', finalizing_at_ms = $1 WHERE id = $2 AND status = 'in_progress'",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .execute(self.db.pool())
+        .await?;
         Ok(())
     }
 
