@@ -178,7 +178,7 @@ async fn bad_uploads_get_a_clear_4xx_and_store_nothing() {
     }
 
     // Too large, declared up front and streamed without a length: 413 naming the limit.
-    let big = form(Some("user_data"), Some(&vec![b'x'; UPLOAD_LIMIT as usize + 1]));
+    let big = form(Some("user_data"), Some(&vec![b'x'; usize::try_from(UPLOAD_LIMIT).unwrap() + 1]));
     let (status, answer) = upload(&setup, big.clone()).await;
     assert_error(status, &answer, 413, &UPLOAD_LIMIT.to_string());
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big.chunks(8192).map(|c| Ok(c.to_vec())).collect();

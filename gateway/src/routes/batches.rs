@@ -677,8 +677,8 @@ async fn write_output_files(
         serde_json::to_writer(&mut *target, &line).map_err(|err| ApiError::internal(err.to_string()))?;
         target.push(b'\n');
     }
-    let output_file_id = write_output_file(stores, scope, batch_id, "output", output).await?;
-    let error_file_id = write_output_file(stores, scope, batch_id, "error", errors).await?;
+    let output_file_id = write_output_file(stores, scope, batch_id, "output", &output).await?;
+    let error_file_id = write_output_file(stores, scope, batch_id, "error", &errors).await?;
     Ok((output_file_id, error_file_id))
 }
 
@@ -688,12 +688,12 @@ async fn write_output_file(
     scope: &TenantScope,
     batch_id: &str,
     kind: &str,
-    bytes: Vec<u8>,
+    bytes: &[u8],
 ) -> Result<Option<String>, ApiError> {
     if bytes.is_empty() {
         return Ok(None);
     }
-    let info = stores.blobs.put_bytes(&bytes).await?;
+    let info = stores.blobs.put_bytes(bytes).await?;
     let new = NewFile {
         filename: format!("{batch_id}_{kind}.jsonl"),
         purpose: BATCH_OUTPUT_PURPOSE.to_owned(),
