@@ -2,7 +2,9 @@
 the key change. Run by chaos-tests/tests/inference.rs with the node's URL and the model.
 Prints `N passed, N failed` and exits non-zero on any failure."""
 
+import json
 import sys
+import time
 
 import openai
 
@@ -62,6 +64,72 @@ try:
     check("a negative max_tokens is an error", False)
 except openai.BadRequestError as error:
     check("a negative max_tokens is a 400 naming it", "max_tokens" in str(error), str(error))
+
+# Files and batches: a JSONL of chat requests uploaded, run as a batch, its output read.
+requests = [
+    json.dumps(
+        {
+            "custom_id": f"sdk-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": model, "messages": [{"role": "user", "content": f"hello {i}"}], "max_tokens": 4},
+        }
+    )
+    for i in range(3)
+]
+uploaded = client.files.create(file=("requests.jsonl", "\n".join(requests).encode()), purpose="batch")
+check("files.create uploads a batch file", uploaded.purpose == "batch" and uploaded.bytes > 0, uploaded)
+check("files.retrieve finds it", client.files.retrieve(uploaded.id).id == uploaded.id)
+check("files.list lists it", any(f.id == uploaded.id for f in client.files.list()))
+try:
+    client.files.create(file=("bad.jsonl", b'{"custom_id": "x"}'), purpose="batch")
+    check("a bad batch file is an error", False)
+except openai.BadRequestError as error:
+    check("a bad batch file is a 400 naming the line", "line 1" in str(error), str(error))
+
+batch = client.batches.create(
+    input_file_id=uploaded.id,
+    endpoint="/v1/chat/completions",
+    completion_window="24h",
+    metadata={"suite": "sdk"},
+)
+check("batches.create starts a batch", batch.status in ("validating", "in_progress"), batch)
+deadline = time.monotonic() + 60
+while batch.status not in ("completed", "failed", "cancelled", "expired") and time.monotonic() < deadline:
+    time.sleep(0.05)
+    batch = client.batches.retrieve(batch.id)
+check("the batch completes", batch.status == "completed", batch)
+check(
+    "every request is counted",
+    batch.request_counts is not None and (batch.request_counts.total, batch.request_counts.completed) == (3, 3),
+    batch.request_counts,
+)
+check("the metadata comes back", batch.metadata == {"suite": "sdk"}, batch.metadata)
+check("batches.list lists it", any(b.id == batch.id for b in client.batches.list(limit=5)))
+if batch.output_file_id:
+    content = client.files.content(batch.output_file_id)
+    results = [json.loads(line) for line in content.text.splitlines() if line.strip()]
+    check("the output answers each request once", [r["custom_id"] for r in results] == ["sdk-0", "sdk-1", "sdk-2"], results)
+    check(
+        "each answer is a chat completion",
+        all(r["response"]["status_code"] == 200 and r["response"]["body"]["object"] == "chat.completion" for r in results),
+        results,
+    )
+else:
+    check("the batch has an output file", False, batch)
+try:
+    client.batches.cancel(batch.id)
+    check("cancelling a finished batch is an error", False)
+except openai.ConflictError as error:
+    check("cancelling a finished batch is a 409", error.status_code == 409)
+
+deleted = client.files.delete(uploaded.id)
+check("files.delete deletes", deleted.deleted and deleted.id == uploaded.id, deleted)
+try:
+    client.files.retrieve(uploaded.id)
+    check("a deleted file is gone", False)
+except openai.NotFoundError as error:
+    check("a deleted file is a 404", error.status_code == 404)
 
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

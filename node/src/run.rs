@@ -87,6 +87,9 @@ pub async fn run_node(mut config: Config, quick_start: bool) -> Result<ExitCode>
             data_dir: config.node.data_dir.clone(),
         });
         state.readiness.set("store", Check::Ready);
+        // Batches run once the node is ready; the node id names this node in their leases,
+        // so a restarted node takes its own batches back at once.
+        maas_gateway::routes::batches::spawn_worker(Arc::clone(&state), format!("node-{}", config.node.id));
         let cluster = start_cluster(&config, &data_dir, &api_url).await.inspect_err(|err| {
             state.readiness.set("cluster", Check::Failed(format!("{err:#}")));
         })?;

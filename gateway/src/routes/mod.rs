@@ -1,8 +1,10 @@
 //! The routes: one module per area, assembled by [`routes`].
 
+pub mod batches;
 pub mod cluster;
 pub mod debug;
 pub mod deployments;
+pub mod files;
 pub mod health;
 pub mod index;
 pub mod openai;
@@ -32,6 +34,10 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .or(safety::routes(state))
         .unify()
         .or(crate::load::routes(state))
+        .unify()
+        .or(files::routes(state))
+        .unify()
+        .or(batches::routes(state))
         .unify()
         .or(openapi::routes(state))
         .unify()

@@ -1327,3 +1327,31 @@ fn base64_encode(bytes: &[u8]) -> String {
     }
     out
 }
+
+/// Runs one request of a batch in-process through the same handler as its HTTP route
+/// (`url` is the route's path) and returns the JSON body of the answer, or the error the
+/// route would have answered. Batches do not stream.
+pub(crate) async fn run_json(state: Arc<AppState>, url: &str, body: &Value) -> Result<Value, ApiError> {
+    use http_body_util::BodyExt as _;
+    if body.get("stream").is_some_and(|stream| stream != &Value::Bool(false)) {
+        return Err(bad("stream", "a batch request cannot stream: leave `stream` out"));
+    }
+    let bytes = serde_json::to_vec(body).map_err(|err| ApiError::internal(err.to_string()))?;
+    let response = match url {
+        "/v1/chat/completions" => chat_completions(state, crate::json::parse_json(&bytes)?).await?,
+        "/v1/completions" => completions(state, crate::json::parse_json(&bytes)?).await?,
+        "/v1/embeddings" => embeddings(state, crate::json::parse_json(&bytes)?).await?,
+        other => {
+            return Err(
+                ApiError::bad_request("invalid_url", format!("`{other}` cannot run in a batch")).with_param("url")
+            );
+        }
+    };
+    let collected = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|err| ApiError::internal(format!("reading the answer failed: {err}")))?;
+    serde_json::from_slice(&collected.to_bytes())
+        .map_err(|err| ApiError::internal(format!("the answer is not JSON: {err}")))
+}

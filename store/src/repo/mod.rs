@@ -1,6 +1,7 @@
 //! Repositories: typed queries over the tenant-data tables. Tenant-owned tables are only
 //! reachable through a [`crate::TenantScope`].
 
+pub mod batches;
 pub mod files;
 pub mod models;
 pub mod orgs;
@@ -24,6 +25,10 @@ impl Db {
 
     pub fn safety_rules(&self) -> safety::SafetyRules<'_> {
         safety::SafetyRules { db: self }
+    }
+
+    pub fn batches(&self) -> batches::Batches<'_> {
+        batches::Batches { db: self }
     }
 
     pub fn models(&self) -> models::Models<'_> {

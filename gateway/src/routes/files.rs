@@ -1,0 +1,275 @@
+//! OpenAI's Files API: `POST /v1/files` (multipart/form-data with `purpose` and `file`,
+//! as the OpenAI SDKs send it), `GET /v1/files`, `GET /v1/files/{id}`,
+//! `GET /v1/files/{id}/content` and `DELETE /v1/files/{id}`. The bytes stream into the blob
+//! store (never whole in memory) under the upload limit (`gateway.max_upload_bytes`,
+//! enforced by the middleware); a `batch` file is checked line by line as a batch input
+//! before it is recorded. Every query acts for [`caller_scope`], so another tenant's file
+//! is not found.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{StreamExt as _, TryStreamExt as _};
+use maas_store::Digest;
+use maas_store::repo::files::{FileRecord, NewFile};
+use serde::Serialize;
+use utoipa::ToSchema;
+use warp::filters::BoxedFilter;
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use super::batches::BatchInputChecker;
+use super::registry::stores;
+use super::with_state;
+use crate::caller::caller_scope;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The purposes a client may upload a file for (OpenAI's list); `batch_output` files are
+/// written by batches only.
+pub const UPLOAD_PURPOSES: &[&str] = &["batch", "fine-tune", "assistants", "vision", "user_data", "evals"];
+
+/// The purpose of the files a batch writes.
+pub const BATCH_OUTPUT_PURPOSE: &str = "batch_output";
+
+pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
+    let upload = warp::path!("v1" / "files")
+        .and(warp::post())
+        .and(with_state(state))
+        .and(warp::header::optional::<String>("content-type"))
+        .and(warp::body::stream())
+        .and_then(|s: Arc<AppState>, content_type: Option<String>, body| async move {
+            upload_file(&s, content_type.as_deref(), body).await.map_err(warp::reject::custom)
+        });
+    let list = warp::path!("v1" / "files")
+        .and(warp::get())
+        .and(with_state(state))
+        .and_then(|s: Arc<AppState>| async move { list_files(&s).await.map_err(warp::reject::custom) });
+    let get = warp::path!("v1" / "files" / String)
+        .and(warp::get())
+        .and(with_state(state))
+        .and_then(|id: String, s: Arc<AppState>| async move { get_file(&s, &id).await.map_err(warp::reject::custom) });
+    let content = warp::path!("v1" / "files" / String / "content").and(warp::get()).and(with_state(state)).and_then(
+        |id: String, s: Arc<AppState>| async move { file_content(&s, &id).await.map_err(warp::reject::custom) },
+    );
+    let delete = warp::path!("v1" / "files" / String).and(warp::delete()).and(with_state(state)).and_then(
+        |id: String, s: Arc<AppState>| async move { delete_file(&s, &id).await.map_err(warp::reject::custom) },
+    );
+    upload.or(list).unify().or(get).unify().or(content).unify().or(delete).unify().boxed()
+}
+
+/// OpenAI's file object.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FileObject {
+    pub id: String,
+    pub object: &'static str,
+    pub bytes: i64,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub filename: String,
+    pub purpose: String,
+    pub status: &'static str,
+}
+
+impl From<FileRecord> for FileObject {
+    fn from(record: FileRecord) -> Self {
+        FileObject {
+            id: record.id,
+            object: "file",
+            bytes: record.size_bytes,
+            created_at: record.created_at_ms / 1000,
+            filename: record.filename,
+            purpose: record.purpose,
+            status: "processed",
+        }
+    }
+}
+
+/// Every file in one page: `has_more` is always false (SDKs page on it).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FileList {
+    pub object: &'static str,
+    pub data: Vec<FileObject>,
+    pub first_id: Option<String>,
+    pub last_id: Option<String>,
+    pub has_more: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FileDeleted {
+    pub id: String,
+    pub object: &'static str,
+    pub deleted: bool,
+}
+
+fn form_error_text(reason: &str) -> ApiError {
+    ApiError::bad_request("invalid_multipart", format!("the multipart form could not be read: {reason}"))
+}
+
+/// The longest `purpose` field accepted.
+const MAX_PURPOSE_BYTES: usize = 64;
+
+/// Uploads a file: a multipart form with `purpose` and `file`. A `batch` file must be
+/// JSONL whose every line is a request of the Batch API; the first bad line is named.
+#[utoipa::path(post, path = "/v1/files", tag = "files",
+    request_body(content = Object, content_type = "multipart/form-data", description = "`purpose` and `file`"),
+    responses((status = 200, body = FileObject), (status = 400, body = crate::error::ErrorBody), (status = 413, body = crate::error::ErrorBody)))]
+pub async fn upload_file(
+    state: &AppState,
+    content_type: Option<&str>,
+    body: impl futures_util::Stream<Item = Result<impl bytes::Buf, warp::Error>> + Unpin + Send + 'static,
+) -> Result<Response, ApiError> {
+    let content_type = content_type.unwrap_or_default();
+    let boundary = multer::parse_boundary(content_type).map_err(|_| {
+        ApiError::bad_request(
+            "invalid_content_type",
+            format!("content-type `{content_type}` is not multipart/form-data: send the file as a multipart form with `purpose` and `file`"),
+        )
+    })?;
+    let scope = caller_scope(state).await?;
+    let stores = stores(state)?;
+    let body = body.map_ok(|mut buf| buf.copy_to_bytes(buf.remaining()));
+    let mut form = multer::Multipart::new(body, boundary);
+    let form_error = |err: multer::Error| form_error_text(&err.to_string());
+    let mut purpose: Option<String> = None;
+    let mut stored: Option<(String, maas_store::BlobInfo)> = None;
+    while let Some(mut field) = form.next_field().await.map_err(form_error)? {
+        match field.name() {
+            Some("purpose") => {
+                let mut text = Vec::new();
+                while let Some(chunk) = field.chunk().await.map_err(form_error)? {
+                    text.extend_from_slice(&chunk);
+                    if text.len() > MAX_PURPOSE_BYTES {
+                        return Err(
+                            ApiError::bad_request("invalid_purpose", "purpose is too long").with_param("purpose")
+                        );
+                    }
+                }
+                purpose = Some(String::from_utf8_lossy(&text).trim().to_owned());
+            }
+            Some("file") => {
+                if stored.is_some() {
+                    return Err(ApiError::bad_request("invalid_multipart", "send one `file` field").with_param("file"));
+                }
+                let filename = field.file_name().filter(|name| !name.is_empty()).unwrap_or("file").to_owned();
+                let reader = tokio_util::io::StreamReader::new(
+                    (&mut field).map(|chunk: Result<Bytes, multer::Error>| chunk.map_err(std::io::Error::other)),
+                );
+                let info = stores.blobs.put(reader, None).await.map_err(|err| match err {
+                    // The form broke off (or grew past the upload limit, which the
+                    // middleware then answers with a 413): the client's side.
+                    maas_store::StoreError::Io { source, .. }
+                        if source.get_ref().is_some_and(|inner| inner.is::<multer::Error>()) =>
+                    {
+                        form_error_text(&source.to_string())
+                    }
+                    other => other.into(),
+                })?;
+                stored = Some((filename, info));
+            }
+            // Fields OpenAI may add later (such as `expires_after`) are read past.
+            _ => while field.chunk().await.map_err(form_error)?.is_some() {},
+        }
+    }
+    let Some(purpose) = purpose else {
+        return Err(ApiError::bad_request(
+            "missing_purpose",
+            "the form has no `purpose` field: add purpose=batch (or another purpose)",
+        )
+        .with_param("purpose"));
+    };
+    if !UPLOAD_PURPOSES.contains(&purpose.as_str()) {
+        return Err(ApiError::bad_request(
+            "invalid_purpose",
+            format!("purpose `{purpose}` is not one of {}", UPLOAD_PURPOSES.join(", ")),
+        )
+        .with_param("purpose"));
+    }
+    let Some((filename, info)) = stored else {
+        return Err(ApiError::bad_request("missing_file", "the form has no `file` field").with_param("file"));
+    };
+    if purpose == "batch" {
+        // The bytes stay in the blob store when the check fails; blob garbage collection
+        // takes blobs no file or model refers to.
+        check_batch_file(stores, &info.digest).await?;
+    }
+    let record = stores
+        .db
+        .files()
+        .create(&scope, NewFile { filename, purpose, size_bytes: info.size_bytes, sha256: info.digest.to_hex() })
+        .await?;
+    tracing::info!(file = %record.id, purpose = %record.purpose, bytes = record.size_bytes, "file uploaded");
+    Ok(warp::reply::json(&FileObject::from(record)).into_response())
+}
+
+/// Reads a stored batch file line by line and refuses it at its first bad line.
+async fn check_batch_file(stores: &crate::state::Stores, digest: &Digest) -> Result<(), ApiError> {
+    use tokio::io::AsyncBufReadExt as _;
+    let reader = stores.blobs.open_blob(digest).await?;
+    let mut lines = tokio::io::BufReader::new(reader).lines();
+    let mut checker = BatchInputChecker::default();
+    let invalid = |message: String| ApiError::bad_request("invalid_batch_file", message).with_param("file");
+    loop {
+        let line = match lines.next_line().await {
+            Ok(Some(line)) => line,
+            Ok(None) => break,
+            Err(err) if err.kind() == std::io::ErrorKind::InvalidData => {
+                return Err(invalid(format!(
+                    "line {}: the file is not UTF-8 text: a batch file is JSONL",
+                    checker.lines_read() + 1
+                )));
+            }
+            Err(err) => return Err(ApiError::internal(format!("reading the uploaded file failed: {err}"))),
+        };
+        checker.check(&line).map_err(invalid)?;
+    }
+    checker.finish().map_err(invalid)
+}
+
+/// The caller's files, newest first.
+#[utoipa::path(get, path = "/v1/files", tag = "files", responses((status = 200, body = FileList)))]
+pub async fn list_files(state: &AppState) -> Result<Response, ApiError> {
+    let scope = caller_scope(state).await?;
+    let files = stores(state)?.db.files().list(&scope).await?;
+    let data: Vec<FileObject> = files.into_iter().map(FileObject::from).collect();
+    let first_id = data.first().map(|f| f.id.clone());
+    let last_id = data.last().map(|f| f.id.clone());
+    Ok(warp::reply::json(&FileList { object: "list", data, first_id, last_id, has_more: false }).into_response())
+}
+
+/// One file's record.
+#[utoipa::path(get, path = "/v1/files/{id}", tag = "files", params(("id" = String, Path, description = "the file id")),
+    responses((status = 200, body = FileObject), (status = 404, body = crate::error::ErrorBody)))]
+pub async fn get_file(state: &AppState, id: &str) -> Result<Response, ApiError> {
+    let scope = caller_scope(state).await?;
+    let record = stores(state)?.db.files().get(&scope, id).await?;
+    Ok(warp::reply::json(&FileObject::from(record)).into_response())
+}
+
+/// A file's bytes, streamed from the blob store.
+#[utoipa::path(get, path = "/v1/files/{id}/content", tag = "files", params(("id" = String, Path, description = "the file id")),
+    responses((status = 200, description = "the bytes", content_type = "application/octet-stream"), (status = 404, body = crate::error::ErrorBody)))]
+pub async fn file_content(state: &AppState, id: &str) -> Result<Response, ApiError> {
+    let scope = caller_scope(state).await?;
+    let stores = stores(state)?;
+    let record = stores.db.files().get(&scope, id).await?;
+    let digest: Digest = record.sha256.parse()?;
+    let reader = stores.blobs.open_blob(&digest).await?;
+    let size = reader.size_bytes();
+    let stream = tokio_util::io::ReaderStream::with_capacity(reader, 256 * 1024);
+    let mut response = warp::reply::stream(stream).into_response();
+    let headers = response.headers_mut();
+    headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/octet-stream"));
+    headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(size));
+    Ok(response)
+}
+
+/// Deletes a file's record. Its bytes stay in the blob store until no file or model
+/// refers to them and blob garbage collection runs.
+#[utoipa::path(delete, path = "/v1/files/{id}", tag = "files", params(("id" = String, Path, description = "the file id")),
+    responses((status = 200, body = FileDeleted), (status = 404, body = crate::error::ErrorBody)))]
+pub async fn delete_file(state: &AppState, id: &str) -> Result<Response, ApiError> {
+    let scope = caller_scope(state).await?;
+    let record = stores(state)?.db.files().delete(&scope, id).await?;
+    Ok(warp::reply::json(&FileDeleted { id: record.id, object: "file", deleted: true }).into_response())
+}
