@@ -33,7 +33,7 @@ fn new_file(name: &str) -> NewFile {
 
 async fn migrations_are_idempotent(t: &TestDb) {
     t.db.migrate().await.expect("second migration run is a no-op");
-    assert_eq!(t.db.latest_migration(), 2);
+    assert_eq!(t.db.latest_migration(), 4);
 }
 
 async fn users_are_created_and_unique(t: &TestDb) {

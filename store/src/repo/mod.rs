@@ -4,6 +4,7 @@
 pub mod files;
 pub mod models;
 pub mod orgs;
+pub mod sessions;
 pub mod users;
 
 use crate::db::Db;
@@ -23,5 +24,9 @@ impl Db {
 
     pub fn models(&self) -> models::Models<'_> {
         models::Models { db: self }
+    }
+
+    pub fn sessions(&self) -> sessions::Sessions<'_> {
+        sessions::Sessions { db: self }
     }
 }
