@@ -33,9 +33,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error(
-        "session `{session_id}` is still answering the previous turn; wait for its `done` frame or send `cancel`"
-    )]
+    #[error("session `{session_id}` is still answering the previous turn; wait for its `done` frame or send `cancel`")]
     Busy { session_id: String },
     #[error("session `{session_id}` not found")]
     NotFound { session_id: String },
@@ -225,6 +223,9 @@ impl SessionConfig {
 pub fn session_actor_name(node_id: u64, session_id: &str) -> String {
     format!("maas.session.{node_id}.{session_id}")
 }
+
+/// A session actor, as callers hold it.
+pub type SessionRef = ActorRef<SessionMsg>;
 
 #[derive(RactorMessage)]
 pub enum SessionMsg {
@@ -458,10 +459,7 @@ pub async fn finish_turn(
     flatten(session_id, outcome)?
 }
 
-fn flatten<T, M>(
-    session_id: &str,
-    outcome: Result<CallResult<T>, ractor::MessagingErr<M>>,
-) -> Result<T, SessionError> {
+fn flatten<T, M>(session_id: &str, outcome: Result<CallResult<T>, ractor::MessagingErr<M>>) -> Result<T, SessionError> {
     let reason = match outcome {
         Ok(CallResult::Success(value)) => return Ok(value),
         Ok(CallResult::Timeout) => format!("no answer within {CALL_TIMEOUT:?}"),
@@ -472,14 +470,8 @@ fn flatten<T, M>(
 
 #[derive(RactorMessage)]
 pub enum SupervisorMsg {
-    Open {
-        scope: TenantScope,
-        session_id: String,
-        reply: RpcReplyPort<Result<ActorRef<SessionMsg>, SessionError>>,
-    },
-    Close {
-        session_id: String,
-    },
+    Open { scope: TenantScope, session_id: String, reply: RpcReplyPort<Result<ActorRef<SessionMsg>, SessionError>> },
+    Close { session_id: String },
     Live(RpcReplyPort<Vec<String>>),
 }
 
@@ -511,13 +503,7 @@ impl Actor for SessionSupervisor {
         _myself: ActorRef<SupervisorMsg>,
         (db, config): (Db, SessionConfig),
     ) -> Result<SupervisorState, ActorProcessingErr> {
-        Ok(SupervisorState {
-            db,
-            config,
-            live: HashMap::new(),
-            by_actor: HashMap::new(),
-            failures: HashMap::new(),
-        })
+        Ok(SupervisorState { db, config, live: HashMap::new(), by_actor: HashMap::new(), failures: HashMap::new() })
     }
 
     async fn handle(
@@ -650,9 +636,13 @@ impl SupervisorState {
                     StoreError::NotFound { .. } => SessionError::NotFound { session_id: session_id.to_owned() },
                     other => SessionError::Store(other),
                 },
-                Err(other) => SessionError::Unavailable { session_id: session_id.to_owned(), reason: other.to_string() },
+                Err(other) => {
+                    SessionError::Unavailable { session_id: session_id.to_owned(), reason: other.to_string() }
+                }
             }),
-            Err(other) => Err(SessionError::Unavailable { session_id: session_id.to_owned(), reason: other.to_string() }),
+            Err(other) => {
+                Err(SessionError::Unavailable { session_id: session_id.to_owned(), reason: other.to_string() })
+            }
         }
     }
 }
@@ -780,7 +770,8 @@ mod tests {
         let busy = sessions.begin_turn(&scope, &session.id, "again").await;
         assert!(matches!(busy, Err(SessionError::Busy { .. })), "one turn at a time");
         assert!(db.sessions().messages(&scope, &session.id).await.unwrap().is_empty(), "written when the reply ends");
-        let stored = finish_turn(&actor, &scope, &session.id, first.turn_id, replied("hi", TurnFinish::Stop)).await.unwrap();
+        let stored =
+            finish_turn(&actor, &scope, &session.id, first.turn_id, replied("hi", TurnFinish::Stop)).await.unwrap();
         assert_eq!(stored.len(), 2);
         assert_eq!(db.sessions().messages(&scope, &session.id).await.unwrap(), stored);
 

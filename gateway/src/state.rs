@@ -84,6 +84,8 @@ pub struct AppState {
     pub peer_health: OnceLock<PeerHealth>,
     /// What this node's agent runs (its GPU actors and their leases).
     pub agent: OnceLock<Arc<std::sync::RwLock<maas_actors::node::AgentStatus>>>,
+    /// The chat sessions' actors on this node.
+    pub sessions: OnceLock<maas_actors::session::Sessions>,
     pub started: Instant,
     pub readiness: Readiness,
     pub metrics: PrometheusHandle,
@@ -106,6 +108,7 @@ impl AppState {
             gpu_reserve_mib: OnceLock::new(),
             peer_health: OnceLock::new(),
             agent: OnceLock::new(),
+            sessions: OnceLock::new(),
             started: Instant::now(),
             readiness: Readiness::default(),
             metrics: crate::metrics::prometheus(),

@@ -67,7 +67,8 @@ async fn sessions_keep_their_turns_in_order(t: &TestDb) {
     assert_eq!(t.db.sessions().get(&alice, &session.id).await.unwrap(), session);
     assert!(t.db.sessions().messages(&alice, &session.id).await.unwrap().is_empty());
 
-    let first = t.db.sessions().append(&alice, &session.id, turn("  \nhello there\nsecond line", "hi", "stop")).await.unwrap();
+    let first =
+        t.db.sessions().append(&alice, &session.id, turn("  \nhello there\nsecond line", "hi", "stop")).await.unwrap();
     assert_eq!(first.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2]);
     let second = t.db.sessions().append(&alice, &session.id, turn("more", "partial", "cancelled")).await.unwrap();
     assert_eq!(second.iter().map(|m| m.seq).collect::<Vec<_>>(), [3, 4]);
@@ -93,7 +94,8 @@ async fn tenants_cannot_see_each_others_sessions(t: &TestDb) {
 
     // TEN-1: bob cannot read, list, continue or delete alice's session, and learns
     // nothing of its existence.
-    let not_found = |result: &Result<_, StoreError>| matches!(result, Err(StoreError::NotFound { what: "session", .. }));
+    let not_found =
+        |result: &Result<_, StoreError>| matches!(result, Err(StoreError::NotFound { what: "session", .. }));
     assert!(not_found(&t.db.sessions().get(&bob, &session.id).await.map(|_| ())));
     assert!(not_found(&t.db.sessions().messages(&bob, &session.id).await.map(|_| ())));
     assert!(not_found(&t.db.sessions().append(&bob, &session.id, turn("mine?", "no", "stop")).await.map(|_| ())));

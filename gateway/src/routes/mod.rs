@@ -8,6 +8,7 @@ pub mod index;
 pub mod openai;
 pub mod openapi;
 pub mod registry;
+pub mod sessions;
 
 use std::sync::Arc;
 
@@ -27,6 +28,8 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .or(registry::routes(state))
         .unify()
         .or(openai::routes(state))
+        .unify()
+        .or(sessions::routes(state))
         .unify()
         .or(openapi::routes(state))
         .unify()

@@ -42,6 +42,11 @@ use crate::state::AppState;
         super::openai::chat_completions,
         super::openai::completions,
         super::openai::embeddings,
+        super::sessions::create_session,
+        super::sessions::list_sessions,
+        super::sessions::get_session,
+        super::sessions::delete_session,
+        super::sessions::session_socket,
         super::debug::delay,
         super::debug::echo,
     ),
@@ -51,7 +56,8 @@ use crate::state::AppState;
         (name = "cluster", description = "The control plane: raft status, members and nodes"),
         (name = "inference", description = "OpenAI-compatible inference: models, chat, completions, embeddings"),
         (name = "models", description = "The model repository: blobs and immutable model versions"),
-        (name = "deployments", description = "Deployments of models: replicas placed by GPU memory, rolling updates, estimates")
+        (name = "deployments", description = "Deployments of models: replicas placed by GPU memory, rolling updates, estimates"),
+        (name = "sessions", description = "Chat sessions that keep their conversation across turns, with a WebSocket to chat in")
     )
 )]
 pub struct ApiDoc;

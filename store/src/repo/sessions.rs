@@ -247,9 +247,10 @@ impl Sessions<'_> {
         let session = self.get(scope, id).await?;
         let now = now_ms();
         let mut tx = self.db.pool().begin().await?;
-        let title = session.title.clone().or_else(|| {
-            messages.iter().find(|m| m.role == MessageRole::User).and_then(|m| title_from(&m.content))
-        });
+        let title = session
+            .title
+            .clone()
+            .or_else(|| messages.iter().find(|m| m.role == MessageRole::User).and_then(|m| title_from(&m.content)));
         let sql = format!(
             "UPDATE chat_sessions SET updated_at_ms = $3, title = $4 WHERE id = $2 AND {}",
             TenantScope::writable_sql("chat_sessions", 1)
@@ -267,10 +268,11 @@ impl Sessions<'_> {
                 "only the owner, or an owner or admin of its organisation, may continue session `{id}`"
             )));
         }
-        let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM chat_session_messages WHERE session_id = $1")
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
+        let last: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM chat_session_messages WHERE session_id = $1")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
         let mut stored = Vec::with_capacity(messages.len());
         for (offset, message) in messages.into_iter().enumerate() {
             let seq = last + 1 + i64::try_from(offset).unwrap_or(i64::MAX - last - 1);
@@ -316,7 +318,8 @@ impl Sessions<'_> {
         let mut tx = self.db.pool().begin().await?;
         // The foreign key cascades as well; deleting the messages explicitly keeps the
         // outcome independent of that setting. A refusal below rolls both back.
-        let sql = format!("DELETE FROM chat_sessions WHERE id = $2 AND {}", TenantScope::writable_sql("chat_sessions", 1));
+        let sql =
+            format!("DELETE FROM chat_sessions WHERE id = $2 AND {}", TenantScope::writable_sql("chat_sessions", 1));
         sqlx::query("DELETE FROM chat_session_messages WHERE session_id = $1").bind(id).execute(&mut *tx).await?;
         let deleted =
             sqlx::query(trusted_sql(sql)).bind(scope.user_id()).bind(id).execute(&mut *tx).await?.rows_affected();
