@@ -3,7 +3,8 @@
 //! (see ARCHITECTURE.md).
 //!
 //! What runs today is the cluster transport ([`transport`]): raft messages between nodes
-//! over ractor_cluster, under its own supervisor.
+//! over ractor_cluster, under its own supervisor; the node agent ([`node`]) with its GPU
+//! and replica actors; and the chat sessions ([`session`]) under their supervisor.
 //!
 //! **Boundary:** actors translate between the world and pure cores; they never decide
 //! placement (that is `maas-scheduler`'s).
@@ -11,6 +12,7 @@
 pub mod error;
 pub mod models;
 pub mod node;
+pub mod session;
 pub mod transport;
 
 pub use error::{ActorsError, Result};

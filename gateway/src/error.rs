@@ -144,6 +144,26 @@ impl From<maas_consensus::ConsensusError> for ApiError {
     }
 }
 
+impl From<maas_actors::session::SessionError> for ApiError {
+    fn from(err: maas_actors::session::SessionError) -> Self {
+        use maas_actors::session::SessionError as E;
+        match err {
+            E::Busy { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "invalid_request_error", "session_busy", err.to_string())
+            }
+            E::NotFound { .. } => ApiError::not_found(err.to_string()),
+            E::StaleTurn { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "invalid_request_error", "stale_turn", err.to_string())
+            }
+            E::Failed { .. } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "api_error", "session_failed", err.to_string())
+            }
+            E::Unavailable { .. } => ApiError::unavailable(err.to_string()),
+            E::Store(store) => ApiError::from(store),
+        }
+    }
+}
+
 /// Turns every rejection, warp's own and ours, into an OpenAI-shaped error response.
 pub async fn recover(rejection: warp::Rejection) -> Result<Response, Infallible> {
     Ok(api_error_for(&rejection).into_response())

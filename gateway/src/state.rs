@@ -101,6 +101,8 @@ pub struct AppState {
     pub safety: crate::safety::PolicyCache,
     /// Answers of deterministic requests.
     pub response_cache: crate::response_cache::ResponseCache,
+    /// The chat sessions' actors on this node.
+    pub sessions: OnceLock<maas_actors::session::Sessions>,
     pub started: Instant,
     pub readiness: Readiness,
     pub metrics: PrometheusHandle,
@@ -127,6 +129,7 @@ impl AppState {
             replica_loads: crate::load::ReplicaLoads::default(),
             safety: crate::safety::PolicyCache::new(options.safety_rules.clone()),
             response_cache: crate::response_cache::ResponseCache::new(options.response_cache.clone()),
+            sessions: OnceLock::new(),
             started: Instant::now(),
             readiness: Readiness::default(),
             metrics: crate::metrics::prometheus(),

@@ -172,6 +172,10 @@ pub struct GatewayConfig {
     pub drain_timeout_secs: u64,
     /// Serve `/debug/*` diagnostic routes.
     pub debug_routes: bool,
+    /// A chat session's actor stops after this many seconds without use; the next use
+    /// loads it again from the database.
+    #[serde(deserialize_with = "non_negative")]
+    pub session_idle_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -289,6 +293,7 @@ impl Default for GatewayConfig {
             max_upload_bytes: 10 * 1024 * 1024 * 1024,
             drain_timeout_secs: 30,
             debug_routes: false,
+            session_idle_secs: 600,
         }
     }
 }
@@ -474,6 +479,9 @@ impl Config {
         }
         if self.gateway.max_upload_bytes < self.gateway.max_body_bytes {
             return bad("gateway.max_upload_bytes", "must be at least gateway.max_body_bytes".into());
+        }
+        if self.gateway.session_idle_secs == 0 {
+            return bad("gateway.session_idle_secs", "must be 1 or more".into());
         }
         if self.auth.session_ttl_secs < 60 {
             return bad(

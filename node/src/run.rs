@@ -94,10 +94,19 @@ pub async fn run_node(mut config: Config, quick_start: bool) -> Result<ExitCode>
             state.readiness.set("cluster", Check::Failed(format!("{err:#}")));
         })?;
         let agent = start_agent(&config, &cluster, &state, &db, &stores_blobs).await?;
-        anyhow::Ok((db, cluster, agent))
+        let sessions = maas_actors::session::Sessions::start(
+            db.clone(),
+            maas_actors::session::SessionConfig::new(
+                config.node.id,
+                Duration::from_secs(config.gateway.session_idle_secs),
+            ),
+        )
+        .await?;
+        let _ = state.sessions.set(sessions.clone());
+        anyhow::Ok((db, cluster, agent, sessions))
     }
     .await;
-    let (db, cluster, agent) = match started {
+    let (db, cluster, agent, sessions) = match started {
         Ok(parts) => parts,
         Err(err) => {
             // Stop serving at once: nothing is in flight that could finish.
@@ -122,6 +131,7 @@ pub async fn run_node(mut config: Config, quick_start: bool) -> Result<ExitCode>
     print_banner(&config, &api_url, &data_dir, &cluster.node);
 
     let outcome = server.await.context("the HTTP server task failed")?;
+    sessions.stop();
     agent.stop(None);
     cluster.stop().await;
     db.close().await;

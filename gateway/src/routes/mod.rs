@@ -11,6 +11,7 @@ pub mod openai;
 pub mod openapi;
 pub mod registry;
 pub mod safety;
+pub mod sessions;
 
 use std::sync::Arc;
 
@@ -38,6 +39,8 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .or(files::routes(state))
         .unify()
         .or(batches::routes(state))
+        .unify()
+        .or(sessions::routes(state))
         .unify()
         .or(openapi::routes(state))
         .unify()

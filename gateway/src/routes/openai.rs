@@ -47,11 +47,11 @@ impl InFlight {
     }
 
     /// Counts a request to `replica_id` until [`Self::leave`].
-    fn arrive(&self, replica_id: &str) {
+    pub(crate) fn arrive(&self, replica_id: &str) {
         *self.0.lock().expect("in-flight lock").entry(replica_id.to_owned()).or_default() += 1;
     }
 
-    fn leave(&self, replica_id: &str) {
+    pub(crate) fn leave(&self, replica_id: &str) {
         let mut map = self.0.lock().expect("in-flight lock");
         if let Some(count) = map.get_mut(replica_id) {
             *count = count.saturating_sub(1);
@@ -268,7 +268,7 @@ fn engine_error(err: &EngineError) -> ApiError {
 
 /// Starts `request` on the first candidate that takes it; a candidate that fails before
 /// answering (gone, full) is skipped for the next.
-async fn start_generation(
+pub(crate) async fn start_generation(
     state: &Arc<AppState>,
     model: &str,
     request: GenerationRequest,
@@ -667,7 +667,7 @@ fn bad(param: &str, message: impl Into<String>) -> ApiError {
 }
 
 /// The engine request for OpenAI's sampling fields, checked.
-fn generation(
+pub(crate) fn generation(
     sampling: &InferenceRequest,
     prompt: String,
     logprobs: Option<usize>,

@@ -54,6 +54,11 @@ use crate::state::AppState;
         super::batches::list_batches,
         super::batches::get_batch,
         super::batches::cancel_batch,
+        super::sessions::create_session,
+        super::sessions::list_sessions,
+        super::sessions::get_session,
+        super::sessions::delete_session,
+        super::sessions::session_socket,
         super::debug::delay,
         super::debug::echo,
     ),
@@ -66,7 +71,8 @@ use crate::state::AppState;
         (name = "batches", description = "OpenAI-compatible batches: JSONL requests run in the background"),
         (name = "models", description = "The model repository: blobs and immutable model versions"),
         (name = "safety", description = "Safety filters: keywords and patterns refused in requests and answers"),
-        (name = "deployments", description = "Deployments of models: replicas placed by GPU memory, rolling updates, estimates")
+        (name = "deployments", description = "Deployments of models: replicas placed by GPU memory, rolling updates, estimates"),
+        (name = "sessions", description = "Chat sessions that keep their conversation across turns, with a WebSocket to chat in")
     )
 )]
 pub struct ApiDoc;

@@ -6,6 +6,7 @@ pub mod files;
 pub mod models;
 pub mod orgs;
 pub mod safety;
+pub mod sessions;
 pub mod users;
 
 use crate::db::Db;
@@ -33,5 +34,9 @@ impl Db {
 
     pub fn models(&self) -> models::Models<'_> {
         models::Models { db: self }
+    }
+
+    pub fn sessions(&self) -> sessions::Sessions<'_> {
+        sessions::Sessions { db: self }
     }
 }
