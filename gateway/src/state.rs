@@ -46,11 +46,14 @@ pub struct GatewayOptions {
     pub max_body_bytes: u64,
     /// Whether `/debug/*` routes are served.
     pub debug_routes: bool,
+    /// `gateway.max_upload_bytes`: the largest blob upload, and the most an uploaded model
+    /// archive may unpack to.
+    pub max_upload_bytes: u64,
 }
 
 impl Default for GatewayOptions {
     fn default() -> Self {
-        GatewayOptions { max_body_bytes: 16 * 1024 * 1024, debug_routes: false }
+        GatewayOptions { max_body_bytes: 16 * 1024 * 1024, debug_routes: false, max_upload_bytes: 10 * 1024 * 1024 * 1024 }
     }
 }
 

@@ -39,7 +39,11 @@ pub async fn run_node(mut config: Config, quick_start: bool) -> Result<ExitCode>
         .with_context(|| format!("cannot listen on {} (listen.api)", config.listen.api))?;
     let state = Arc::new(AppState::new(
         config.node.name.clone(),
-        GatewayOptions { max_body_bytes: config.gateway.max_body_bytes, debug_routes: config.gateway.debug_routes },
+        GatewayOptions {
+            max_body_bytes: config.gateway.max_body_bytes,
+            debug_routes: config.gateway.debug_routes,
+            max_upload_bytes: config.gateway.max_upload_bytes,
+        },
     ));
     state.readiness.set("store", Check::Pending("migrating the database".into()));
     state.readiness.set("cluster", Check::Pending("starting the control plane".into()));
