@@ -67,7 +67,8 @@ async fn archives_and_catalogue_names_import_through_the_cli() {
         .unwrap();
     assert!(packed.status.success(), "{}", String::from_utf8_lossy(&packed.stderr));
 
-    let output = maas(&node, &["model", "import", archive.to_str().unwrap(), "--name", "qwen2.5-0.5b-instruct", "--quiet"]);
+    let output =
+        maas(&node, &["model", "import", archive.to_str().unwrap(), "--name", "qwen2.5-0.5b-instruct", "--quiet"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
     assert!(stdout.contains("the files match catalogue entry qwen2.5-0.5b-instruct"), "{stdout}");
@@ -77,7 +78,8 @@ async fn archives_and_catalogue_names_import_through_the_cli() {
     let llama = dir.path().join("llama");
     tiny_model("llama", &llama);
     let blobs_before = blob_count(&node);
-    let output = maas(&node, &["model", "import", llama.to_str().unwrap(), "--name", "llama-3.2-1b-instruct", "--quiet"]);
+    let output =
+        maas(&node, &["model", "import", llama.to_str().unwrap(), "--name", "llama-3.2-1b-instruct", "--quiet"]);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("config.json hidden_size is 64, llama-3.2-1b-instruct has 2048"), "{stderr}");

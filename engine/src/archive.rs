@@ -112,14 +112,19 @@ pub fn unpack<T>(
     (&mut file).take(512).read_to_end(&mut head).map_err(ArchiveError::Io)?;
     file.seek(SeekFrom::Start(0)).map_err(ArchiveError::Io)?;
     let kind = ArchiveKind::sniff(&head).ok_or(ArchiveError::NotAnArchive)?;
-    let mut state = Walk { limits, remaining: limits.max_total_bytes, entries: 0, seen: BTreeSet::new(), files: Vec::new(), skipped: Vec::new() };
+    let mut state = Walk {
+        limits,
+        remaining: limits.max_total_bytes,
+        entries: 0,
+        seen: BTreeSet::new(),
+        files: Vec::new(),
+        skipped: Vec::new(),
+    };
     match kind {
         ArchiveKind::Tar => walk_tar(BufReader::with_capacity(1 << 20, file), &mut state, &mut sink)?,
-        ArchiveKind::TarGz => walk_tar(
-            flate2::read::GzDecoder::new(BufReader::with_capacity(1 << 20, file)),
-            &mut state,
-            &mut sink,
-        )?,
+        ArchiveKind::TarGz => {
+            walk_tar(flate2::read::GzDecoder::new(BufReader::with_capacity(1 << 20, file)), &mut state, &mut sink)?
+        }
         ArchiveKind::Zip => walk_zip(file, &mut state, &mut sink)?,
     }
     state.finish()
@@ -302,8 +307,8 @@ fn walk_zip<T>(
     const S_IFDIR: u32 = 0o040_000;
     const S_IFLNK: u32 = 0o120_000;
 
-    let mut archive =
-        zip::ZipArchive::new(BufReader::with_capacity(1 << 20, file)).map_err(|e| ArchiveError::Corrupt(e.to_string()))?;
+    let mut archive = zip::ZipArchive::new(BufReader::with_capacity(1 << 20, file))
+        .map_err(|e| ArchiveError::Corrupt(e.to_string()))?;
     if archive.len() as u64 > state.limits.max_entries {
         return Err(ArchiveError::TooManyEntries { limit: state.limits.max_entries });
     }

@@ -38,8 +38,7 @@ fn tar_gz_of(model: &Path, top: &str, out: &Path) {
 
 fn zip_of(model: &Path, top: &str, out: &Path) {
     let mut writer = zip::ZipWriter::new(File::create(out).unwrap());
-    let options =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
     writer.add_directory(format!("{top}/"), options).unwrap();
     for entry in std::fs::read_dir(model).unwrap() {
         let path = entry.unwrap().path();

@@ -9,7 +9,9 @@ use std::path::Path;
 use maas_engine::catalog::{CatalogEntry, TASKS, check, entries, file_matches, find};
 use maas_engine::config::Architecture;
 use maas_engine::model_files::{GgufMetadataValue, ModelFiles, ModelFormat, inspect_headers};
-use maas_engine::tiny::{GgufWeights, TinyBertShape, TinyShape, write_bert, write_gguf_llama, write_llama, write_qwen2};
+use maas_engine::tiny::{
+    GgufWeights, TinyBertShape, TinyShape, write_bert, write_gguf_llama, write_llama, write_qwen2,
+};
 use serde_json::json;
 
 #[test]
@@ -27,7 +29,9 @@ fn every_entry_is_well_formed_and_unique() {
         );
         assert!(
             !name.is_empty()
-                && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')),
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')),
             "{name}: catalogue names are lowercase letters, digits, `.`, `-`, `_`"
         );
         for (field, value) in [
@@ -43,7 +47,10 @@ fn every_entry_is_well_formed_and_unique() {
         assert!(!owner.is_empty() && !repo.is_empty() && !repo.contains('/'), "{name}: {}", entry.source_repo);
         assert!(!entry.tasks.is_empty() && entry.tasks.iter().all(|task| TASKS.contains(task)), "{name}: tasks");
         assert_eq!(entry.tasks.contains(&"embedding"), entry.family == "bert", "{name}: encoders embed");
-        assert!(!entry.tasks.contains(&"chat") || entry.tasks.contains(&"completion"), "{name}: chat implies completion");
+        assert!(
+            !entry.tasks.contains(&"chat") || entry.tasks.contains(&"completion"),
+            "{name}: chat implies completion"
+        );
 
         let d = entry.dimensions;
         assert!(d.hidden_size > 0 && d.num_hidden_layers > 0 && d.num_attention_heads > 0, "{name}: dimensions");
@@ -67,7 +74,10 @@ fn every_entry_is_well_formed_and_unique() {
                 assert!(entry.quantization.is_some(), "{name}: a GGUF entry names its quantisation");
                 assert_eq!(entry.expected_files, ["*.gguf"], "{name}");
                 assert_eq!(d.vocab_size, None, "{name}: GGUF has no comparable vocab_size");
-                assert!(!entry.architecture.chars().any(char::is_uppercase), "{name}: GGUF architectures are lowercase");
+                assert!(
+                    !entry.architecture.chars().any(char::is_uppercase),
+                    "{name}: GGUF architectures are lowercase"
+                );
             }
             ModelFormat::Safetensors => {
                 assert!(entry.source_file.is_none() && entry.quantization.is_none(), "{name}");
@@ -301,7 +311,11 @@ fn a_tiny_model_with_a_real_entrys_config_values_matches_it() {
     // The same shape with another vocabulary is another model.
     let mut files = inspect_headers(&llama).unwrap();
     files.config.as_mut().unwrap()["vocab_size"] = 32000.into();
-    assert!(check(entry, &files).unwrap_err().starts_with("config.json vocab_size is 32000, llama-3.2-1b-instruct has 128256"));
+    assert!(
+        check(entry, &files)
+            .unwrap_err()
+            .starts_with("config.json vocab_size is 32000, llama-3.2-1b-instruct has 128256")
+    );
     // A chat model needs its chat template.
     std::fs::remove_file(llama.join("tokenizer_config.json")).unwrap();
     assert_eq!(

@@ -53,7 +53,11 @@ pub struct GatewayOptions {
 
 impl Default for GatewayOptions {
     fn default() -> Self {
-        GatewayOptions { max_body_bytes: 16 * 1024 * 1024, debug_routes: false, max_upload_bytes: 10 * 1024 * 1024 * 1024 }
+        GatewayOptions {
+            max_body_bytes: 16 * 1024 * 1024,
+            debug_routes: false,
+            max_upload_bytes: 10 * 1024 * 1024 * 1024,
+        }
     }
 }
 

@@ -19,7 +19,10 @@ struct TestServer {
 }
 
 async fn start(max_body_bytes: u64, drain_timeout: Duration) -> TestServer {
-    let state = Arc::new(AppState::new("test-node", GatewayOptions { max_body_bytes, debug_routes: true, ..GatewayOptions::default() }));
+    let state = Arc::new(AppState::new(
+        "test-node",
+        GatewayOptions { max_body_bytes, debug_routes: true, ..GatewayOptions::default() },
+    ));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = HttpServer::new(
         listener,

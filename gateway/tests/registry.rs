@@ -144,7 +144,13 @@ async fn the_catalogue_is_listed_and_a_catalogue_name_checks_the_files() {
     maas_engine::tiny::write_qwen2(&tiny, maas_engine::tiny::TinyShape::default(), 2).unwrap();
     let files = upload_folder(&setup, &tiny).await;
     let (status, answer) = register(&setup, json!({"name": "qwen2.5-0.5b-instruct", "files": files})).await;
-    assert_refused(status, &answer, 400, "catalog_mismatch", "config.json hidden_size is 64, qwen2.5-0.5b-instruct has 896");
+    assert_refused(
+        status,
+        &answer,
+        400,
+        "catalog_mismatch",
+        "config.json hidden_size is 64, qwen2.5-0.5b-instruct has 896",
+    );
     let (status, answer) = register(&setup, json!({"name": "llama-3.2-1b-instruct", "files": files})).await;
     assert_refused(
         status,
@@ -172,7 +178,10 @@ async fn the_catalogue_is_listed_and_a_catalogue_name_checks_the_files() {
     )
     .await;
     assert_eq!(status, 201, "{record}");
-    assert_eq!((record["description"].clone(), record["tasks"].clone()), (json!("mine"), json!(["completion", "chat"])));
+    assert_eq!(
+        (record["description"].clone(), record["tasks"].clone()),
+        (json!("mine"), json!(["completion", "chat"]))
+    );
     let (status, answer) = register(&setup, json!({"name": "x", "files": files, "tasks": ["dancing"]})).await;
     assert_refused(status, &answer, 400, "invalid_input", "task `dancing`");
 
@@ -222,8 +231,7 @@ async fn archives_are_unpacked_into_blobs_and_registered() {
     let mut written = maas_engine::tiny::write_llama(&model, maas_engine::tiny::TinyShape::default(), 4).unwrap();
     written.sort();
 
-    for (name, archive) in [("from-tgz", tar_gz_of(&model, "tiny-llama")), ("from-zip", zip_of(&model, "tiny-llama"))]
-    {
+    for (name, archive) in [("from-tgz", tar_gz_of(&model, "tiny-llama")), ("from-zip", zip_of(&model, "tiny-llama"))] {
         let blob = upload(&setup, archive).await;
         let (status, record) = register(&setup, json!({"name": name, "archive_sha256": blob["sha256"]})).await;
         assert_eq!(status, 201, "{record}");
@@ -251,7 +259,9 @@ async fn archives_are_unpacked_into_blobs_and_registered() {
     let listed = get(&setup, "/v1/registry/models").await;
     let listed = listed["versions"].as_array().unwrap();
     assert_eq!(listed.len(), 2);
-    assert!(listed.iter().all(|v| v["architecture"] == "LlamaForCausalLM" && v["tasks"] == json!(["chat", "completion"])));
+    assert!(
+        listed.iter().all(|v| v["architecture"] == "LlamaForCausalLM" && v["tasks"] == json!(["chat", "completion"]))
+    );
 
     // An archive of a catalogue model is checked against the entry too.
     let blob = upload(&setup, tar_gz_of(&model, "m")).await;

@@ -655,7 +655,9 @@ async fn upload_blob(
         .body(reqwest::Body::wrap_stream(stream))
         .send()
         .await
-        .with_context(|| format!("cannot reach the maas node at {base}: is it running? (set --server or MAAS_SERVER)"))?;
+        .with_context(|| {
+            format!("cannot reach the maas node at {base}: is it running? (set --server or MAAS_SERVER)")
+        })?;
     let status = response.status();
     let body: Value =
         response.json().await.with_context(|| format!("uploading {relative}: answer {status} is not JSON"))?;
@@ -667,8 +669,7 @@ async fn upload_blob(
 
 pub async fn model_import(args: &ImportArgs) -> Result<String> {
     let archive_name = args.path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
-    let is_archive =
-        args.path.is_file() && maas_engine::archive::ArchiveKind::from_file_name(&archive_name).is_some();
+    let is_archive = args.path.is_file() && maas_engine::archive::ArchiveKind::from_file_name(&archive_name).is_some();
     // An archive is unpacked here for the checks (and by the node again on import).
     let unpacked = if is_archive { Some(unpack_locally(&args.path)?) } else { None };
     let model_path = unpacked.as_ref().map_or(args.path.as_path(), |u| u.model.as_path());
@@ -741,7 +742,7 @@ pub async fn model_import(args: &ImportArgs) -> Result<String> {
 }
 
 /// `maas model catalog`: the built-in catalogue, from this binary (no node needed).
-pub fn model_catalog(json: bool) -> Result<String> {
+pub fn model_catalog(json: bool) -> String {
     let entries = maas_engine::catalog::entries();
     if json {
         let models: Vec<Value> = entries
@@ -752,7 +753,7 @@ pub fn model_catalog(json: bool) -> Result<String> {
                 value
             })
             .collect();
-        return Ok(format!("{:#}\n", serde_json::json!({ "models": models })));
+        return format!("{:#}\n", serde_json::json!({ "models": models }));
     }
     let rows: Vec<Vec<String>> = entries
         .iter()
@@ -775,7 +776,7 @@ pub fn model_catalog(json: bool) -> Result<String> {
     out.push_str(
         "\nImport one with the files on disk: maas model import PATH --name NAME (the files are checked against the entry).\n",
     );
-    Ok(out)
+    out
 }
 
 /// 494032768 → `494M`, 7615616512 → `7.6B`.

@@ -286,7 +286,9 @@ fn main() -> ExitCode {
         Command::Deploy(ref args) => client::run(client::deploy(args)),
         Command::Model { command: ModelCommand::Import(ref args) } => client::run(client::model_import(args)),
         Command::Model { command: ModelCommand::List { ref target } } => client::run(client::model_list(target)),
-        Command::Model { command: ModelCommand::Catalog { json } } => client::run(async move { client::model_catalog(json) }),
+        Command::Model { command: ModelCommand::Catalog { json } } => {
+            client::run(async move { Ok(client::model_catalog(json)) })
+        }
         Command::Deployment { command: DeploymentCommand::List { ref target } } => {
             client::run(client::deployment_list(target))
         }

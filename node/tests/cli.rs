@@ -129,7 +129,10 @@ fn model_catalog_lists_the_built_in_catalogue() {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    assert_eq!(row("qwen2.5-0.5b-instruct"), "qwen2.5-0.5b-instruct qwen2 494M 32768 chat,completion yes Qwen/Qwen2.5-0.5B-Instruct");
+    assert_eq!(
+        row("qwen2.5-0.5b-instruct"),
+        "qwen2.5-0.5b-instruct qwen2 494M 32768 chat,completion yes Qwen/Qwen2.5-0.5B-Instruct"
+    );
     assert_eq!(row("phi-2"), "phi-2 phi 2.8B 2048 completion no microsoft/phi-2");
     assert!(row("bge-small-en-v1.5").contains(" embedding yes BAAI/bge-small-en-v1.5"));
     assert!(row("qwen2.5-0.5b-instruct-q8_0").ends_with("(qwen2.5-0.5b-instruct-q8_0.gguf)"));

@@ -278,9 +278,9 @@ async fn check_uploaded(stores: &Stores, files: &[ModelFile]) -> Result<(), ApiE
 /// Unpacks an uploaded archive into one blob per file, bounded by the upload limit and
 /// [`archive::MAX_ENTRIES`].
 async fn unpack_uploaded_archive(state: &AppState, stores: &Stores, sha256: &str) -> Result<Vec<ModelFile>, ApiError> {
-    let digest: Digest = sha256
-        .parse()
-        .map_err(|_| ApiError::bad_request("invalid_input", "archive_sha256 is not a sha256 digest").with_param("archive_sha256"))?;
+    let digest: Digest = sha256.parse().map_err(|_| {
+        ApiError::bad_request("invalid_input", "archive_sha256 is not a sha256 digest").with_param("archive_sha256")
+    })?;
     if !stores.blobs.contains(&digest).await {
         return Err(ApiError::bad_request(
             "blob_missing",
@@ -288,7 +288,8 @@ async fn unpack_uploaded_archive(state: &AppState, stores: &Stores, sha256: &str
         )
         .with_param("archive_sha256"));
     }
-    let limits = archive::ArchiveLimits { max_total_bytes: state.options.max_upload_bytes, max_entries: archive::MAX_ENTRIES };
+    let limits =
+        archive::ArchiveLimits { max_total_bytes: state.options.max_upload_bytes, max_entries: archive::MAX_ENTRIES };
     unpack_archive(&stores.blobs, &digest, limits).await.map_err(|err| {
         use archive::ArchiveError as E;
         let message = err.to_string();
