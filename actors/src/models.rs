@@ -5,7 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use maas_engine::model_files::{GgufMetadataValue, ModelFiles, ModelFormat};
+use maas_engine::archive::{self, ArchiveError, ArchiveLimits};
+use maas_engine::model_files::{GgufMetadataValue, ModelFiles, ModelFormat, gguf_file_type_name};
 use maas_store::repo::models::{ModelFile, ModelMetadata, ModelVersionRecord};
 use maas_store::{BlobStore, Digest};
 
@@ -48,7 +49,7 @@ pub fn metadata_of(files: &ModelFiles) -> ModelMetadata {
                 Some(GgufMetadataValue::Unsigned(value)) => Some(*value),
                 _ => None,
             };
-            let quantization = unsigned("general.file_type").map_or_else(|| "unknown".to_owned(), gguf_file_type);
+            let quantization = unsigned("general.file_type").map_or_else(|| "unknown".to_owned(), gguf_file_type_name);
             let config: serde_json::Map<String, serde_json::Value> = files
                 .gguf_metadata
                 .iter()
@@ -79,29 +80,27 @@ pub async fn check_model(path: PathBuf) -> Result<ModelFiles, String> {
         .map_err(|e| e.to_string())
 }
 
-/// llama.cpp's `general.file_type` numbers.
-fn gguf_file_type(file_type: u64) -> String {
-    match file_type {
-        0 => "F32",
-        1 => "F16",
-        2 => "Q4_0",
-        3 => "Q4_1",
-        7 => "Q8_0",
-        8 => "Q5_0",
-        9 => "Q5_1",
-        10 => "Q2_K",
-        11 => "Q3_K_S",
-        12 => "Q3_K_M",
-        13 => "Q3_K_L",
-        14 => "Q4_K_S",
-        15 => "Q4_K_M",
-        16 => "Q5_K_S",
-        17 => "Q5_K_M",
-        18 => "Q6_K",
-        32 => "BF16",
-        _ => return format!("file_type_{file_type}"),
-    }
-    .to_owned()
+/// Unpacks an uploaded archive (the blob `archive`: a .tar, .tar.gz or .zip of a model
+/// folder or a .gguf file) into the blob store on a blocking thread, one blob per file;
+/// returns the files as a version lists them. Blobs of a refused archive stay unreferenced
+/// until blob garbage collection.
+pub async fn unpack_archive(
+    blobs: &BlobStore,
+    archive: &Digest,
+    limits: ArchiveLimits,
+) -> Result<Vec<ModelFile>, ArchiveError> {
+    let blobs = blobs.clone();
+    let path = blobs.path_of(archive);
+    let unpacked = tokio::task::spawn_blocking(move || {
+        archive::unpack(&path, limits, |_, reader| blobs.put_blocking(reader).map_err(std::io::Error::other))
+    })
+    .await
+    .map_err(|e| ArchiveError::Io(std::io::Error::other(format!("the unpacking thread failed: {e}"))))??;
+    Ok(unpacked
+        .files
+        .into_iter()
+        .map(|(path, info)| ModelFile { path, sha256: info.digest.to_hex(), size_bytes: info.size_bytes })
+        .collect())
 }
 
 /// Where a version's files are laid out: `<data_dir>/models/<digest of the file list>`,

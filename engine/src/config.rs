@@ -26,7 +26,9 @@ impl Architecture {
         }
     }
 
-    fn from_name(name: &str) -> Option<Self> {
+    /// The architecture a `model_type`, `architectures[0]` or GGUF `general.architecture`
+    /// names, if this engine runs it.
+    pub fn from_name(name: &str) -> Option<Self> {
         match name.to_ascii_lowercase().as_str() {
             "llama" | "llamaforcausallm" => Some(Architecture::Llama),
             "mistral" | "mistralforcausallm" => Some(Architecture::Mistral),

@@ -11,10 +11,14 @@
 //! - [`embeddings`]: BERT-family sentence embeddings.
 //! - [`gpu`]: GPU discovery; [`model_files`]: model files checked on disk; [`tiny`]: tiny
 //!   random models in the real formats, for tests.
+//! - [`catalog`]: the built-in catalogue of well-known models and the check of files
+//!   against an entry; [`archive`]: model archives unpacked without trusting them.
 //!
 //! **Boundary:** knows nothing about the cluster. `unsafe` is allowed only in [`gpu`] (the
 //! workspace denies it elsewhere).
 
+pub mod archive;
+pub mod catalog;
 pub mod chat;
 pub mod config;
 pub mod embeddings;

@@ -50,6 +50,9 @@ pub struct GatewayOptions {
     pub safety_rules: Vec<crate::safety::PlatformRule>,
     /// The response cache of deterministic requests.
     pub response_cache: crate::response_cache::ResponseCacheOptions,
+    /// `gateway.max_upload_bytes`: the largest blob upload, and the most an uploaded model
+    /// archive may unpack to.
+    pub max_upload_bytes: u64,
 }
 
 impl Default for GatewayOptions {
@@ -59,6 +62,7 @@ impl Default for GatewayOptions {
             debug_routes: false,
             safety_rules: Vec::new(),
             response_cache: crate::response_cache::ResponseCacheOptions::default(),
+            max_upload_bytes: 10 * 1024 * 1024 * 1024,
         }
     }
 }

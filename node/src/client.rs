@@ -242,11 +242,21 @@ async fn send(
     cookie: &str,
     body: Option<&Value>,
 ) -> Result<Value> {
+    send_within(target, method, path, cookie, body, std::time::Duration::from_secs(60)).await
+}
+
+/// As [`send`], waiting up to `timeout` for the answer.
+async fn send_within(
+    target: &Target,
+    method: reqwest::Method,
+    path: &str,
+    cookie: &str,
+    body: Option<&Value>,
+    timeout: std::time::Duration,
+) -> Result<Value> {
     let url = format!("{}{path}", target.server.trim_end_matches('/'));
-    let mut request = reqwest::Client::new()
-        .request(method, &url)
-        .header("x-maas-cluster-cookie", cookie)
-        .timeout(std::time::Duration::from_secs(60));
+    let mut request =
+        reqwest::Client::new().request(method, &url).header("x-maas-cluster-cookie", cookie).timeout(timeout);
     if let Some(body) = body {
         request = request.json(body);
     }
@@ -515,15 +525,18 @@ pub async fn node_drain(target: &Target, cookie: &str, id: u64, undo: bool) -> R
 /// What `maas model import` uploads.
 #[derive(Debug, clap::Args)]
 pub struct ImportArgs {
-    /// A Hugging Face model folder (config.json, *.safetensors, tokenizer.json, ...) or a
-    /// .gguf file.
+    /// A Hugging Face model folder (config.json, *.safetensors, tokenizer.json, ...), a
+    /// .gguf file, or a .tar, .tar.gz (.tgz) or .zip archive of either.
     pub path: PathBuf,
-    /// The model's name in the repository (letters, digits, `.`, `-`, `_`, `/`).
+    /// The model's name in the repository (letters, digits, `.`, `-`, `_`, `/`). A
+    /// catalogue name (`maas model catalog`) has the files checked against the catalogue
+    /// first.
     #[arg(long)]
     pub name: String,
     /// The version (default: the next vN). Versions are immutable.
     #[arg(long)]
     pub version: Option<String>,
+    /// Default: the catalogue entry's description, for a catalogue name.
     #[arg(long, default_value = "")]
     pub description: String,
     /// No progress bar.
@@ -565,61 +578,151 @@ fn model_files(root: &std::path::Path) -> Result<Vec<(String, PathBuf, u64)>> {
     Ok(found)
 }
 
-pub async fn model_import(args: &ImportArgs) -> Result<String> {
-    // Check it is a model here first: a bad folder fails before anything is uploaded.
-    let checked = maas_engine::model_files::inspect_headers(&args.path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let files = model_files(&args.path)?;
-    let total: u64 = files.iter().map(|(_, _, size)| size).sum();
-    let progress = if args.quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(total).with_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg:30!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
+/// An archive unpacked next to itself (or in the temporary folder) for the local checks;
+/// the folder goes when this is dropped.
+struct LocalUnpack {
+    _dir: tempfile::TempDir,
+    /// The model folder, or its one .gguf file.
+    model: PathBuf,
+}
+
+/// Unpacks the archive at `path` with the node's rules (no links, no `..`, a single top
+/// folder stripped), bounded by 20 times its size (at least 1 GiB) against a bomb.
+fn unpack_locally(path: &std::path::Path) -> Result<LocalUnpack> {
+    use maas_engine::archive::{ArchiveLimits, MAX_ENTRIES, unpack};
+    let archive_bytes = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
+    let dir = path
+        .parent()
+        .and_then(|parent| tempfile::Builder::new().prefix(".maas-import-").tempdir_in(parent).ok())
+        .map_or_else(|| tempfile::Builder::new().prefix("maas-import-").tempdir(), Ok)
+        .context("cannot make a folder to check the archive in")?;
+    let root = dir.path().to_owned();
+    let limits =
+        ArchiveLimits { max_total_bytes: archive_bytes.saturating_mul(20).max(1 << 30), max_entries: MAX_ENTRIES };
+    let unpacked = unpack(path, limits, |relative, reader| {
+        let target = root.join(relative);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mut file = std::fs::File::create_new(&target)?;
+        std::io::copy(reader, &mut file)
+    })
+    .with_context(|| format!("{}", path.display()))?;
+    let base = match &unpacked.top_folder {
+        Some(top) => root.join(top),
+        None => root.clone(),
+    };
+    let model = match unpacked.files.as_slice() {
+        [(single, _)] if single.to_ascii_lowercase().ends_with(".gguf") => base.join(single),
+        _ => base,
+    };
+    Ok(LocalUnpack { _dir: dir, model })
+}
+
+fn progress_bar(total: u64, quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    indicatif::ProgressBar::new(total).with_style(
+        indicatif::ProgressStyle::with_template("{msg:30!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
             .progress_chars("=> "),
-        )
-    };
-    let client = reqwest::Client::new();
+    )
+}
+
+/// Streams one file to `POST /v1/blobs`, advancing `progress`; returns its sha256.
+async fn upload_blob(
+    args: &ImportArgs,
+    client: &reqwest::Client,
+    (relative, path, size): (&str, &std::path::Path, u64),
+    progress: &indicatif::ProgressBar,
+) -> Result<Value> {
     let base = args.target.server.trim_end_matches('/');
-    let mut manifest = Vec::new();
-    for (relative, path, size) in &files {
-        progress.set_message(relative.clone());
-        let file = tokio::fs::File::open(path).await.with_context(|| format!("cannot open {}", path.display()))?;
-        let counted = progress.clone();
-        let stream =
-            futures_util::StreamExt::map(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20), move |chunk| {
-                if let Ok(bytes) = &chunk {
-                    counted.inc(bytes.len() as u64);
-                }
-                chunk
-            });
-        let response = client
-            .post(format!("{base}/v1/blobs"))
-            .header("x-maas-cluster-cookie", &args.cookie.cookie)
-            .header(reqwest::header::CONTENT_LENGTH, *size)
-            .body(reqwest::Body::wrap_stream(stream))
-            .send()
-            .await
-            .with_context(|| {
-                format!("cannot reach the maas node at {base}: is it running? (set --server or MAAS_SERVER)")
-            })?;
-        let status = response.status();
-        let body: Value =
-            response.json().await.with_context(|| format!("uploading {relative}: answer {status} is not JSON"))?;
-        if !status.is_success() {
-            bail!("uploading {relative}: {} ({status})", body["error"]["message"].as_str().unwrap_or("no message"));
-        }
-        manifest.push(serde_json::json!({"path": relative, "sha256": body["sha256"], "size_bytes": size}));
+    progress.set_message(relative.to_owned());
+    let file = tokio::fs::File::open(path).await.with_context(|| format!("cannot open {}", path.display()))?;
+    let counted = progress.clone();
+    let stream =
+        futures_util::StreamExt::map(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20), move |chunk| {
+            if let Ok(bytes) = &chunk {
+                counted.inc(bytes.len() as u64);
+            }
+            chunk
+        });
+    let response = client
+        .post(format!("{base}/v1/blobs"))
+        .header("x-maas-cluster-cookie", &args.cookie.cookie)
+        .header(reqwest::header::CONTENT_LENGTH, size)
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .with_context(|| {
+            format!("cannot reach the maas node at {base}: is it running? (set --server or MAAS_SERVER)")
+        })?;
+    let status = response.status();
+    let body: Value =
+        response.json().await.with_context(|| format!("uploading {relative}: answer {status} is not JSON"))?;
+    if !status.is_success() {
+        bail!("uploading {relative}: {} ({status})", body["error"]["message"].as_str().unwrap_or("no message"));
     }
-    progress.finish_and_clear();
-    let mut request = serde_json::json!({"name": args.name, "description": args.description, "files": manifest});
+    Ok(body["sha256"].clone())
+}
+
+pub async fn model_import(args: &ImportArgs) -> Result<String> {
+    let archive_name = args.path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+    let is_archive = args.path.is_file() && maas_engine::archive::ArchiveKind::from_file_name(&archive_name).is_some();
+    // An archive is unpacked here for the checks (and by the node again on import).
+    let unpacked = if is_archive { Some(unpack_locally(&args.path)?) } else { None };
+    let model_path = unpacked.as_ref().map_or(args.path.as_path(), |u| u.model.as_path());
+    // Check it is a model, and the catalogue's model when the name is a catalogue name,
+    // here first: bad files fail before anything is uploaded.
+    let checked = maas_engine::model_files::inspect_headers(model_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(entry) = maas_engine::catalog::find(&args.name) {
+        maas_engine::catalog::check(entry, &checked).map_err(|reason| anyhow::anyhow!("{reason}"))?;
+        if !args.target.json {
+            println!(
+                "the files match catalogue entry {} ({}, from {})",
+                entry.name, entry.display_name, entry.source_repo
+            );
+            if let Some(reason) = entry.not_servable_reason {
+                println!("note: this build cannot serve it yet: {reason}");
+            }
+        }
+    }
+    let client = reqwest::Client::new();
+    let mut request = serde_json::json!({"name": args.name, "description": args.description});
+    let (count, total) = if is_archive {
+        let size = std::fs::metadata(&args.path).with_context(|| format!("cannot read {}", args.path.display()))?.len();
+        let progress = progress_bar(size, args.quiet);
+        let sha256 = upload_blob(args, &client, (&archive_name, &args.path, size), &progress).await?;
+        progress.finish_and_clear();
+        request["archive_sha256"] = sha256;
+        (checked.files.len(), checked.total_bytes)
+    } else {
+        let files = model_files(&args.path)?;
+        let total: u64 = files.iter().map(|(_, _, size)| size).sum();
+        let progress = progress_bar(total, args.quiet);
+        let mut manifest = Vec::new();
+        for (relative, path, size) in &files {
+            let sha256 = upload_blob(args, &client, (relative, path, *size), &progress).await?;
+            manifest.push(serde_json::json!({"path": relative, "sha256": sha256, "size_bytes": size}));
+        }
+        progress.finish_and_clear();
+        request["files"] = Value::Array(manifest);
+        (files.len(), total)
+    };
     if let Some(version) = &args.version {
         request["version"] = Value::String(version.clone());
     }
-    let record =
-        send(&args.target, reqwest::Method::POST, "/v1/registry/models", &args.cookie.cookie, Some(&request)).await?;
+    // The node unpacks an archive before it answers: allow for a large one.
+    let record = send_within(
+        &args.target,
+        reqwest::Method::POST,
+        "/v1/registry/models",
+        &args.cookie.cookie,
+        Some(&request),
+        std::time::Duration::from_secs(if is_archive { 4 * 3600 } else { 600 }),
+    )
+    .await?;
     if args.target.json {
         return Ok(format!("{record:#}\n"));
     }
@@ -632,10 +735,61 @@ pub async fn model_import(args: &ImportArgs) -> Result<String> {
         text(&record["context_length"]),
         text(&record["dtype"]),
         record["tasks"].as_array().map(|t| t.iter().map(text).collect::<Vec<_>>().join(", ")).unwrap_or_default(),
-        files.len(),
+        count,
         total,
         checked.tensors,
     ))
+}
+
+/// `maas model catalog`: the built-in catalogue, from this binary (no node needed).
+pub fn model_catalog(json: bool) -> String {
+    let entries = maas_engine::catalog::entries();
+    if json {
+        let models: Vec<Value> = entries
+            .iter()
+            .map(|entry| {
+                let mut value = serde_json::to_value(entry).unwrap_or_default();
+                value["description"] = Value::String(entry.description());
+                value
+            })
+            .collect();
+        return format!("{:#}\n", serde_json::json!({ "models": models }));
+    }
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|entry| {
+            vec![
+                entry.name.to_owned(),
+                entry.family.to_owned(),
+                human_count(entry.parameters),
+                entry.context_length.to_string(),
+                entry.tasks.join(","),
+                if entry.servable { "yes".to_owned() } else { "no".to_owned() },
+                match entry.source_file {
+                    Some(file) => format!("{} ({file})", entry.source_repo),
+                    None => entry.source_repo.to_owned(),
+                },
+            ]
+        })
+        .collect();
+    let mut out = table(&["NAME", "FAMILY", "PARAMETERS", "CONTEXT", "TASKS", "SERVABLE", "SOURCE"], &rows);
+    out.push_str(
+        "\nImport one with the files on disk: maas model import PATH --name NAME (the files are checked against the entry).\n",
+    );
+    out
+}
+
+/// 494032768 → `494M`, 7615616512 → `7.6B`.
+fn human_count(count: u64) -> String {
+    #[allow(clippy::cast_precision_loss)]
+    let value = count as f64;
+    if value >= 1e9 {
+        format!("{:.1}B", value / 1e9)
+    } else if value >= 1e6 {
+        format!("{:.0}M", value / 1e6)
+    } else {
+        count.to_string()
+    }
 }
 
 pub async fn model_list(target: &Target) -> Result<String> {

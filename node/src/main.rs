@@ -104,9 +104,17 @@ enum GpuCommand {
 
 #[derive(Debug, Subcommand)]
 enum ModelCommand {
-    /// Upload a model folder or .gguf file (with a progress bar) and register it as a new
-    /// version; its files are checked as a model first.
+    /// Upload a model folder, .gguf file or an archive of either (with a progress bar) and
+    /// register it as a new version; its files are checked as a model first, and against
+    /// the catalogue when NAME is a catalogue name.
     Import(client::ImportArgs),
+    /// The built-in catalogue of well-known models: name, family, parameters, context,
+    /// tasks, whether this build serves it, and the Hugging Face repository of its files.
+    Catalog {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Every model version in the repository with its metadata.
     List {
         #[command(flatten)]
@@ -278,6 +286,9 @@ fn main() -> ExitCode {
         Command::Deploy(ref args) => client::run(client::deploy(args)),
         Command::Model { command: ModelCommand::Import(ref args) } => client::run(client::model_import(args)),
         Command::Model { command: ModelCommand::List { ref target } } => client::run(client::model_list(target)),
+        Command::Model { command: ModelCommand::Catalog { json } } => {
+            client::run(async move { Ok(client::model_catalog(json)) })
+        }
         Command::Deployment { command: DeploymentCommand::List { ref target } } => {
             client::run(client::deployment_list(target))
         }

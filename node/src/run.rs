@@ -49,6 +49,7 @@ pub async fn run_node(mut config: Config, quick_start: bool) -> Result<ExitCode>
                 ttl: Duration::from_secs(config.inference.response_cache_ttl_secs),
                 redis_url: config.redis.url.clone(),
             },
+            max_upload_bytes: config.gateway.max_upload_bytes,
         },
     ));
     state.readiness.set("store", Check::Pending("migrating the database".into()));

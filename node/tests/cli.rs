@@ -110,3 +110,40 @@ fn the_raft_benchmark_runs_over_the_loopback_transport() {
     }
     assert!(report.contains("leader failover"), "{report}");
 }
+
+#[test]
+fn model_catalog_lists_the_built_in_catalogue() {
+    let output = maas().args(["model", "catalog"]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let table = String::from_utf8(output.stdout).unwrap();
+    let header = table.lines().next().unwrap();
+    for column in ["NAME", "FAMILY", "PARAMETERS", "CONTEXT", "TASKS", "SERVABLE", "SOURCE"] {
+        assert!(header.contains(column), "{header}");
+    }
+    let row = |name: &str| {
+        table
+            .lines()
+            .find(|line| line.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("{name} is listed: {table}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(
+        row("qwen2.5-0.5b-instruct"),
+        "qwen2.5-0.5b-instruct qwen2 494M 32768 chat,completion yes Qwen/Qwen2.5-0.5B-Instruct"
+    );
+    assert_eq!(row("phi-2"), "phi-2 phi 2.8B 2048 completion no microsoft/phi-2");
+    assert!(row("bge-small-en-v1.5").contains(" embedding yes BAAI/bge-small-en-v1.5"));
+    assert!(row("qwen2.5-0.5b-instruct-q8_0").ends_with("(qwen2.5-0.5b-instruct-q8_0.gguf)"));
+
+    let output = maas().args(["model", "catalog", "--json"]).output().unwrap();
+    assert!(output.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let models = json["models"].as_array().unwrap();
+    assert!(models.len() >= 30);
+    let glm = models.iter().find(|m| m["name"] == "glm-4-9b-chat").unwrap();
+    assert_eq!((glm["servable"].as_bool(), glm["source_repo"].as_str()), (Some(false), Some("THUDM/glm-4-9b-chat")));
+    assert!(glm["not_servable_reason"].as_str().unwrap().contains("ChatGLM"));
+    assert!(glm["description"].as_str().unwrap().contains("GLM-4 9B Chat"));
+}

@@ -183,6 +183,54 @@ impl BlobStore {
         Ok(info)
     }
 
+    /// Like [`BlobStore::put`], for a blocking thread (an archive being unpacked): the same
+    /// write to `tmp/`, fsync and rename into place, with std's synchronous file calls.
+    pub fn put_blocking(&self, reader: &mut dyn std::io::Read) -> Result<BlobInfo> {
+        use std::io::Write as _;
+        let tmp_path = self.tmp_dir().join(format!("{}.part", uuid::Uuid::new_v4().simple()));
+        let written = (|| {
+            let mut file = std::fs::File::create(&tmp_path).map_err(|e| StoreError::io(&tmp_path, e))?;
+            let mut hasher = Sha256::new();
+            let mut size_bytes = 0u64;
+            let mut buf = vec![0u8; CHUNK_BYTES];
+            loop {
+                let n = match reader.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(err) => return Err(StoreError::io(&tmp_path, err)),
+                };
+                size_bytes += n as u64;
+                hasher.update(&buf[..n]);
+                file.write_all(&buf[..n]).map_err(|e| StoreError::io(&tmp_path, e))?;
+            }
+            file.sync_all().map_err(|e| StoreError::io(&tmp_path, e))?;
+            Ok(BlobInfo { digest: Digest(hasher.finalize().into()), size_bytes })
+        })();
+        let info = match written {
+            Ok(info) => info,
+            Err(err) => {
+                let _ = std::fs::remove_file(&tmp_path);
+                return Err(err);
+            }
+        };
+        let final_path = self.path_of(&info.digest);
+        if final_path.exists() {
+            let _ = std::fs::remove_file(&tmp_path);
+            return Ok(info);
+        }
+        let shard_dir = final_path.parent().expect("blob paths have a shard directory").to_path_buf();
+        let shard_is_new = !shard_dir.exists();
+        std::fs::create_dir_all(&shard_dir).map_err(|e| StoreError::io(&shard_dir, e))?;
+        std::fs::rename(&tmp_path, &final_path).map_err(|e| StoreError::io(&final_path, e))?;
+        let sync = |dir: &Path| std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StoreError::io(dir, e));
+        sync(&shard_dir)?;
+        if shard_is_new {
+            sync(shard_dir.parent().expect("shard directories have a parent"))?;
+        }
+        Ok(info)
+    }
+
     /// Moves a finished, fsynced temporary file to its content address, durably.
     async fn publish(&self, tmp_path: &Path, digest: &Digest) -> Result<()> {
         let final_path = self.path_of(digest);

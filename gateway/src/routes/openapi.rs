@@ -38,6 +38,7 @@ use crate::state::AppState;
         super::registry::download_blob,
         super::registry::register_model,
         super::registry::list_models,
+        super::registry::list_catalog,
         super::openai::list_models,
         super::openai::chat_completions,
         super::openai::completions,

@@ -1,13 +1,15 @@
 //! The model repository over HTTP: blobs are uploaded (streamed, hashed, stored once by
 //! content) and served to peers with byte ranges (a resumed download); a model version is
 //! registered as a list of uploaded blobs with their paths, after its files have been laid
-//! out and checked as a model. Changes and blob reads need the cluster cookie (operators
-//! and peers) until accounts exist.
+//! out and checked as a model (and against the built-in catalogue when registered under a
+//! catalogue name), or as an uploaded archive the node unpacks into blobs. Changes and
+//! blob reads need the cluster cookie (operators and peers) until accounts exist.
 
 use std::sync::Arc;
 
 use futures_util::TryStreamExt as _;
-use maas_actors::models::{check_model, materialise, metadata_of};
+use maas_actors::models::{check_model, materialise, metadata_of, unpack_archive};
+use maas_engine::{archive, catalog};
 use maas_store::Digest;
 use maas_store::repo::models::{ModelFile, ModelVersionRecord, NewModelVersion};
 use serde::{Deserialize, Serialize};
@@ -50,7 +52,11 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_state(state))
         .and_then(|s: Arc<AppState>| async move { list_models(&s).await.map_err(warp::reject::custom) });
-    upload.or(download).unify().or(register).unify().or(list).unify().boxed()
+    let catalog = warp::path!("v1" / "registry" / "catalog")
+        .and(warp::get())
+        .and(with_state(state))
+        .and_then(|s: Arc<AppState>| async move { list_catalog(&s).await.map_err(warp::reject::custom) });
+    upload.or(download).unify().or(register).unify().or(list).unify().or(catalog).unify().boxed()
 }
 
 pub(crate) fn stores(state: &AppState) -> Result<&Stores, ApiError> {
@@ -137,28 +143,42 @@ pub async fn download_blob(
     Ok(response)
 }
 
-/// A version of a model: its uploaded files.
+/// A version of a model: its uploaded files, or an uploaded archive of them.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
+    /// A catalogue name (`GET /v1/registry/catalog`) has its files checked against the
+    /// catalogue's entry.
     pub name: String,
     /// Default: the next `vN`.
     #[serde(default)]
     pub version: Option<String>,
+    /// Default: the catalogue entry's description, for a catalogue name.
     #[serde(default)]
     pub description: String,
+    /// `chat`, `completion`, `embedding`. Default: the catalogue entry's tasks, or what
+    /// the files say.
+    #[serde(default)]
+    pub tasks: Option<Vec<String>>,
+    /// The uploaded files (`POST /v1/blobs`) with their paths in the model.
+    #[serde(default)]
     #[schema(value_type = Vec<Object>)]
     pub files: Vec<ModelFile>,
+    /// Instead of `files`: an uploaded .tar, .tar.gz or .zip of the model folder (or of a
+    /// .gguf file), unpacked on the node into one blob per file.
+    #[serde(default)]
+    pub archive_sha256: Option<String>,
 }
 
-/// Registers a model version from uploaded blobs. The files are laid out as a model
-/// folder and checked (config, tokenizer, every safetensors header, or the GGUF header);
-/// the metadata (architecture, parameters, context length, dtype, quantisation, tasks)
-/// comes from them.
+/// Registers a model version from uploaded blobs, or from an uploaded archive unpacked into
+/// blobs. The files are laid out as a model folder and checked (config, tokenizer, every
+/// safetensors header, or the GGUF header), and against the catalogue entry when the name
+/// is a catalogue name; the metadata (architecture, parameters, context length, dtype,
+/// quantisation, tasks) comes from them.
 #[utoipa::path(post, path = "/v1/registry/models", tag = "models", request_body = RegisterRequest,
     params(("x-maas-cluster-cookie" = String, Header, description = "the cluster cookie")),
     responses((status = 201, description = "the version", content_type = "application/json"), (status = 400, body = crate::error::ErrorBody),
-        (status = 403, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
+        (status = 403, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody), (status = 413, body = crate::error::ErrorBody)))]
 pub async fn register_model(
     state: &AppState,
     cookie: Option<&str>,
@@ -166,7 +186,77 @@ pub async fn register_model(
 ) -> Result<Response, ApiError> {
     check_cookie(state, cookie)?;
     let stores = stores(state)?;
-    for file in &request.files {
+    maas_store::repo::models::validate_names(&request.name, request.version.as_deref())?;
+    if let Some(tasks) = &request.tasks
+        && let Some(unknown) = tasks.iter().find(|task| !catalog::TASKS.contains(&task.as_str()))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_input",
+            format!("task `{unknown}` is not one of {}", catalog::TASKS.join(", ")),
+        )
+        .with_param("tasks"));
+    }
+    let files = match (&request.archive_sha256, request.files.is_empty()) {
+        (Some(_), false) => {
+            return Err(ApiError::bad_request("invalid_input", "give either `files` or `archive_sha256`, not both"));
+        }
+        (None, true) => {
+            return Err(ApiError::bad_request(
+                "invalid_input",
+                "give `files` (uploaded blobs with their paths) or `archive_sha256` (an uploaded archive)",
+            ));
+        }
+        (Some(archive), true) => unpack_uploaded_archive(state, stores, archive).await?,
+        (None, false) => {
+            check_uploaded(stores, &request.files).await?;
+            request.files.clone()
+        }
+    };
+    let entry = catalog::find(&request.name);
+    let new = NewModelVersion {
+        name: request.name,
+        version: request.version,
+        description: request.description,
+        metadata: maas_store::repo::models::ModelMetadata {
+            format: String::new(),
+            architecture: String::new(),
+            parameters: 0,
+            context_length: 0,
+            dtype: String::new(),
+            quantization: String::new(),
+            tasks: Vec::new(),
+            config: serde_json::Value::Null,
+        },
+        files,
+    };
+    // Check names and paths before laying anything out.
+    maas_store::repo::models::validate(&new)?;
+    let dir = materialise(&stores.blobs, &stores.data_dir, &new.files).await.map_err(ApiError::internal)?;
+    let inspect_dir = match new.files.as_slice() {
+        [single] if single.path.to_ascii_lowercase().ends_with(".gguf") => dir.join(&single.path),
+        _ => dir.clone(),
+    };
+    let files = check_model(inspect_dir).await.map_err(|reason| ApiError::bad_request("not_a_model", reason))?;
+    let mut metadata = metadata_of(&files);
+    let mut description = new.description.clone();
+    if let Some(entry) = entry {
+        catalog::check(entry, &files).map_err(|reason| ApiError::bad_request("catalog_mismatch", reason))?;
+        if description.is_empty() {
+            description = entry.description();
+        }
+        metadata.tasks = entry.tasks.iter().map(|task| (*task).to_owned()).collect();
+    }
+    if let Some(tasks) = request.tasks {
+        metadata.tasks = tasks;
+    }
+    let record = stores.db.models().register_platform(NewModelVersion { metadata, description, ..new }).await?;
+    tracing::info!(model = %record.name, version = %record.version, bytes = record.total_bytes, "model version registered");
+    Ok(warp::reply::with_status(warp::reply::json(&record), http::StatusCode::CREATED).into_response())
+}
+
+/// Every listed file must be an uploaded blob of the listed size.
+async fn check_uploaded(stores: &Stores, files: &[ModelFile]) -> Result<(), ApiError> {
+    for file in files {
         let digest: Digest = file
             .sha256
             .parse()
@@ -182,33 +272,82 @@ pub async fn register_model(
             ));
         }
     }
-    let new = NewModelVersion {
-        name: request.name,
-        version: request.version,
-        description: request.description,
-        metadata: maas_store::repo::models::ModelMetadata {
-            format: String::new(),
-            architecture: String::new(),
-            parameters: 0,
-            context_length: 0,
-            dtype: String::new(),
-            quantization: String::new(),
-            tasks: Vec::new(),
-            config: serde_json::Value::Null,
-        },
-        files: request.files,
-    };
-    // Check names and paths before laying anything out.
-    maas_store::repo::models::validate(&new)?;
-    let dir = materialise(&stores.blobs, &stores.data_dir, &new.files).await.map_err(ApiError::internal)?;
-    let inspect_dir = match new.files.as_slice() {
-        [single] if single.path.to_ascii_lowercase().ends_with(".gguf") => dir.join(&single.path),
-        _ => dir.clone(),
-    };
-    let files = check_model(inspect_dir).await.map_err(|reason| ApiError::bad_request("not_a_model", reason))?;
-    let record = stores.db.models().register_platform(NewModelVersion { metadata: metadata_of(&files), ..new }).await?;
-    tracing::info!(model = %record.name, version = %record.version, bytes = record.total_bytes, "model version registered");
-    Ok(warp::reply::with_status(warp::reply::json(&record), http::StatusCode::CREATED).into_response())
+    Ok(())
+}
+
+/// Unpacks an uploaded archive into one blob per file, bounded by the upload limit and
+/// [`archive::MAX_ENTRIES`].
+async fn unpack_uploaded_archive(state: &AppState, stores: &Stores, sha256: &str) -> Result<Vec<ModelFile>, ApiError> {
+    let digest: Digest = sha256.parse().map_err(|_| {
+        ApiError::bad_request("invalid_input", "archive_sha256 is not a sha256 digest").with_param("archive_sha256")
+    })?;
+    if !stores.blobs.contains(&digest).await {
+        return Err(ApiError::bad_request(
+            "blob_missing",
+            format!("archive blob {sha256} was not uploaded (POST /v1/blobs)"),
+        )
+        .with_param("archive_sha256"));
+    }
+    let limits =
+        archive::ArchiveLimits { max_total_bytes: state.options.max_upload_bytes, max_entries: archive::MAX_ENTRIES };
+    unpack_archive(&stores.blobs, &digest, limits).await.map_err(|err| {
+        use archive::ArchiveError as E;
+        let message = err.to_string();
+        match err {
+            E::NotAnArchive | E::Empty => ApiError::bad_request("not_an_archive", message),
+            E::Corrupt(_) => ApiError::bad_request("archive_corrupt", message),
+            E::Refused { .. } => ApiError::bad_request("archive_entry_refused", message),
+            E::TooLarge { .. } | E::TooManyEntries { .. } => ApiError::new(
+                http::StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "archive_too_large",
+                message,
+            ),
+            E::Store { .. } | E::Io(_) => {
+                tracing::error!(error = %message, "unpacking an archive failed");
+                ApiError::internal("the node could not unpack the archive into its blob store; the request id in x-request-id finds the details in the log")
+            }
+        }
+    })
+}
+
+/// A catalogue entry and the versions of it in the repository.
+#[derive(Debug, Serialize)]
+pub struct CatalogModel {
+    #[serde(flatten)]
+    pub entry: &'static catalog::CatalogEntry,
+    pub description: String,
+    /// Versions registered under this catalogue name.
+    pub imported_versions: Vec<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CatalogList {
+    #[schema(value_type = Vec<Object>)]
+    pub models: Vec<CatalogModel>,
+}
+
+/// The built-in catalogue of well-known open models: each one's source, licence,
+/// identifying values, size, context, tasks, expected files, whether this build serves it,
+/// and which versions of it the repository holds. Import one by registering its files
+/// under its catalogue name.
+#[utoipa::path(get, path = "/v1/registry/catalog", tag = "models",
+    responses((status = 200, body = CatalogList), (status = 503, body = crate::error::ErrorBody)))]
+pub async fn list_catalog(state: &AppState) -> Result<Response, ApiError> {
+    let versions = stores(state)?.db.models().list_platform().await?;
+    let models = catalog::entries()
+        .iter()
+        .map(|entry| CatalogModel {
+            entry,
+            description: entry.description(),
+            imported_versions: versions
+                .iter()
+                .filter(|version| version.name.eq_ignore_ascii_case(entry.name))
+                .map(|version| version.version.clone())
+                .collect(),
+        })
+        .collect();
+    Ok(warp::reply::json(&CatalogList { models }).into_response())
 }
 
 #[derive(Debug, Serialize, ToSchema)]

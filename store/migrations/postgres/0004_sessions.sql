@@ -23,7 +23,7 @@ CREATE TABLE chat_session_messages (
     seq                BIGINT NOT NULL CHECK (seq >= 1),
     role               TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
     content            TEXT NOT NULL,
-    finish_reason      TEXT CHECK (finish_reason IN ('stop', 'length', 'cancelled', 'failed')),
+    finish_reason      TEXT CHECK (finish_reason IN ('stop', 'length', 'cancelled', 'failed', 'content_filter')),
     error              TEXT,
     prompt_tokens      BIGINT,
     completion_tokens  BIGINT,

@@ -169,21 +169,27 @@ fn version_from_row(row: VersionRow) -> Result<ModelVersionRecord> {
     })
 }
 
-/// Checks a new version's name, version and files; returns its total size.
-pub fn validate(new: &NewModelVersion) -> Result<u64> {
-    if !model_name_is_valid(&new.name) {
+/// Checks a new version's model name and version name (before its files are known, so a
+/// bad name fails before an archive is unpacked).
+pub fn validate_names(name: &str, version: Option<&str>) -> Result<()> {
+    if !model_name_is_valid(name) {
         return Err(StoreError::InvalidInput(format!(
-            "model name `{}` must be 1 to 128 letters, digits, `.`, `-`, `_` or `/`",
-            new.name
+            "model name `{name}` must be 1 to 128 letters, digits, `.`, `-`, `_` or `/`"
         )));
     }
-    if let Some(version) = &new.version
+    if let Some(version) = version
         && !version_is_valid(version)
     {
         return Err(StoreError::InvalidInput(format!(
             "version `{version}` must be 1 to 64 letters, digits, `.`, `-` or `_`, and not `latest`"
         )));
     }
+    Ok(())
+}
+
+/// Checks a new version's name, version and files; returns its total size.
+pub fn validate(new: &NewModelVersion) -> Result<u64> {
+    validate_names(&new.name, new.version.as_deref())?;
     if new.files.is_empty() {
         return Err(StoreError::InvalidInput("a model version needs at least one file".into()));
     }

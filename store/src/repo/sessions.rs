@@ -90,7 +90,7 @@ pub struct NewSessionMessage {
     pub completion_tokens: Option<i64>,
 }
 
-const FINISH_REASONS: [&str; 4] = ["stop", "length", "cancelled", "failed"];
+const FINISH_REASONS: [&str; 5] = ["stop", "length", "cancelled", "failed", "content_filter"];
 
 type SessionRow = (String, String, String, String, Option<String>, String, Option<String>, i64, i64);
 
