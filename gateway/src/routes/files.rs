@@ -132,7 +132,7 @@ pub async fn upload_file(
     let mut form = multer::Multipart::new(body, boundary);
     let form_error = |err: multer::Error| form_error_text(&err.to_string());
     let mut purpose: Option<String> = None;
-    let mut stored: Option<(String, maas_store::BlobInfo)> = None;
+    let mut uploaded: Option<(String, maas_store::BlobInfo)> = None;
     while let Some(mut field) = form.next_field().await.map_err(form_error)? {
         match field.name() {
             Some("purpose") => {
@@ -148,7 +148,7 @@ pub async fn upload_file(
                 purpose = Some(String::from_utf8_lossy(&text).trim().to_owned());
             }
             Some("file") => {
-                if stored.is_some() {
+                if uploaded.is_some() {
                     return Err(ApiError::bad_request("invalid_multipart", "send one `file` field").with_param("file"));
                 }
                 let filename = field.file_name().filter(|name| !name.is_empty()).unwrap_or("file").to_owned();
@@ -159,13 +159,13 @@ pub async fn upload_file(
                     // The form broke off (or grew past the upload limit, which the
                     // middleware then answers with a 413): the client's side.
                     maas_store::StoreError::Io { source, .. }
-                        if source.get_ref().is_some_and(|inner| inner.is::<multer::Error>()) =>
+                        if source.get_ref().and_then(|inner| inner.downcast_ref::<multer::Error>()).is_some() =>
                     {
                         form_error_text(&source.to_string())
                     }
                     other => other.into(),
                 })?;
-                stored = Some((filename, info));
+                uploaded = Some((filename, info));
             }
             // Fields OpenAI may add later (such as `expires_after`) are read past.
             _ => while field.chunk().await.map_err(form_error)?.is_some() {},
@@ -185,7 +185,7 @@ pub async fn upload_file(
         )
         .with_param("purpose"));
     }
-    let Some((filename, info)) = stored else {
+    let Some((filename, info)) = uploaded else {
         return Err(ApiError::bad_request("missing_file", "the form has no `file` field").with_param("file"));
     };
     if purpose == "batch" {
