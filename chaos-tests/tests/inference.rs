@@ -144,7 +144,18 @@ async fn a_deployed_model_answers_the_openai_api() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_python_package_works_unchanged() {
-    let (node, _dir) = serving_node().await;
+    let (node, dir) = serving_node().await;
+    let bert = dir.path().join("bert");
+    let made = Command::new(maas_binary()).args(["dev", "tiny-model", "--arch", "bert"]).arg(&bert).output().unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    cli(&node, &["model", "import", bert.to_str().unwrap(), "--name", "bert", "--quiet"]);
+    cli(&node, &["deploy", "bert", "--name", "embed", "--gpus", "0", "--cpu-fallback"]);
+    wait_until("the embedding model serves", Duration::from_secs(60), || async {
+        let models: Value = reqwest::get(format!("{}/v1/models", node.base_url)).await.unwrap().json().await.unwrap();
+        models["data"].as_array().is_some_and(|d| d.iter().any(|m| m["id"] == "embed"))
+    })
+    .await
+    .unwrap();
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_sdk.py");
     let base_url = node.base_url.clone();
     let output = tokio::task::spawn_blocking(move || {
@@ -152,6 +163,7 @@ async fn the_official_openai_python_package_works_unchanged() {
             .arg(script)
             .arg(base_url)
             .arg("chat")
+            .arg("embed")
             .output()
             .expect("python3 runs (.ci/run installs openai)")
     })

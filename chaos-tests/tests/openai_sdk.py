@@ -1,5 +1,6 @@
 """The official `openai` Python package against a running maas node: only base_url and
-the key change. Run by chaos-tests/tests/inference.rs with the node's URL and the model.
+the key change. Run by chaos-tests/tests/inference.rs with the node's URL, the chat model
+and (optionally) an embedding model.
 Prints `N passed, N failed` and exits non-zero on any failure."""
 
 import json
@@ -9,6 +10,7 @@ import time
 import openai
 
 base_url, model = sys.argv[1], sys.argv[2]
+embedding_model = sys.argv[3] if len(sys.argv) > 3 else None
 client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="not-needed-yet", max_retries=0)
 passed, failed = 0, 0
 
@@ -130,6 +132,33 @@ try:
     check("a deleted file is gone", False)
 except openai.NotFoundError as error:
     check("a deleted file is a 404", error.status_code == 404)
+
+# response_format: the tiny random model's answer is not JSON, which is a 422.
+try:
+    client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "answer in JSON"}],
+        max_tokens=4,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    check("an answer that is not JSON is an error", False)
+except openai.UnprocessableEntityError as error:
+    check("an answer that is not JSON is a 422 naming response_format", "response_format" in str(error), str(error))
+
+# Embeddings, when an embedding model is deployed: the SDK asks for base64 by default.
+if embedding_model:
+    embedded = client.embeddings.create(model=embedding_model, input=["hello world", "the model"])
+    vectors = [item.embedding for item in embedded.data]
+    check("embeddings.create embeds each input", len(vectors) == 2 and len(vectors[0]) == len(vectors[1]) > 0, embedded)
+    norm = sum(x * x for x in vectors[0]) ** 0.5
+    check("embeddings are unit length", abs(norm - 1.0) < 1e-3, norm)
+    check("embeddings report usage", embedded.usage.prompt_tokens > 0, embedded.usage)
+    as_floats = client.embeddings.create(model=embedding_model, input="hello world", encoding_format="float")
+    check(
+        "float and base64 encodings agree",
+        all(abs(a - b) < 1e-6 for a, b in zip(as_floats.data[0].embedding, vectors[0])),
+    )
 
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)
