@@ -26,8 +26,7 @@ fn tiny_model(arch: &str, out: &Path) {
 fn blob_count(node: &MaasProcess) -> usize {
     let root = node.data_dir.join("blobs/sha256");
     std::fs::read_dir(&root)
-        .map(|shards| shards.map(|shard| std::fs::read_dir(shard.unwrap().path()).unwrap().count()).sum())
-        .unwrap_or(0)
+        .map_or(0, |shards| shards.map(|shard| std::fs::read_dir(shard.unwrap().path()).unwrap().count()).sum())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -124,7 +124,7 @@ pub fn unpack<T>(
     match kind {
         ArchiveKind::Tar => walk_tar(BufReader::with_capacity(1 << 20, file), &mut state, &mut sink)?,
         ArchiveKind::TarGz => {
-            walk_tar(flate2::read::GzDecoder::new(BufReader::with_capacity(1 << 20, file)), &mut state, &mut sink)?
+            walk_tar(flate2::read::GzDecoder::new(BufReader::with_capacity(1 << 20, file)), &mut state, &mut sink)?;
         }
         ArchiveKind::Zip => walk_zip(file, &mut state, &mut sink)?,
     }
