@@ -26,8 +26,7 @@ fn tiny_model(arch: &str, out: &Path) {
 fn blob_count(node: &MaasProcess) -> usize {
     let root = node.data_dir.join("blobs/sha256");
     std::fs::read_dir(&root)
-        .map(|shards| shards.map(|shard| std::fs::read_dir(shard.unwrap().path()).unwrap().count()).sum())
-        .unwrap_or(0)
+        .map_or(0, |shards| shards.map(|shard| std::fs::read_dir(shard.unwrap().path()).unwrap().count()).sum())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,7 +97,14 @@ async fn archives_and_catalogue_names_import_through_the_cli() {
     let output = maas(&node, &["model", "import", zip_path.to_str().unwrap(), "--name", "tiny", "--quiet"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 
-    let listed: Value = serde_json::from_slice(&maas(&node, &["model", "list", "--json"]).stdout).unwrap();
+    let listed: Value = serde_json::from_slice(
+        &Command::new(maas_binary())
+            .args(["model", "list", "--json", "--server", &node.base_url])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
     let names: Vec<&str> = listed["versions"].as_array().unwrap().iter().filter_map(|v| v["name"].as_str()).collect();
     assert_eq!(names, ["qwen2.5-0.5b-instruct", "tiny"]);
     let catalog: Value =

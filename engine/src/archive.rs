@@ -28,11 +28,12 @@ impl ArchiveKind {
     /// The kind a file name's ending says (`.tar`, `.tar.gz`, `.tgz`, `.zip`), if any.
     pub fn from_file_name(name: &str) -> Option<Self> {
         let name = name.to_ascii_lowercase();
-        if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
+        let ends_with = |suffix: &str| name.ends_with(suffix);
+        if ends_with(".tar.gz") || ends_with(".tgz") {
             Some(ArchiveKind::TarGz)
-        } else if name.ends_with(".tar") {
+        } else if ends_with(".tar") {
             Some(ArchiveKind::Tar)
-        } else if name.ends_with(".zip") {
+        } else if ends_with(".zip") {
             Some(ArchiveKind::Zip)
         } else {
             None
@@ -123,7 +124,7 @@ pub fn unpack<T>(
     match kind {
         ArchiveKind::Tar => walk_tar(BufReader::with_capacity(1 << 20, file), &mut state, &mut sink)?,
         ArchiveKind::TarGz => {
-            walk_tar(flate2::read::GzDecoder::new(BufReader::with_capacity(1 << 20, file)), &mut state, &mut sink)?
+            walk_tar(flate2::read::GzDecoder::new(BufReader::with_capacity(1 << 20, file)), &mut state, &mut sink)?;
         }
         ArchiveKind::Zip => walk_zip(file, &mut state, &mut sink)?,
     }

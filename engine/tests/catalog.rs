@@ -70,7 +70,7 @@ fn every_entry_is_well_formed_and_unique() {
         match entry.format {
             ModelFormat::Gguf => {
                 let file = entry.source_file.expect("a GGUF entry names its file");
-                assert!(file.ends_with(".gguf"), "{name}: {file}");
+                assert!(file_matches("*.gguf", file), "{name}: {file}");
                 assert!(entry.quantization.is_some(), "{name}: a GGUF entry names its quantisation");
                 assert_eq!(entry.expected_files, ["*.gguf"], "{name}");
                 assert_eq!(d.vocab_size, None, "{name}: GGUF has no comparable vocab_size");

@@ -186,27 +186,8 @@ impl BlobStore {
     /// Like [`BlobStore::put`], for a blocking thread (an archive being unpacked): the same
     /// write to `tmp/`, fsync and rename into place, with std's synchronous file calls.
     pub fn put_blocking(&self, reader: &mut dyn std::io::Read) -> Result<BlobInfo> {
-        use std::io::Write as _;
         let tmp_path = self.tmp_dir().join(format!("{}.part", uuid::Uuid::new_v4().simple()));
-        let written = (|| {
-            let mut file = std::fs::File::create(&tmp_path).map_err(|e| StoreError::io(&tmp_path, e))?;
-            let mut hasher = Sha256::new();
-            let mut size_bytes = 0u64;
-            let mut buf = vec![0u8; CHUNK_BYTES];
-            loop {
-                let n = match reader.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(err) => return Err(StoreError::io(&tmp_path, err)),
-                };
-                size_bytes += n as u64;
-                hasher.update(&buf[..n]);
-                file.write_all(&buf[..n]).map_err(|e| StoreError::io(&tmp_path, e))?;
-            }
-            file.sync_all().map_err(|e| StoreError::io(&tmp_path, e))?;
-            Ok(BlobInfo { digest: Digest(hasher.finalize().into()), size_bytes })
-        })();
+        let written = write_blocking(reader, &tmp_path);
         let info = match written {
             Ok(info) => info,
             Err(err) => {
@@ -297,6 +278,28 @@ fn corrupt_or_io(err: io::Error, path: &Path) -> StoreError {
         Some(corrupt) => StoreError::BlobCorrupt { digest: corrupt.expected.clone(), actual: corrupt.actual.clone() },
         None => StoreError::io(path, err),
     }
+}
+
+/// Writes `reader` to `tmp_path`, hashing it, and fsyncs the file.
+fn write_blocking(reader: &mut dyn std::io::Read, tmp_path: &Path) -> Result<BlobInfo> {
+    use std::io::Write as _;
+    let mut file = std::fs::File::create(tmp_path).map_err(|e| StoreError::io(tmp_path, e))?;
+    let mut hasher = Sha256::new();
+    let mut size_bytes = 0u64;
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(StoreError::io(tmp_path, err)),
+        };
+        size_bytes += n as u64;
+        hasher.update(&buf[..n]);
+        file.write_all(&buf[..n]).map_err(|e| StoreError::io(tmp_path, e))?;
+    }
+    file.sync_all().map_err(|e| StoreError::io(tmp_path, e))?;
+    Ok(BlobInfo { digest: Digest(hasher.finalize().into()), size_bytes })
 }
 
 async fn sync_dir(dir: &Path) -> Result<()> {
