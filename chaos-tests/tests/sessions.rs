@@ -181,6 +181,8 @@ async fn expect_error(socket: &mut Socket, code: &str) -> Value {
     frame
 }
 
+// One story told in order: each step builds on the conversation the previous ones left.
+#[allow(clippy::too_many_lines)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_keeps_its_conversation_across_turns_reconnects_and_restarts() {
     let dir = tempfile::tempdir().unwrap();

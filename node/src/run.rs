@@ -95,15 +95,7 @@ pub async fn run_node(mut config: Config, quick_start: bool) -> Result<ExitCode>
             state.readiness.set("cluster", Check::Failed(format!("{err:#}")));
         })?;
         let agent = start_agent(&config, &cluster, &state, &db, &stores_blobs).await?;
-        let sessions = maas_actors::session::Sessions::start(
-            db.clone(),
-            maas_actors::session::SessionConfig::new(
-                config.node.id,
-                Duration::from_secs(config.gateway.session_idle_secs),
-            ),
-        )
-        .await?;
-        let _ = state.sessions.set(sessions.clone());
+        let sessions = start_sessions(&config, &state, &db).await?;
         anyhow::Ok((db, cluster, agent, sessions))
     }
     .await;
@@ -399,6 +391,16 @@ fn check_node_identity(data_dir: &Path, node_id: u64) -> Result<()> {
         }
         Err(err) => Err(err).with_context(|| format!("cannot read {}", path.display())),
     }
+}
+
+/// Starts the supervisor of this node's chat sessions (their actors hold conversations;
+/// the gateway drives them).
+async fn start_sessions(config: &Config, state: &AppState, db: &Db) -> Result<maas_actors::session::Sessions> {
+    let idle_timeout = Duration::from_secs(config.gateway.session_idle_secs);
+    let session_config = maas_actors::session::SessionConfig::new(config.node.id, idle_timeout);
+    let sessions = maas_actors::session::Sessions::start(db.clone(), session_config).await?;
+    let _ = state.sessions.set(sessions.clone());
+    Ok(sessions)
 }
 
 /// Starts the node agent, which runs this node's GPU and replica actors.
