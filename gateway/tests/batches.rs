@@ -38,7 +38,10 @@ async fn start() -> Setup {
     )
     .unwrap();
     control.campaign();
-    let state = Arc::new(AppState::new("test-node", GatewayOptions { max_body_bytes: 16 * 1024, debug_routes: false, ..GatewayOptions::default() }));
+    let state = Arc::new(AppState::new(
+        "test-node",
+        GatewayOptions { max_body_bytes: 16 * 1024, debug_routes: false, ..GatewayOptions::default() },
+    ));
     let db =
         maas_store::Db::connect(&maas_store::DbOptions::new(maas_store::db::sqlite_url_in(dir.path()))).await.unwrap();
     db.migrate().await.unwrap();
