@@ -169,3 +169,31 @@ where
 pub async fn refuses_connections(addr: &str) -> bool {
     tokio::net::TcpStream::connect(addr).await.is_err()
 }
+
+/// The configuration of a node with one simulated 80 GiB GPU, loopback ports chosen by the
+/// system, and `cookie`; `extra` is appended to the `[cluster]` section.
+pub fn one_gpu_node_config(cookie: &str, extra_cluster: &str) -> String {
+    format!(
+        "[node]\n[[node.simulated_gpus]]\nmodel = \"H100\"\nmemory_mib = 81920\ncount = 1\n\
+         [listen]\napi = \"127.0.0.1:0\"\ncluster = \"127.0.0.1:0\"\n[cluster]\ncookie = \"{cookie}\"\n{extra_cluster}"
+    )
+}
+
+/// Runs a `maas` admin command against the node at `base_url` with `cookie`; it must
+/// succeed.
+pub fn run_cli(base_url: &str, cookie: &str, args: &[&str]) {
+    let output = Command::new(maas_binary())
+        .args(args)
+        .args(["--cookie", cookie, "--server", base_url])
+        .output()
+        .expect("the maas binary runs");
+    assert!(output.status.success(), "maas {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// Writes a tiny random-weight model of `arch` (`llama`, `qwen2`, `bert`, `llama-gguf`) to
+/// `out` with `maas dev tiny-model`.
+pub fn tiny_model(arch: &str, out: &Path) {
+    let made =
+        Command::new(maas_binary()).args(["dev", "tiny-model", "--arch", arch]).arg(out).output().expect("maas runs");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+}

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use maas_chaos_tests::{MaasProcess, maas_binary, wait_until};
+use maas_chaos_tests::{MaasProcess, maas_binary, one_gpu_node_config, run_cli, tiny_model, wait_until};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
@@ -17,10 +17,7 @@ const COOKIE: &str = "batches-test-cookie";
 const LINES: usize = 24;
 
 fn config() -> String {
-    format!(
-        "[node]\n[[node.simulated_gpus]]\nmodel = \"H100\"\nmemory_mib = 81920\ncount = 1\n\
-         [listen]\napi = \"127.0.0.1:0\"\ncluster = \"127.0.0.1:0\"\n[cluster]\ncookie = \"{COOKIE}\"\nraft_tick_ms = 20\n"
-    )
+    one_gpu_node_config(COOKIE, "raft_tick_ms = 20\n")
 }
 
 /// Starts `maas node start` on `dir`'s configuration and data directory.
@@ -31,9 +28,7 @@ fn start(dir: &Path) -> MaasProcess {
 }
 
 fn cli(node: &MaasProcess, args: &[&str]) {
-    let output =
-        Command::new(maas_binary()).args(args).args(["--cookie", COOKIE, "--server", &node.base_url]).output().unwrap();
-    assert!(output.status.success(), "maas {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    run_cli(&node.base_url, COOKIE, args);
 }
 
 async fn get(node: &MaasProcess, path: &str) -> Value {
@@ -53,8 +48,7 @@ async fn a_batch_survives_a_killed_node_and_answers_every_line_once() {
     let mut node = start(dir.path());
     node.wait_ready(Duration::from_secs(30)).await.unwrap();
     let model = dir.path().join("tiny");
-    let made = Command::new(maas_binary()).args(["dev", "tiny-model"]).arg(&model).output().unwrap();
-    assert!(made.status.success());
+    tiny_model("llama", &model);
     cli(&node, &["model", "import", model.to_str().unwrap(), "--name", "tiny", "--quiet"]);
     cli(&node, &["deploy", "tiny", "--name", "chat", "--context", "256", "--sequences", "4"]);
     wait_until("the deployment serves", Duration::from_secs(60), || async {

@@ -6,29 +6,22 @@
 use std::process::Command;
 use std::time::Duration;
 
-use maas_chaos_tests::{MaasProcess, maas_binary, wait_until};
+use maas_chaos_tests::{MaasProcess, one_gpu_node_config, run_cli, tiny_model, wait_until};
 use serde_json::{Value, json};
 
 const COOKIE: &str = "inference-test-cookie";
 
 /// Runs a `maas` admin command against `node`; it must succeed.
 fn cli(node: &MaasProcess, args: &[&str]) {
-    let output =
-        Command::new(maas_binary()).args(args).args(["--cookie", COOKIE, "--server", &node.base_url]).output().unwrap();
-    assert!(output.status.success(), "maas {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    run_cli(&node.base_url, COOKIE, args);
 }
 
 async fn serving_node() -> (MaasProcess, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let node = MaasProcess::start_with_config(&format!(
-        "[node]\n[[node.simulated_gpus]]\nmodel = \"H100\"\nmemory_mib = 81920\ncount = 1\n\
-         [listen]\napi = \"127.0.0.1:0\"\ncluster = \"127.0.0.1:0\"\n[cluster]\ncookie = \"{COOKIE}\"\n"
-    ))
-    .unwrap();
+    let node = MaasProcess::start_with_config(&one_gpu_node_config(COOKIE, "")).unwrap();
     node.wait_ready(Duration::from_secs(30)).await.unwrap();
     let model = dir.path().join("tiny");
-    let made = Command::new(maas_binary()).args(["dev", "tiny-model"]).arg(&model).output().unwrap();
-    assert!(made.status.success());
+    tiny_model("llama", &model);
     cli(&node, &["model", "import", model.to_str().unwrap(), "--name", "tiny", "--quiet"]);
     cli(&node, &["deploy", "tiny", "--name", "chat", "--context", "256", "--sequences", "4"]);
     wait_until("the deployment serves", Duration::from_secs(60), || async {
@@ -146,8 +139,7 @@ async fn a_deployed_model_answers_the_openai_api() {
 async fn the_official_openai_python_package_works_unchanged() {
     let (node, dir) = serving_node().await;
     let bert = dir.path().join("bert");
-    let made = Command::new(maas_binary()).args(["dev", "tiny-model", "--arch", "bert"]).arg(&bert).output().unwrap();
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    tiny_model("bert", &bert);
     cli(&node, &["model", "import", bert.to_str().unwrap(), "--name", "bert", "--quiet"]);
     cli(&node, &["deploy", "bert", "--name", "embed", "--gpus", "0", "--cpu-fallback"]);
     wait_until("the embedding model serves", Duration::from_secs(60), || async {
@@ -181,8 +173,7 @@ async fn a_bert_model_embeds_and_a_quantised_gguf_model_chats() {
     let (node, dir) = serving_node().await;
     for (arch, name) in [("bert", "bert"), ("llama-gguf", "gguf")] {
         let out = dir.path().join(name);
-        let made = Command::new(maas_binary()).args(["dev", "tiny-model", "--arch", arch]).arg(&out).output().unwrap();
-        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        tiny_model(arch, &out);
         let path = if name == "gguf" { out.join("tiny-llama-q8_0.gguf") } else { out };
         cli(&node, &["model", "import", path.to_str().unwrap(), "--name", name, "--quiet"]);
     }
@@ -240,7 +231,7 @@ async fn post_with_headers(node: &MaasProcess, path: &str, body: &Value) -> (u16
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deterministic_answers_are_cached_and_formats_and_safety_rules_are_enforced() {
+async fn deterministic_answers_are_cached_and_formats_are_enforced() {
     let (node, _dir) = serving_node().await;
 
     // The response cache: a greedy request is answered by the model once, then from the
@@ -288,8 +279,16 @@ async fn deterministic_answers_are_cached_and_formats_and_safety_rules_are_enfor
     let (_, chunks, done) = stream_events(&node, "/v1/chat/completions", &json_object).await;
     assert!(done);
     assert_eq!(chunks.last().unwrap()["error"]["code"], "response_format_failed", "{chunks:?}");
+}
 
-    // Safety rules: an input keyword refuses the request with the rule's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn safety_rules_refuse_requests_and_cut_answers() {
+    let (node, _dir) = serving_node().await;
+    let greedy = json!({"model": "chat", "messages": [{"role": "user", "content": "cache me"}], "max_tokens": 8, "temperature": 0});
+    let (status, first) = post(&node, "/v1/chat/completions", &greedy).await;
+    assert_eq!(status, 200, "{first}");
+
+    // An input keyword refuses the request with the rule's reason.
     let (status, rule) = post(
         &node,
         "/v1/safety/rules",

@@ -4,22 +4,16 @@
 //! catalogue name fail before anything is uploaded; a .zip of a tiny model imports and its
 //! deployment answers a chat completion.
 
-use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use maas_chaos_tests::{MaasProcess, maas_binary, wait_until};
+use maas_chaos_tests::{MaasProcess, maas_binary, one_gpu_node_config, tiny_model, wait_until};
 use serde_json::{Value, json};
 
 const COOKIE: &str = "model-import-test-cookie";
 
 fn maas(node: &MaasProcess, args: &[&str]) -> Output {
     Command::new(maas_binary()).args(args).args(["--cookie", COOKIE, "--server", &node.base_url]).output().unwrap()
-}
-
-fn tiny_model(arch: &str, out: &Path) {
-    let made = Command::new(maas_binary()).args(["dev", "tiny-model", "--arch", arch]).arg(out).output().unwrap();
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
 }
 
 /// Files in the node's blob store.
@@ -32,11 +26,7 @@ fn blob_count(node: &MaasProcess) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archives_and_catalogue_names_import_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
-    let node = MaasProcess::start_with_config(&format!(
-        "[node]\n[[node.simulated_gpus]]\nmodel = \"H100\"\nmemory_mib = 81920\ncount = 1\n\
-         [listen]\napi = \"127.0.0.1:0\"\ncluster = \"127.0.0.1:0\"\n[cluster]\ncookie = \"{COOKIE}\"\n"
-    ))
-    .unwrap();
+    let node = MaasProcess::start_with_config(&one_gpu_node_config(COOKIE, "")).unwrap();
     node.wait_ready(Duration::from_secs(30)).await.unwrap();
 
     // A tiny Qwen2 whose config.json has Qwen2.5-0.5B-Instruct's identifying values, packed

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
-use maas_chaos_tests::{MaasProcess, maas_binary, wait_until};
+use maas_chaos_tests::{MaasProcess, maas_binary, one_gpu_node_config, run_cli, tiny_model, wait_until};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -32,14 +32,7 @@ impl Node {
     fn start(dir: &Path) -> Node {
         let config_path = dir.join("cluster.toml");
         let data_dir = dir.join("data");
-        std::fs::write(
-            &config_path,
-            format!(
-                "[node]\n[[node.simulated_gpus]]\nmodel = \"H100\"\nmemory_mib = 81920\ncount = 1\n\
-                 [listen]\napi = \"127.0.0.1:0\"\ncluster = \"127.0.0.1:0\"\n[cluster]\ncookie = \"{COOKIE}\"\n"
-            ),
-        )
-        .unwrap();
+        std::fs::write(&config_path, one_gpu_node_config(COOKIE, "")).unwrap();
         let process = Self::spawn(&config_path, &data_dir);
         Node { config_path, data_dir, process }
     }
@@ -66,12 +59,7 @@ impl Node {
     }
 
     fn cli(&self, args: &[&str]) {
-        let output = Command::new(maas_binary())
-            .args(args)
-            .args(["--cookie", COOKIE, "--server", &self.process.base_url])
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "maas {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        run_cli(&self.process.base_url, COOKIE, args);
     }
 
     /// Waits until the deployment is listed and this node's replica of it is loaded (after
@@ -189,8 +177,7 @@ async fn a_session_keeps_its_conversation_across_turns_reconnects_and_restarts()
     let mut node = Node::start(dir.path());
     node.process.wait_ready(Duration::from_secs(30)).await.unwrap();
     let model = dir.path().join("tiny");
-    let made = Command::new(maas_binary()).args(["dev", "tiny-model"]).arg(&model).output().unwrap();
-    assert!(made.status.success());
+    tiny_model("llama", &model);
     node.cli(&["model", "import", model.to_str().unwrap(), "--name", "tiny", "--quiet"]);
     node.cli(&["deploy", "tiny", "--name", "chat", "--context", "2048", "--sequences", "4"]);
     node.wait_serving().await;

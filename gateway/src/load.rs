@@ -55,13 +55,13 @@ pub fn local_loads(state: &AppState) -> HashMap<String, ReplicaLoad> {
         .into_iter()
         .filter_map(|(replica_id, model)| match model {
             ServingModel::Generator(engine) => {
-                let stats = engine.stats();
+                let figures = engine.stats();
                 Some((
                     replica_id,
                     ReplicaLoad {
-                        queue_depth: stats.queue_depth,
-                        active_sequences: stats.active_sequences,
-                        tokens_per_second: stats.tokens_per_second,
+                        queue_depth: figures.queue_depth,
+                        active_sequences: figures.active_sequences,
+                        tokens_per_second: figures.tokens_per_second,
                     },
                 ))
             }
@@ -76,8 +76,8 @@ pub fn score(state: &AppState, replica_id: &str, local: bool, in_flight: usize) 
     let reported = if local {
         match state.serving.get().and_then(|serving| serving.get(replica_id)) {
             Some(ServingModel::Generator(engine)) => {
-                let stats = engine.stats();
-                Some(stats.queue_depth + stats.active_sequences)
+                let figures = engine.stats();
+                Some(figures.queue_depth + figures.active_sequences)
             }
             _ => None,
         }

@@ -132,12 +132,11 @@ impl ResponseCache {
             command.arg(format!("maas:rc:{key}"));
             return match tokio::time::timeout(REDIS_TIMEOUT, command.query_async::<Option<Vec<u8>>>(&mut redis)).await {
                 Ok(Ok(Some(bytes))) => serde_json::from_slice(&bytes).ok(),
-                Ok(Ok(None)) => None,
                 Ok(Err(err)) => {
                     tracing::warn!(%err, "response cache: redis GET failed");
                     None
                 }
-                Err(_) => None,
+                Ok(Ok(None)) | Err(_) => None,
             };
         }
         self.local.lock().expect("response cache lock").get(key, self.options.ttl)

@@ -30,7 +30,7 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub auth: AuthConfig,
     pub quota: QuotaConfig,
-    pub inference: InferenceConfig,
+    pub response_cache: ResponseCacheConfig,
     pub safety: SafetyConfig,
     pub log: LogConfig,
 }
@@ -224,24 +224,24 @@ pub enum LogFormat {
     Json,
 }
 
-/// How the inference API answers.
+/// The response cache of the inference API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct InferenceConfig {
+pub struct ResponseCacheConfig {
     /// Keep answers of deterministic requests (temperature 0 or a fixed seed) and serve
     /// them again without running the model.
-    pub response_cache: bool,
+    pub enabled: bool,
     /// Answers kept in this process when no Redis is configured.
     #[serde(deserialize_with = "non_negative")]
-    pub response_cache_entries: u64,
+    pub max_entries: u64,
     /// How long a kept answer is served, in seconds.
     #[serde(deserialize_with = "non_negative")]
-    pub response_cache_ttl_secs: u64,
+    pub ttl_secs: u64,
 }
 
-impl Default for InferenceConfig {
+impl Default for ResponseCacheConfig {
     fn default() -> Self {
-        InferenceConfig { response_cache: true, response_cache_entries: 10_000, response_cache_ttl_secs: 3600 }
+        ResponseCacheConfig { enabled: true, max_entries: 10_000, ttl_secs: 3600 }
     }
 }
 
@@ -457,16 +457,7 @@ impl Config {
             return bad("database.max_connections", "must be 1 or more".into());
         }
         check_url("redis.url", &self.redis.url, &["redis://", "rediss://", "unix://"])?;
-        for (i, rule) in self.safety.rules.iter().enumerate() {
-            maas_gateway::safety::check_pattern(rule.kind, &rule.pattern)
-                .or_else(|why| bad(&format!("safety.rules[{i}].pattern"), why))?;
-        }
-        if self.inference.response_cache_ttl_secs == 0 {
-            return bad(
-                "inference.response_cache_ttl_secs",
-                "must be 1 or more (turn the cache off with inference.response_cache = false)".into(),
-            );
-        }
+        self.validate_inference()?;
         check_url("milvus.url", &self.milvus.url, &["http://", "https://"])?;
         if self.tls.cert_path.is_empty() != self.tls.key_path.is_empty() {
             return bad("tls", "set both tls.cert_path and tls.key_path, or neither".into());
@@ -508,6 +499,23 @@ impl Config {
     }
 
     /// The `[cluster]` rules: raft timing and failure detection that fit each other.
+    /// The inference API's safety rules and response cache.
+    fn validate_inference(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: String| Err(ConfigError(format!("`{key}`: {why}")));
+        for (i, rule) in self.safety.rules.iter().enumerate() {
+            if let Err(why) = maas_gateway::safety::check_pattern(rule.kind, &rule.pattern) {
+                return bad(&format!("safety.rules[{i}].pattern"), why);
+            }
+        }
+        if self.response_cache.ttl_secs == 0 {
+            return bad(
+                "response_cache.ttl_secs",
+                "must be 1 or more (turn the cache off with response_cache.enabled = false)".into(),
+            );
+        }
+        Ok(())
+    }
+
     fn validate_cluster(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, why: String| Err(ConfigError(format!("`{key}`: {why}")));
         if self.cluster.cookie.len() < 8 || self.cluster.cookie.chars().any(char::is_whitespace) {

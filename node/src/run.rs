@@ -37,21 +37,7 @@ pub async fn run_node(mut config: Config, quick_start: bool) -> Result<ExitCode>
     let listener = TcpListener::bind(config.listen.api)
         .await
         .with_context(|| format!("cannot listen on {} (listen.api)", config.listen.api))?;
-    let state = Arc::new(AppState::new(
-        config.node.name.clone(),
-        GatewayOptions {
-            max_body_bytes: config.gateway.max_body_bytes,
-            debug_routes: config.gateway.debug_routes,
-            safety_rules: config.safety.rules.clone(),
-            response_cache: maas_gateway::response_cache::ResponseCacheOptions {
-                enabled: config.inference.response_cache,
-                max_entries: usize::try_from(config.inference.response_cache_entries).unwrap_or(usize::MAX),
-                ttl: Duration::from_secs(config.inference.response_cache_ttl_secs),
-                redis_url: config.redis.url.clone(),
-            },
-            max_upload_bytes: config.gateway.max_upload_bytes,
-        },
-    ));
+    let state = Arc::new(AppState::new(config.node.name.clone(), gateway_options(&config)));
     state.readiness.set("store", Check::Pending("migrating the database".into()));
     state.readiness.set("cluster", Check::Pending("starting the control plane".into()));
     let tls = if config.tls.cert_path.is_empty() {
@@ -629,4 +615,20 @@ async fn import_and_deploy_tiny(
     }
     tracing::info!("quick start: a tiny random-weight model is deployed as `tiny-llama` (its output is noise)");
     Ok(())
+}
+
+/// The gateway's options from the node's configuration.
+fn gateway_options(config: &Config) -> GatewayOptions {
+    GatewayOptions {
+        max_body_bytes: config.gateway.max_body_bytes,
+        debug_routes: config.gateway.debug_routes,
+        safety_rules: config.safety.rules.clone(),
+        response_cache: maas_gateway::response_cache::ResponseCacheOptions {
+            enabled: config.response_cache.enabled,
+            max_entries: usize::try_from(config.response_cache.max_entries).unwrap_or(usize::MAX),
+            ttl: Duration::from_secs(config.response_cache.ttl_secs),
+            redis_url: config.redis.url.clone(),
+        },
+        max_upload_bytes: config.gateway.max_upload_bytes,
+    }
 }

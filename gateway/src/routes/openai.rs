@@ -1077,6 +1077,30 @@ fn replay(answer: CachedAnswer) -> mpsc::Receiver<GenerationEvent> {
     receiver
 }
 
+/// The state of one SSE answer.
+struct Stream {
+    state: Arc<AppState>,
+    /// The replica generating, counted in its load until the stream ends.
+    replica: Option<String>,
+    events: mpsc::Receiver<GenerationEvent>,
+    started: bool,
+    pending: std::collections::VecDeque<String>,
+    finished: bool,
+    expected: Option<Expected>,
+    cache_key: Option<String>,
+    /// The answer so far, kept when it is to be checked or cached.
+    text: String,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // The request's place in the replica's load ends with its stream.
+        if let Some(replica) = &self.replica {
+            self.state.in_flight.leave(replica);
+        }
+    }
+}
+
 /// Streams a generation as server-sent events: the endpoint's chunks, then `[DONE]`. The
 /// client going away drops the stream, and with it the generation's receiver, which
 /// cancels the sequence. An answer that fails `response_format` ends with that error
@@ -1088,27 +1112,6 @@ fn sse(
     include_usage: bool,
     shape: impl Fn(Part) -> Option<Value> + Send + Sync + 'static,
 ) -> Response {
-    struct Stream {
-        state: Arc<AppState>,
-        /// The replica generating, counted in its load until the stream ends.
-        replica: Option<String>,
-        events: mpsc::Receiver<GenerationEvent>,
-        started: bool,
-        pending: std::collections::VecDeque<String>,
-        finished: bool,
-        expected: Option<Expected>,
-        cache_key: Option<String>,
-        /// The answer so far, kept when it is to be checked or cached.
-        text: String,
-    }
-    impl Drop for Stream {
-        fn drop(&mut self) {
-            // The request's place in the replica's load ends with its stream.
-            if let Some(replica) = &self.replica {
-                self.state.in_flight.leave(replica);
-            }
-        }
-    }
     let (events, replica, cache_key, hit) = match source {
         Source::Cached(answer) => (replay(answer), None, None, true),
         Source::Live { events, replica, cache_key } => {
