@@ -6,8 +6,9 @@
 //!
 //! Entries live in Redis (`redis.url`, shared by every node, expiring after the TTL) when
 //! configured, otherwise in this process (least recently used evicted past
-//! `max_entries`). The cache is an optimisation: a Redis that is down or slow is logged
-//! and skipped, never a failed request.
+//! `max_entries`). The cache is an optimisation, never a failed request: a Redis that
+//! cannot be reached when the cache is first used leaves it in this process (logged), and
+//! a command that fails or takes over 200 ms is skipped.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
