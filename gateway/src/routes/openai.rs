@@ -579,7 +579,8 @@ pub struct ChatMessageIn {
     pub name: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// `stop` as OpenAI takes it: one sequence or a list.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Stop {
     One(String),

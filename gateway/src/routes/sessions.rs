@@ -104,14 +104,6 @@ fn db(state: &AppState) -> Result<&maas_store::Db, ApiError> {
     Ok(&state.stores.get().ok_or_else(|| ApiError::unavailable("the store is starting; retry shortly"))?.db)
 }
 
-/// `stop` as OpenAI takes it: one sequence or a list.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(untagged)]
-pub enum StopField {
-    One(String),
-    Many(Vec<String>),
-}
-
 /// A session's sampling settings: OpenAI's fields, stored as given and applied to every
 /// turn (a turn may override `max_tokens`, `temperature`, `top_p` and `seed`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
@@ -134,7 +126,7 @@ pub struct SessionSampling {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub stop: Option<StopField>,
+    pub stop: Option<super::openai::Stop>,
 }
 
 impl SessionSampling {
@@ -177,7 +169,7 @@ pub struct CreateSessionRequest {
     #[serde(default)]
     pub seed: Option<u64>,
     #[serde(default)]
-    pub stop: Option<StopField>,
+    pub stop: Option<super::openai::Stop>,
 }
 
 /// A session as the API shows it.
