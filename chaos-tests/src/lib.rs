@@ -197,3 +197,22 @@ pub fn tiny_model(arch: &str, out: &Path) {
         Command::new(maas_binary()).args(["dev", "tiny-model", "--arch", arch]).arg(out).output().expect("maas runs");
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
 }
+
+/// The cookie of a node started with `maas up` (cluster.cookie's default).
+pub const DEFAULT_COOKIE: &str = "maas-dev-cookie";
+
+/// A client that presents the cluster cookie on every request: the tests act as the
+/// node's built-in administrator, as the admin CLI does.
+pub fn admin_client(cookie: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        "x-maas-cluster-cookie",
+        reqwest::header::HeaderValue::from_str(cookie).expect("a cookie is a header value"),
+    );
+    reqwest::Client::builder().default_headers(headers).build().expect("a reqwest client")
+}
+
+/// `GET url` with the cluster cookie.
+pub async fn admin_get(cookie: &str, url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::Response> {
+    admin_client(cookie).get(url).send().await
+}

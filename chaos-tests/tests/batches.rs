@@ -32,12 +32,12 @@ fn cli(node: &MaasProcess, args: &[&str]) {
 }
 
 async fn get(node: &MaasProcess, path: &str) -> Value {
-    reqwest::get(format!("{}{path}", node.base_url)).await.unwrap().json().await.unwrap()
+    maas_chaos_tests::admin_get(COOKIE, format!("{}{path}", node.base_url)).await.unwrap().json().await.unwrap()
 }
 
 /// The batch, or `None` while the node does not answer.
 async fn batch(node: &MaasProcess, id: &str) -> Option<Value> {
-    let response = reqwest::get(format!("{}/v1/batches/{id}", node.base_url)).await.ok()?;
+    let response = maas_chaos_tests::admin_get(COOKIE, format!("{}/v1/batches/{id}", node.base_url)).await.ok()?;
     response.json().await.ok()
 }
 
@@ -74,7 +74,7 @@ async fn a_batch_survives_a_killed_node_and_answers_every_line_once() {
          content-type: application/jsonl\r\n\r\n{}\r\n--{boundary}--\r\n",
         lines.join("\n")
     );
-    let response = reqwest::Client::new()
+    let response = maas_chaos_tests::admin_client(COOKIE)
         .post(format!("{}/v1/files", node.base_url))
         .header("content-type", format!("multipart/form-data; boundary={boundary}"))
         .body(form)
@@ -83,7 +83,7 @@ async fn a_batch_survives_a_killed_node_and_answers_every_line_once() {
         .unwrap();
     assert_eq!(response.status(), 200);
     let file: Value = response.json().await.unwrap();
-    let response = reqwest::Client::new()
+    let response = maas_chaos_tests::admin_client(COOKIE)
         .post(format!("{}/v1/batches", node.base_url))
         .json(&json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
         .send()
@@ -124,7 +124,8 @@ async fn a_batch_survives_a_killed_node_and_answers_every_line_once() {
     assert!(done["in_progress_at"].is_i64() && done["completed_at"].is_i64(), "{done}");
 
     let output_id = done["output_file_id"].as_str().unwrap();
-    let output = reqwest::get(format!("{}/v1/files/{output_id}/content", node.base_url)).await.unwrap();
+    let output =
+        maas_chaos_tests::admin_get(COOKIE, format!("{}/v1/files/{output_id}/content", node.base_url)).await.unwrap();
     assert_eq!(output.status(), 200);
     let output = output.text().await.unwrap();
     let mut answers: BTreeMap<String, usize> = BTreeMap::new();

@@ -158,12 +158,12 @@ impl Cluster {
 }
 
 async fn get(url: &str) -> Result<Value, reqwest::Error> {
-    reqwest::Client::new().get(url).timeout(Duration::from_secs(2)).send().await?.json().await
+    maas_chaos_tests::admin_client(COOKIE).get(url).timeout(Duration::from_secs(2)).send().await?.json().await
 }
 
 /// Sets one label on node 1 through any live member; true once acknowledged.
 async fn write_label(urls: &[String], key: &str) -> bool {
-    let client = reqwest::Client::new();
+    let client = maas_chaos_tests::admin_client(COOKIE);
     for url in urls {
         let response = client
             .patch(format!("{url}/v1/nodes/1/labels"))
@@ -471,7 +471,7 @@ async fn any_node_serves_a_model_whose_replica_runs_on_another() {
     // Every node answers, two of them through the replica's node; streamed answers too.
     for member in &cluster.members {
         for stream in [false, true] {
-            let response = reqwest::Client::new()
+            let response = maas_chaos_tests::admin_client(COOKIE)
                 .post(format!("{}/v1/chat/completions", member.api_url))
                 .json(&json!({"model": "solo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5, "temperature": 0, "stream": stream}))
                 .send()

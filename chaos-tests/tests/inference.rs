@@ -25,7 +25,12 @@ async fn serving_node() -> (MaasProcess, tempfile::TempDir) {
     cli(&node, &["model", "import", model.to_str().unwrap(), "--name", "tiny", "--quiet"]);
     cli(&node, &["deploy", "tiny", "--name", "chat", "--context", "256", "--sequences", "4"]);
     wait_until("the deployment serves", Duration::from_secs(60), || async {
-        let models: Value = reqwest::get(format!("{}/v1/models", node.base_url)).await.unwrap().json().await.unwrap();
+        let models: Value = maas_chaos_tests::admin_get(COOKIE, format!("{}/v1/models", node.base_url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         models["data"].as_array().is_some_and(|d| d.iter().any(|m| m["id"] == "chat"))
     })
     .await
@@ -34,7 +39,12 @@ async fn serving_node() -> (MaasProcess, tempfile::TempDir) {
 }
 
 async fn post(node: &MaasProcess, path: &str, body: &Value) -> (u16, Value) {
-    let response = reqwest::Client::new().post(format!("{}{path}", node.base_url)).json(body).send().await.unwrap();
+    let response = maas_chaos_tests::admin_client(COOKIE)
+        .post(format!("{}{path}", node.base_url))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }
@@ -64,7 +74,7 @@ async fn a_deployed_model_answers_the_openai_api() {
     let mut streamed = chat.clone();
     streamed["stream"] = json!(true);
     streamed["stream_options"] = json!({"include_usage": true});
-    let response = reqwest::Client::new()
+    let response = maas_chaos_tests::admin_client(COOKIE)
         .post(format!("{}/v1/chat/completions", node.base_url))
         .json(&streamed)
         .send()
@@ -125,7 +135,7 @@ async fn a_deployed_model_answers_the_openai_api() {
         assert!(error["type"].is_string() && error["message"].is_string(), "OpenAI's error shape: {answer}");
         assert!(answer.to_string().contains(mention), "{answer} should mention {mention}");
     }
-    let bad_json = reqwest::Client::new()
+    let bad_json = maas_chaos_tests::admin_client(COOKIE)
         .post(format!("{}/v1/chat/completions", node.base_url))
         .header("content-type", "application/json")
         .body("{\"model\": ")
@@ -143,15 +153,32 @@ async fn the_official_openai_python_package_works_unchanged() {
     cli(&node, &["model", "import", bert.to_str().unwrap(), "--name", "bert", "--quiet"]);
     cli(&node, &["deploy", "bert", "--name", "embed", "--gpus", "0", "--cpu-fallback"]);
     wait_until("the embedding model serves", Duration::from_secs(60), || async {
-        let models: Value = reqwest::get(format!("{}/v1/models", node.base_url)).await.unwrap().json().await.unwrap();
+        let models: Value = maas_chaos_tests::admin_get(COOKIE, format!("{}/v1/models", node.base_url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         models["data"].as_array().is_some_and(|d| d.iter().any(|m| m["id"] == "embed"))
     })
     .await
     .unwrap();
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_sdk.py");
     let base_url = node.base_url.clone();
+    // A real key, as a user would create one; the package sends it as a bearer token.
+    let key: Value = maas_chaos_tests::admin_client(COOKIE)
+        .post(format!("{base_url}/v1/keys"))
+        .json(&json!({"name": "openai sdk", "scopes": ["inference"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let api_key = key["key"].as_str().expect("the new key is shown once").to_owned();
     let output = tokio::task::spawn_blocking(move || {
         Command::new("python3")
+            .env("OPENAI_API_KEY", api_key)
             .arg(script)
             .arg(base_url)
             .arg("chat")
@@ -180,7 +207,12 @@ async fn a_bert_model_embeds_and_a_quantised_gguf_model_chats() {
     cli(&node, &["deploy", "bert", "--name", "embed", "--gpus", "0", "--cpu-fallback"]);
     cli(&node, &["deploy", "gguf", "--name", "quantised", "--context", "256", "--sequences", "2"]);
     wait_until("both serve", Duration::from_secs(60), || async {
-        let models: Value = reqwest::get(format!("{}/v1/models", node.base_url)).await.unwrap().json().await.unwrap();
+        let models: Value = maas_chaos_tests::admin_get(COOKIE, format!("{}/v1/models", node.base_url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         let ids: Vec<&str> = models["data"].as_array().unwrap().iter().filter_map(|m| m["id"].as_str()).collect();
         ids.contains(&"embed") && ids.contains(&"quantised")
     })
@@ -212,7 +244,12 @@ async fn a_bert_model_embeds_and_a_quantised_gguf_model_chats() {
 
 /// A streamed answer's data events: the JSON chunks, and whether it ended in `[DONE]`.
 async fn stream_events(node: &MaasProcess, path: &str, body: &Value) -> (reqwest::header::HeaderMap, Vec<Value>, bool) {
-    let response = reqwest::Client::new().post(format!("{}{path}", node.base_url)).json(body).send().await.unwrap();
+    let response = maas_chaos_tests::admin_client(COOKIE)
+        .post(format!("{}{path}", node.base_url))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     let headers = response.headers().clone();
     let text = response.text().await.unwrap();
@@ -224,7 +261,12 @@ async fn stream_events(node: &MaasProcess, path: &str, body: &Value) -> (reqwest
 }
 
 async fn post_with_headers(node: &MaasProcess, path: &str, body: &Value) -> (u16, reqwest::header::HeaderMap, Value) {
-    let response = reqwest::Client::new().post(format!("{}{path}", node.base_url)).json(body).send().await.unwrap();
+    let response = maas_chaos_tests::admin_client(COOKIE)
+        .post(format!("{}{path}", node.base_url))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     (status, headers, response.json().await.unwrap_or(Value::Null))
@@ -258,7 +300,8 @@ async fn deterministic_answers_are_cached_and_formats_are_enforced() {
         let (_, headers, _) = post_with_headers(&node, "/v1/chat/completions", &sampled).await;
         assert!(headers.get("x-maas-cache").is_none(), "sampling without a seed is not cached");
     }
-    let metrics = reqwest::get(format!("{}/metrics", node.base_url)).await.unwrap().text().await.unwrap();
+    let metrics =
+        maas_chaos_tests::admin_get(COOKIE, format!("{}/metrics", node.base_url)).await.unwrap().text().await.unwrap();
     assert!(metrics.lines().any(|l| l.starts_with("maas_response_cache_total{outcome=\"hit\"} 2")), "{metrics}");
 
     // response_format: a bad schema is refused up front; the tiny random model's answer is
@@ -336,22 +379,183 @@ async fn safety_rules_refuse_requests_and_cut_answers() {
     assert!(chunks.iter().any(|c| c["choices"].get(0).is_some_and(|ch| ch["finish_reason"] == "content_filter")));
 
     // The rules are listed and can be deleted; then the answer is whole again.
-    let rules: Value = reqwest::get(format!("{}/v1/safety/rules", node.base_url)).await.unwrap().json().await.unwrap();
+    let rules: Value = maas_chaos_tests::admin_get(COOKIE, format!("{}/v1/safety/rules", node.base_url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(rules["data"].as_array().unwrap().len(), 2, "{rules}");
     for id in [&rule["id"], &output_rule["id"]] {
-        let deleted = reqwest::Client::new()
+        let deleted = maas_chaos_tests::admin_client(COOKIE)
             .delete(format!("{}/v1/safety/rules/{}", node.base_url, id.as_str().unwrap()))
             .send()
             .await
             .unwrap();
         assert_eq!(deleted.status(), 200);
     }
-    let missing =
-        reqwest::Client::new().delete(format!("{}/v1/safety/rules/rule_nope", node.base_url)).send().await.unwrap();
+    let missing = maas_chaos_tests::admin_client(COOKIE)
+        .delete(format!("{}/v1/safety/rules/rule_nope", node.base_url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(missing.status(), 404);
     let (status, _) = post(&node, "/v1/chat/completions", &refused).await;
     assert_eq!(status, 200, "the input rule is gone");
     let (_, headers, whole) = post_with_headers(&node, "/v1/chat/completions", &greedy).await;
     assert_eq!(headers.get("x-maas-cache").map(|v| v.to_str().unwrap()), Some("hit"), "the rule-free answer is cached");
     assert_eq!(whole["choices"][0]["message"]["content"], first["choices"][0]["message"]["content"]);
+}
+
+/// Sends `body` to `path` on `node` as `token` (a session token or an API key).
+async fn post_as(node: &MaasProcess, token: &str, path: &str, body: &Value) -> (u16, Option<String>, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}{path}", node.base_url))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+    (status, retry_after, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn get_as(node: &MaasProcess, token: &str, path: &str) -> (u16, String) {
+    let response =
+        reqwest::Client::new().get(format!("{}{path}", node.base_url)).bearer_auth(token).send().await.unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+/// Signs up an administrator and a user (verified with the code from the outbox), gives
+/// the user a daily quota of 6 requests and prices the `chat` model; the user's session.
+async fn user_with_quota(node: &MaasProcess) -> String {
+    let admin = maas_chaos_tests::admin_client(COOKIE);
+    let base = node.base_url.clone();
+    let password = "plum-Harbour-sings-92-quietly";
+    for email in ["root@example.com", "dana@example.com"] {
+        let created = admin
+            .post(format!("{base}/v1/auth/signup"))
+            .json(&json!({"email": email, "password": password}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 201);
+    }
+    let outbox: Value = admin
+        .get(format!("{base}/v1/admin/outbox?recipient=dana@example.com"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let message = outbox["data"][0]["body"].as_str().expect("dana's code is in the outbox");
+    let code: String = message.chars().filter(char::is_ascii_digit).take(6).collect();
+    let verified = admin
+        .post(format!("{base}/v1/auth/verify"))
+        .json(&json!({"login": "dana@example.com", "code": code}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(verified.status(), 200);
+    let signed_in: Value = admin
+        .post(format!("{base}/v1/auth/login"))
+        .json(&json!({"login": "dana@example.com", "password": password}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let session = signed_in["token"].as_str().unwrap().to_owned();
+    let dana_id = signed_in["user"]["id"].as_str().unwrap().to_owned();
+    let quota = admin
+        .put(format!("{base}/v1/admin/quotas/user/{dana_id}"))
+        .json(&json!({"requests_per_day": 6, "requests_per_minute": 1000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(quota.status(), 200);
+    let price = admin
+        .put(format!("{base}/v1/admin/prices/chat"))
+        .json(&json!({"input_per_1k_micros": 1000, "output_per_1k_micros": 2000, "gpu_hour_micros": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(price.status(), 200);
+    session
+}
+
+/// QUO-1 through the API: parallel requests against a daily quota pass exactly up to it,
+/// the rest get 429 with Retry-After naming the limit; the usage records then add up to
+/// exactly the answered requests, their tokens and their cost at the admin's prices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_hold_under_concurrency_and_usage_adds_up() {
+    let (node, _dir) = serving_node().await;
+    let base = node.base_url.clone();
+    let session = user_with_quota(&node).await;
+    let (status, _, key) =
+        post_as(&node, &session, "/v1/keys", &json!({"name": "quota test", "allowed_models": ["chat"]})).await;
+    assert_eq!(status, 201, "{key}");
+    let key = key["key"].as_str().unwrap().to_owned();
+    let (status, _, refused) = post_as(
+        &node,
+        &key,
+        "/v1/chat/completions",
+        &json!({"model": "other", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (403, Some("model_not_allowed")), "{refused}");
+
+    let requests = (0..16).map(|i| {
+        let node_base = base.clone();
+        let key = key.clone();
+        async move {
+            let body = json!({"model": "chat", "messages": [{"role": "user", "content": format!("count to {i}")}], "max_tokens": 4, "temperature": 0.8, "seed": i});
+            let response = reqwest::Client::new().post(format!("{node_base}/v1/chat/completions")).bearer_auth(&key).json(&body).send().await.unwrap();
+            let status = response.status().as_u16();
+            let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+            (status, retry_after, response.json::<Value>().await.unwrap())
+        }
+    });
+    let answers = futures_util::future::join_all(requests).await;
+    let ok: Vec<&Value> = answers.iter().filter(|(s, _, _)| *s == 200).map(|(_, _, b)| b).collect();
+    let refused: Vec<&(u16, Option<String>, Value)> = answers.iter().filter(|(s, _, _)| *s == 429).collect();
+    assert_eq!(ok.len(), 6, "QUO-1: exactly the daily quota passes: {answers:?}");
+    assert_eq!(refused.len(), 10, "{answers:?}");
+    for (_, retry_after, body) in refused {
+        assert!(retry_after.as_deref().is_some_and(|s| s.parse::<u64>().unwrap() >= 1), "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains("requests_per_day"), "{body}");
+    }
+    let prompt: u64 = ok.iter().map(|b| b["usage"]["prompt_tokens"].as_u64().unwrap()).sum();
+    let completion: u64 = ok.iter().map(|b| b["usage"]["completion_tokens"].as_u64().unwrap()).sum();
+
+    // Usage is recorded as each answer ends; wait for all six.
+    wait_until("the usage of the answered requests is recorded", Duration::from_secs(10), || {
+        let node_base = base.clone();
+        let session = session.clone();
+        async move {
+            let response =
+                reqwest::Client::new().get(format!("{node_base}/v1/usage")).bearer_auth(&session).send().await.unwrap();
+            let body: Value = response.json().await.unwrap();
+            body["total"]["requests"].as_u64() == Some(6)
+        }
+    })
+    .await
+    .unwrap();
+    let (status, text) = get_as(&node, &session, "/v1/usage").await;
+    assert_eq!(status, 200, "{text}");
+    let usage: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(usage["total"]["prompt_tokens"].as_u64(), Some(prompt), "{usage}");
+    assert_eq!(usage["total"]["completion_tokens"].as_u64(), Some(completion), "{usage}");
+    assert_eq!(usage["total"]["cost_micros"].as_u64(), Some(prompt + 2 * completion), "{usage}");
+    assert_eq!(usage["by_model"][0]["model"], "chat", "{usage}");
+    let (status, csv) = get_as(&node, &session, "/v1/usage.csv").await;
+    assert_eq!(status, 200);
+    assert!(csv.starts_with("day,model,key_id,requests"), "{csv}");
+    assert!(csv.lines().nth(1).is_some_and(|line| line.contains(",chat,") && line.contains(",6,")), "{csv}");
+    let (status, quota) = get_as(&node, &key, "/v1/quota").await;
+    assert_eq!(status, 200, "{quota}");
+    assert!(quota.contains("\"requests_today\":6"), "{quota}");
 }

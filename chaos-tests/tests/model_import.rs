@@ -90,6 +90,7 @@ async fn archives_and_catalogue_names_import_through_the_cli() {
     let listed: Value = serde_json::from_slice(
         &Command::new(maas_binary())
             .args(["model", "list", "--json", "--server", &node.base_url])
+            .env("MAAS_CLUSTER__COOKIE", COOKIE)
             .output()
             .unwrap()
             .stdout,
@@ -97,20 +98,29 @@ async fn archives_and_catalogue_names_import_through_the_cli() {
     .unwrap();
     let names: Vec<&str> = listed["versions"].as_array().unwrap().iter().filter_map(|v| v["name"].as_str()).collect();
     assert_eq!(names, ["qwen2.5-0.5b-instruct", "tiny"]);
-    let catalog: Value =
-        reqwest::get(format!("{}/v1/registry/catalog", node.base_url)).await.unwrap().json().await.unwrap();
+    let catalog: Value = maas_chaos_tests::admin_get(COOKIE, format!("{}/v1/registry/catalog", node.base_url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let entry = catalog["models"].as_array().unwrap().iter().find(|m| m["name"] == "qwen2.5-0.5b-instruct").unwrap();
     assert_eq!(entry["imported_versions"], json!(["v1"]));
 
     let output = maas(&node, &["deploy", "tiny", "--name", "chat", "--context", "256", "--sequences", "2"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     wait_until("the deployment serves", Duration::from_secs(60), || async {
-        let models: Value = reqwest::get(format!("{}/v1/models", node.base_url)).await.unwrap().json().await.unwrap();
+        let models: Value = maas_chaos_tests::admin_get(COOKIE, format!("{}/v1/models", node.base_url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         models["data"].as_array().is_some_and(|d| d.iter().any(|m| m["id"] == "chat"))
     })
     .await
     .unwrap();
-    let answer = reqwest::Client::new()
+    let answer = maas_chaos_tests::admin_client(COOKIE)
         .post(format!("{}/v1/chat/completions", node.base_url))
         .json(&json!({"model": "chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}))
         .send()

@@ -16,7 +16,9 @@ fn node_config(drain_timeout_secs: u64) -> String {
 }
 
 async fn in_flight(base_url: &str) -> f64 {
-    let Ok(response) = reqwest::get(format!("{base_url}/metrics")).await else {
+    let Ok(response) =
+        maas_chaos_tests::admin_get(maas_chaos_tests::DEFAULT_COOKIE, format!("{base_url}/metrics")).await
+    else {
         return 0.0;
     };
     let text = response.text().await.unwrap_or_default();
@@ -44,7 +46,8 @@ async fn wait_for_closed_listener(node: &MaasProcess) {
 fn slow_request(node: &MaasProcess, ms: u64) -> tokio::task::JoinHandle<Result<(u16, String), String>> {
     let url = format!("{}/debug/delay?ms={ms}", node.base_url);
     tokio::spawn(async move {
-        let response = reqwest::get(url).await.map_err(|e| e.to_string())?;
+        let response =
+            maas_chaos_tests::admin_get(maas_chaos_tests::DEFAULT_COOKIE, url).await.map_err(|e| e.to_string())?;
         let status = response.status().as_u16();
         Ok((status, response.text().await.map_err(|e| e.to_string())?))
     })
@@ -58,7 +61,7 @@ async fn up_serves_health_metrics_and_openapi_then_stops_cleanly() {
     let mut node = MaasProcess::spawn(command, dir.path().join("data")).unwrap();
     node.wait_ready(Duration::from_secs(20)).await.unwrap();
 
-    let client = reqwest::Client::new();
+    let client = maas_chaos_tests::admin_client(maas_chaos_tests::DEFAULT_COOKIE);
 
     for _ in 0..2 {
         let health = client.get(format!("{}/healthz", node.base_url)).send().await.unwrap();
@@ -148,7 +151,9 @@ async fn json_logs_carry_the_request_id_of_each_request() {
     let mut command = Command::new(maas_binary());
     command.args(["up", "--log-format", "json", "--listen", "127.0.0.1:0"]).arg("--data").arg(dir.path().join("data"));
     let mut node = MaasProcess::spawn(command, dir.path().join("data")).unwrap();
-    let response = reqwest::get(format!("{}/healthz", node.base_url)).await.unwrap();
+    let response = maas_chaos_tests::admin_get(maas_chaos_tests::DEFAULT_COOKIE, format!("{}/healthz", node.base_url))
+        .await
+        .unwrap();
     let request_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
     node.signal(Signal::SIGTERM).unwrap();
     node.wait_exit(Duration::from_secs(20)).await.unwrap();

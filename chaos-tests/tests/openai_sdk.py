@@ -1,9 +1,11 @@
 """The official `openai` Python package against a running maas node: only base_url and
 the key change. Run by chaos-tests/tests/inference.rs with the node's URL, the chat model
-and (optionally) an embedding model.
+and (optionally) an embedding model; the API key is in OPENAI_API_KEY, as the package
+reads it.
 Prints `N passed, N failed` and exits non-zero on any failure."""
 
 import json
+import os
 import sys
 import time
 
@@ -11,7 +13,7 @@ import openai
 
 base_url, model = sys.argv[1], sys.argv[2]
 embedding_model = sys.argv[3] if len(sys.argv) > 3 else None
-client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="not-needed-yet", max_retries=0)
+client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=os.environ["OPENAI_API_KEY"], max_retries=0)
 passed, failed = 0, 0
 
 
@@ -23,6 +25,13 @@ def check(name, condition, detail=""):
         failed += 1
         print(f"FAILED: {name} {detail}", file=sys.stderr)
 
+
+try:
+    openai.OpenAI(base_url=f"{base_url}/v1", api_key="sk-maas-forged0000000000000000000000000000000", max_retries=0).models.list()
+    forged = None
+except openai.AuthenticationError as err:
+    forged = err
+check("a forged key is refused with 401", forged is not None and forged.status_code == 401, forged)
 
 models = [m.id for m in client.models.list()]
 check("models.list lists the deployment", model in models, models)

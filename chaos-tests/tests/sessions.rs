@@ -54,6 +54,14 @@ impl Node {
         format!("{}{path}", self.process.base_url)
     }
 
+    /// The session's WebSocket handshake, with the cluster cookie as its credential.
+    fn ws_request(&self, id: &str) -> tungstenite::handshake::client::Request {
+        use tungstenite::client::IntoClientRequest as _;
+        let mut request = self.ws_url(id).into_client_request().unwrap();
+        request.headers_mut().insert("x-maas-cluster-cookie", COOKIE.parse().unwrap());
+        request
+    }
+
     fn ws_url(&self, id: &str) -> String {
         format!("ws://{}/v1/sessions/{id}/ws", self.process.api_addr())
     }
@@ -66,10 +74,12 @@ impl Node {
     /// a restart the committed state says ready before the replica has loaded again).
     async fn wait_serving(&self) {
         wait_until("the deployment serves", Duration::from_secs(60), || async {
-            let Ok(response) = reqwest::get(self.url("/v1/models")).await else { return false };
+            let Ok(response) = maas_chaos_tests::admin_get(COOKIE, self.url("/v1/models")).await else { return false };
             let models: Value = response.json().await.unwrap_or_default();
             let listed = models["data"].as_array().is_some_and(|d| d.iter().any(|m| m["id"] == "chat"));
-            let Ok(response) = reqwest::get(self.url("/v1/node/agent")).await else { return false };
+            let Ok(response) = maas_chaos_tests::admin_get(COOKIE, self.url("/v1/node/agent")).await else {
+                return false;
+            };
             let agent: Value = response.json().await.unwrap_or_default();
             let loaded = agent["replicas"].as_array().is_some_and(|replicas| {
                 replicas
@@ -83,18 +93,18 @@ impl Node {
     }
 
     async fn get(&self, path: &str) -> (u16, Value) {
-        let response = reqwest::get(self.url(path)).await.unwrap();
+        let response = maas_chaos_tests::admin_get(COOKIE, self.url(path)).await.unwrap();
         (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
     }
 
     async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let response = reqwest::Client::new().post(self.url(path)).json(body).send().await.unwrap();
+        let response = maas_chaos_tests::admin_client(COOKIE).post(self.url(path)).json(body).send().await.unwrap();
         (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
     }
 
     /// Opens the session's socket and reads its `session` frame.
     async fn connect(&self, id: &str) -> (Socket, Value) {
-        let (mut socket, _) = tokio_tungstenite::connect_async(self.ws_url(id)).await.unwrap();
+        let (mut socket, _) = tokio_tungstenite::connect_async(self.ws_request(id)).await.unwrap();
         let opened = next_frame(&mut socket).await;
         assert_eq!(opened["type"], "session", "{opened}");
         assert_eq!(opened["id"], id);
@@ -194,7 +204,7 @@ async fn a_session_keeps_its_conversation_across_turns_reconnects_and_restarts()
         assert!(answer.to_string().contains(mention), "{answer} should mention {mention}");
     }
     assert_eq!(node.get("/v1/sessions/sess-missing").await.0, 404);
-    match tokio_tungstenite::connect_async(node.ws_url("sess-missing")).await {
+    match tokio_tungstenite::connect_async(node.ws_request("sess-missing")).await {
         Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 404),
         other => panic!("an unknown session is refused before the upgrade: {other:?}"),
     }
@@ -297,10 +307,11 @@ async fn a_session_keeps_its_conversation_across_turns_reconnects_and_restarts()
     socket.close(None).await.unwrap();
 
     // Deleted, the session is gone everywhere.
-    let deleted = reqwest::Client::new().delete(node.url(&format!("/v1/sessions/{id}"))).send().await.unwrap();
+    let deleted =
+        maas_chaos_tests::admin_client(COOKIE).delete(node.url(&format!("/v1/sessions/{id}"))).send().await.unwrap();
     assert_eq!(deleted.status(), 200);
     assert_eq!(node.get(&format!("/v1/sessions/{id}")).await.0, 404);
-    match tokio_tungstenite::connect_async(node.ws_url(&id)).await {
+    match tokio_tungstenite::connect_async(node.ws_request(&id)).await {
         Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 404),
         other => panic!("a deleted session is refused before the upgrade: {other:?}"),
     }

@@ -21,6 +21,8 @@ pub struct ApiError {
     pub message: String,
     /// The offending parameter, where there is one.
     pub param: Option<String>,
+    /// Sent as `Retry-After` (a quota or a throttle: when to try again).
+    pub retry_after_secs: Option<u64>,
 }
 
 impl warp::reject::Reject for ApiError {}
@@ -42,13 +44,23 @@ pub struct ErrorDetail {
 
 impl ApiError {
     pub fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, kind, code, message: message.into(), param: None }
+        ApiError { status, kind, code, message: message.into(), param: None, retry_after_secs: None }
     }
 
     #[must_use]
     pub fn with_param(mut self, param: impl Into<String>) -> Self {
         self.param = Some(param.into());
         self
+    }
+
+    #[must_use]
+    pub fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after_secs = Some(seconds.max(1));
+        self
+    }
+
+    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "authentication_error", code, message)
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -98,7 +110,11 @@ impl ApiError {
 
 impl Reply for ApiError {
     fn into_response(self) -> Response {
-        warp::reply::with_status(warp::reply::json(&self.body()), self.status).into_response()
+        let mut response = warp::reply::with_status(warp::reply::json(&self.body()), self.status).into_response();
+        if let Some(seconds) = self.retry_after_secs {
+            response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
@@ -111,6 +127,10 @@ impl From<StoreError> for ApiError {
             StoreError::InvalidInput(message) => ApiError::bad_request("invalid_input", message),
             StoreError::BlobTooLarge { limit_bytes } => ApiError::payload_too_large(limit_bytes),
             StoreError::BlobDigestMismatch { .. } => ApiError::bad_request("digest_mismatch", err.to_string()),
+            StoreError::Redis { .. } => {
+                tracing::error!(error = %err, "quota backend failure");
+                ApiError::unavailable("the node cannot reach its quota counters; retry shortly")
+            }
             StoreError::UnsupportedUrl { .. }
             | StoreError::Connect { .. }
             | StoreError::Migrate(_)

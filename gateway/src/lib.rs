@@ -4,10 +4,11 @@
 //! **Boundary:** errors become HTTP statuses only in [`error`]; handlers never block the
 //! async runtime.
 
-pub mod caller;
+pub mod auth;
 pub mod error;
 pub mod json;
 pub mod load;
+pub mod metering;
 pub mod metrics;
 pub mod middleware;
 pub mod response_cache;

@@ -53,6 +53,42 @@ pub struct GatewayOptions {
     /// `gateway.max_upload_bytes`: the largest blob upload, and the most an uploaded model
     /// archive may unpack to.
     pub max_upload_bytes: u64,
+    /// Sign-up, verification and sessions (`[auth]`).
+    pub auth: AuthOptions,
+    /// `[quota.free_tier]`: the limits of individual users without a quota of their own.
+    pub free_tier: maas_store::quota::QuotaLimits,
+}
+
+/// How accounts behave (`[auth]` in the config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthOptions {
+    /// Whether anyone may sign up; the first account becomes the administrator either way.
+    pub allow_signup: bool,
+    /// Whether an account must confirm its email or phone before it can sign in.
+    pub require_verification: bool,
+    pub session_ttl_secs: u64,
+    /// The weakest password accepted, as a zxcvbn score (0 to 4).
+    pub min_password_score: u8,
+    /// Failed sign-ins to one account within `sign_in_window_secs` before it is
+    /// throttled.
+    pub max_sign_in_failures: u64,
+    pub sign_in_window_secs: u64,
+    /// Session cookies carry `Secure` (the node speaks HTTPS).
+    pub secure_cookies: bool,
+}
+
+impl Default for AuthOptions {
+    fn default() -> Self {
+        AuthOptions {
+            allow_signup: true,
+            require_verification: true,
+            session_ttl_secs: 7 * 24 * 3600,
+            min_password_score: 3,
+            max_sign_in_failures: 5,
+            sign_in_window_secs: 900,
+            secure_cookies: false,
+        }
+    }
 }
 
 impl Default for GatewayOptions {
@@ -63,6 +99,8 @@ impl Default for GatewayOptions {
             safety_rules: Vec::new(),
             response_cache: crate::response_cache::ResponseCacheOptions::default(),
             max_upload_bytes: 10 * 1024 * 1024 * 1024,
+            auth: AuthOptions::default(),
+            free_tier: maas_store::quota::QuotaLimits::default(),
         }
     }
 }
@@ -97,8 +135,11 @@ pub struct AppState {
     pub peer_health: OnceLock<PeerHealth>,
     /// What this node's agent runs (its GPU actors and their leases).
     pub agent: OnceLock<Arc<std::sync::RwLock<maas_actors::node::AgentStatus>>>,
-    /// The scope of the built-in local user, resolved once (see [`crate::caller`]).
-    pub local_scope: tokio::sync::OnceCell<maas_store::TenantScope>,
+    /// Recent authentications (see [`crate::auth`]).
+    pub auth_cache: crate::auth::AuthCache,
+    /// Quota and rate-limit counters: Redis when configured, else this process.
+    /// Set once at start-up (Redis when configured); [`AppState::limiter`] reads it.
+    pub limiter_backend: OnceLock<maas_store::quota::Limiter>,
     /// The load other nodes report for their replicas.
     pub replica_loads: crate::load::ReplicaLoads,
     /// Callers' compiled safety rules.
@@ -129,7 +170,8 @@ impl AppState {
             gpu_reserve_mib: OnceLock::new(),
             peer_health: OnceLock::new(),
             agent: OnceLock::new(),
-            local_scope: tokio::sync::OnceCell::new(),
+            auth_cache: crate::auth::AuthCache::default(),
+            limiter_backend: OnceLock::new(),
             replica_loads: crate::load::ReplicaLoads::default(),
             safety: crate::safety::PolicyCache::new(options.safety_rules.clone()),
             response_cache: crate::response_cache::ResponseCache::new(options.response_cache.clone()),
@@ -139,5 +181,17 @@ impl AppState {
             metrics: crate::metrics::prometheus(),
             options,
         }
+    }
+}
+
+impl AppState {
+    /// The quota and rate-limit counters: the configured backend, or this process's.
+    pub fn limiter(&self) -> &maas_store::quota::Limiter {
+        self.limiter_backend.get_or_init(maas_store::quota::Limiter::in_process)
+    }
+
+    /// The database and blob store, or a 503 while they open.
+    pub fn stores(&self) -> Result<&Stores, crate::ApiError> {
+        self.stores.get().ok_or_else(|| crate::ApiError::unavailable("the store is starting; retry shortly"))
     }
 }

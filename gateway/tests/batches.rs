@@ -48,6 +48,7 @@ async fn start() -> Setup {
     let blobs = maas_store::BlobStore::open(dir.path().join("blobs")).await.unwrap();
     let _ = state.stores.set(maas_gateway::state::Stores { db, blobs, data_dir: dir.path().to_owned() });
     let _ = state.cluster.set(control.clone());
+    let _ = state.cluster_cookie.set(COOKIE.to_owned());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = HttpServer::new(
         listener,
@@ -63,6 +64,15 @@ async fn start() -> Setup {
     let (trigger, shutdown) = maas_gateway::shutdown_channel();
     tokio::spawn(server.run(shutdown));
     Setup { base, state, _control: control, _dir: dir, _serving: trigger }
+}
+
+/// The cluster cookie: the tests act as the node's built-in administrator.
+const COOKIE: &str = "batches-test-cookie";
+
+fn client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("x-maas-cluster-cookie", reqwest::header::HeaderValue::from_static(COOKIE));
+    reqwest::Client::builder().default_headers(headers).build().unwrap()
 }
 
 const BOUNDARY: &str = "maas-test-boundary-7d1f";
@@ -91,7 +101,7 @@ fn form(purpose: Option<&str>, file: Option<&[u8]>) -> Vec<u8> {
 }
 
 async fn upload(setup: &Setup, body: Vec<u8>) -> (u16, Value) {
-    let response = reqwest::Client::new()
+    let response = client()
         .post(format!("{}/v1/files", setup.base))
         .header("content-type", format!("multipart/form-data; boundary={BOUNDARY}"))
         .body(body)
@@ -103,7 +113,7 @@ async fn upload(setup: &Setup, body: Vec<u8>) -> (u16, Value) {
 }
 
 async fn call(setup: &Setup, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut request = reqwest::Client::new().request(method, format!("{}{path}", setup.base));
+    let mut request = client().request(method, format!("{}{path}", setup.base));
     if let Some(body) = body {
         request = request.json(&body);
     }
@@ -139,12 +149,8 @@ async fn bad_uploads_get_a_clear_4xx_and_store_nothing() {
     let setup = start().await;
     let good = request_line("a", "/v1/chat/completions", "m");
 
-    let not_multipart = reqwest::Client::new()
-        .post(format!("{}/v1/files", setup.base))
-        .json(&json!({"purpose": "batch"}))
-        .send()
-        .await
-        .unwrap();
+    let not_multipart =
+        client().post(format!("{}/v1/files", setup.base)).json(&json!({"purpose": "batch"})).send().await.unwrap();
     assert_eq!(not_multipart.status(), 400);
     let body: Value = not_multipart.json().await.unwrap();
     assert_error(400, &body, 400, "multipart/form-data");
@@ -185,7 +191,7 @@ async fn bad_uploads_get_a_clear_4xx_and_store_nothing() {
     let (status, answer) = upload(&setup, big.clone()).await;
     assert_error(status, &answer, 413, &UPLOAD_LIMIT.to_string());
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big.chunks(8192).map(|c| Ok(c.to_vec())).collect();
-    let streamed = reqwest::Client::new()
+    let streamed = client()
         .post(format!("{}/v1/files", setup.base))
         .header("content-type", format!("multipart/form-data; boundary={BOUNDARY}"))
         .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
@@ -223,7 +229,7 @@ async fn files_are_uploaded_listed_read_downloaded_and_deleted() {
     assert_eq!(list["data"].as_array().unwrap().len(), 2);
     let (status, got) = call(&setup, reqwest::Method::GET, &format!("/v1/files/{id}"), None).await;
     assert_eq!((status, &got), (200, &file));
-    let downloaded = reqwest::get(format!("{}/v1/files/{id}/content", setup.base)).await.unwrap();
+    let downloaded = client().get(format!("{}/v1/files/{id}/content", setup.base)).send().await.unwrap();
     assert_eq!(downloaded.status(), 200);
     assert_eq!(downloaded.bytes().await.unwrap().as_ref(), content.as_slice());
 
@@ -335,8 +341,14 @@ async fn lines_fail_one_by_one_and_a_cancelled_batch_ends_cancelled() {
     let error_file = done["error_file_id"].as_str().unwrap();
     let (_, error_record) = call(&setup, reqwest::Method::GET, &format!("/v1/files/{error_file}"), None).await;
     assert_eq!(error_record["purpose"], "batch_output");
-    let errors =
-        reqwest::get(format!("{}/v1/files/{error_file}/content", setup.base)).await.unwrap().text().await.unwrap();
+    let errors = client()
+        .get(format!("{}/v1/files/{error_file}/content", setup.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let errors: Vec<Value> = errors.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(
         errors.iter().map(|e| e["custom_id"].as_str().unwrap()).collect::<Vec<_>>(),

@@ -106,8 +106,8 @@ async fn bad_deployment_requests_get_a_clear_4xx_and_change_nothing() {
     let post = reqwest::Method::POST;
     let ok = json!({"name": "chat", "model": "llama", "memory_per_gpu_mib": 30000});
     let cases: Vec<(Option<&str>, Value, u16, &str)> = vec![
-        (None, ok.clone(), 403, "cookie"),
-        (Some("wrong-cookie-000"), ok.clone(), 403, "cookie"),
+        (None, ok.clone(), 401, "api key"),
+        (Some("wrong-cookie-000"), ok.clone(), 401, "cookie"),
         (
             Some(COOKIE),
             json!({"name": "chat", "model": "llama", "memory_per_gpu_mib": 30000, "colour": "red"}),
@@ -165,7 +165,7 @@ async fn a_deployment_is_estimated_created_scaled_explained_and_deleted() {
         &setup,
         reqwest::Method::POST,
         "/v1/deployments/estimate",
-        None,
+        Some(COOKIE),
         Some(json!({"model_path": path, "context_tokens": 512, "concurrent_sequences": 2})),
     )
     .await;
@@ -191,7 +191,7 @@ async fn a_deployment_is_estimated_created_scaled_explained_and_deleted() {
     assert_eq!(status, 200, "{updated}");
     assert_eq!(updated["generation"], 2, "a new spec is a new generation");
     assert_eq!(updated["model_version"], "v1", "the version is pinned, not `latest`");
-    let (_, listed) = call(&setup, reqwest::Method::GET, "/v1/deployments", None, None).await;
+    let (_, listed) = call(&setup, reqwest::Method::GET, "/v1/deployments", Some(COOKIE), None).await;
     let shortfall = &listed["deployments"][0]["shortfall"];
     assert_eq!(shortfall["missing_replicas"], 1, "two GPUs hold two 60000 MiB replicas: {listed}");
     assert!(shortfall["reason"].as_str().unwrap().contains("60000"), "{shortfall}");
@@ -211,7 +211,7 @@ async fn a_deployment_is_estimated_created_scaled_explained_and_deleted() {
 
     let (status, _) = call(&setup, reqwest::Method::DELETE, "/v1/deployments/tiny", Some(COOKIE), None).await;
     assert_eq!(status, 200);
-    let (status, _) = call(&setup, reqwest::Method::GET, "/v1/deployments/tiny", None, None).await;
+    let (status, _) = call(&setup, reqwest::Method::GET, "/v1/deployments/tiny", Some(COOKIE), None).await;
     assert_eq!(status, 404);
     assert_eq!(deployments_in_state(&setup), 0);
     setup.control.stop();
@@ -266,7 +266,7 @@ async fn models_are_uploaded_checked_registered_and_served_to_peers() {
     let again = import(&setup, &model, "org/tiny-llama").await;
     assert_eq!(again["version"], "v2", "the same files again are a new version");
 
-    let (_, listed) = call(&setup, reqwest::Method::GET, "/v1/registry/models", None, None).await;
+    let (_, listed) = call(&setup, reqwest::Method::GET, "/v1/registry/models", Some(COOKIE), None).await;
     assert_eq!(listed["versions"].as_array().unwrap().len(), 2);
 
     // A blob served to a peer, whole and from an offset (a resumed download).
@@ -327,7 +327,7 @@ async fn models_are_uploaded_checked_registered_and_served_to_peers() {
     )
     .await;
     assert_eq!(status, 400, "{answer}");
-    let (_, listed) = call(&setup, reqwest::Method::GET, "/v1/registry/models", None, None).await;
+    let (_, listed) = call(&setup, reqwest::Method::GET, "/v1/registry/models", Some(COOKIE), None).await;
     assert_eq!(listed["versions"].as_array().unwrap().len(), 2, "refused registrations add nothing");
 
     // A deployment of the repository's model pins the newest version and is estimated

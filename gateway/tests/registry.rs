@@ -55,7 +55,15 @@ async fn start() -> Setup {
 }
 
 async fn get(setup: &Setup, path: &str) -> Value {
-    reqwest::get(format!("{}{path}", setup.base)).await.unwrap().json().await.unwrap()
+    reqwest::Client::new()
+        .get(format!("{}{path}", setup.base))
+        .header("x-maas-cluster-cookie", COOKIE)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 async fn register(setup: &Setup, body: Value) -> (u16, Value) {

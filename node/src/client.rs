@@ -41,12 +41,27 @@ pub fn run(command: impl Future<Output = Result<String>>) -> ExitCode {
     }
 }
 
+/// The credential of admin commands: an API key (`MAAS_API_KEY`) when set, else the
+/// cluster cookie (`MAAS_CLUSTER__COOKIE`, or the default of `maas up`).
+fn with_credentials(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    match std::env::var("MAAS_API_KEY") {
+        Ok(key) if !key.is_empty() => request.bearer_auth(key),
+        _ => request.header(
+            "x-maas-cluster-cookie",
+            std::env::var("MAAS_CLUSTER__COOKIE").unwrap_or_else(|_| crate::config::DEFAULT_COOKIE.to_owned()),
+        ),
+    }
+}
+
 async fn get(server: &str, path: &str) -> Result<Value> {
     let url = format!("{}{path}", server.trim_end_matches('/'));
-    let response =
-        reqwest::Client::new().get(&url).timeout(std::time::Duration::from_secs(10)).send().await.with_context(
-            || format!("cannot reach the maas node at {server}: is it running? (set --server or MAAS_SERVER)"),
-        )?;
+    let response = with_credentials(reqwest::Client::new().get(&url))
+        .timeout(std::time::Duration::from_secs(10))
+        .send()
+        .await
+        .with_context(|| {
+            format!("cannot reach the maas node at {server}: is it running? (set --server or MAAS_SERVER)")
+        })?;
     let status = response.status();
     let body: Value =
         response.json().await.with_context(|| format!("{url} answered {status} with a body that is not JSON"))?;

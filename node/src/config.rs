@@ -187,6 +187,12 @@ pub struct AuthConfig {
     pub session_ttl_secs: u64,
     #[serde(deserialize_with = "non_negative")]
     pub min_password_score: u8,
+    /// Failed sign-ins to one account within `sign_in_window_secs` before further tries
+    /// are refused until the window passes (an address gets four times as many).
+    #[serde(deserialize_with = "non_negative")]
+    pub max_sign_in_failures: u64,
+    #[serde(deserialize_with = "non_negative")]
+    pub sign_in_window_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -214,6 +220,21 @@ pub struct QuotaLimits {
     pub concurrent_requests: u64,
     #[serde(deserialize_with = "non_negative")]
     pub gpu_hours_per_month: u64,
+}
+
+impl QuotaLimits {
+    /// The limits as the quota counters take them.
+    pub fn limits(&self) -> maas_store::quota::QuotaLimits {
+        maas_store::quota::QuotaLimits {
+            requests_per_minute: self.requests_per_minute,
+            requests_per_day: self.requests_per_day,
+            tokens_per_day: self.tokens_per_day,
+            tokens_per_month: self.tokens_per_month,
+            storage_bytes: self.storage_bytes,
+            concurrent_requests: self.concurrent_requests,
+            gpu_hours_per_month: self.gpu_hours_per_month,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
@@ -305,6 +326,8 @@ impl Default for AuthConfig {
             require_verification: true,
             session_ttl_secs: 7 * 24 * 3600,
             min_password_score: 3,
+            max_sign_in_failures: 5,
+            sign_in_window_secs: 900,
         }
     }
 }

@@ -73,6 +73,7 @@ pub async fn run_node(mut config: Config, quick_start: bool) -> Result<ExitCode>
             blobs,
             data_dir: config.node.data_dir.clone(),
         });
+        connect_limiter(&config, &state).await?;
         state.readiness.set("store", Check::Ready);
         // Batches run once the node is ready; the node id names this node in their leases,
         // so a restarted node takes its own batches back at once.
@@ -504,9 +505,7 @@ fn print_banner(config: &Config, base: &str, data_dir: &Path, node: &NodeSpec) {
 /// an operator believe they are in force.
 fn warn_about_unused_settings(config: &Config) {
     if !config.redis.url.is_empty() {
-        tracing::info!(
-            "redis.url is set: the response cache is kept in Redis (quota counters use it once quotas land)"
-        );
+        tracing::info!("redis.url is set: quota counters and the response cache are kept in Redis");
     }
     if !config.milvus.url.is_empty() {
         tracing::warn!("milvus.url is set, but this build has no knowledge bases yet; milvus is used once they land");
@@ -617,6 +616,21 @@ async fn import_and_deploy_tiny(
     Ok(())
 }
 
+/// Quota counters in Redis when `redis.url` is set. Quotas must count the same on every
+/// node: with Redis configured and not reachable, the node does not start rather than
+/// count alone.
+async fn connect_limiter(config: &Config, state: &AppState) -> Result<()> {
+    if config.redis.url.is_empty() {
+        return Ok(());
+    }
+    let limiter = maas_store::quota::Limiter::redis(&config.redis.url, "maas:quota:")
+        .await
+        .context("quota and rate-limit counters live in redis (redis.url)")
+        .inspect_err(|err| state.readiness.set("store", Check::Failed(format!("{err:#}"))))?;
+    let _ = state.limiter_backend.set(limiter);
+    Ok(())
+}
+
 /// The gateway's options from the node's configuration.
 fn gateway_options(config: &Config) -> GatewayOptions {
     GatewayOptions {
@@ -630,5 +644,15 @@ fn gateway_options(config: &Config) -> GatewayOptions {
             redis_url: config.redis.url.clone(),
         },
         max_upload_bytes: config.gateway.max_upload_bytes,
+        auth: maas_gateway::state::AuthOptions {
+            allow_signup: config.auth.allow_signup,
+            require_verification: config.auth.require_verification,
+            session_ttl_secs: config.auth.session_ttl_secs,
+            min_password_score: config.auth.min_password_score,
+            max_sign_in_failures: config.auth.max_sign_in_failures,
+            sign_in_window_secs: config.auth.sign_in_window_secs,
+            secure_cookies: !config.tls.cert_path.is_empty(),
+        },
+        free_tier: config.quota.free_tier.limits(),
     }
 }

@@ -30,6 +30,10 @@ pub enum StoreError {
     BlobCorrupt { digest: String, actual: String },
     #[error("blob {digest} does not match the expected digest {expected}")]
     BlobDigestMismatch { digest: String, expected: String },
+    /// A failure of the Redis server that holds quota counters; `url` is shown without
+    /// its password.
+    #[error("redis at {url}: {reason}")]
+    Redis { url: String, reason: String },
     #[error("blob store i/o error at {path}: {source}")]
     Io {
         path: String,

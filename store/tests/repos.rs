@@ -17,6 +17,7 @@ on_both_backends!(
     tenants_cannot_see_each_others_files,
     org_files_follow_org_roles,
     acknowledged_writes_survive_a_reconnect,
+    usage_is_costed_and_summed_per_tenant,
 );
 
 async fn user(t: &TestDb, email: &str) -> String {
@@ -33,7 +34,7 @@ fn new_file(name: &str) -> NewFile {
 
 async fn migrations_are_idempotent(t: &TestDb) {
     t.db.migrate().await.expect("second migration run is a no-op");
-    assert_eq!(t.db.latest_migration(), 5);
+    assert_eq!(t.db.latest_migration(), 6);
 }
 
 async fn users_are_created_and_unique(t: &TestDb) {
@@ -178,4 +179,57 @@ async fn sqlite_and_postgres_schemas_match() {
     postgres_columns.sort();
     assert!(!sqlite_columns.is_empty());
     assert_eq!(sqlite_columns, postgres_columns);
+}
+
+async fn usage_is_costed_and_summed_per_tenant(t: &TestDb) {
+    use maas_store::repo::usage::{NewUsage, Price, UsageKind};
+    let alice = user(t, "alice@example.com").await;
+    let bob = user(t, "bob@example.com").await;
+    t.db.usage()
+        .set_price("chat", Price { input_per_1k_micros: 1500, output_per_1k_micros: 2000, gpu_hour_micros: 0 })
+        .await
+        .unwrap();
+    t.db.usage()
+        .set_price("*", Price { input_per_1k_micros: 1, output_per_1k_micros: 1, gpu_hour_micros: 3600 })
+        .await
+        .unwrap();
+    let record = |owner: &str, model: &str, prompt: u64, completion: u64, status: u16| NewUsage {
+        owner: Owner::User(owner.into()),
+        user_id: owner.into(),
+        key_id: None,
+        kind: UsageKind::Inference,
+        model: model.into(),
+        endpoint: "chat".into(),
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        gpu_seconds: 0,
+        storage_bytes: 0,
+        latency_ms: 5,
+        status,
+        at_ms: maas_store::ids::now_ms(),
+    };
+    for usage in [
+        record(&alice, "chat", 1000, 500, 200),
+        record(&alice, "chat", 10, 3, 200),
+        record(&alice, "other", 2000, 0, 500),
+        record(&bob, "chat", 7, 7, 200),
+    ] {
+        t.db.usage().record(&usage).await.unwrap();
+    }
+    let scope = TenantScope::resolve(&t.db, &alice, None).await.unwrap();
+    let rows = t.db.usage().summary(&scope, 0, i64::MAX).await.unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let chat = &rows[0];
+    assert_eq!(
+        (chat.model.as_str(), chat.requests, chat.prompt_tokens, chat.completion_tokens),
+        ("chat", 2, 1010, 503)
+    );
+    // 1000*1.5 + 500*2 = 2500 micros, then (10*1500 + 3*2000) / 1000 = 21: costed per record.
+    assert_eq!(chat.cost_micros, 2521);
+    let other = &rows[1];
+    assert_eq!((other.model.as_str(), other.errors, other.cost_micros), ("other", 1, 2), "the default price applies");
+    let bob_scope = TenantScope::resolve(&t.db, &bob, None).await.unwrap();
+    let bobs = t.db.usage().summary(&bob_scope, 0, i64::MAX).await.unwrap();
+    assert_eq!((bobs.len(), bobs[0].requests), (1, 1), "each tenant sees its own usage");
+    assert_eq!(t.db.usage().stored_bytes(&Owner::User(alice.clone())).await.unwrap(), 0);
 }

@@ -29,7 +29,7 @@ use warp::{Filter, Reply};
 use super::files::BATCH_OUTPUT_PURPOSE;
 use super::registry::stores;
 use super::with_state;
-use crate::caller::caller_scope;
+use crate::auth::{Access, Caller, caller};
 use crate::error::ApiError;
 use crate::state::{AppState, Stores};
 
@@ -162,24 +162,33 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let create = warp::path!("v1" / "batches")
         .and(warp::post())
         .and(with_state(state))
+        .and(caller(state, Access::Inference))
         .and(crate::json::json_body::<CreateBatch>(1024 * 1024))
-        .and_then(|s: Arc<AppState>, request: CreateBatch| async move {
-            create_batch(&s, request).await.map_err(warp::reject::custom)
+        .and_then(|s: Arc<AppState>, c: Caller, request: CreateBatch| async move {
+            create_batch(&s, &c, request).await.map_err(warp::reject::custom)
         });
     let list = warp::path!("v1" / "batches")
         .and(warp::get())
         .and(with_state(state))
+        .and(caller(state, Access::Inference))
         .and(warp::query::<ListQuery>())
-        .and_then(|s: Arc<AppState>, query: ListQuery| async move {
-            list_batches(&s, query).await.map_err(warp::reject::custom)
+        .and_then(|s: Arc<AppState>, c: Caller, query: ListQuery| async move {
+            list_batches(&s, &c, query).await.map_err(warp::reject::custom)
         });
     let get = warp::path!("v1" / "batches" / String)
         .and(warp::get())
         .and(with_state(state))
-        .and_then(|id: String, s: Arc<AppState>| async move { get_batch(&s, &id).await.map_err(warp::reject::custom) });
-    let cancel = warp::path!("v1" / "batches" / String / "cancel").and(warp::post()).and(with_state(state)).and_then(
-        |id: String, s: Arc<AppState>| async move { cancel_batch(&s, &id).await.map_err(warp::reject::custom) },
-    );
+        .and(caller(state, Access::Inference))
+        .and_then(|id: String, s: Arc<AppState>, c: Caller| async move {
+            get_batch(&s, &c, &id).await.map_err(warp::reject::custom)
+        });
+    let cancel = warp::path!("v1" / "batches" / String / "cancel")
+        .and(warp::post())
+        .and(with_state(state))
+        .and(caller(state, Access::Inference))
+        .and_then(|id: String, s: Arc<AppState>, c: Caller| async move {
+            cancel_batch(&s, &c, &id).await.map_err(warp::reject::custom)
+        });
     create.or(list).unify().or(get).unify().or(cancel).unify().boxed()
 }
 
@@ -315,7 +324,7 @@ fn check_metadata(metadata: &serde_json::Map<String, Value>) -> Result<(), ApiEr
 /// batch's `endpoint`. The batch starts `validating` and runs in the background.
 #[utoipa::path(post, path = "/v1/batches", tag = "batches", request_body = CreateBatch,
     responses((status = 200, body = BatchObject), (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
-pub async fn create_batch(state: &AppState, request: CreateBatch) -> Result<Response, ApiError> {
+pub async fn create_batch(state: &AppState, caller: &Caller, request: CreateBatch) -> Result<Response, ApiError> {
     if !BATCH_ENDPOINTS.contains(&request.endpoint.as_str()) {
         return Err(ApiError::bad_request(
             "invalid_endpoint",
@@ -333,7 +342,7 @@ pub async fn create_batch(state: &AppState, request: CreateBatch) -> Result<Resp
     if let Some(metadata) = &request.metadata {
         check_metadata(metadata)?;
     }
-    let scope = caller_scope(state).await?;
+    let scope = caller.scope.clone();
     let stores = stores(state)?;
     let file = stores.db.files().get(&scope, &request.input_file_id).await.map_err(|err| match err {
         maas_store::StoreError::NotFound { .. } => ApiError::not_found(format!(
@@ -387,14 +396,14 @@ pub async fn create_batch(state: &AppState, request: CreateBatch) -> Result<Resp
 #[utoipa::path(get, path = "/v1/batches", tag = "batches",
     params(("limit" = Option<u32>, Query, description = "1 to 100, default 20"), ("after" = Option<String>, Query, description = "a batch id: list older batches")),
     responses((status = 200, body = BatchList), (status = 400, body = crate::error::ErrorBody)))]
-pub async fn list_batches(state: &AppState, query: ListQuery) -> Result<Response, ApiError> {
+pub async fn list_batches(state: &AppState, caller: &Caller, query: ListQuery) -> Result<Response, ApiError> {
     let limit = query.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
         return Err(
             ApiError::bad_request("invalid_limit", format!("limit must be 1 to 100, not {limit}")).with_param("limit")
         );
     }
-    let scope = caller_scope(state).await?;
+    let scope = caller.scope.clone();
     let mut batches = stores(state)?.db.batches().list(&scope, limit + 1, query.after.as_deref()).await?;
     let has_more = batches.len() > limit as usize;
     batches.truncate(limit as usize);
@@ -407,8 +416,8 @@ pub async fn list_batches(state: &AppState, query: ListQuery) -> Result<Response
 /// One batch, with its request counts.
 #[utoipa::path(get, path = "/v1/batches/{id}", tag = "batches", params(("id" = String, Path, description = "the batch id")),
     responses((status = 200, body = BatchObject), (status = 404, body = crate::error::ErrorBody)))]
-pub async fn get_batch(state: &AppState, id: &str) -> Result<Response, ApiError> {
-    let scope = caller_scope(state).await?;
+pub async fn get_batch(state: &AppState, caller: &Caller, id: &str) -> Result<Response, ApiError> {
+    let scope = caller.scope.clone();
     let batch = stores(state)?.db.batches().get(&scope, id).await?;
     Ok(warp::reply::json(&BatchObject::from(batch)).into_response())
 }
@@ -417,8 +426,8 @@ pub async fn get_batch(state: &AppState, id: &str) -> Result<Response, ApiError>
 /// with the answers so far in its output file. A batch that already ended is a 409.
 #[utoipa::path(post, path = "/v1/batches/{id}/cancel", tag = "batches", params(("id" = String, Path, description = "the batch id")),
     responses((status = 200, body = BatchObject), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
-pub async fn cancel_batch(state: &AppState, id: &str) -> Result<Response, ApiError> {
-    let scope = caller_scope(state).await?;
+pub async fn cancel_batch(state: &AppState, caller: &Caller, id: &str) -> Result<Response, ApiError> {
+    let scope = caller.scope.clone();
     let batch = stores(state)?.db.batches().cancel(&scope, id).await?;
     tracing::info!(batch = %batch.id, status = batch.status.as_str(), "batch cancellation requested");
     Ok(warp::reply::json(&BatchObject::from(batch)).into_response())
@@ -556,6 +565,7 @@ async fn run_batch(state: &Arc<AppState>, stores: &Stores, worker_id: &str, id: 
         batch.expires_at_ms,
         Arc::clone(&stop),
     ));
+    let caller = Caller::internal(scope.clone());
     let answered: HashSet<u64> = batches.answered_lines(id).await?.into_iter().collect();
     let total = lines.len();
     let pending: Vec<(u64, BatchLine)> = lines
@@ -568,7 +578,7 @@ async fn run_batch(state: &Arc<AppState>, stores: &Stores, worker_id: &str, id: 
         tracing::info!(batch = %id, pending = pending.len(), total, "working on a batch");
     }
     let outcomes: Vec<Result<(), ApiError>> = futures_util::stream::iter(pending)
-        .map(|(index, line)| run_line(state, stores, id, &batch.endpoint, index, line, &stop))
+        .map(|(index, line)| run_line(state, &caller, id, &batch.endpoint, index, line, &stop))
         .buffer_unordered(LINE_CONCURRENCY)
         .collect()
         .await;
@@ -603,7 +613,7 @@ async fn run_batch(state: &Arc<AppState>, stores: &Stores, worker_id: &str, id: 
 /// stops. Only a store failure is an error.
 async fn run_line(
     state: &Arc<AppState>,
-    stores: &Stores,
+    caller: &Caller,
     batch_id: &str,
     endpoint: &str,
     index: u64,
@@ -615,7 +625,7 @@ async fn run_line(
         if stop.get() != Stop::Running {
             return Ok(());
         }
-        match super::openai::run_json(Arc::clone(state), endpoint, &line.body).await {
+        match super::openai::run_json(Arc::clone(state), caller.clone(), endpoint, &line.body).await {
             Ok(body) => break Ok(body),
             Err(err)
                 if matches!(
@@ -651,7 +661,7 @@ async fn run_line(
             error: Some((err.code.to_owned(), err.message)),
         },
     };
-    stores.db.batches().record_result(batch_id, &result).await?;
+    state.stores()?.db.batches().record_result(batch_id, &result).await?;
     Ok(())
 }
 

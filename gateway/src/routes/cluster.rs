@@ -12,6 +12,7 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use super::with_state;
+use crate::auth::{Access, signed_in};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -19,15 +20,17 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let status = warp::path!("v1" / "cluster" / "status")
         .and(warp::get())
         .and(with_state(state))
+        .and(signed_in(state, Access::Manage))
         .and_then(|s: Arc<AppState>| async move { cluster_status(&s).map_err(warp::reject::custom) });
     let nodes = warp::path!("v1" / "nodes")
         .and(warp::get())
         .and(with_state(state))
+        .and(signed_in(state, Access::Manage))
         .and_then(|s: Arc<AppState>| async move { list_nodes(&s).map_err(warp::reject::custom) });
     let join = warp::path!("v1" / "cluster" / "members")
         .and(warp::post())
         .and(with_state(state))
-        .and(warp::header::optional::<String>(COOKIE_HEADER))
+        .and(cookie_checked(state))
         .and(crate::json::json_body::<NodeSpec>(64 * 1024))
         .and_then(|s: Arc<AppState>, cookie: Option<String>, spec: NodeSpec| async move {
             join_member(&s, cookie.as_deref(), spec).await.map_err(warp::reject::custom)
@@ -35,14 +38,14 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let remove = warp::path!("v1" / "cluster" / "members" / u64)
         .and(warp::delete())
         .and(with_state(state))
-        .and(warp::header::optional::<String>(COOKIE_HEADER))
+        .and(cookie_checked(state))
         .and_then(|id: u64, s: Arc<AppState>, cookie: Option<String>| async move {
             remove_member(&s, cookie.as_deref(), id).await.map_err(warp::reject::custom)
         });
     let labels = warp::path!("v1" / "nodes" / u64 / "labels")
         .and(warp::patch())
         .and(with_state(state))
-        .and(warp::header::optional::<String>(COOKIE_HEADER))
+        .and(cookie_checked(state))
         .and(crate::json::json_body::<LabelChange>(64 * 1024))
         .and_then(|id: u64, s: Arc<AppState>, cookie: Option<String>, change: LabelChange| async move {
             change_labels(&s, cookie.as_deref(), id, change).await.map_err(warp::reject::custom)
@@ -50,10 +53,12 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let gpus = warp::path!("v1" / "gpus")
         .and(warp::get())
         .and(with_state(state))
+        .and(signed_in(state, Access::Manage))
         .and_then(|s: Arc<AppState>| async move { list_gpus(&s).map_err(warp::reject::custom) });
     let agent = warp::path!("v1" / "node" / "agent")
         .and(warp::get())
         .and(with_state(state))
+        .and(signed_in(state, Access::Manage))
         .and_then(|s: Arc<AppState>| async move { node_agent(&s).map_err(warp::reject::custom) });
     status
         .or(nodes)
@@ -217,6 +222,19 @@ pub(crate) fn check_cookie(state: &AppState, presented: Option<&str>) -> Result<
             format!("the {COOKIE_HEADER} header does not match this cluster's cookie (cluster.cookie)"),
         ))
     }
+}
+
+/// The cluster cookie of a node-to-node route, checked before anything else of the
+/// request (its body is not read for a caller without it); the cookie is passed on.
+pub(crate) fn cookie_checked(
+    state: &Arc<AppState>,
+) -> impl Filter<Extract = (Option<String>,), Error = warp::Rejection> + Clone + use<> {
+    with_state(state).and(warp::header::optional::<String>(COOKIE_HEADER)).and_then(
+        |s: Arc<AppState>, cookie: Option<String>| async move {
+            check_cookie(&s, cookie.as_deref()).map_err(warp::reject::custom)?;
+            Ok::<_, warp::Rejection>(cookie)
+        },
+    )
 }
 
 /// Where each member can be reached, returned to a node that joins.

@@ -21,8 +21,9 @@ use warp::filters::BoxedFilter;
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
-use super::cluster::{COOKIE_HEADER, check_cookie, control_plane, now_ms};
+use super::cluster::{control_plane, now_ms};
 use super::with_state;
+use crate::auth::{Access, Caller, caller, signed_in};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -35,45 +36,48 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let list = warp::path!("v1" / "deployments")
         .and(warp::get())
         .and(with_state(state))
+        .and(signed_in(state, Access::Manage))
         .and_then(|s: Arc<AppState>| async move { list_deployments(&s).map_err(warp::reject::custom) });
     let get = warp::path!("v1" / "deployments" / String)
         .and(warp::get())
         .and(with_state(state))
+        .and(signed_in(state, Access::Manage))
         .and_then(|id: String, s: Arc<AppState>| async move { get_deployment(&s, &id).map_err(warp::reject::custom) });
     let create = warp::path!("v1" / "deployments")
         .and(warp::post())
         .and(with_state(state))
-        .and(warp::header::optional::<String>(COOKIE_HEADER))
+        .and(caller(state, Access::Manage))
         .and(crate::json::json_body::<DeploymentRequest>(64 * 1024))
-        .and_then(|s: Arc<AppState>, cookie: Option<String>, request: DeploymentRequest| async move {
-            create_deployment(&s, cookie.as_deref(), request).await.map_err(warp::reject::custom)
+        .and_then(|s: Arc<AppState>, c: Caller, request: DeploymentRequest| async move {
+            create_deployment(&s, &c, request).await.map_err(warp::reject::custom)
         });
     let update = warp::path!("v1" / "deployments" / String)
         .and(warp::put())
         .and(with_state(state))
-        .and(warp::header::optional::<String>(COOKIE_HEADER))
+        .and(caller(state, Access::Manage))
         .and(crate::json::json_body::<DeploymentRequest>(64 * 1024))
-        .and_then(|id: String, s: Arc<AppState>, cookie: Option<String>, request: DeploymentRequest| async move {
-            update_deployment(&s, cookie.as_deref(), id, request).await.map_err(warp::reject::custom)
+        .and_then(|id: String, s: Arc<AppState>, c: Caller, request: DeploymentRequest| async move {
+            update_deployment(&s, &c, id, request).await.map_err(warp::reject::custom)
         });
     let scale = warp::path!("v1" / "deployments" / String)
         .and(warp::patch())
         .and(with_state(state))
-        .and(warp::header::optional::<String>(COOKIE_HEADER))
+        .and(caller(state, Access::Manage))
         .and(crate::json::json_body::<ScaleRequest>(4 * 1024))
-        .and_then(|id: String, s: Arc<AppState>, cookie: Option<String>, request: ScaleRequest| async move {
-            scale_deployment(&s, cookie.as_deref(), id, request).await.map_err(warp::reject::custom)
+        .and_then(|id: String, s: Arc<AppState>, c: Caller, request: ScaleRequest| async move {
+            scale_deployment(&s, &c, id, request).await.map_err(warp::reject::custom)
         });
     let delete = warp::path!("v1" / "deployments" / String)
         .and(warp::delete())
         .and(with_state(state))
-        .and(warp::header::optional::<String>(COOKIE_HEADER))
-        .and_then(|id: String, s: Arc<AppState>, cookie: Option<String>| async move {
-            delete_deployment(&s, cookie.as_deref(), id).await.map_err(warp::reject::custom)
+        .and(caller(state, Access::Manage))
+        .and_then(|id: String, s: Arc<AppState>, c: Caller| async move {
+            delete_deployment(&s, &c, id).await.map_err(warp::reject::custom)
         });
     let estimate = warp::path!("v1" / "deployments" / "estimate")
         .and(warp::post())
         .and(with_state(state))
+        .and(signed_in(state, Access::Manage))
         .and(crate::json::json_body::<EstimateRequest>(16 * 1024))
         .and_then(|s: Arc<AppState>, request: EstimateRequest| async move {
             estimate_deployment(&s, request).await.map_err(warp::reject::custom)
@@ -81,14 +85,10 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let drain = warp::path!("v1" / "nodes" / u64 / "drain")
         .and(warp::post().map(|| true).or(warp::delete().map(|| false)).unify())
         .and(with_state(state))
-        .and(warp::header::optional::<String>(COOKIE_HEADER))
-        .and_then(|id: u64, start: bool, s: Arc<AppState>, cookie: Option<String>| async move {
-            if start {
-                drain_node(&s, cookie.as_deref(), id).await
-            } else {
-                undrain_node(&s, cookie.as_deref(), id).await
-            }
-            .map_err(warp::reject::custom)
+        .and(caller(state, Access::Manage))
+        .and_then(|id: u64, start: bool, s: Arc<AppState>, c: Caller| async move {
+            if start { drain_node(&s, &c, id).await } else { undrain_node(&s, &c, id).await }
+                .map_err(warp::reject::custom)
         });
     // `estimate` before `get`/`create`, whose paths would otherwise take it.
     estimate
@@ -532,10 +532,10 @@ async fn put(
         (status = 403, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn create_deployment(
     state: &AppState,
-    cookie: Option<&str>,
+    caller: &Caller,
     request: DeploymentRequest,
 ) -> Result<Response, ApiError> {
-    check_cookie(state, cookie)?;
+    caller.require_admin()?;
     let name = request.name.clone().unwrap_or_default();
     if !valid_name(&name) {
         return Err(ApiError::bad_request(
@@ -562,11 +562,11 @@ pub async fn create_deployment(
         (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn update_deployment(
     state: &AppState,
-    cookie: Option<&str>,
+    caller: &Caller,
     id: String,
     request: DeploymentRequest,
 ) -> Result<Response, ApiError> {
-    check_cookie(state, cookie)?;
+    caller.require_admin()?;
     if request.name.as_ref().is_some_and(|name| *name != id) {
         return Err(ApiError::bad_request(
             "invalid_input",
@@ -589,11 +589,11 @@ pub async fn update_deployment(
         (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn scale_deployment(
     state: &AppState,
-    cookie: Option<&str>,
+    caller: &Caller,
     id: String,
     request: ScaleRequest,
 ) -> Result<Response, ApiError> {
-    check_cookie(state, cookie)?;
+    caller.require_admin()?;
     if request.replicas > MAX_REPLICAS {
         return Err(ApiError::bad_request("invalid_input", format!("replicas must be at most {MAX_REPLICAS}"))
             .with_param("replicas"));
@@ -616,8 +616,8 @@ pub async fn scale_deployment(
     params(("id" = String, Path, description = "the deployment's name"), ("x-maas-cluster-cookie" = String, Header, description = "the cluster cookie")),
     responses((status = 200, description = "deleted", content_type = "application/json"), (status = 403, body = crate::error::ErrorBody),
         (status = 404, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
-pub async fn delete_deployment(state: &AppState, cookie: Option<&str>, id: String) -> Result<Response, ApiError> {
-    check_cookie(state, cookie)?;
+pub async fn delete_deployment(state: &AppState, caller: &Caller, id: String) -> Result<Response, ApiError> {
+    caller.require_admin()?;
     let handle = control_plane(state)?;
     let command = Command::DeleteDeployment { deployment_id: DeploymentId(id.clone()), at_ms: now_ms() };
     match handle.propose(command).await? {
@@ -707,8 +707,8 @@ pub async fn estimate_deployment(state: &AppState, request: EstimateRequest) -> 
     params(("id" = u64, Path, description = "the node id"), ("x-maas-cluster-cookie" = String, Header, description = "the cluster cookie")),
     responses((status = 200, description = "draining", content_type = "application/json"), (status = 403, body = crate::error::ErrorBody),
         (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
-pub async fn drain_node(state: &AppState, cookie: Option<&str>, id: u64) -> Result<Response, ApiError> {
-    set_drain(state, cookie, id, true).await
+pub async fn drain_node(state: &AppState, caller: &Caller, id: u64) -> Result<Response, ApiError> {
+    set_drain(state, caller, id, true).await
 }
 
 /// Ends a drain: the node takes work again.
@@ -716,12 +716,12 @@ pub async fn drain_node(state: &AppState, cookie: Option<&str>, id: u64) -> Resu
     params(("id" = u64, Path, description = "the node id"), ("x-maas-cluster-cookie" = String, Header, description = "the cluster cookie")),
     responses((status = 200, description = "alive again", content_type = "application/json"), (status = 403, body = crate::error::ErrorBody),
         (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
-pub async fn undrain_node(state: &AppState, cookie: Option<&str>, id: u64) -> Result<Response, ApiError> {
-    set_drain(state, cookie, id, false).await
+pub async fn undrain_node(state: &AppState, caller: &Caller, id: u64) -> Result<Response, ApiError> {
+    set_drain(state, caller, id, false).await
 }
 
-async fn set_drain(state: &AppState, cookie: Option<&str>, id: u64, drain: bool) -> Result<Response, ApiError> {
-    check_cookie(state, cookie)?;
+async fn set_drain(state: &AppState, caller: &Caller, id: u64, drain: bool) -> Result<Response, ApiError> {
+    caller.require_admin()?;
     let handle = control_plane(state)?;
     let Some(status) = handle.read_local(|cluster| cluster.node(NodeId(id)).map(|node| node.status)) else {
         return Err(ApiError::not_found(format!("node {id} is not a member of this cluster")));

@@ -21,7 +21,7 @@ use warp::{Filter, Reply};
 use super::batches::BatchInputChecker;
 use super::registry::stores;
 use super::with_state;
-use crate::caller::caller_scope;
+use crate::auth::{Access, Caller, caller};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -36,25 +36,38 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let upload = warp::path!("v1" / "files")
         .and(warp::post())
         .and(with_state(state))
+        .and(caller(state, Access::Inference))
         .and(warp::header::optional::<String>("content-type"))
         .and(warp::body::stream())
-        .and_then(|s: Arc<AppState>, content_type: Option<String>, body| async move {
-            upload_file(&s, content_type.as_deref(), body).await.map_err(warp::reject::custom)
+        .and_then(|s: Arc<AppState>, c: Caller, content_type: Option<String>, body| async move {
+            upload_file(&s, &c, content_type.as_deref(), body).await.map_err(warp::reject::custom)
         });
     let list = warp::path!("v1" / "files")
         .and(warp::get())
         .and(with_state(state))
-        .and_then(|s: Arc<AppState>| async move { list_files(&s).await.map_err(warp::reject::custom) });
+        .and(caller(state, Access::Inference))
+        .and_then(|s: Arc<AppState>, c: Caller| async move { list_files(&s, &c).await.map_err(warp::reject::custom) });
     let get = warp::path!("v1" / "files" / String)
         .and(warp::get())
         .and(with_state(state))
-        .and_then(|id: String, s: Arc<AppState>| async move { get_file(&s, &id).await.map_err(warp::reject::custom) });
-    let content = warp::path!("v1" / "files" / String / "content").and(warp::get()).and(with_state(state)).and_then(
-        |id: String, s: Arc<AppState>| async move { file_content(&s, &id).await.map_err(warp::reject::custom) },
-    );
-    let delete = warp::path!("v1" / "files" / String).and(warp::delete()).and(with_state(state)).and_then(
-        |id: String, s: Arc<AppState>| async move { delete_file(&s, &id).await.map_err(warp::reject::custom) },
-    );
+        .and(caller(state, Access::Inference))
+        .and_then(|id: String, s: Arc<AppState>, c: Caller| async move {
+            get_file(&s, &c, &id).await.map_err(warp::reject::custom)
+        });
+    let content = warp::path!("v1" / "files" / String / "content")
+        .and(warp::get())
+        .and(with_state(state))
+        .and(caller(state, Access::Inference))
+        .and_then(|id: String, s: Arc<AppState>, c: Caller| async move {
+            file_content(&s, &c, &id).await.map_err(warp::reject::custom)
+        });
+    let delete = warp::path!("v1" / "files" / String)
+        .and(warp::delete())
+        .and(with_state(state))
+        .and(caller(state, Access::Inference))
+        .and_then(|id: String, s: Arc<AppState>, c: Caller| async move {
+            delete_file(&s, &c, &id).await.map_err(warp::reject::custom)
+        });
     upload.or(list).unify().or(get).unify().or(content).unify().or(delete).unify().boxed()
 }
 
@@ -116,6 +129,7 @@ const MAX_PURPOSE_BYTES: usize = 64;
     responses((status = 200, body = FileObject), (status = 400, body = crate::error::ErrorBody), (status = 413, body = crate::error::ErrorBody)))]
 pub async fn upload_file(
     state: &AppState,
+    caller: &Caller,
     content_type: Option<&str>,
     body: impl futures_util::Stream<Item = Result<impl bytes::Buf, warp::Error>> + Unpin + Send + 'static,
 ) -> Result<Response, ApiError> {
@@ -126,7 +140,7 @@ pub async fn upload_file(
             format!("content-type `{content_type}` is not multipart/form-data: send the file as a multipart form with `purpose` and `file`"),
         )
     })?;
-    let scope = caller_scope(state).await?;
+    let scope = caller.scope.clone();
     let stores = stores(state)?;
     let body = body.map_ok(|mut buf| buf.copy_to_bytes(buf.remaining()));
     let mut form = multer::Multipart::new(body, boundary);
@@ -193,6 +207,7 @@ pub async fn upload_file(
         // takes blobs no file or model refers to.
         check_batch_file(stores, &info.digest).await?;
     }
+    check_storage_quota(stores, caller, info.size_bytes).await?;
     let record = stores
         .db
         .files()
@@ -200,6 +215,34 @@ pub async fn upload_file(
         .await?;
     tracing::info!(file = %record.id, purpose = %record.purpose, bytes = record.size_bytes, "file uploaded");
     Ok(warp::reply::json(&FileObject::from(record)).into_response())
+}
+
+/// Refuses an upload that would take the owner's stored bytes past its `storage_bytes`
+/// quota. The bytes stay in the blob store until garbage collection (nothing refers to
+/// them); waiting does not help here, deleting files does, so the answer is a 403.
+async fn check_storage_quota(stores: &crate::state::Stores, caller: &Caller, size_bytes: u64) -> Result<(), ApiError> {
+    let owner = caller.scope.acting_as();
+    let subject = format!("{}:{}", owner.kind(), owner.id());
+    let Some(limit) =
+        caller.quotas.iter().find(|check| check.subject == subject).map(|check| check.limits.storage_bytes)
+    else {
+        return Ok(());
+    };
+    if limit == 0 {
+        return Ok(());
+    }
+    let in_use = stores.db.usage().stored_bytes(owner).await?;
+    if in_use.saturating_add(size_bytes) > limit {
+        return Err(ApiError::new(
+            http::StatusCode::FORBIDDEN,
+            "permission_error",
+            "storage_quota_exceeded",
+            format!(
+                "storage_bytes limit of {subject} reached: {in_use} bytes stored, this file has {size_bytes}, the quota is {limit}; delete files to make room"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Reads a stored batch file line by line and refuses it at its first bad line.
@@ -228,8 +271,8 @@ async fn check_batch_file(stores: &crate::state::Stores, digest: &Digest) -> Res
 
 /// The caller's files, newest first.
 #[utoipa::path(get, path = "/v1/files", tag = "files", responses((status = 200, body = FileList)))]
-pub async fn list_files(state: &AppState) -> Result<Response, ApiError> {
-    let scope = caller_scope(state).await?;
+pub async fn list_files(state: &AppState, caller: &Caller) -> Result<Response, ApiError> {
+    let scope = caller.scope.clone();
     let files = stores(state)?.db.files().list(&scope).await?;
     let data: Vec<FileObject> = files.into_iter().map(FileObject::from).collect();
     let first_id = data.first().map(|f| f.id.clone());
@@ -240,8 +283,8 @@ pub async fn list_files(state: &AppState) -> Result<Response, ApiError> {
 /// One file's record.
 #[utoipa::path(get, path = "/v1/files/{id}", tag = "files", params(("id" = String, Path, description = "the file id")),
     responses((status = 200, body = FileObject), (status = 404, body = crate::error::ErrorBody)))]
-pub async fn get_file(state: &AppState, id: &str) -> Result<Response, ApiError> {
-    let scope = caller_scope(state).await?;
+pub async fn get_file(state: &AppState, caller: &Caller, id: &str) -> Result<Response, ApiError> {
+    let scope = caller.scope.clone();
     let record = stores(state)?.db.files().get(&scope, id).await?;
     Ok(warp::reply::json(&FileObject::from(record)).into_response())
 }
@@ -249,8 +292,8 @@ pub async fn get_file(state: &AppState, id: &str) -> Result<Response, ApiError> 
 /// A file's bytes, streamed from the blob store.
 #[utoipa::path(get, path = "/v1/files/{id}/content", tag = "files", params(("id" = String, Path, description = "the file id")),
     responses((status = 200, description = "the bytes", content_type = "application/octet-stream"), (status = 404, body = crate::error::ErrorBody)))]
-pub async fn file_content(state: &AppState, id: &str) -> Result<Response, ApiError> {
-    let scope = caller_scope(state).await?;
+pub async fn file_content(state: &AppState, caller: &Caller, id: &str) -> Result<Response, ApiError> {
+    let scope = caller.scope.clone();
     let stores = stores(state)?;
     let record = stores.db.files().get(&scope, id).await?;
     let digest: Digest = record.sha256.parse()?;
@@ -268,8 +311,8 @@ pub async fn file_content(state: &AppState, id: &str) -> Result<Response, ApiErr
 /// refers to them and blob garbage collection runs.
 #[utoipa::path(delete, path = "/v1/files/{id}", tag = "files", params(("id" = String, Path, description = "the file id")),
     responses((status = 200, body = FileDeleted), (status = 404, body = crate::error::ErrorBody)))]
-pub async fn delete_file(state: &AppState, id: &str) -> Result<Response, ApiError> {
-    let scope = caller_scope(state).await?;
+pub async fn delete_file(state: &AppState, caller: &Caller, id: &str) -> Result<Response, ApiError> {
+    let scope = caller.scope.clone();
     let record = stores(state)?.db.files().delete(&scope, id).await?;
     Ok(warp::reply::json(&FileDeleted { id: record.id, object: "file", deleted: true }).into_response())
 }

@@ -1,5 +1,7 @@
 //! The routes: one module per area, assembled by [`routes`].
 
+pub mod admin;
+pub mod auth;
 pub mod batches;
 pub mod cluster;
 pub mod debug;
@@ -7,11 +9,14 @@ pub mod deployments;
 pub mod files;
 pub mod health;
 pub mod index;
+pub mod keys;
 pub mod openai;
 pub mod openapi;
+pub mod orgs;
 pub mod registry;
 pub mod safety;
 pub mod sessions;
+pub mod usage;
 
 use std::sync::Arc;
 
@@ -41,6 +46,16 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .or(batches::routes(state))
         .unify()
         .or(sessions::routes(state))
+        .unify()
+        .or(auth::routes(state))
+        .unify()
+        .or(keys::routes(state))
+        .unify()
+        .or(orgs::routes(state))
+        .unify()
+        .or(usage::routes(state))
+        .unify()
+        .or(admin::routes(state))
         .unify()
         .or(openapi::routes(state))
         .unify()

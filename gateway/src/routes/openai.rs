@@ -28,11 +28,13 @@ use warp::{Filter, Reply};
 
 use super::cluster::{COOKIE_HEADER, check_cookie, control_plane};
 use super::with_state;
-use crate::caller::caller_scope;
+use crate::auth::{Access, Caller, caller, signed_in};
 use crate::error::ApiError;
+use crate::metering::Meter;
 use crate::response_cache::CachedAnswer;
 use crate::response_format::{Expected, ResponseFormat};
 use crate::state::AppState;
+use maas_store::TenantScope;
 
 /// Requests this node has in flight to each replica, the load that routing balances.
 #[derive(Debug, Default)]
@@ -76,32 +78,36 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let models = warp::path!("v1" / "models")
         .and(warp::get())
         .and(with_state(state))
+        .and(signed_in(state, Access::Inference))
         .and_then(|s: Arc<AppState>| async move { list_models(&s).map_err(warp::reject::custom) });
     let chat = warp::path!("v1" / "chat" / "completions")
         .and(warp::post())
         .and(with_state(state))
+        .and(caller(state, Access::Inference))
         .and(crate::json::json_body::<InferenceRequest>(8 * 1024 * 1024))
-        .and_then(|s: Arc<AppState>, request: InferenceRequest| async move {
-            chat_completions(s, request).await.map_err(warp::reject::custom)
+        .and_then(|s: Arc<AppState>, c: Caller, request: InferenceRequest| async move {
+            chat_completions(s, c, request).await.map_err(warp::reject::custom)
         });
     let completions = warp::path!("v1" / "completions")
         .and(warp::post())
         .and(with_state(state))
+        .and(caller(state, Access::Inference))
         .and(crate::json::json_body::<InferenceRequest>(8 * 1024 * 1024))
-        .and_then(|s: Arc<AppState>, request: InferenceRequest| async move {
-            completions(s, request).await.map_err(warp::reject::custom)
+        .and_then(|s: Arc<AppState>, c: Caller, request: InferenceRequest| async move {
+            completions(s, c, request).await.map_err(warp::reject::custom)
         });
     let embeddings = warp::path!("v1" / "embeddings")
         .and(warp::post())
         .and(with_state(state))
+        .and(caller(state, Access::Inference))
         .and(crate::json::json_body::<EmbeddingRequest>(8 * 1024 * 1024))
-        .and_then(|s: Arc<AppState>, request: EmbeddingRequest| async move {
-            embeddings(s, request).await.map_err(warp::reject::custom)
+        .and_then(|s: Arc<AppState>, c: Caller, request: EmbeddingRequest| async move {
+            embeddings(s, c, request).await.map_err(warp::reject::custom)
         });
     let internal_generate = warp::path!("internal" / "replicas" / String / "generate")
         .and(warp::post())
         .and(with_state(state))
-        .and(warp::header::optional::<String>(COOKIE_HEADER))
+        .and(super::cluster::cookie_checked(state))
         .and(crate::json::json_body::<RemoteRequest>(8 * 1024 * 1024))
         .and_then(|id: String, s: Arc<AppState>, cookie: Option<String>, body: RemoteRequest| async move {
             internal_generate(&s, cookie.as_deref(), &id, body).map_err(warp::reject::custom)
@@ -109,7 +115,7 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let internal_embed = warp::path!("internal" / "replicas" / String / "embed")
         .and(warp::post())
         .and(with_state(state))
-        .and(warp::header::optional::<String>(COOKIE_HEADER))
+        .and(super::cluster::cookie_checked(state))
         .and(crate::json::json_body::<Vec<String>>(8 * 1024 * 1024))
         .and_then(|id: String, s: Arc<AppState>, cookie: Option<String>, texts: Vec<String>| async move {
             internal_embed(&s, cookie.as_deref(), &id, texts).await.map_err(warp::reject::custom)
@@ -270,13 +276,14 @@ fn engine_error(err: &EngineError) -> ApiError {
 /// answering (gone, full) is skipped for the next.
 pub(crate) async fn start_generation(
     state: &Arc<AppState>,
+    scope: &TenantScope,
     model: &str,
     request: GenerationRequest,
     render: Option<Vec<maas_engine::ChatMessage>>,
 ) -> Result<(mpsc::Receiver<GenerationEvent>, String), ApiError> {
     let targets = candidates(state, model)?;
     let mut request = request;
-    apply_safety(state, &mut request, render.as_deref()).await?;
+    apply_safety(state, scope, &mut request, render.as_deref()).await?;
     let mut last_error = None;
     for target in targets {
         let mut request = request.clone();
@@ -808,7 +815,25 @@ fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "inference", request_body(content = Object, description = "OpenAI's chat completion request"),
     responses((status = 200, description = "a chat.completion, or an SSE stream of chat.completion.chunk ending in data: [DONE]", content_type = "application/json"),
         (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
-pub async fn chat_completions(state: Arc<AppState>, request: InferenceRequest) -> Result<Response, ApiError> {
+pub async fn chat_completions(
+    state: Arc<AppState>,
+    caller: Caller,
+    request: InferenceRequest,
+) -> Result<Response, ApiError> {
+    let meter = Meter::admit(&state, &caller, &request.model, "chat").await?;
+    let result = chat_answer(state, &caller, request, meter.clone()).await;
+    if let Err(err) = &result {
+        meter.fail(err.status.as_u16());
+    }
+    result
+}
+
+async fn chat_answer(
+    state: Arc<AppState>,
+    caller: &Caller,
+    request: InferenceRequest,
+    meter: Meter,
+) -> Result<Response, ApiError> {
     if request.prompt.is_some() || request.echo {
         return Err(bad("prompt", "chat completions take messages, not a prompt: use /v1/completions for a prompt"));
     }
@@ -833,12 +858,14 @@ pub async fn chat_completions(state: Arc<AppState>, request: InferenceRequest) -
     };
     let generation_request = generation(&request, String::new(), logprobs)?;
     let expected = crate::response_format::expected(request.response_format.as_ref())?;
-    let source = answer_source(&state, &request.model, "chat", generation_request, Some(messages)).await?;
+    let source =
+        answer_source(&state, &caller.scope, &request.model, "chat", generation_request, Some(messages)).await?;
     let id = new_id("chatcmpl");
     let created = unix_now();
     let model = request.model.clone();
     if !request.stream {
         let (done, hit) = finish_answer(&state, source, expected.as_ref()).await?;
+        meter.finish(200, done.prompt_tokens, done.completion_tokens);
         let body = json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{
@@ -856,7 +883,7 @@ pub async fn chat_completions(state: Arc<AppState>, request: InferenceRequest) -
         json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
     };
-    Ok(sse(state, source, expected, include_usage, move |part| match part {
+    Ok(sse(state, meter, source, expected, include_usage, move |part| match part {
         Part::Start => Some(chunk(json!({"role": "assistant", "content": ""}), Value::Null, Value::Null)),
         Part::Token { text, logprob } => {
             if text.is_empty() && logprob.is_none() {
@@ -879,7 +906,25 @@ pub async fn chat_completions(state: Arc<AppState>, request: InferenceRequest) -
 #[utoipa::path(post, path = "/v1/completions", tag = "inference", request_body(content = Object, description = "OpenAI's completion request"),
     responses((status = 200, description = "a text_completion, or an SSE stream ending in data: [DONE]", content_type = "application/json"),
         (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
-pub async fn completions(state: Arc<AppState>, request: InferenceRequest) -> Result<Response, ApiError> {
+pub async fn completions(
+    state: Arc<AppState>,
+    caller: Caller,
+    request: InferenceRequest,
+) -> Result<Response, ApiError> {
+    let meter = Meter::admit(&state, &caller, &request.model, "completions").await?;
+    let result = completion_answer(state, &caller, request, meter.clone()).await;
+    if let Err(err) = &result {
+        meter.fail(err.status.as_u16());
+    }
+    result
+}
+
+async fn completion_answer(
+    state: Arc<AppState>,
+    caller: &Caller,
+    request: InferenceRequest,
+    meter: Meter,
+) -> Result<Response, ApiError> {
     if request.messages.is_some() || request.top_logprobs.is_some() {
         return Err(bad("messages", "text completions take a prompt, not messages: use /v1/chat/completions"));
     }
@@ -899,12 +944,13 @@ pub async fn completions(state: Arc<AppState>, request: InferenceRequest) -> Res
     };
     let generation_request = generation(&request, prompt, logprobs)?;
     let expected = crate::response_format::expected(request.response_format.as_ref())?;
-    let source = answer_source(&state, &request.model, "completions", generation_request, None).await?;
+    let source = answer_source(&state, &caller.scope, &request.model, "completions", generation_request, None).await?;
     let id = new_id("cmpl");
     let created = unix_now();
     let model = request.model.clone();
     if !request.stream {
         let (done, hit) = finish_answer(&state, source, expected.as_ref()).await?;
+        meter.finish(200, done.prompt_tokens, done.completion_tokens);
         let logprobs = if logprobs.is_some() {
             json!({
                 "tokens": done.logprobs.iter().map(|l| l["token"].clone()).collect::<Vec<_>>(),
@@ -925,7 +971,7 @@ pub async fn completions(state: Arc<AppState>, request: InferenceRequest) -> Res
         json!({"id": id, "object": "text_completion", "created": created, "model": model,
                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}]})
     };
-    Ok(sse(state, source, expected, include_usage, move |part| match part {
+    Ok(sse(state, meter, source, expected, include_usage, move |part| match part {
         Part::Start => None,
         Part::Token { text, .. } => (!text.is_empty()).then(|| chunk(&text, Value::Null)),
         Part::Finish(reason) => Some(chunk("", json!(finish_name(reason)))),
@@ -961,11 +1007,11 @@ enum Source {
 /// their input rules.
 async fn apply_safety(
     state: &AppState,
+    scope: &TenantScope,
     request: &mut GenerationRequest,
     render: Option<&[maas_engine::ChatMessage]>,
 ) -> Result<(), ApiError> {
-    let scope = caller_scope(state).await.ok();
-    let policy = crate::safety::policy(state, scope.as_ref()).await?;
+    let policy = crate::safety::policy(state, Some(scope)).await?;
     policy.check_input(
         std::iter::once(request.prompt.as_str()).chain(render.into_iter().flatten().map(|m| m.content.as_str())),
     )?;
@@ -994,6 +1040,7 @@ fn deployment_version(state: &AppState, model: &str) -> Option<String> {
 /// replica (with the key to keep its answer under).
 async fn answer_source(
     state: &Arc<AppState>,
+    scope: &TenantScope,
     model: &str,
     endpoint: &str,
     mut request: GenerationRequest,
@@ -1001,8 +1048,8 @@ async fn answer_source(
 ) -> Result<Source, ApiError> {
     let mut cache_key = None;
     if state.response_cache.enabled() && crate::response_cache::is_deterministic(&request) {
-        apply_safety(state, &mut request, render.as_deref()).await?;
-        if let (Ok(scope), Some(deployment)) = (caller_scope(state).await, deployment_version(state, model)) {
+        apply_safety(state, scope, &mut request, render.as_deref()).await?;
+        if let Some(deployment) = deployment_version(state, model) {
             cache_key = crate::response_cache::key(scope.user_id(), endpoint, &deployment, &request, render.as_deref());
         }
     }
@@ -1015,7 +1062,7 @@ async fn answer_source(
     if cache_key.is_some() {
         metrics::counter!("maas_response_cache_total", "outcome" => "miss").increment(1);
     }
-    let (events, replica) = start_generation(state, model, request, render).await?;
+    let (events, replica) = start_generation(state, scope, model, request, render).await?;
     Ok(Source::Live { events, replica, cache_key })
 }
 
@@ -1091,6 +1138,8 @@ struct Stream {
     cache_key: Option<String>,
     /// The answer so far, kept when it is to be checked or cached.
     text: String,
+    /// Records the request's usage when the stream ends or is cut.
+    meter: Meter,
 }
 
 impl Drop for Stream {
@@ -1108,6 +1157,7 @@ impl Drop for Stream {
 /// before `[DONE]`; a complete answer of a deterministic request is kept in the cache.
 fn sse(
     state: Arc<AppState>,
+    meter: Meter,
     source: Source,
     expected: Option<Expected>,
     include_usage: bool,
@@ -1131,6 +1181,7 @@ fn sse(
         expected,
         cache_key,
         text: String::new(),
+        meter,
     };
     let stream = futures_util::stream::unfold(initial, move |mut s| {
         let shape = Arc::clone(&shape);
@@ -1151,6 +1202,7 @@ fn sse(
                 }
                 match s.events.recv().await {
                     Some(GenerationEvent::Token { text, logprob, .. }) => {
+                        s.meter.count_completion_token();
                         if s.expected.is_some() || s.cache_key.is_some() {
                             s.text.push_str(&text);
                         }
@@ -1159,6 +1211,7 @@ fn sse(
                         }
                     }
                     Some(GenerationEvent::Done { finish_reason, prompt_tokens, completion_tokens }) => {
+                        s.meter.finish(200, prompt_tokens, completion_tokens);
                         if let Some(value) = shape(Part::Finish(finish_reason)) {
                             s.pending.push_back(value.to_string());
                         }
@@ -1181,12 +1234,14 @@ fn sse(
                         s.finished = true;
                     }
                     Some(GenerationEvent::Failed(message)) => {
+                        s.meter.fail(502);
                         let error = json!({"error": {"message": format!("generation failed: {message}"), "type": "api_error", "code": "generation_failed"}});
                         s.pending.push_back(error.to_string());
                         s.pending.push_back("[DONE]".to_owned());
                         s.finished = true;
                     }
                     None => {
+                        s.meter.fail(502);
                         let error = json!({"error": {"message": "the replica stopped before the generation finished", "type": "api_error", "code": "replica_stopped"}});
                         s.pending.push_back(error.to_string());
                         s.finished = true;
@@ -1226,7 +1281,21 @@ pub const MAX_EMBEDDING_INPUTS: usize = 2048;
 #[utoipa::path(post, path = "/v1/embeddings", tag = "inference", request_body(content = Object, description = "OpenAI's embeddings request"),
     responses((status = 200, description = "a list of embeddings", content_type = "application/json"),
         (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
-pub async fn embeddings(state: Arc<AppState>, request: EmbeddingRequest) -> Result<Response, ApiError> {
+pub async fn embeddings(state: Arc<AppState>, caller: Caller, request: EmbeddingRequest) -> Result<Response, ApiError> {
+    let meter = Meter::admit(&state, &caller, &request.model, "embeddings").await?;
+    let result = embedding_answer(&state, request, &meter).await;
+    if let Err(err) = &result {
+        meter.fail(err.status.as_u16());
+    }
+    result
+}
+
+async fn embedding_answer(
+    state: &Arc<AppState>,
+    request: EmbeddingRequest,
+    meter: &Meter,
+) -> Result<Response, ApiError> {
+    let state = Arc::clone(state);
     let texts = match request.input {
         EmbeddingInput::One(text) => vec![text],
         EmbeddingInput::Many(list) => list,
@@ -1284,6 +1353,7 @@ pub async fn embeddings(state: Arc<AppState>, request: EmbeddingRequest) -> Resu
             json!({"object": "embedding", "index": index, "embedding": embedding})
         })
         .collect();
+    meter.finish(200, tokens, 0);
     let body = json!({"object": "list", "data": data, "model": request.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}});
     Ok(warp::reply::json(&body).into_response())
 }
@@ -1335,16 +1405,16 @@ fn base64_encode(bytes: &[u8]) -> String {
 /// Runs one request of a batch in-process through the same handler as its HTTP route
 /// (`url` is the route's path) and returns the JSON body of the answer, or the error the
 /// route would have answered. Batches do not stream.
-pub(crate) async fn run_json(state: Arc<AppState>, url: &str, body: &Value) -> Result<Value, ApiError> {
+pub(crate) async fn run_json(state: Arc<AppState>, caller: Caller, url: &str, body: &Value) -> Result<Value, ApiError> {
     use http_body_util::BodyExt as _;
     if body.get("stream").is_some_and(|stream| stream != &Value::Bool(false)) {
         return Err(bad("stream", "a batch request cannot stream: leave `stream` out"));
     }
     let bytes = serde_json::to_vec(body).map_err(|err| ApiError::internal(err.to_string()))?;
     let response = match url {
-        "/v1/chat/completions" => chat_completions(state, crate::json::parse_json(&bytes)?).await?,
-        "/v1/completions" => completions(state, crate::json::parse_json(&bytes)?).await?,
-        "/v1/embeddings" => embeddings(state, crate::json::parse_json(&bytes)?).await?,
+        "/v1/chat/completions" => chat_completions(state, caller, crate::json::parse_json(&bytes)?).await?,
+        "/v1/completions" => completions(state, caller, crate::json::parse_json(&bytes)?).await?,
+        "/v1/embeddings" => embeddings(state, caller, crate::json::parse_json(&bytes)?).await?,
         other => {
             return Err(
                 ApiError::bad_request("invalid_url", format!("`{other}` cannot run in a batch")).with_param("url")

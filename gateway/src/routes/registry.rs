@@ -18,8 +18,9 @@ use warp::filters::BoxedFilter;
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
-use super::cluster::{COOKIE_HEADER, check_cookie};
+use super::cluster::check_cookie;
 use super::with_state;
+use crate::auth::{Access, Caller, caller, signed_in};
 use crate::error::ApiError;
 use crate::state::{AppState, Stores};
 
@@ -27,15 +28,15 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let upload = warp::path!("v1" / "blobs")
         .and(warp::post())
         .and(with_state(state))
-        .and(warp::header::optional::<String>(COOKIE_HEADER))
+        .and(caller(state, Access::Manage))
         .and(warp::body::stream())
-        .and_then(|s: Arc<AppState>, cookie: Option<String>, body| async move {
-            upload_blob(&s, cookie.as_deref(), body).await.map_err(warp::reject::custom)
+        .and_then(|s: Arc<AppState>, c: Caller, body| async move {
+            upload_blob(&s, &c, body).await.map_err(warp::reject::custom)
         });
     let download = warp::path!("v1" / "blobs" / String)
         .and(warp::get())
         .and(with_state(state))
-        .and(warp::header::optional::<String>(COOKIE_HEADER))
+        .and(super::cluster::cookie_checked(state))
         .and(warp::header::optional::<String>("range"))
         .and_then(|digest: String, s: Arc<AppState>, cookie: Option<String>, range: Option<String>| async move {
             download_blob(&s, cookie.as_deref(), &digest, range.as_deref()).await.map_err(warp::reject::custom)
@@ -43,18 +44,20 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let register = warp::path!("v1" / "registry" / "models")
         .and(warp::post())
         .and(with_state(state))
-        .and(warp::header::optional::<String>(COOKIE_HEADER))
+        .and(caller(state, Access::Manage))
         .and(crate::json::json_body::<RegisterRequest>(4 * 1024 * 1024))
-        .and_then(|s: Arc<AppState>, cookie: Option<String>, request: RegisterRequest| async move {
-            register_model(&s, cookie.as_deref(), request).await.map_err(warp::reject::custom)
+        .and_then(|s: Arc<AppState>, c: Caller, request: RegisterRequest| async move {
+            register_model(&s, &c, request).await.map_err(warp::reject::custom)
         });
     let list = warp::path!("v1" / "registry" / "models")
         .and(warp::get())
         .and(with_state(state))
+        .and(signed_in(state, Access::Manage))
         .and_then(|s: Arc<AppState>| async move { list_models(&s).await.map_err(warp::reject::custom) });
     let catalog = warp::path!("v1" / "registry" / "catalog")
         .and(warp::get())
         .and(with_state(state))
+        .and(signed_in(state, Access::Manage))
         .and_then(|s: Arc<AppState>| async move { list_catalog(&s).await.map_err(warp::reject::custom) });
     upload.or(download).unify().or(register).unify().or(list).unify().or(catalog).unify().boxed()
 }
@@ -77,10 +80,10 @@ pub struct BlobReply {
     responses((status = 200, body = BlobReply), (status = 403, body = crate::error::ErrorBody), (status = 413, body = crate::error::ErrorBody)))]
 pub async fn upload_blob(
     state: &AppState,
-    cookie: Option<&str>,
+    caller: &Caller,
     body: impl futures_util::Stream<Item = Result<impl bytes::Buf, warp::Error>> + Unpin + Send,
 ) -> Result<Response, ApiError> {
-    check_cookie(state, cookie)?;
+    caller.require_admin()?;
     let stores = stores(state)?;
     let reader = tokio_util::io::StreamReader::new(
         body.map_ok(|mut buf| buf.copy_to_bytes(buf.remaining())).map_err(std::io::Error::other),
@@ -179,12 +182,8 @@ pub struct RegisterRequest {
     params(("x-maas-cluster-cookie" = String, Header, description = "the cluster cookie")),
     responses((status = 201, description = "the version", content_type = "application/json"), (status = 400, body = crate::error::ErrorBody),
         (status = 403, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody), (status = 413, body = crate::error::ErrorBody)))]
-pub async fn register_model(
-    state: &AppState,
-    cookie: Option<&str>,
-    request: RegisterRequest,
-) -> Result<Response, ApiError> {
-    check_cookie(state, cookie)?;
+pub async fn register_model(state: &AppState, caller: &Caller, request: RegisterRequest) -> Result<Response, ApiError> {
+    caller.require_admin()?;
     let stores = stores(state)?;
     maas_store::repo::models::validate_names(&request.name, request.version.as_deref())?;
     if let Some(tasks) = &request.tasks

@@ -13,7 +13,7 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use super::with_state;
-use crate::caller::caller_scope;
+use crate::auth::{Access, Caller, caller};
 use crate::error::ApiError;
 use crate::safety::check_pattern;
 use crate::state::AppState;
@@ -22,17 +22,23 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let list = warp::path!("v1" / "safety" / "rules")
         .and(warp::get())
         .and(with_state(state))
-        .and_then(|s: Arc<AppState>| async move { list_rules(&s).await.map_err(warp::reject::custom) });
+        .and(caller(state, Access::Manage))
+        .and_then(|s: Arc<AppState>, c: Caller| async move { list_rules(&s, &c).await.map_err(warp::reject::custom) });
     let create = warp::path!("v1" / "safety" / "rules")
         .and(warp::post())
         .and(with_state(state))
+        .and(caller(state, Access::Manage))
         .and(crate::json::json_body::<RuleRequest>(64 * 1024))
-        .and_then(|s: Arc<AppState>, request: RuleRequest| async move {
-            create_rule(&s, request).await.map_err(warp::reject::custom)
+        .and_then(|s: Arc<AppState>, c: Caller, request: RuleRequest| async move {
+            create_rule(&s, &c, request).await.map_err(warp::reject::custom)
         });
-    let delete = warp::path!("v1" / "safety" / "rules" / String).and(warp::delete()).and(with_state(state)).and_then(
-        |id: String, s: Arc<AppState>| async move { delete_rule(&s, &id).await.map_err(warp::reject::custom) },
-    );
+    let delete = warp::path!("v1" / "safety" / "rules" / String)
+        .and(warp::delete())
+        .and(with_state(state))
+        .and(caller(state, Access::Manage))
+        .and_then(|id: String, s: Arc<AppState>, c: Caller| async move {
+            delete_rule(&s, &c, &id).await.map_err(warp::reject::custom)
+        });
     list.or(create).unify().or(delete).unify().boxed()
 }
 
@@ -56,8 +62,8 @@ pub struct RuleRequest {
 /// the caller's own and organisations'.
 #[utoipa::path(get, path = "/v1/safety/rules", tag = "safety",
     responses((status = 200, description = "the rules", content_type = "application/json"), (status = 503, body = crate::error::ErrorBody)))]
-pub async fn list_rules(state: &AppState) -> Result<Response, ApiError> {
-    let scope = caller_scope(state).await?;
+pub async fn list_rules(state: &AppState, caller: &Caller) -> Result<Response, ApiError> {
+    let scope = &caller.scope;
     let stores = state.stores.get().ok_or_else(|| ApiError::unavailable("the store is starting; retry shortly"))?;
     let mut data: Vec<serde_json::Value> = state
         .options
@@ -65,7 +71,7 @@ pub async fn list_rules(state: &AppState) -> Result<Response, ApiError> {
         .iter()
         .map(|rule| json!({"id": null, "platform": true, "direction": rule.direction, "kind": rule.kind, "pattern": rule.pattern, "reason": rule.reason}))
         .collect();
-    for rule in stores.db.safety_rules().applicable(&scope).await? {
+    for rule in stores.db.safety_rules().applicable(scope).await? {
         data.push(json!({"id": rule.id, "platform": false, "owner": rule.owner, "direction": rule.direction, "kind": rule.kind,
             "pattern": rule.pattern, "reason": rule.reason, "created_at": rule.created_at_ms / 1000}));
     }
@@ -76,16 +82,16 @@ pub async fn list_rules(state: &AppState) -> Result<Response, ApiError> {
 /// on other nodes within two seconds. A regex that does not compile is refused.
 #[utoipa::path(post, path = "/v1/safety/rules", tag = "safety", request_body = RuleRequest,
     responses((status = 201, description = "the rule", content_type = "application/json"), (status = 400, body = crate::error::ErrorBody)))]
-pub async fn create_rule(state: &AppState, request: RuleRequest) -> Result<Response, ApiError> {
+pub async fn create_rule(state: &AppState, caller: &Caller, request: RuleRequest) -> Result<Response, ApiError> {
     check_pattern(request.kind, &request.pattern)
         .map_err(|reason| ApiError::bad_request("invalid_pattern", reason).with_param("pattern"))?;
-    let scope = caller_scope(state).await?;
+    let scope = &caller.scope;
     let stores = state.stores.get().ok_or_else(|| ApiError::unavailable("the store is starting; retry shortly"))?;
     let rule = stores
         .db
         .safety_rules()
         .create(
-            &scope,
+            scope,
             NewRule {
                 direction: request.direction,
                 kind: request.kind,
@@ -102,10 +108,10 @@ pub async fn create_rule(state: &AppState, request: RuleRequest) -> Result<Respo
 #[utoipa::path(delete, path = "/v1/safety/rules/{id}", tag = "safety",
     params(("id" = String, Path, description = "the rule's id")),
     responses((status = 200, description = "deleted", content_type = "application/json"), (status = 404, body = crate::error::ErrorBody)))]
-pub async fn delete_rule(state: &AppState, id: &str) -> Result<Response, ApiError> {
-    let scope = caller_scope(state).await?;
+pub async fn delete_rule(state: &AppState, caller: &Caller, id: &str) -> Result<Response, ApiError> {
+    let scope = &caller.scope;
     let stores = state.stores.get().ok_or_else(|| ApiError::unavailable("the store is starting; retry shortly"))?;
-    let rule = stores.db.safety_rules().delete(&scope, id).await?;
+    let rule = stores.db.safety_rules().delete(scope, id).await?;
     state.safety.invalidate();
     Ok(warp::reply::json(&json!({"id": rule.id, "object": "safety.rule", "deleted": true})).into_response())
 }

@@ -56,7 +56,7 @@ use warp::{Filter, Reply};
 use super::cluster::control_plane;
 use super::openai::{InferenceRequest, generation, start_generation};
 use super::with_state;
-use crate::caller::caller_scope;
+use crate::auth::{Access, Caller, caller};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -67,28 +67,42 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let create = warp::path!("v1" / "sessions")
         .and(warp::post())
         .and(with_state(state))
+        .and(caller(state, Access::Inference))
         .and(crate::json::json_body::<CreateSessionRequest>(1024 * 1024))
-        .and_then(|s: Arc<AppState>, request: CreateSessionRequest| async move {
-            create_session(&s, request).await.map_err(warp::reject::custom)
+        .and_then(|s: Arc<AppState>, c: Caller, request: CreateSessionRequest| async move {
+            create_session(&s, &c, request).await.map_err(warp::reject::custom)
         });
     let list = warp::path!("v1" / "sessions")
         .and(warp::get())
         .and(with_state(state))
-        .and_then(|s: Arc<AppState>| async move { list_sessions(&s).await.map_err(warp::reject::custom) });
-    let get = warp::path!("v1" / "sessions" / String).and(warp::get()).and(with_state(state)).and_then(
-        |id: String, s: Arc<AppState>| async move { get_session(&s, &id).await.map_err(warp::reject::custom) },
-    );
-    let delete = warp::path!("v1" / "sessions" / String).and(warp::delete()).and(with_state(state)).and_then(
-        |id: String, s: Arc<AppState>| async move { delete_session(&s, &id).await.map_err(warp::reject::custom) },
-    );
+        .and(caller(state, Access::Inference))
+        .and_then(
+            |s: Arc<AppState>, c: Caller| async move { list_sessions(&s, &c).await.map_err(warp::reject::custom) },
+        );
+    let get = warp::path!("v1" / "sessions" / String)
+        .and(warp::get())
+        .and(with_state(state))
+        .and(caller(state, Access::Inference))
+        .and_then(|id: String, s: Arc<AppState>, c: Caller| async move {
+            get_session(&s, &c, &id).await.map_err(warp::reject::custom)
+        });
+    let delete = warp::path!("v1" / "sessions" / String)
+        .and(warp::delete())
+        .and(with_state(state))
+        .and(caller(state, Access::Inference))
+        .and_then(|id: String, s: Arc<AppState>, c: Caller| async move {
+            delete_session(&s, &c, &id).await.map_err(warp::reject::custom)
+        });
     // A plain GET (no upgrade headers) gets a clear 426 instead of warp's header rejection.
     let upgrade = warp::ws().map(Some).or(warp::any().map(|| None::<Ws>)).unify();
-    let socket =
-        warp::path!("v1" / "sessions" / String / "ws").and(warp::get()).and(with_state(state)).and(upgrade).and_then(
-            |id: String, s: Arc<AppState>, ws: Option<Ws>| async move {
-                session_socket(s, id, ws).await.map_err(warp::reject::custom)
-            },
-        );
+    let socket = warp::path!("v1" / "sessions" / String / "ws")
+        .and(warp::get())
+        .and(with_state(state))
+        .and(caller(state, Access::Inference))
+        .and(upgrade)
+        .and_then(|id: String, s: Arc<AppState>, c: Caller, ws: Option<Ws>| async move {
+            session_socket(s, &c, id, ws).await.map_err(warp::reject::custom)
+        });
     create.or(list).unify().or(get).unify().or(delete).unify().or(socket).unify().boxed()
 }
 
@@ -210,7 +224,11 @@ impl SessionObject {
 /// Creates a chat session for the caller.
 #[utoipa::path(post, path = "/v1/sessions", tag = "sessions", request_body = CreateSessionRequest,
     responses((status = 201, body = SessionObject), (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
-pub async fn create_session(state: &AppState, request: CreateSessionRequest) -> Result<Response, ApiError> {
+pub async fn create_session(
+    state: &AppState,
+    caller: &Caller,
+    request: CreateSessionRequest,
+) -> Result<Response, ApiError> {
     let CreateSessionRequest {
         model,
         system,
@@ -253,7 +271,7 @@ pub async fn create_session(state: &AppState, request: CreateSessionRequest) -> 
         )
         .with_param("model"));
     }
-    let scope = caller_scope(state).await?;
+    let scope = caller.scope.clone();
     let sampling = serde_json::to_value(&sampling).map_err(|e| ApiError::internal(e.to_string()))?;
     let session =
         db(state)?.sessions().create(&scope, NewChatSession { model, system_prompt: system, sampling, title }).await?;
@@ -263,8 +281,8 @@ pub async fn create_session(state: &AppState, request: CreateSessionRequest) -> 
 
 /// The caller's sessions, most recently used first (without their messages).
 #[utoipa::path(get, path = "/v1/sessions", tag = "sessions", responses((status = 200, description = "a list of chat.session objects")))]
-pub async fn list_sessions(state: &AppState) -> Result<Response, ApiError> {
-    let scope = caller_scope(state).await?;
+pub async fn list_sessions(state: &AppState, caller: &Caller) -> Result<Response, ApiError> {
+    let scope = caller.scope.clone();
     let data: Vec<SessionObject> =
         db(state)?.sessions().list(&scope).await?.into_iter().map(|s| SessionObject::new(s, None)).collect();
     Ok(warp::reply::json(&json!({"object": "list", "data": data})).into_response())
@@ -273,8 +291,8 @@ pub async fn list_sessions(state: &AppState) -> Result<Response, ApiError> {
 /// One of the caller's sessions with its stored messages.
 #[utoipa::path(get, path = "/v1/sessions/{id}", tag = "sessions", params(("id" = String, Path, description = "the session id")),
     responses((status = 200, body = SessionObject), (status = 404, body = crate::error::ErrorBody)))]
-pub async fn get_session(state: &AppState, id: &str) -> Result<Response, ApiError> {
-    let scope = caller_scope(state).await?;
+pub async fn get_session(state: &AppState, caller: &Caller, id: &str) -> Result<Response, ApiError> {
+    let scope = caller.scope.clone();
     let db = db(state)?;
     let session = db.sessions().get(&scope, id).await?;
     let messages = db.sessions().messages(&scope, id).await?;
@@ -284,8 +302,8 @@ pub async fn get_session(state: &AppState, id: &str) -> Result<Response, ApiErro
 /// Deletes one of the caller's sessions with its messages.
 #[utoipa::path(delete, path = "/v1/sessions/{id}", tag = "sessions", params(("id" = String, Path, description = "the session id")),
     responses((status = 200, description = "{id, object: chat.session.deleted, deleted: true}"), (status = 404, body = crate::error::ErrorBody)))]
-pub async fn delete_session(state: &AppState, id: &str) -> Result<Response, ApiError> {
-    let scope = caller_scope(state).await?;
+pub async fn delete_session(state: &AppState, caller: &Caller, id: &str) -> Result<Response, ApiError> {
+    let scope = caller.scope.clone();
     let session = db(state)?.sessions().delete(&scope, id).await?;
     if let Ok(sessions) = sessions(state) {
         sessions.close(&session.id);
@@ -297,8 +315,13 @@ pub async fn delete_session(state: &AppState, id: &str) -> Result<Response, ApiE
 #[utoipa::path(get, path = "/v1/sessions/{id}/ws", tag = "sessions", params(("id" = String, Path, description = "the session id")),
     responses((status = 101, description = "switching to the WebSocket protocol"), (status = 404, body = crate::error::ErrorBody),
         (status = 426, body = crate::error::ErrorBody)))]
-pub async fn session_socket(state: Arc<AppState>, id: String, ws: Option<Ws>) -> Result<Response, ApiError> {
-    let scope = caller_scope(&state).await?;
+pub async fn session_socket(
+    state: Arc<AppState>,
+    caller: &Caller,
+    id: String,
+    ws: Option<Ws>,
+) -> Result<Response, ApiError> {
+    let scope = caller.scope.clone();
     // Another tenant's or an unknown session is refused before the upgrade.
     let session = db(&state)?.sessions().get(&scope, &id).await?;
     let Some(ws) = ws else {
@@ -563,7 +586,7 @@ async fn start_turn(
     sampling.seed = frame.seed.or(sampling.seed);
     let request = sampling.request(&session.model)?;
     let (actor, start) = sessions.begin_turn(scope, &session.id, &frame.content).await?;
-    match start_generation(state, &session.model, request, Some(start.messages)).await {
+    match start_generation(state, scope, &session.model, request, Some(start.messages)).await {
         Ok((events, replica)) => {
             state.in_flight.arrive(&replica);
             Ok(ActiveTurn {

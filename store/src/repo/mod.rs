@@ -1,12 +1,17 @@
 //! Repositories: typed queries over the tenant-data tables. Tenant-owned tables are only
 //! reachable through a [`crate::TenantScope`].
 
+pub mod audit;
 pub mod batches;
+pub mod credentials;
 pub mod files;
+pub mod keys;
 pub mod models;
 pub mod orgs;
+pub mod outbox;
 pub mod safety;
 pub mod sessions;
+pub mod usage;
 pub mod users;
 
 use crate::db::Db;
@@ -34,6 +39,26 @@ impl Db {
 
     pub fn models(&self) -> models::Models<'_> {
         models::Models { db: self }
+    }
+
+    pub fn credentials(&self) -> credentials::Credentials<'_> {
+        credentials::Credentials { db: self }
+    }
+
+    pub fn api_keys(&self) -> keys::ApiKeys<'_> {
+        keys::ApiKeys { db: self }
+    }
+
+    pub fn usage(&self) -> usage::Usage<'_> {
+        usage::Usage { db: self }
+    }
+
+    pub fn audit(&self) -> audit::AuditLog<'_> {
+        audit::AuditLog { db: self }
+    }
+
+    pub fn outbox(&self) -> outbox::Outbox<'_> {
+        outbox::Outbox { db: self }
     }
 
     pub fn sessions(&self) -> sessions::Sessions<'_> {

@@ -23,6 +23,32 @@ impl OrgRole {
             OrgRole::Member => "member",
         }
     }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "owner" => Ok(OrgRole::Owner),
+            "admin" => Ok(OrgRole::Admin),
+            "member" => Ok(OrgRole::Member),
+            other => Err(StoreError::InvalidInput(format!(
+                "unknown organisation role `{other}`: use owner, admin or member"
+            ))),
+        }
+    }
+
+    /// Whether the role manages the organisation (its members, keys and resources).
+    pub fn manages(self) -> bool {
+        matches!(self, OrgRole::Owner | OrgRole::Admin)
+    }
+}
+
+/// A member as the organisation's member list shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Member {
+    pub user_id: String,
+    pub display_name: String,
+    pub email: Option<String>,
+    pub org_role: OrgRole,
+    pub joined_at_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -91,6 +117,61 @@ impl Orgs<'_> {
             .into_iter()
             .map(|(id, name, display_name, created_at_ms)| Org { id, name, display_name, created_at_ms })
             .collect())
+    }
+}
+
+impl Orgs<'_> {
+    /// `user_id`'s role in the organisation, if a member.
+    pub async fn role_of(&self, org_id: &str, user_id: &str) -> Result<Option<OrgRole>> {
+        let role: Option<String> =
+            sqlx::query_scalar("SELECT org_role FROM org_members WHERE org_id = $1 AND user_id = $2")
+                .bind(org_id)
+                .bind(user_id)
+                .fetch_optional(self.db.pool())
+                .await?;
+        role.as_deref().map(OrgRole::parse).transpose()
+    }
+
+    /// The organisation's members, oldest first.
+    pub async fn members(&self, org_id: &str) -> Result<Vec<Member>> {
+        let rows: Vec<(String, String, Option<String>, String, i64)> = sqlx::query_as(
+            "SELECT u.id, u.display_name, u.email, m.org_role, m.created_at_ms FROM org_members m \
+             JOIN users u ON u.id = m.user_id WHERE m.org_id = $1 ORDER BY m.created_at_ms, u.id",
+        )
+        .bind(org_id)
+        .fetch_all(self.db.pool())
+        .await?;
+        rows.into_iter()
+            .map(|(user_id, display_name, email, role, joined_at_ms)| {
+                Ok(Member { user_id, display_name, email, org_role: OrgRole::parse(&role)?, joined_at_ms })
+            })
+            .collect()
+    }
+
+    /// Removes a member; the last owner stays (make another owner first).
+    pub async fn remove_member(&self, org_id: &str, user_id: &str) -> Result<()> {
+        if self.role_of(org_id, user_id).await? == Some(OrgRole::Owner) {
+            let owners: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM org_members WHERE org_id = $1 AND org_role = 'owner'")
+                    .bind(org_id)
+                    .fetch_one(self.db.pool())
+                    .await?;
+            if owners <= 1 {
+                return Err(StoreError::Conflict(
+                    "the last owner cannot leave: make another member an owner first".into(),
+                ));
+            }
+        }
+        let removed = sqlx::query("DELETE FROM org_members WHERE org_id = $1 AND user_id = $2")
+            .bind(org_id)
+            .bind(user_id)
+            .execute(self.db.pool())
+            .await?
+            .rows_affected();
+        if removed == 0 {
+            return Err(StoreError::NotFound { what: "member", id: user_id.to_owned() });
+        }
+        Ok(())
     }
 }
 

@@ -27,12 +27,12 @@ impl Role {
         }
     }
 
-    fn parse(text: &str) -> Result<Self> {
+    pub fn parse(text: &str) -> Result<Self> {
         match text {
             "admin" => Ok(Role::Admin),
             "enterprise" => Ok(Role::Enterprise),
             "user" => Ok(Role::User),
-            other => Err(StoreError::InvalidInput(format!("unknown role `{other}` in the database"))),
+            other => Err(StoreError::InvalidInput(format!("unknown role `{other}`: use admin, enterprise or user"))),
         }
     }
 }
@@ -60,6 +60,8 @@ pub struct NewUser {
 }
 
 type UserRow = (String, Option<String>, Option<String>, String, String, String, i64);
+/// A user's row and their password hash.
+type SignInRow = (String, Option<String>, Option<String>, String, String, String, i64, Option<String>);
 
 fn user_from_row(row: UserRow) -> Result<User> {
     let (id, email, phone, display_name, role, status, created_at_ms) = row;
@@ -140,5 +142,74 @@ impl Users<'_> {
 
     pub async fn count(&self) -> Result<i64> {
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM users").fetch_one(self.db.pool()).await?)
+    }
+
+    /// The user signing in as `login` (an email address, matched without regard to case,
+    /// or a phone number) and their password hash.
+    pub async fn find_for_sign_in(&self, login: &str) -> Result<Option<(User, Option<String>)>> {
+        let login = login.trim();
+        let row: Option<SignInRow> = sqlx::query_as(
+            "SELECT id, email, phone, display_name, role, status, created_at_ms, password_hash FROM users \
+                 WHERE email = $1 OR phone = $2",
+        )
+        .bind(login.to_lowercase())
+        .bind(login)
+        .fetch_optional(self.db.pool())
+        .await?;
+        let Some((id, email, phone, display_name, role, status, created_at_ms, hash)) = row else {
+            return Ok(None);
+        };
+        Ok(Some((user_from_row((id, email, phone, display_name, role, status, created_at_ms))?, hash)))
+    }
+
+    /// Every account, oldest first, for administrators.
+    pub async fn list(&self) -> Result<Vec<User>> {
+        let rows: Vec<UserRow> = sqlx::query_as(
+            "SELECT id, email, phone, display_name, role, status, created_at_ms FROM users \
+             WHERE id <> $1 ORDER BY created_at_ms, id",
+        )
+        .bind(LOCAL_USER_ID)
+        .fetch_all(self.db.pool())
+        .await?;
+        rows.into_iter().map(user_from_row).collect()
+    }
+
+    pub async fn set_password_hash(&self, id: &str, hash: &str) -> Result<()> {
+        self.update(id, "password_hash", hash).await
+    }
+
+    pub async fn set_role(&self, id: &str, role: Role) -> Result<()> {
+        self.update(id, "role", role.as_str()).await
+    }
+
+    /// `pending` (not verified yet), `active` or `disabled`.
+    pub async fn set_status(&self, id: &str, status: &str) -> Result<()> {
+        if !matches!(status, "pending" | "active" | "disabled") {
+            return Err(StoreError::InvalidInput(format!("unknown status `{status}`: use active or disabled")));
+        }
+        self.update(id, "status", status).await
+    }
+
+    async fn update(&self, id: &str, column: &'static str, value: &str) -> Result<()> {
+        let sql = format!("UPDATE users SET {column} = $1, updated_at_ms = $2 WHERE id = $3");
+        let updated = sqlx::query(crate::tenant::trusted_sql(sql))
+            .bind(value)
+            .bind(now_ms())
+            .bind(id)
+            .execute(self.db.pool())
+            .await?
+            .rows_affected();
+        if updated == 0 {
+            return Err(StoreError::NotFound { what: "user", id: id.to_owned() });
+        }
+        Ok(())
+    }
+
+    /// How many active administrators there are (besides the built-in local one).
+    pub async fn count_admins(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE role = 'admin' AND status = 'active' AND id <> $1")
+            .bind(LOCAL_USER_ID)
+            .fetch_one(self.db.pool())
+            .await?)
     }
 }

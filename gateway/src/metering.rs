@@ -1,0 +1,163 @@
+//! Quotas and usage of inference requests. [`Meter::admit`] checks the caller's quotas
+//! (the key's and its owner's: calls per minute and day, tokens per day and month,
+//! concurrent requests) in one atomic step and answers 429 with `Retry-After` naming the
+//! limit hit. The admitted request's meter records its usage exactly once, when the last
+//! holder lets go of it (the answer was sent, the stream ended, or the client went away),
+//! and adds its tokens to the token quotas: that is why QUO-1 allows an overshoot of at
+//! most the requests in flight when a token quota ran out.
+
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use maas_store::Owner;
+use maas_store::quota::Permit;
+use maas_store::repo::usage::{NewUsage, UsageKind};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The status recorded for a request whose client went away before the answer ended.
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// A metered request; clones share it, and the last one dropped records the usage.
+#[derive(Clone)]
+pub struct Meter {
+    inner: Arc<MeterInner>,
+}
+
+struct MeterInner {
+    state: Arc<AppState>,
+    owner: Owner,
+    user_id: String,
+    key_id: Option<String>,
+    subjects: Vec<String>,
+    model: String,
+    endpoint: &'static str,
+    started: Instant,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+    status: AtomicU16,
+    permit: Mutex<Option<Permit>>,
+}
+
+impl std::fmt::Debug for Meter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Meter").field("model", &self.inner.model).field("endpoint", &self.inner.endpoint).finish()
+    }
+}
+
+/// The 429 of a quota that is used up.
+pub fn quota_error(exceeded: &maas_store::quota::QuotaExceeded) -> ApiError {
+    ApiError::new(http::StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "quota_exceeded", exceeded.to_string())
+        .with_retry_after(exceeded.retry_after_secs)
+}
+
+impl Meter {
+    /// Admits a request of `caller` to `model` on `endpoint` if every quota allows it.
+    pub async fn admit(
+        state: &Arc<AppState>,
+        caller: &Caller,
+        model: &str,
+        endpoint: &'static str,
+    ) -> Result<Meter, ApiError> {
+        caller.check_model(model)?;
+        let now = maas_store::ids::now_ms();
+        let permit = match state.limiter().admit(&caller.quotas, now).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(exceeded)) => {
+                metrics::counter!("maas_quota_rejections_total", "limit" => exceeded.limit).increment(1);
+                return Err(quota_error(&exceeded));
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "the quota backend failed");
+                return Err(ApiError::unavailable(format!(
+                    "quotas cannot be checked right now ({err}); retry shortly"
+                )));
+            }
+        };
+        Ok(Meter {
+            inner: Arc::new(MeterInner {
+                state: Arc::clone(state),
+                owner: caller.scope.acting_as().clone(),
+                user_id: caller.user_id().to_owned(),
+                key_id: caller.key_id().map(str::to_owned),
+                subjects: caller.quotas.iter().map(|check| check.subject.clone()).collect(),
+                model: model.to_owned(),
+                endpoint,
+                started: Instant::now(),
+                prompt_tokens: AtomicU64::new(0),
+                completion_tokens: AtomicU64::new(0),
+                status: AtomicU16::new(CLIENT_CLOSED),
+                permit: Mutex::new(Some(permit)),
+            }),
+        })
+    }
+
+    /// The request's final token counts and status.
+    pub fn finish(&self, status: u16, prompt_tokens: usize, completion_tokens: usize) {
+        self.inner.prompt_tokens.store(prompt_tokens as u64, Ordering::Relaxed);
+        self.inner.completion_tokens.store(completion_tokens as u64, Ordering::Relaxed);
+        self.inner.status.store(status, Ordering::Relaxed);
+    }
+
+    /// A streamed token, counted in case the stream is cut before its usage is known.
+    pub fn count_completion_token(&self) {
+        self.inner.completion_tokens.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The request failed with `status` (its tokens so far still count).
+    pub fn fail(&self, status: u16) {
+        self.inner.status.store(status, Ordering::Relaxed);
+    }
+}
+
+impl Drop for MeterInner {
+    fn drop(&mut self) {
+        // The concurrency slot is free as soon as the request is over.
+        drop(self.permit.lock().map(|mut p| p.take()).unwrap_or_default());
+        let prompt_tokens = self.prompt_tokens.load(Ordering::Relaxed);
+        let completion_tokens = self.completion_tokens.load(Ordering::Relaxed);
+        let status = self.status.load(Ordering::Relaxed);
+        let usage = NewUsage {
+            owner: self.owner.clone(),
+            user_id: std::mem::take(&mut self.user_id),
+            key_id: self.key_id.take(),
+            kind: UsageKind::Inference,
+            model: std::mem::take(&mut self.model),
+            endpoint: self.endpoint.to_owned(),
+            prompt_tokens,
+            completion_tokens,
+            gpu_seconds: 0,
+            storage_bytes: 0,
+            latency_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            status,
+            at_ms: maas_store::ids::now_ms(),
+        };
+        metrics::counter!("maas_usage_tokens_total", "kind" => "prompt").increment(prompt_tokens);
+        metrics::counter!("maas_usage_tokens_total", "kind" => "completion").increment(completion_tokens);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(model = %usage.model, "a request's usage could not be recorded: no runtime");
+            return;
+        };
+        let state = Arc::clone(&self.state);
+        let subjects = std::mem::take(&mut self.subjects);
+        runtime.spawn(async move {
+            let tokens = prompt_tokens + completion_tokens;
+            if tokens > 0
+                && !subjects.is_empty()
+                && let Err(err) = state.limiter().add_tokens(&subjects, tokens, usage.at_ms).await
+            {
+                tracing::error!(error = %err, "adding tokens to the quotas failed");
+            }
+            if let Ok(stores) = state.stores() {
+                if let Err(err) = stores.db.usage().record(&usage).await {
+                    tracing::error!(error = %err, model = %usage.model, "recording usage failed");
+                }
+            } else {
+                tracing::error!(model = %usage.model, "recording usage failed: the store is not open");
+            }
+        });
+    }
+}

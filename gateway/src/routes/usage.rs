@@ -1,0 +1,154 @@
+//! The caller's usage and quota: `GET /v1/usage` (by day, model and key, with totals and
+//! cost), `GET /v1/usage.csv` (the same as CSV), `GET /v1/quota` (limits and what is used).
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use maas_store::repo::usage::UsageRow;
+use serde::Deserialize;
+use serde_json::json;
+use warp::filters::BoxedFilter;
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use super::with_state;
+use crate::auth::{Access, Caller, caller};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+const DAY_MS: i64 = 86_400_000;
+
+pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
+    let summary = warp::path!("v1" / "usage")
+        .and(warp::get())
+        .and(with_state(state))
+        .and(caller(state, Access::Manage))
+        .and(warp::query::<UsageQuery>())
+        .and_then(|s: Arc<AppState>, c: Caller, query: UsageQuery| async move {
+            usage_summary(&s, &c, &query).await.map_err(warp::reject::custom)
+        });
+    let csv = warp::path!("v1" / "usage.csv")
+        .and(warp::get())
+        .and(with_state(state))
+        .and(caller(state, Access::Manage))
+        .and(warp::query::<UsageQuery>())
+        .and_then(|s: Arc<AppState>, c: Caller, query: UsageQuery| async move {
+            usage_csv(&s, &c, &query).await.map_err(warp::reject::custom)
+        });
+    let quota = warp::path!("v1" / "quota")
+        .and(warp::get())
+        .and(with_state(state))
+        .and(caller(state, Access::Inference))
+        .and_then(
+            |s: Arc<AppState>, c: Caller| async move { quota_status(&s, &c).await.map_err(warp::reject::custom) },
+        );
+    summary.or(csv).unify().or(quota).unify().boxed()
+}
+
+/// The period: `days` back from now (default 30, at most 366), or `since`/`until` in
+/// Unix seconds.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageQuery {
+    pub days: Option<u32>,
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+}
+
+fn period(query: &UsageQuery) -> Result<(i64, i64), ApiError> {
+    let now = maas_store::ids::now_ms();
+    let until = query.until.map_or(now + 1, |s| s.saturating_mul(1000));
+    let since = match (query.since, query.days) {
+        (Some(since), _) => since.saturating_mul(1000),
+        (None, Some(days)) if (1..=366).contains(&days) => (now / DAY_MS - i64::from(days) + 1) * DAY_MS,
+        (None, Some(_)) => {
+            return Err(ApiError::bad_request("invalid_days", "days must be 1 to 366").with_param("days"));
+        }
+        (None, None) => (now / DAY_MS - 29) * DAY_MS,
+    };
+    if since >= until {
+        return Err(ApiError::bad_request("invalid_period", "since must be before until").with_param("since"));
+    }
+    Ok((since, until))
+}
+
+async fn rows(state: &AppState, caller: &Caller, query: &UsageQuery) -> Result<Vec<UsageRow>, ApiError> {
+    let (since, until) = period(query)?;
+    Ok(state.stores()?.db.usage().summary(&caller.scope, since, until).await?)
+}
+
+/// Usage by day, model and key, with totals by model and by day (the trend).
+#[utoipa::path(get, path = "/v1/usage", tag = "usage",
+    params(("days" = Option<u32>, Query, description = "days back from today (default 30)"), ("since" = Option<i64>, Query, description = "Unix seconds"), ("until" = Option<i64>, Query, description = "Unix seconds")),
+    responses((status = 200, description = "the usage", content_type = "application/json"), (status = 400, body = crate::error::ErrorBody)))]
+pub async fn usage_summary(state: &AppState, caller: &Caller, query: &UsageQuery) -> Result<Response, ApiError> {
+    let rows = rows(state, caller, query).await?;
+    let mut by_model = std::collections::BTreeMap::<String, [i64; 4]>::new();
+    let mut by_day = std::collections::BTreeMap::<String, [i64; 4]>::new();
+    let mut total = [0i64; 4];
+    for row in &rows {
+        let add = |sums: &mut [i64; 4]| {
+            sums[0] += row.requests;
+            sums[1] += row.prompt_tokens;
+            sums[2] += row.completion_tokens;
+            sums[3] += row.cost_micros;
+        };
+        add(by_model.entry(row.model.clone()).or_default());
+        add(by_day.entry(row.day.clone()).or_default());
+        add(&mut total);
+    }
+    let sums =
+        |s: &[i64; 4]| json!({"requests": s[0], "prompt_tokens": s[1], "completion_tokens": s[2], "cost_micros": s[3]});
+    let body = json!({
+        "owner": caller.scope.acting_as(),
+        "data": rows,
+        "by_model": by_model.iter().map(|(model, s)| { let mut v = sums(s); v["model"] = json!(model); v }).collect::<Vec<_>>(),
+        "by_day": by_day.iter().map(|(day, s)| { let mut v = sums(s); v["day"] = json!(day); v }).collect::<Vec<_>>(),
+        "total": sums(&total),
+    });
+    Ok(warp::reply::json(&body).into_response())
+}
+
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) { format!("\"{}\"", text.replace('"', "\"\"")) } else { text.to_owned() }
+}
+
+/// The same usage as CSV, one line per day, model and key.
+#[utoipa::path(get, path = "/v1/usage.csv", tag = "usage",
+    params(("days" = Option<u32>, Query, description = "days back from today (default 30)"), ("since" = Option<i64>, Query, description = "Unix seconds"), ("until" = Option<i64>, Query, description = "Unix seconds")),
+    responses((status = 200, description = "CSV", content_type = "text/csv"), (status = 400, body = crate::error::ErrorBody)))]
+pub async fn usage_csv(state: &AppState, caller: &Caller, query: &UsageQuery) -> Result<Response, ApiError> {
+    let rows = rows(state, caller, query).await?;
+    let mut out = String::from("day,model,key_id,requests,errors,prompt_tokens,completion_tokens,gpu_seconds,cost\n");
+    for row in rows {
+        let cost = format!("{}.{:06}", row.cost_micros / 1_000_000, row.cost_micros % 1_000_000);
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{},{},{},{cost}",
+            row.day,
+            csv_field(&row.model),
+            csv_field(row.key_id.as_deref().unwrap_or_default()),
+            row.requests,
+            row.errors,
+            row.prompt_tokens,
+            row.completion_tokens,
+            row.gpu_seconds
+        );
+    }
+    let reply = warp::reply::with_header(out, "content-type", "text/csv; charset=utf-8");
+    Ok(warp::reply::with_header(reply, "content-disposition", "attachment; filename=\"usage.csv\"").into_response())
+}
+
+/// The quotas the caller's requests count against, and what each has used.
+#[utoipa::path(get, path = "/v1/quota", tag = "usage",
+    responses((status = 200, description = "limits and counters", content_type = "application/json"), (status = 401, body = crate::error::ErrorBody)))]
+pub async fn quota_status(state: &AppState, caller: &Caller) -> Result<Response, ApiError> {
+    let now = maas_store::ids::now_ms();
+    let mut data = Vec::new();
+    for check in &caller.quotas {
+        let used = state.limiter().usage(&check.subject, now).await?;
+        data.push(json!({"subject": check.subject, "limits": check.limits, "used": used}));
+    }
+    let stored = state.stores()?.db.usage().stored_bytes(caller.scope.acting_as()).await?;
+    Ok(warp::reply::json(&json!({"object": "list", "data": data, "stored_bytes": stored})).into_response())
+}
