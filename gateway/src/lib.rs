@@ -11,6 +11,7 @@ pub mod load;
 pub mod metering;
 pub mod metrics;
 pub mod middleware;
+pub mod notify;
 pub mod response_cache;
 pub mod response_format;
 pub mod routes;

@@ -76,6 +76,71 @@ pub(crate) struct Middleware {
     pub(crate) in_flight: Arc<AtomicUsize>,
     /// Whether responses carry Strict-Transport-Security (the server speaks HTTPS).
     pub(crate) hsts: bool,
+    pub(crate) cors: CorsPolicy,
+}
+
+/// The CORS policy: which browser origins may call the API from their pages. Listed
+/// origins (`https://console.example.com`) may send credentials (the console's session
+/// cookie); `*` lets any page call with an API key but never with cookies (embedded
+/// widgets). No origins: browsers keep pages of other origins out, as by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CorsPolicy {
+    origins: Vec<String>,
+    any: bool,
+}
+
+/// Headers a browser page may send and read.
+const CORS_ALLOW_HEADERS: &str = "authorization, content-type, openai-organization, x-maas-org, x-request-id";
+const CORS_EXPOSE_HEADERS: &str = "x-request-id, retry-after, x-maas-cache";
+
+impl CorsPolicy {
+    pub fn new(origins: Vec<String>) -> Self {
+        let any = origins.iter().any(|o| o == "*");
+        let origins = origins.into_iter().filter(|o| o != "*").map(|o| o.trim_end_matches('/').to_owned()).collect();
+        CorsPolicy { origins, any }
+    }
+
+    /// The headers that let `origin` read the answer, or none when it may not.
+    fn headers_for(&self, origin: &str) -> Option<Vec<(http::HeaderName, HeaderValue)>> {
+        let listed = self.origins.iter().any(|o| o == origin);
+        if !listed && !self.any {
+            return None;
+        }
+        let mut headers = vec![
+            (http::header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_str(origin).ok()?),
+            (http::header::VARY, HeaderValue::from_static("origin")),
+            (http::header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static(CORS_EXPOSE_HEADERS)),
+        ];
+        if listed {
+            headers.push((http::header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true")));
+        }
+        Some(headers)
+    }
+
+    /// The answer to a preflight (`OPTIONS` with `access-control-request-method`).
+    fn preflight(&self, origin: &str) -> Response {
+        let Some(headers) = self.headers_for(origin) else {
+            return ApiError::new(
+                http::StatusCode::FORBIDDEN,
+                "permission_error",
+                "cors_origin_not_allowed",
+                format!("pages from {origin} may not call this api (gateway.cors_allowed_origins)"),
+            )
+            .into_response();
+        };
+        let mut response = warp::reply::with_status(warp::reply(), http::StatusCode::NO_CONTENT).into_response();
+        for (name, value) in headers {
+            response.headers_mut().insert(name, value);
+        }
+        let allow = response.headers_mut();
+        allow.insert(
+            http::header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, PUT, PATCH, DELETE"),
+        );
+        allow.insert(http::header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static(CORS_ALLOW_HEADERS));
+        allow.insert(http::header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        response
+    }
 }
 
 impl Middleware {
@@ -103,7 +168,12 @@ impl Middleware {
         } else {
             self.max_body_bytes
         };
-        let mut response = if declared_len.is_some_and(|len| len > limit) {
+        let origin = request.headers().get(http::header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let preflight = method == http::Method::OPTIONS
+            && request.headers().contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD);
+        let mut response = if let (true, Some(origin)) = (preflight, origin.as_deref()) {
+            self.cors.preflight(origin)
+        } else if declared_len.is_some_and(|len| len > limit) {
             ApiError::payload_too_large(limit).into_response()
         } else {
             request.extensions_mut().insert(RequestContext { request_id: request_id.clone(), client_addr });
@@ -123,6 +193,11 @@ impl Middleware {
         }
         if self.hsts {
             response.headers_mut().insert(http::header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static(HSTS));
+        }
+        if !preflight && let Some(headers) = origin.as_deref().and_then(|o| self.cors.headers_for(o)) {
+            for (name, value) in headers {
+                response.headers_mut().insert(name, value);
+            }
         }
 
         let status = response.status();

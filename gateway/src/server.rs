@@ -77,6 +77,8 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// HTTPS when set (see [`crate::tls::server_config`]); responses then carry HSTS.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Which browser origins may call the API (the console elsewhere, embedded widgets).
+    pub cors: crate::middleware::CorsPolicy,
 }
 
 /// How long a client may take to finish the TLS handshake.
@@ -100,6 +102,7 @@ impl HttpServer {
             max_upload_bytes: options.max_upload_bytes.max(options.max_body_bytes),
             in_flight: Arc::new(AtomicUsize::new(0)),
             hsts: options.tls.is_some(),
+            cors: options.cors.clone(),
         });
         let tls = options.tls.clone().map(tokio_rustls::TlsAcceptor::from);
         HttpServer { listener, middleware, drain_timeout: options.drain_timeout, tls }

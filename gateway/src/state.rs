@@ -57,6 +57,8 @@ pub struct GatewayOptions {
     pub auth: AuthOptions,
     /// `[quota.free_tier]`: the limits of individual users without a quota of their own.
     pub free_tier: maas_store::quota::QuotaLimits,
+    /// Where messages to users go (`[smtp]`, `[sms]`).
+    pub notify: crate::notify::NotifyOptions,
 }
 
 /// How accounts behave (`[auth]` in the config).
@@ -101,6 +103,7 @@ impl Default for GatewayOptions {
             max_upload_bytes: 10 * 1024 * 1024 * 1024,
             auth: AuthOptions::default(),
             free_tier: maas_store::quota::QuotaLimits::default(),
+            notify: crate::notify::NotifyOptions::default(),
         }
     }
 }
@@ -135,6 +138,8 @@ pub struct AppState {
     pub peer_health: OnceLock<PeerHealth>,
     /// What this node's agent runs (its GPU actors and their leases).
     pub agent: OnceLock<Arc<std::sync::RwLock<maas_actors::node::AgentStatus>>>,
+    /// Delivers messages to users (verification and reset codes).
+    pub notifier: Arc<crate::notify::Notifier>,
     /// Recent authentications (see [`crate::auth`]).
     pub auth_cache: crate::auth::AuthCache,
     /// Quota and rate-limit counters: Redis when configured, else this process.
@@ -170,6 +175,7 @@ impl AppState {
             gpu_reserve_mib: OnceLock::new(),
             peer_health: OnceLock::new(),
             agent: OnceLock::new(),
+            notifier: Arc::new(crate::notify::Notifier::new(&options.notify)),
             auth_cache: crate::auth::AuthCache::default(),
             limiter_backend: OnceLock::new(),
             replica_loads: crate::load::ReplicaLoads::default(),

@@ -71,6 +71,7 @@ async fn setup(backend: Backend) -> Setup {
             max_upload_bytes: 1 << 20,
             drain_timeout: Duration::from_secs(1),
             tls: None,
+            cors: maas_gateway::middleware::CorsPolicy::default(),
         },
     );
     let base = format!("http://{}", server.local_addr().unwrap());

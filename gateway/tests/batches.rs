@@ -58,6 +58,7 @@ async fn start() -> Setup {
             max_upload_bytes: UPLOAD_LIMIT,
             drain_timeout: Duration::from_secs(1),
             tls: None,
+            cors: maas_gateway::middleware::CorsPolicy::default(),
         },
     );
     let base = format!("http://{}", server.local_addr().unwrap());

@@ -69,6 +69,7 @@ async fn start() -> Setup {
             max_upload_bytes: 0,
             drain_timeout: Duration::from_secs(1),
             tls: None,
+            cors: maas_gateway::middleware::CorsPolicy::default(),
         },
     );
     let base = format!("http://{}", server.local_addr().unwrap());

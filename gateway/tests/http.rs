@@ -27,7 +27,13 @@ async fn start(max_body_bytes: u64, drain_timeout: Duration) -> TestServer {
     let server = HttpServer::new(
         listener,
         maas_gateway::routes::routes(&state),
-        &ServeOptions { max_body_bytes, max_upload_bytes: 0, drain_timeout, tls: None },
+        &ServeOptions {
+            max_body_bytes,
+            max_upload_bytes: 0,
+            drain_timeout,
+            tls: None,
+            cors: maas_gateway::middleware::CorsPolicy::default(),
+        },
     );
     let base = format!("http://{}", server.local_addr().unwrap());
     let in_flight = server.in_flight();
@@ -228,4 +234,73 @@ async fn a_second_stop_request_ends_the_drain_at_once() {
     server.trigger.request();
     assert_eq!(server.run.await.unwrap(), ShutdownOutcome::Forced { in_flight: 1 });
     assert!(slow.await.unwrap().is_err());
+}
+
+#[tokio::test]
+async fn cors_lets_listed_origins_in_with_credentials_and_any_origin_without() {
+    let state = Arc::new(AppState::new("cors-node", GatewayOptions::default()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cors = maas_gateway::middleware::CorsPolicy::new(vec!["https://console.example.com".into()]);
+    let server = HttpServer::new(
+        listener,
+        maas_gateway::routes::routes(&state),
+        &ServeOptions {
+            max_body_bytes: 1 << 16,
+            max_upload_bytes: 0,
+            drain_timeout: Duration::from_secs(1),
+            tls: None,
+            cors,
+        },
+    );
+    let base = format!("http://{}", server.local_addr().unwrap());
+    let (_trigger, shutdown) = maas_gateway::shutdown_channel();
+    tokio::spawn(server.run(shutdown));
+    let client = reqwest::Client::new();
+    let preflight = |origin: &str| {
+        client
+            .request(reqwest::Method::OPTIONS, format!("{base}/v1/chat/completions"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization, content-type")
+            .send()
+    };
+    let allowed = preflight("https://console.example.com").await.unwrap();
+    assert_eq!(allowed.status(), 204);
+    assert_eq!(allowed.headers()["access-control-allow-origin"], "https://console.example.com");
+    assert_eq!(allowed.headers()["access-control-allow-credentials"], "true");
+    assert!(allowed.headers()["access-control-allow-headers"].to_str().unwrap().contains("authorization"));
+    let refused = preflight("https://evil.example.net").await.unwrap();
+    assert_eq!(refused.status(), 403);
+    assert!(!refused.headers().contains_key("access-control-allow-origin"));
+    let answer =
+        client.get(format!("{base}/healthz")).header("origin", "https://console.example.com").send().await.unwrap();
+    assert_eq!(answer.headers()["access-control-allow-origin"], "https://console.example.com");
+    assert_eq!(answer.headers()["vary"], "origin");
+    let other =
+        client.get(format!("{base}/healthz")).header("origin", "https://evil.example.net").send().await.unwrap();
+    assert!(
+        !other.headers().contains_key("access-control-allow-origin"),
+        "a page of another origin cannot read the answer"
+    );
+
+    let any = maas_gateway::middleware::CorsPolicy::new(vec!["*".into()]);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = HttpServer::new(
+        listener,
+        maas_gateway::routes::routes(&state),
+        &ServeOptions {
+            max_body_bytes: 1 << 16,
+            max_upload_bytes: 0,
+            drain_timeout: Duration::from_secs(1),
+            tls: None,
+            cors: any,
+        },
+    );
+    let widget_base = format!("http://{}", server.local_addr().unwrap());
+    let (_trigger2, shutdown) = maas_gateway::shutdown_channel();
+    tokio::spawn(server.run(shutdown));
+    let widget =
+        client.get(format!("{widget_base}/healthz")).header("origin", "https://blog.example.org").send().await.unwrap();
+    assert_eq!(widget.headers()["access-control-allow-origin"], "https://blog.example.org");
+    assert!(!widget.headers().contains_key("access-control-allow-credentials"), "never cookies for any origin");
 }

@@ -46,6 +46,7 @@ async fn start() -> Setup {
             max_upload_bytes: MAX_UPLOAD_BYTES,
             drain_timeout: Duration::from_secs(1),
             tls: None,
+            cors: maas_gateway::middleware::CorsPolicy::default(),
         },
     );
     let base = format!("http://{}", server.local_addr().unwrap());

@@ -40,6 +40,7 @@ async fn https_serves_with_hsts() {
             max_upload_bytes: 0,
             drain_timeout: Duration::from_secs(5),
             tls: Some(tls),
+            cors: maas_gateway::middleware::CorsPolicy::default(),
         },
     );
     let addr = server.local_addr().unwrap();

@@ -192,6 +192,7 @@ async fn serve(dir: &std::path::Path) -> Result<Serving> {
             max_upload_bytes: 1 << 20,
             drain_timeout: Duration::from_secs(1),
             tls: None,
+            cors: maas_gateway::middleware::CorsPolicy::default(),
         },
     );
     let base = format!("http://{}", server.local_addr()?);

@@ -833,3 +833,143 @@ pub async fn model_list(target: &Target) -> Result<String> {
         .collect();
     Ok(table(&["NAME", "VERSION", "ARCHITECTURE", "PARAMETERS", "CONTEXT", "DTYPE/QUANT", "TASKS", "SIZE"], &rows))
 }
+
+/// `maas admin create`: an active account with a role, made through the node's API.
+#[derive(Debug, clap::Args)]
+pub struct AdminCreateArgs {
+    /// The account's email address (or give --phone).
+    #[arg(long)]
+    pub email: Option<String>,
+    #[arg(long)]
+    pub phone: Option<String>,
+    /// The password (checked for strength); read from MAAS_ADMIN_PASSWORD when not given.
+    #[arg(long, env = "MAAS_ADMIN_PASSWORD", hide_env_values = true)]
+    pub password: String,
+    #[arg(long)]
+    pub name: Option<String>,
+    /// admin, enterprise or user.
+    #[arg(long, default_value = "admin", value_parser = ["admin", "enterprise", "user"])]
+    pub role: String,
+    #[command(flatten)]
+    pub cookie: Cookie,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+pub async fn admin_create(args: &AdminCreateArgs) -> Result<String> {
+    let body = serde_json::json!({
+        "email": args.email, "phone": args.phone, "password": args.password,
+        "display_name": args.name, "role": args.role,
+    });
+    let user = send(&args.target, reqwest::Method::POST, "/v1/admin/users", &args.cookie.cookie, Some(&body)).await?;
+    if args.target.json {
+        return Ok(format!("{user:#}\n"));
+    }
+    Ok(format!(
+        "account {} ({}) created with role {}; it signs in at once (POST /v1/auth/login)\n",
+        text(&user["id"]),
+        text(if user["email"].is_null() { &user["phone"] } else { &user["email"] }),
+        text(&user["role"])
+    ))
+}
+
+/// Messages to users (verification and reset codes) that no SMTP server or SMS provider
+/// sent: an administrator passes them on.
+pub async fn admin_outbox(target: &Target, recipient: Option<&str>) -> Result<String> {
+    let path = match recipient {
+        Some(recipient) => format!("/v1/admin/outbox?recipient={}", recipient.trim()),
+        None => "/v1/admin/outbox".to_owned(),
+    };
+    let list = get(&target.server, &path).await?;
+    if target.json {
+        return Ok(format!("{list:#}\n"));
+    }
+    let messages = list["data"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if messages.is_empty() {
+        return Ok("the outbox is empty\n".to_owned());
+    }
+    let rows: Vec<Vec<String>> = messages
+        .iter()
+        .map(|m| {
+            let state = if m["sent_at_ms"].is_null() { "not sent" } else { "sent" };
+            vec![text(&m["channel"]), text(&m["recipient"]), text(&m["subject"]), text(&m["body"]), state.to_owned()]
+        })
+        .collect();
+    Ok(table(&["CHANNEL", "TO", "SUBJECT", "MESSAGE", "STATE"], &rows))
+}
+
+/// `maas key create`: an API key of the node's administrator (or of the account whose
+/// key is in MAAS_API_KEY), shown once.
+#[derive(Debug, clap::Args)]
+pub struct KeyCreateArgs {
+    #[arg(long)]
+    pub name: String,
+    /// inference (the default), read_only or admin; repeat for several.
+    #[arg(long = "scope", value_parser = ["inference", "read_only", "admin"])]
+    pub scopes: Vec<String>,
+    /// Models the key may call; repeat for several (default: every model).
+    #[arg(long = "model")]
+    pub models: Vec<String>,
+    /// Days until the key stops working (default: never).
+    #[arg(long)]
+    pub expires_in_days: Option<u32>,
+    #[command(flatten)]
+    pub cookie: Cookie,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+pub async fn key_create(args: &KeyCreateArgs) -> Result<String> {
+    let mut body = serde_json::json!({"name": args.name, "allowed_models": args.models});
+    if !args.scopes.is_empty() {
+        body["scopes"] = serde_json::json!(args.scopes);
+    }
+    if let Some(days) = args.expires_in_days {
+        body["expires_in_days"] = serde_json::json!(days);
+    }
+    let key = send(&args.target, reqwest::Method::POST, "/v1/keys", &args.cookie.cookie, Some(&body)).await?;
+    if args.target.json {
+        return Ok(format!("{key:#}\n"));
+    }
+    Ok(format!(
+        "{}\n\nkey {} ({}) created; it is shown once: keep it now. Use it as an OpenAI key:\n  \
+         OPENAI_BASE_URL={}/v1 OPENAI_API_KEY=<the key above>\n",
+        text(&key["key"]),
+        text(&key["id"]),
+        text(&key["name"]),
+        args.target.server.trim_end_matches('/')
+    ))
+}
+
+pub async fn key_list(target: &Target) -> Result<String> {
+    let list = get(&target.server, "/v1/keys").await?;
+    if target.json {
+        return Ok(format!("{list:#}\n"));
+    }
+    let keys = list["data"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if keys.is_empty() {
+        return Ok("no api keys (create one with `maas key create --name NAME`)\n".to_owned());
+    }
+    let rows: Vec<Vec<String>> = keys
+        .iter()
+        .map(|k| {
+            let scopes: Vec<String> = k["scopes"].as_array().into_iter().flatten().map(text).collect();
+            vec![
+                text(&k["id"]),
+                text(&k["name"]),
+                format!("{}…", text(&k["prefix"])),
+                scopes.join(","),
+                text(&k["status"]),
+            ]
+        })
+        .collect();
+    Ok(table(&["ID", "NAME", "PREFIX", "SCOPES", "STATUS"], &rows))
+}
+
+pub async fn key_revoke(target: &Target, cookie: &str, id: &str) -> Result<String> {
+    let key = send(target, reqwest::Method::DELETE, &format!("/v1/keys/{id}"), cookie, None).await?;
+    if target.json {
+        return Ok(format!("{key:#}\n"));
+    }
+    Ok(format!("key {} ({}) revoked\n", text(&key["id"]), text(&key["name"])))
+}

@@ -29,6 +29,8 @@ pub struct Config {
     pub tls: TlsConfig,
     pub gateway: GatewayConfig,
     pub auth: AuthConfig,
+    pub smtp: SmtpConfig,
+    pub sms: SmsConfig,
     pub quota: QuotaConfig,
     pub response_cache: ResponseCacheConfig,
     pub safety: SafetyConfig,
@@ -176,6 +178,9 @@ pub struct GatewayConfig {
     /// loads it again from the database.
     #[serde(deserialize_with = "non_negative")]
     pub session_idle_secs: u64,
+    /// Browser origins whose pages may call the API (`https://console.example.com`,
+    /// with cookies), or `*` (any page, with API keys only).
+    pub cors_allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -193,6 +198,54 @@ pub struct AuthConfig {
     pub max_sign_in_failures: u64,
     #[serde(deserialize_with = "non_negative")]
     pub sign_in_window_secs: u64,
+}
+
+/// The mail server that sends messages to users; an empty host keeps them in the outbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    pub host: String,
+    #[serde(deserialize_with = "non_negative")]
+    pub port: u16,
+    /// `starttls` (required, port 587), `tls` (port 465) or `none` (a trusted relay only).
+    pub security: maas_gateway::notify::SmtpSecurity,
+    pub username: String,
+    pub password: String,
+    pub from: String,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            host: String::new(),
+            port: 587,
+            security: maas_gateway::notify::SmtpSecurity::Starttls,
+            username: String::new(),
+            password: String::new(),
+            from: "maas <noreply@localhost>".into(),
+        }
+    }
+}
+
+/// The SMS provider's webhook; empty keeps text messages in the outbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmsConfig {
+    pub webhook_url: String,
+}
+
+impl SmtpConfig {
+    /// The notifier's SMTP settings, when a host is set.
+    pub fn options(&self) -> Option<maas_gateway::notify::SmtpOptions> {
+        (!self.host.is_empty()).then(|| maas_gateway::notify::SmtpOptions {
+            host: self.host.clone(),
+            port: self.port,
+            security: self.security,
+            username: self.username.clone(),
+            password: self.password.clone(),
+            from: self.from.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -315,6 +368,7 @@ impl Default for GatewayConfig {
             drain_timeout_secs: 30,
             debug_routes: false,
             session_idle_secs: 600,
+            cors_allowed_origins: Vec::new(),
         }
     }
 }
@@ -497,6 +551,39 @@ impl Config {
         if self.gateway.session_idle_secs == 0 {
             return bad("gateway.session_idle_secs", "must be 1 or more".into());
         }
+        self.validate_accounts()?;
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return bad(
+                "log.level",
+                format!(
+                    "`{}` is not a level (error, warn, info, debug, trace) or a filter like `info,maas_gateway=debug`",
+                    self.log.level
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The rules of accounts and what reaches users: `[auth]`, `[smtp]`, `[sms]`, CORS.
+    fn validate_accounts(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: String| Err(ConfigError(format!("`{key}`: {why}")));
+        if !self.smtp.host.is_empty()
+            && let Err(reason) = maas_gateway::notify::parse_sender(&self.smtp.from)
+        {
+            return bad("smtp.from", reason);
+        }
+        check_url("sms.webhook_url", &self.sms.webhook_url, &["http://", "https://"])?;
+        for origin in &self.gateway.cors_allowed_origins {
+            let scheme_host = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
+            if origin != "*"
+                && !scheme_host.is_some_and(|rest| !rest.is_empty() && !rest.trim_end_matches('/').contains('/'))
+            {
+                return bad(
+                    "gateway.cors_allowed_origins",
+                    format!("`{origin}` is not an origin: use \"https://host[:port]\" (no path) or \"*\""),
+                );
+            }
+        }
         if self.auth.session_ttl_secs < 60 {
             return bad(
                 "auth.session_ttl_secs",
@@ -507,15 +594,6 @@ impl Config {
             return bad(
                 "auth.min_password_score",
                 format!("{} is not a zxcvbn score: use 0 to 4", self.auth.min_password_score),
-            );
-        }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return bad(
-                "log.level",
-                format!(
-                    "`{}` is not a level (error, warn, info, debug, trace) or a filter like `info,maas_gateway=debug`",
-                    self.log.level
-                ),
             );
         }
         Ok(())
@@ -600,6 +678,9 @@ impl Config {
         let mut shown = self.clone();
         shown.database.url = maas_store::db::redact(&shown.database.url);
         shown.redis.url = maas_store::db::redact(&shown.redis.url);
+        if !shown.smtp.password.is_empty() {
+            shown.smtp.password = "***".into();
+        }
         toml::to_string_pretty(&shown).expect("the configuration serialises")
     }
 }
@@ -740,6 +821,13 @@ mod tests {
             ),
             ("[log]\nlevel = \"maas=loud\"", &["`log.level`"]),
             ("[auth]\nmin_password_score = 9", &["`auth.min_password_score`", "0 to 4"]),
+            (
+                "[gateway]\ncors_allowed_origins = [\"console.example.com\"]",
+                &["`gateway.cors_allowed_origins`", "https://"],
+            ),
+            ("[smtp]\nhost = \"mail\"\nfrom = \"not an address\"", &["`smtp.from`", "sender"]),
+            ("[smtp]\nsecurity = \"ssl\"", &["`smtp.security`", "starttls"]),
+            ("[sms]\nwebhook_url = \"ftp://x\"", &["`sms.webhook_url`", "http://"]),
             ("[cluster]\nelection_ticks = 2\nheartbeat_ticks = 2", &["`cluster.election_ticks`"]),
             ("[cluster]\nraft_tick_ms = 1", &["`cluster.raft_tick_ms`"]),
             ("[cluster]\ncookie = \"short\"", &["`cluster.cookie`", "8 characters"]),

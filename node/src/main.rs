@@ -1,6 +1,7 @@
 //! `maas`: the daemon and admin CLI of the maas Model-as-a-Service platform.
 
 mod bench;
+mod bench_auth;
 mod bench_gateway;
 mod client;
 mod config;
@@ -81,6 +82,17 @@ enum Command {
         #[command(subcommand)]
         command: DeploymentCommand,
     },
+    /// Accounts: make one (the first administrator, on a node where sign-up is closed),
+    /// read the outbox of codes no mail server sent.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// API keys, as OpenAI clients use them: create (shown once), list, revoke.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
     /// Tools for development: tiny random-weight models in the real formats.
     Dev {
         #[command(subcommand)]
@@ -150,6 +162,40 @@ enum DeploymentCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Make an active account with a role (admin by default), no verification needed.
+    Create(client::AdminCreateArgs),
+    /// Messages to users (verification and reset codes) that were not sent by mail or
+    /// SMS, newest first.
+    Outbox {
+        /// Only messages to this email address or phone number.
+        #[arg(long)]
+        recipient: Option<String>,
+        #[command(flatten)]
+        target: client::Target,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Create a key; it is printed once.
+    Create(client::KeyCreateArgs),
+    /// The keys, with their prefixes, scopes and status (never the secrets).
+    List {
+        #[command(flatten)]
+        target: client::Target,
+    },
+    /// Revoke a key: it stops working at once.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        cookie: client::Cookie,
+        #[command(flatten)]
+        target: client::Target,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum DevCommand {
     /// Write a tiny random-weight model (config.json, model.safetensors, tokenizer.json)
     /// into OUT. Its output is noise: it exists to exercise the real loaders.
@@ -176,6 +222,9 @@ enum BenchCommand {
     /// The gateway's overhead on a 1-token completion at several concurrencies, and how
     /// many SSE streams one node holds at once.
     Gateway(bench_gateway::GatewayBench),
+    /// What authenticating an API key and checking its quotas add to a request, with the
+    /// limiter in this process or in Redis.
+    Auth(bench_auth::AuthBench),
 }
 
 #[derive(Debug, Subcommand)]
@@ -298,6 +347,15 @@ fn main() -> ExitCode {
         Command::Deployment { command: DeploymentCommand::Delete { ref name, ref cookie, ref target } } => {
             client::run(client::deployment_delete(target, &cookie.cookie, name))
         }
+        Command::Admin { command: AdminCommand::Create(ref args) } => client::run(client::admin_create(args)),
+        Command::Admin { command: AdminCommand::Outbox { ref recipient, ref target } } => {
+            client::run(client::admin_outbox(target, recipient.as_deref()))
+        }
+        Command::Key { command: KeyCommand::Create(ref args) } => client::run(client::key_create(args)),
+        Command::Key { command: KeyCommand::List { ref target } } => client::run(client::key_list(target)),
+        Command::Key { command: KeyCommand::Revoke { ref id, ref cookie, ref target } } => {
+            client::run(client::key_revoke(target, &cookie.cookie, id))
+        }
         Command::Dev { command: DevCommand::TinyModel { ref arch, seed, ref out } } => dev_tiny_model(arch, seed, out),
         Command::Gpu { command: GpuCommand::List { ref target } } => client::run(client::gpu_list(target)),
         Command::Bench { ref command } => {
@@ -312,6 +370,7 @@ fn main() -> ExitCode {
                 BenchCommand::Raft(args) => runtime.block_on(bench::raft(args)),
                 BenchCommand::Placements(args) => runtime.block_on(bench::placements(args)),
                 BenchCommand::Gateway(args) => runtime.block_on(bench_gateway::gateway(args)),
+                BenchCommand::Auth(args) => runtime.block_on(bench_auth::auth(args)),
             };
             match report {
                 Ok(report) => {

@@ -54,6 +54,7 @@ pub async fn run_node(mut config: Config, quick_start: bool) -> Result<ExitCode>
             max_upload_bytes: config.gateway.max_upload_bytes,
             drain_timeout: Duration::from_secs(config.gateway.drain_timeout_secs),
             tls,
+            cors: maas_gateway::middleware::CorsPolicy::new(config.gateway.cors_allowed_origins.clone()),
         },
     );
     let api_addr = server.local_addr()?;
@@ -654,5 +655,9 @@ fn gateway_options(config: &Config) -> GatewayOptions {
             secure_cookies: !config.tls.cert_path.is_empty(),
         },
         free_tier: config.quota.free_tier.limits(),
+        notify: maas_gateway::notify::NotifyOptions {
+            smtp: config.smtp.options(),
+            sms_webhook_url: (!config.sms.webhook_url.is_empty()).then(|| config.sms.webhook_url.clone()),
+        },
     }
 }

@@ -38,6 +38,13 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(admin(state))
         .and_then(|s: Arc<AppState>, _c: Caller| async move { list_users(&s).await.map_err(warp::reject::custom) });
+    let create_user = warp::path!("v1" / "admin" / "users")
+        .and(warp::post())
+        .and(admin(state))
+        .and(crate::json::json_body::<CreateUser>(16 * 1024))
+        .and_then(|s: Arc<AppState>, c: Caller, body: CreateUser| async move {
+            create_user(&s, &c, body).await.map_err(warp::reject::custom)
+        });
     let change_user = warp::path!("v1" / "admin" / "users" / String)
         .and(warp::patch())
         .and(admin(state))
@@ -84,6 +91,8 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
             delete_price(&s, &c, &model).await.map_err(warp::reject::custom)
         });
     users
+        .or(create_user)
+        .unify()
         .or(change_user)
         .unify()
         .or(quota)
@@ -99,6 +108,21 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .or(delete_price_route)
         .unify()
         .boxed()
+}
+
+/// An account made by an administrator: active at once (no verification), with the role
+/// given (`user` by default). `maas admin create` sends it.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub password: String,
+    #[serde(default)]
+    pub display_name: Option<String>,
+    /// `admin`, `enterprise` or `user`.
+    #[serde(default)]
+    pub role: Option<String>,
 }
 
 /// A change to an account: its platform role and/or status.
@@ -145,6 +169,27 @@ async fn record(
 pub async fn list_users(state: &AppState) -> Result<Response, ApiError> {
     let users = state.stores()?.db.users().list().await?;
     Ok(warp::reply::json(&json!({"object": "list", "data": users})).into_response())
+}
+
+/// Makes an account (active at once) with a role; the password must pass the same
+/// strength check as at sign-up.
+#[utoipa::path(post, path = "/v1/admin/users", tag = "admin", request_body = CreateUser,
+    responses((status = 201, description = "the account", content_type = "application/json"), (status = 400, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
+pub async fn create_user(state: &AppState, caller: &Caller, body: CreateUser) -> Result<Response, ApiError> {
+    let role = Role::parse(body.role.as_deref().unwrap_or("user"))?;
+    let user = super::auth::create_account(
+        state,
+        super::auth::SignUp {
+            email: body.email,
+            phone: body.phone,
+            password: body.password,
+            display_name: body.display_name,
+        },
+        role,
+    )
+    .await?;
+    record(state, caller, "user.create", &user.id, json!({"role": role})).await?;
+    Ok(warp::reply::with_status(warp::reply::json(&user), http::StatusCode::CREATED).into_response())
 }
 
 /// Changes an account's role or status. The last active administrator cannot be demoted

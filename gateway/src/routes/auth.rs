@@ -216,17 +216,24 @@ async fn verify_password(password: String, stored: Option<String>) -> bool {
     .unwrap_or(false)
 }
 
-/// Writes a message to the outbox and the log (no SMTP server or SMS provider is
-/// configured on this build: the outbox is where administrators read it).
+/// Writes a message to the outbox, then delivers it by email or SMS where a transport is
+/// configured (in the background: the outbox records the outcome); without one, the
+/// message waits in the outbox and is written to the log for an administrator.
 async fn send_message(state: &AppState, user: &User, subject: &str, body: &str) -> Result<(), ApiError> {
     let (channel, recipient) = match (&user.email, &user.phone) {
         (Some(email), _) => ("email", email.clone()),
         (None, Some(phone)) => ("sms", phone.clone()),
         (None, None) => return Ok(()),
     };
-    let message = state.stores()?.db.outbox().push(channel, &recipient, subject, body).await?;
-    tracing::info!(message_id = %message.id, channel, recipient = %recipient, subject, body,
-        "message queued in the outbox (no smtp or sms transport is configured; read it with GET /v1/admin/outbox)");
+    let db = state.stores()?.db.clone();
+    let message = db.outbox().push(channel, &recipient, subject, body).await?;
+    if state.notifier.delivers(channel) {
+        let notifier = std::sync::Arc::clone(&state.notifier);
+        tokio::spawn(async move { notifier.deliver(&db, &message).await });
+    } else {
+        tracing::info!(message_id = %message.id, channel, recipient = %recipient, subject, body,
+            "message queued in the outbox: no {channel} transport is configured (read it with maas admin outbox)");
+    }
     Ok(())
 }
 
@@ -268,6 +275,41 @@ fn anonymous_entry(address: &str, action: &str, target: &str, detail: serde_json
     responses((status = 201, description = "the account", content_type = "application/json"), (status = 400, body = crate::error::ErrorBody),
         (status = 403, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn sign_up(state: &AppState, address: &str, body: SignUp) -> Result<Response, ApiError> {
+    let db = &state.stores()?.db;
+    let first = !db.credentials().has_accounts().await?;
+    if !first && !state.options.auth.allow_signup {
+        return Err(ApiError::forbidden(
+            "sign-up is closed on this platform (auth.allow_signup): ask an administrator for an account",
+        ));
+    }
+    let active = first || !state.options.auth.require_verification;
+    let user = checked_account(state, body, if first { Role::Admin } else { Role::User }, active).await?;
+    if !active {
+        issue_code(state, &user, CodePurpose::Verify).await?;
+    }
+    audit(
+        state,
+        NewAuditEntry {
+            actor_user_id: Some(user.id.clone()),
+            ..anonymous_entry(address, "auth.sign_up", &user.id, json!({"role": user.role, "first_account": first}))
+        },
+    )
+    .await?;
+    let next = if active {
+        "sign in with POST /v1/auth/login"
+    } else {
+        "enter the code sent to you with POST /v1/auth/verify"
+    };
+    Ok(created(&json!({"user": user, "verification_required": !active, "next": next})))
+}
+
+/// An active account with `role`, made by an administrator.
+pub(crate) async fn create_account(state: &AppState, body: SignUp, role: Role) -> Result<User, ApiError> {
+    checked_account(state, body, role, true).await
+}
+
+/// Checks a new account's login and password and stores it.
+async fn checked_account(state: &AppState, body: SignUp, role: Role, active: bool) -> Result<User, ApiError> {
     let email = body.email.map(|e| e.trim().to_lowercase()).filter(|e| !e.is_empty());
     let phone = body.phone.map(|p| p.trim().to_owned()).filter(|p| !p.is_empty());
     if email.is_none() && phone.is_none() {
@@ -292,47 +334,18 @@ pub async fn sign_up(state: &AppState, address: &str, body: SignUp) -> Result<Re
         [email.as_deref(), phone.as_deref(), Some(display_name.as_str())].into_iter().flatten().collect();
     check_strength(&body.password, state.options.auth.min_password_score, &inputs)
         .map_err(|weak| ApiError::bad_request("weak_password", weak.0).with_param("password"))?;
-    let db = &state.stores()?.db;
-    let first = !db.credentials().has_accounts().await?;
-    if !first && !state.options.auth.allow_signup {
-        return Err(ApiError::forbidden(
-            "sign-up is closed on this platform (auth.allow_signup): ask an administrator for an account",
-        ));
-    }
-    let active = first || !state.options.auth.require_verification;
     let display_name = if display_name.is_empty() {
         email.clone().or_else(|| phone.clone()).unwrap_or_default()
     } else {
         display_name
     };
-    let user = db
+    let password_hash = Some(hash_password(body.password).await?);
+    Ok(state
+        .stores()?
+        .db
         .users()
-        .create(NewUser {
-            email,
-            phone,
-            display_name,
-            password_hash: Some(hash_password(body.password).await?),
-            role: Some(if first { Role::Admin } else { Role::User }),
-            active,
-        })
-        .await?;
-    if !active {
-        issue_code(state, &user, CodePurpose::Verify).await?;
-    }
-    audit(
-        state,
-        NewAuditEntry {
-            actor_user_id: Some(user.id.clone()),
-            ..anonymous_entry(address, "auth.sign_up", &user.id, json!({"role": user.role, "first_account": first}))
-        },
-    )
-    .await?;
-    let next = if active {
-        "sign in with POST /v1/auth/login"
-    } else {
-        "enter the code sent to you with POST /v1/auth/verify"
-    };
-    Ok(created(&json!({"user": user, "verification_required": !active, "next": next})))
+        .create(NewUser { email, phone, display_name, password_hash, role: Some(role), active })
+        .await?)
 }
 
 /// Activates an account with the code it was sent.

@@ -83,6 +83,7 @@ use crate::state::AppState;
         super::usage::usage_csv,
         super::usage::quota_status,
         super::admin::list_users,
+        super::admin::create_user,
         super::admin::change_user,
         super::admin::set_quota,
         super::admin::list_audit,
