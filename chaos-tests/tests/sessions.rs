@@ -224,6 +224,16 @@ async fn a_session_keeps_its_conversation_across_turns_reconnects_and_restarts()
     let (first_text, first) = turn(&mut socket, "hello world").await;
     let (_, second) = turn(&mut socket, "tell me more").await;
     assert!(prompt_tokens(&second) > prompt_tokens(&first), "the history is in the prompt: {first} {second}");
+    // Each turn is metered like a chat completion: its usage is recorded once it ends.
+    let expected_tokens = prompt_tokens(&first) + prompt_tokens(&second);
+    wait_until("the turns' usage is recorded", Duration::from_secs(10), || async {
+        let (status, usage) = node.get("/v1/usage").await;
+        status == 200
+            && usage["total"]["requests"].as_u64() >= Some(2)
+            && usage["total"]["prompt_tokens"].as_u64() >= Some(expected_tokens)
+    })
+    .await
+    .unwrap();
 
     // Bad frames get error frames; the socket stays usable.
     socket.send(Message::text("not json")).await.unwrap();

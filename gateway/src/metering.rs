@@ -113,6 +113,51 @@ impl Meter {
     }
 }
 
+/// Writes usage records in batches: one transaction per batch (up to [`BATCH`] rows,
+/// gathered while the previous one commits), so a busy node does not pay a commit and an
+/// fsync per request. Records reach the database within one commit of their request
+/// ending; a crash loses at most the batch being gathered.
+#[derive(Debug, Default)]
+pub struct UsageWriter {
+    sender: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<NewUsage>>,
+}
+
+/// The most records one transaction writes.
+const BATCH: usize = 512;
+
+impl UsageWriter {
+    /// Queues a record; the writer task starts with the first one.
+    pub fn record(&self, state: &Arc<AppState>, usage: NewUsage) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(model = %usage.model, "a request's usage could not be recorded: no runtime");
+            return;
+        };
+        let sender = self.sender.get_or_init(|| {
+            let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+            runtime.spawn(write_usage(Arc::downgrade(state), receiver));
+            sender
+        });
+        if let Err(err) = sender.send(usage) {
+            tracing::error!(model = %err.0.model, "a request's usage could not be recorded: the writer stopped");
+        }
+    }
+}
+
+async fn write_usage(state: std::sync::Weak<AppState>, mut receiver: tokio::sync::mpsc::UnboundedReceiver<NewUsage>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while receiver.recv_many(&mut batch, BATCH).await > 0 {
+        let Some(state) = state.upgrade() else { return };
+        let written = match state.stores() {
+            Ok(stores) => stores.db.usage().record_many(&batch).await.map_err(|err| err.to_string()),
+            Err(err) => Err(err.message),
+        };
+        if let Err(err) = written {
+            tracing::error!(error = %err, records = batch.len(), "recording usage failed");
+        }
+        batch.clear();
+    }
+}
+
 impl Drop for MeterInner {
     fn drop(&mut self) {
         // The concurrency slot is free as soon as the request is over.
@@ -137,27 +182,20 @@ impl Drop for MeterInner {
         };
         metrics::counter!("maas_usage_tokens_total", "kind" => "prompt").increment(prompt_tokens);
         metrics::counter!("maas_usage_tokens_total", "kind" => "completion").increment(completion_tokens);
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!(model = %usage.model, "a request's usage could not be recorded: no runtime");
-            return;
-        };
-        let state = Arc::clone(&self.state);
+        let tokens = prompt_tokens + completion_tokens;
         let subjects = std::mem::take(&mut self.subjects);
-        runtime.spawn(async move {
-            let tokens = prompt_tokens + completion_tokens;
-            if tokens > 0
-                && !subjects.is_empty()
-                && let Err(err) = state.limiter().add_tokens(&subjects, tokens, usage.at_ms).await
-            {
-                tracing::error!(error = %err, "adding tokens to the quotas failed");
-            }
-            if let Ok(stores) = state.stores() {
-                if let Err(err) = stores.db.usage().record(&usage).await {
-                    tracing::error!(error = %err, model = %usage.model, "recording usage failed");
+        if tokens > 0
+            && !subjects.is_empty()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let state = Arc::clone(&self.state);
+            let at_ms = usage.at_ms;
+            runtime.spawn(async move {
+                if let Err(err) = state.limiter().add_tokens(&subjects, tokens, at_ms).await {
+                    tracing::error!(error = %err, "adding tokens to the quotas failed");
                 }
-            } else {
-                tracing::error!(model = %usage.model, "recording usage failed: the store is not open");
-            }
-        });
+            });
+        }
+        self.state.usage_writer.record(&self.state, usage);
     }
 }

@@ -140,6 +140,8 @@ pub struct AppState {
     pub agent: OnceLock<Arc<std::sync::RwLock<maas_actors::node::AgentStatus>>>,
     /// Delivers messages to users (verification and reset codes).
     pub notifier: Arc<crate::notify::Notifier>,
+    /// Usage records on their way to the database, in batches.
+    pub usage_writer: crate::metering::UsageWriter,
     /// Recent authentications (see [`crate::auth`]).
     pub auth_cache: crate::auth::AuthCache,
     /// Quota and rate-limit counters: Redis when configured, else this process.
@@ -176,6 +178,7 @@ impl AppState {
             peer_health: OnceLock::new(),
             agent: OnceLock::new(),
             notifier: Arc::new(crate::notify::Notifier::new(&options.notify)),
+            usage_writer: crate::metering::UsageWriter::default(),
             auth_cache: crate::auth::AuthCache::default(),
             limiter_backend: OnceLock::new(),
             replica_loads: crate::load::ReplicaLoads::default(),

@@ -654,3 +654,31 @@ async fn accounts_and_keys_with_sqlite() {
 async fn accounts_and_keys_with_postgres() {
     accounts_sign_in_and_keys_behave(Backend::Postgres).await;
 }
+
+/// Several sign-ups racing to be the first account make exactly one administrator.
+async fn racing_first_sign_ups_make_one_administrator(backend: Backend) {
+    let setup = setup(backend).await;
+    let sign_ups = (0..6).map(|i| {
+        let setup = &setup;
+        async move {
+            let body = json!({"email": format!("racer{i}@example.com"), "password": STRONG});
+            setup.json(&As::Nobody, reqwest::Method::POST, "/v1/auth/signup", Some(body)).await
+        }
+    });
+    let answers = futures_util::future::join_all(sign_ups).await;
+    assert!(answers.iter().all(|(status, _)| *status == 201), "{answers:?}");
+    let admins = answers.iter().filter(|(_, body)| body["user"]["role"] == "admin").count();
+    assert_eq!(admins, 1, "{answers:?}");
+    let db = &setup.state.stores.get().unwrap().db;
+    assert_eq!(db.users().count_admins().await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_first_administrator_with_sqlite() {
+    racing_first_sign_ups_make_one_administrator(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_first_administrator_with_postgres() {
+    racing_first_sign_ups_make_one_administrator(Backend::Postgres).await;
+}

@@ -46,9 +46,9 @@ fn micros(duration: Duration) -> String {
     format!("{:.1} µs", duration.as_secs_f64() * 1e6)
 }
 
-/// A gateway state with a store, a quota'd user and a quota'd key; the key's secret.
-async fn prepare(dir: &std::path::Path) -> Result<(Arc<AppState>, String)> {
-    let state = Arc::new(AppState::new("bench", GatewayOptions::default()));
+/// A store in `dir` with a user and an API key, each with a (generous) quota so every
+/// request checks two subjects; the stores and the key's secret.
+pub(crate) async fn tenant_with_key(dir: &std::path::Path) -> Result<(maas_gateway::state::Stores, String)> {
     let db = maas_store::Db::connect(&maas_store::DbOptions::new(maas_store::db::sqlite_url_in(dir))).await?;
     db.migrate().await?;
     let blobs = maas_store::BlobStore::open(dir.join("blobs")).await?;
@@ -85,8 +85,7 @@ async fn prepare(dir: &std::path::Path) -> Result<(Arc<AppState>, String)> {
             },
         )
         .await?;
-    let _ = state.stores.set(maas_gateway::state::Stores { db, blobs, data_dir: dir.to_owned() });
-    Ok((state, secret))
+    Ok((maas_gateway::state::Stores { db, blobs, data_dir: dir.to_owned() }, secret))
 }
 
 /// One request's authentication and admission; its duration.
@@ -144,8 +143,7 @@ async fn cold(state: &Arc<AppState>, secret: &str, requests: usize) -> Result<Ve
 
 pub async fn auth(args: &AuthBench) -> Result<String> {
     let dir = tempfile::tempdir()?;
-    let (prepared, secret) = prepare(dir.path()).await?;
-    let stores = prepared.stores.get().context("the store is open")?.clone();
+    let (stores, secret) = tenant_with_key(dir.path()).await?;
     let mut limiters = vec![("in-process", Limiter::in_process())];
     if let Some(url) = &args.redis {
         let prefix = format!("{}:", maas_store::ids::new_id("maas-bench"));

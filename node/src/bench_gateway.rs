@@ -94,6 +94,8 @@ struct Serving {
     control: RaftHandle<ClusterState>,
     base: String,
     trigger: maas_gateway::ShutdownTrigger,
+    /// The API key requests are sent with (authentication and quotas are on the path).
+    key: String,
 }
 
 pub async fn gateway(args: &GatewayBench) -> Result<String> {
@@ -183,6 +185,8 @@ async fn serve(dir: &std::path::Path) -> Result<Serving> {
     serving.insert("tiny-1-1", ServingModel::Generator(Arc::clone(&engine)));
     let _ = state.serving.set(serving);
     let _ = state.cluster.set(control.clone());
+    let (stores, key) = crate::bench_auth::tenant_with_key(dir).await?;
+    let _ = state.stores.set(stores);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let server = maas_gateway::HttpServer::new(
         listener,
@@ -198,7 +202,7 @@ async fn serve(dir: &std::path::Path) -> Result<Serving> {
     let base = format!("http://{}", server.local_addr()?);
     let (trigger, shutdown) = maas_gateway::shutdown_channel();
     tokio::spawn(server.run(shutdown));
-    Ok(Serving { engine, control, base, trigger })
+    Ok(Serving { engine, control, base, trigger, key })
 }
 
 async fn overhead_row(serving: &Serving, clients: usize, seconds: u64) -> Result<String> {
@@ -229,11 +233,12 @@ async fn overhead_row(serving: &Serving, clients: usize, seconds: u64) -> Result
         let (engine_latencies, _) = load(clients, seconds, direct).await;
         let client = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
         let url = format!("{base}/v1/completions");
+        let key = serving.key.clone();
         let through = move || {
-            let (client, url) = (client.clone(), url.clone());
+            let (client, url, key) = (client.clone(), url.clone(), key.clone());
             async move {
                 let body = serde_json::json!({"model": "tiny", "prompt": "hello", "max_tokens": 1, "temperature": 0});
-                match client.post(&url).json(&body).send().await {
+                match client.post(&url).bearer_auth(&key).json(&body).send().await {
                     Ok(response) => response.status().is_success() && response.bytes().await.is_ok(),
                     Err(_) => false,
                 }
@@ -261,10 +266,10 @@ async fn hold_streams(serving: &Serving, streams: usize) -> Result<String> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..streams {
-        let (client, url) = (client.clone(), format!("{base}/v1/chat/completions"));
+        let (client, url, key) = (client.clone(), format!("{base}/v1/chat/completions"), serving.key.clone());
         tasks.push(tokio::spawn(async move {
             let body = serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 64, "stream": true});
-            let Ok(response) = client.post(&url).json(&body).send().await else { return false };
+            let Ok(response) = client.post(&url).bearer_auth(&key).json(&body).send().await else { return false };
             response.status().is_success() && response.text().await.is_ok_and(|text| text.trim_end().ends_with("[DONE]"))
         }));
     }

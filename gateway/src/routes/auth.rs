@@ -282,8 +282,18 @@ pub async fn sign_up(state: &AppState, address: &str, body: SignUp) -> Result<Re
             "sign-up is closed on this platform (auth.allow_signup): ask an administrator for an account",
         ));
     }
-    let active = first || !state.options.auth.require_verification;
-    let user = checked_account(state, body, if first { Role::Admin } else { Role::User }, active).await?;
+    let mut active = first || !state.options.auth.require_verification;
+    let mut user = checked_account(state, body, if first { Role::Admin } else { Role::User }, active).await?;
+    let first = first && db.credentials().claim_first_admin(&user.id).await?;
+    if user.role == Role::Admin && !first {
+        // Another sign-up raced this one to be first and won: this is an ordinary account.
+        db.users().set_role(&user.id, Role::User).await?;
+        active = !state.options.auth.require_verification;
+        if !active {
+            db.users().set_status(&user.id, "pending").await?;
+        }
+        user = db.users().get(&user.id).await?;
+    }
     if !active {
         issue_code(state, &user, CodePurpose::Verify).await?;
     }

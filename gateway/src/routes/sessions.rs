@@ -58,6 +58,7 @@ use super::openai::{InferenceRequest, generation, start_generation};
 use super::with_state;
 use crate::auth::{Access, Caller, caller};
 use crate::error::ApiError;
+use crate::metering::Meter;
 use crate::state::AppState;
 
 /// The largest system prompt a session keeps, in bytes.
@@ -321,9 +322,8 @@ pub async fn session_socket(
     id: String,
     ws: Option<Ws>,
 ) -> Result<Response, ApiError> {
-    let scope = caller.scope.clone();
     // Another tenant's or an unknown session is refused before the upgrade.
-    let session = db(&state)?.sessions().get(&scope, &id).await?;
+    let session = db(&state)?.sessions().get(&caller.scope, &id).await?;
     let Some(ws) = ws else {
         return Err(ApiError::new(
             http::StatusCode::UPGRADE_REQUIRED,
@@ -334,7 +334,11 @@ pub async fn session_socket(
     };
     sessions(&state)?;
     let limit = usize::try_from(state.options.max_body_bytes).unwrap_or(usize::MAX);
-    Ok(ws.max_message_size(limit).on_upgrade(move |socket| serve_socket(state, scope, session, socket)).into_response())
+    let caller = caller.clone();
+    Ok(ws
+        .max_message_size(limit)
+        .on_upgrade(move |socket| serve_socket(state, caller, session, socket))
+        .into_response())
 }
 
 // ---- the socket ----
@@ -418,6 +422,8 @@ struct ActiveTurn {
     content: String,
     completion_tokens: usize,
     recorded: bool,
+    /// Records the turn's usage when it ends (cancelled or cut turns count their tokens).
+    meter: Meter,
 }
 
 impl ActiveTurn {
@@ -477,9 +483,10 @@ async fn send(socket: &mut WebSocket, frame: &Value) -> bool {
     socket.send(Message::text(frame.to_string())).await.is_ok()
 }
 
-async fn serve_socket(state: Arc<AppState>, scope: TenantScope, session: ChatSession, mut socket: WebSocket) {
+async fn serve_socket(state: Arc<AppState>, caller: Caller, session: ChatSession, mut socket: WebSocket) {
     let Ok(sessions) = sessions(&state).cloned() else { return };
-    let opened = match sessions.snapshot(&scope, &session.id).await {
+    let scope = &caller.scope;
+    let opened = match sessions.snapshot(scope, &session.id).await {
         Ok(snapshot) => json!({"type": "session", "id": session.id, "model": session.model,
                                "messages": snapshot.messages.len()}),
         Err(err) => {
@@ -503,7 +510,7 @@ async fn serve_socket(state: Arc<AppState>, scope: TenantScope, session: ChatSes
         let keep_going = match frames {
             Incoming::Frame(None | Some(Err(_))) => false,
             Incoming::Frame(Some(Ok(message))) => {
-                on_message(&state, &sessions, &scope, &session, &mut socket, &mut turn, message).await
+                on_message(&state, &sessions, &caller, &session, &mut socket, &mut turn, message).await
             }
             Incoming::Event(event) => on_event(&session, &mut socket, &mut turn, event).await,
         };
@@ -524,7 +531,7 @@ enum Incoming {
 async fn on_message(
     state: &Arc<AppState>,
     sessions: &Sessions,
-    scope: &TenantScope,
+    caller: &Caller,
     session: &ChatSession,
     socket: &mut WebSocket,
     turn: &mut Option<ActiveTurn>,
@@ -558,7 +565,7 @@ async fn on_message(
             }
             send(socket, &done_frame(TurnFinish::Cancelled, 0, completion_tokens)).await
         }
-        Ok(ClientFrame::User(frame)) => match start_turn(state, sessions, scope, session, frame).await {
+        Ok(ClientFrame::User(frame)) => match start_turn(state, sessions, caller, session, frame).await {
             Ok(active) => {
                 *turn = Some(active);
                 true
@@ -572,13 +579,16 @@ async fn on_message(
 async fn start_turn(
     state: &Arc<AppState>,
     sessions: &Sessions,
-    scope: &TenantScope,
+    caller: &Caller,
     session: &ChatSession,
     frame: UserFrame,
 ) -> Result<ActiveTurn, ApiError> {
     if frame.content.trim().is_empty() {
         return Err(bad("content", "a user frame needs non-empty `content`"));
     }
+    let scope = &caller.scope;
+    // A turn is an inference request: it counts against the quotas and is metered.
+    let meter = Meter::admit(state, caller, &session.model, "session").await?;
     let mut sampling: SessionSampling = serde_json::from_value(session.sampling.clone()).unwrap_or_default();
     sampling.max_tokens = frame.max_tokens.or(sampling.max_tokens);
     sampling.temperature = frame.temperature.or(sampling.temperature);
@@ -599,6 +609,7 @@ async fn start_turn(
                 content: String::new(),
                 completion_tokens: 0,
                 recorded: false,
+                meter,
             })
         }
         Err(err) => {
@@ -624,6 +635,7 @@ async fn on_event(
     match event {
         Some(GenerationEvent::Token { text, .. }) => {
             active.completion_tokens += 1;
+            active.meter.count_completion_token();
             if text.is_empty() {
                 return true;
             }
@@ -639,6 +651,7 @@ async fn on_event(
             };
             let Some(mut active) = turn.take() else { return true };
             active.completion_tokens = completion_tokens;
+            active.meter.finish(200, prompt_tokens, completion_tokens);
             let recorded = active.record(&session.id, finish, None, Some(prompt_tokens)).await;
             if let Err(err) = recorded
                 && !send(socket, &error_frame(&err)).await
@@ -653,6 +666,7 @@ async fn on_event(
                 _ => "the replica stopped before the generation finished".to_owned(),
             };
             let Some(active) = turn.take() else { return true };
+            active.meter.fail(502);
             let completion_tokens = active.completion_tokens;
             let recorded = active.record(&session.id, TurnFinish::Failed, Some(reason.clone()), None).await;
             let failed = ApiError::new(

@@ -217,6 +217,21 @@ impl Credentials<'_> {
         Ok(spent == 1)
     }
 
+    /// Claims the platform's first administrator for `user_id`; true for exactly one
+    /// caller however many race (the claim is a row with a primary key).
+    pub async fn claim_first_admin(&self, user_id: &str) -> Result<bool> {
+        let claimed = sqlx::query(
+            "INSERT INTO platform_settings (key, value, updated_at_ms) VALUES ('first_admin', $1, $2) \
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(now_ms())
+        .execute(self.db.pool())
+        .await?
+        .rows_affected();
+        Ok(claimed == 1)
+    }
+
     /// Whether anyone has an account yet (the built-in local operator does not count):
     /// the first sign-up becomes the administrator.
     pub async fn has_accounts(&self) -> Result<bool> {

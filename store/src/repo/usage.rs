@@ -111,30 +111,39 @@ impl Usage<'_> {
     /// Records one event, costed by the model's price (or the default `*` price) in the
     /// same statement.
     pub async fn record(&self, usage: &NewUsage) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO usage_records (id, owner_kind, owner_id, user_id, key_id, kind, model, endpoint, \
-             prompt_tokens, completion_tokens, gpu_seconds, storage_bytes, latency_ms, status, cost_micros, created_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, COALESCE((SELECT \
-             ($9 * p.input_per_1k_micros + $10 * p.output_per_1k_micros) / 1000 + $11 * p.gpu_hour_micros / 3600 \
-             FROM prices p WHERE p.model IN ($7, '*') ORDER BY CASE WHEN p.model = '*' THEN 1 ELSE 0 END LIMIT 1), 0), $15)",
-        )
-        .bind(new_id("usage"))
-        .bind(usage.owner.kind())
-        .bind(usage.owner.id())
-        .bind(&usage.user_id)
-        .bind(&usage.key_id)
-        .bind(usage.kind.as_str())
-        .bind(&usage.model)
-        .bind(&usage.endpoint)
-        .bind(to_i64(usage.prompt_tokens, "prompt tokens")?)
-        .bind(to_i64(usage.completion_tokens, "completion tokens")?)
-        .bind(to_i64(usage.gpu_seconds, "gpu seconds")?)
-        .bind(to_i64(usage.storage_bytes, "storage bytes")?)
-        .bind(to_i64(usage.latency_ms, "latency")?)
-        .bind(i64::from(usage.status))
-        .bind(usage.at_ms)
-        .execute(self.db.pool())
-        .await?;
+        self.record_many(std::slice::from_ref(usage)).await
+    }
+
+    /// Records events in one transaction (one commit, one fsync, however many rows).
+    pub async fn record_many(&self, records: &[NewUsage]) -> Result<()> {
+        let mut tx = self.db.pool().begin().await?;
+        for usage in records {
+            sqlx::query(
+                "INSERT INTO usage_records (id, owner_kind, owner_id, user_id, key_id, kind, model, endpoint, \
+                 prompt_tokens, completion_tokens, gpu_seconds, storage_bytes, latency_ms, status, cost_micros, created_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, COALESCE((SELECT \
+                 ($9 * p.input_per_1k_micros + $10 * p.output_per_1k_micros) / 1000 + $11 * p.gpu_hour_micros / 3600 \
+                 FROM prices p WHERE p.model IN ($7, '*') ORDER BY CASE WHEN p.model = '*' THEN 1 ELSE 0 END LIMIT 1), 0), $15)",
+            )
+            .bind(new_id("usage"))
+            .bind(usage.owner.kind())
+            .bind(usage.owner.id())
+            .bind(&usage.user_id)
+            .bind(&usage.key_id)
+            .bind(usage.kind.as_str())
+            .bind(&usage.model)
+            .bind(&usage.endpoint)
+            .bind(to_i64(usage.prompt_tokens, "prompt tokens")?)
+            .bind(to_i64(usage.completion_tokens, "completion tokens")?)
+            .bind(to_i64(usage.gpu_seconds, "gpu seconds")?)
+            .bind(to_i64(usage.storage_bytes, "storage bytes")?)
+            .bind(to_i64(usage.latency_ms, "latency")?)
+            .bind(i64::from(usage.status))
+            .bind(usage.at_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
