@@ -216,3 +216,8 @@ pub fn admin_client(cookie: &str) -> reqwest::Client {
 pub async fn admin_get(cookie: &str, url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::Response> {
     admin_client(cookie).get(url).send().await
 }
+
+/// `GET url` with the cluster cookie, as JSON.
+pub async fn admin_get_json(cookie: &str, url: impl reqwest::IntoUrl) -> serde_json::Value {
+    admin_get(cookie, url).await.expect("the node answers").json().await.expect("the answer is JSON")
+}

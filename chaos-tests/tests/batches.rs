@@ -32,7 +32,7 @@ fn cli(node: &MaasProcess, args: &[&str]) {
 }
 
 async fn get(node: &MaasProcess, path: &str) -> Value {
-    maas_chaos_tests::admin_get(COOKIE, format!("{}{path}", node.base_url)).await.unwrap().json().await.unwrap()
+    maas_chaos_tests::admin_get_json(COOKIE, format!("{}{path}", node.base_url)).await
 }
 
 /// The batch, or `None` while the node does not answer.

@@ -38,12 +38,7 @@ async fn a_single_node_cluster_registers_itself_and_survives_a_restart() {
     let mut node = start();
     node.wait_ready(Duration::from_secs(20)).await.unwrap();
     let ready: Value =
-        maas_chaos_tests::admin_get(maas_chaos_tests::DEFAULT_COOKIE, format!("{}/readyz", node.base_url))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        maas_chaos_tests::admin_get_json(maas_chaos_tests::DEFAULT_COOKIE, format!("{}/readyz", node.base_url)).await;
     assert_eq!(ready["checks"]["cluster"], "ready", "{ready}");
 
     let (code, table, stderr) = cli(&["cluster", "status"], &node.base_url);
@@ -78,13 +73,11 @@ async fn a_single_node_cluster_registers_itself_and_survives_a_restart() {
     // The node agent runs a GPU actor for each registered GPU.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let agent: Value =
-            maas_chaos_tests::admin_get(maas_chaos_tests::DEFAULT_COOKIE, format!("{}/v1/node/agent", node.base_url))
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+        let agent: Value = maas_chaos_tests::admin_get_json(
+            maas_chaos_tests::DEFAULT_COOKIE,
+            format!("{}/v1/node/agent", node.base_url),
+        )
+        .await;
         let gpus = agent["gpus"].as_array().cloned().unwrap_or_default();
         if gpus.len() == 2 {
             assert!(gpus.iter().all(|g| g["failed"].is_null() && g["free_mib"] == 81920 - 1024), "{agent}");
@@ -94,13 +87,11 @@ async fn a_single_node_cluster_registers_itself_and_survives_a_restart() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let before: Value =
-        maas_chaos_tests::admin_get(maas_chaos_tests::DEFAULT_COOKIE, format!("{}/v1/cluster/status", node.base_url))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+    let before: Value = maas_chaos_tests::admin_get_json(
+        maas_chaos_tests::DEFAULT_COOKIE,
+        format!("{}/v1/cluster/status", node.base_url),
+    )
+    .await;
     node.signal(Signal::SIGTERM).unwrap();
     assert!(node.wait_exit(Duration::from_secs(20)).await.unwrap().success());
 
@@ -108,23 +99,16 @@ async fn a_single_node_cluster_registers_itself_and_survives_a_restart() {
     let node = start();
     node.wait_ready(Duration::from_secs(20)).await.unwrap();
 
-    let after: Value =
-        maas_chaos_tests::admin_get(maas_chaos_tests::DEFAULT_COOKIE, format!("{}/v1/cluster/status", node.base_url))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+    let after: Value = maas_chaos_tests::admin_get_json(
+        maas_chaos_tests::DEFAULT_COOKIE,
+        format!("{}/v1/cluster/status", node.base_url),
+    )
+    .await;
     assert_eq!(after["leader_id"], 1);
     assert!(after["term"].as_u64() > before["term"].as_u64(), "a new election after the restart: {before} {after}");
     assert!(after["commit_index"].as_u64() > before["commit_index"].as_u64(), "the log continued: {before} {after}");
     let list: Value =
-        maas_chaos_tests::admin_get(maas_chaos_tests::DEFAULT_COOKIE, format!("{}/v1/nodes", node.base_url))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        maas_chaos_tests::admin_get_json(maas_chaos_tests::DEFAULT_COOKIE, format!("{}/v1/nodes", node.base_url)).await;
     assert_eq!(list["nodes"].as_array().unwrap().len(), 1, "re-registration updated the same node: {list}");
 }
 
@@ -230,11 +214,6 @@ async fn membership_and_label_routes_refuse_bad_input_with_clear_errors() {
         assert!(!body["error"]["message"].as_str().unwrap_or_default().is_empty(), "{body}");
     }
     // Nothing changed: the node has no labels.
-    let nodes: Value = maas_chaos_tests::admin_get("secret-cookie-1", format!("{}/v1/nodes", node.base_url))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let nodes: Value = maas_chaos_tests::admin_get_json("secret-cookie-1", format!("{}/v1/nodes", node.base_url)).await;
     assert_eq!(nodes["nodes"][0]["labels"], serde_json::json!({}));
 }

@@ -25,12 +25,7 @@ async fn serving_node() -> (MaasProcess, tempfile::TempDir) {
     cli(&node, &["model", "import", model.to_str().unwrap(), "--name", "tiny", "--quiet"]);
     cli(&node, &["deploy", "tiny", "--name", "chat", "--context", "256", "--sequences", "4"]);
     wait_until("the deployment serves", Duration::from_secs(60), || async {
-        let models: Value = maas_chaos_tests::admin_get(COOKIE, format!("{}/v1/models", node.base_url))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let models: Value = maas_chaos_tests::admin_get_json(COOKIE, format!("{}/v1/models", node.base_url)).await;
         models["data"].as_array().is_some_and(|d| d.iter().any(|m| m["id"] == "chat"))
     })
     .await
@@ -153,12 +148,7 @@ async fn the_official_openai_python_package_works_unchanged() {
     cli(&node, &["model", "import", bert.to_str().unwrap(), "--name", "bert", "--quiet"]);
     cli(&node, &["deploy", "bert", "--name", "embed", "--gpus", "0", "--cpu-fallback"]);
     wait_until("the embedding model serves", Duration::from_secs(60), || async {
-        let models: Value = maas_chaos_tests::admin_get(COOKIE, format!("{}/v1/models", node.base_url))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let models: Value = maas_chaos_tests::admin_get_json(COOKIE, format!("{}/v1/models", node.base_url)).await;
         models["data"].as_array().is_some_and(|d| d.iter().any(|m| m["id"] == "embed"))
     })
     .await
@@ -207,12 +197,7 @@ async fn a_bert_model_embeds_and_a_quantised_gguf_model_chats() {
     cli(&node, &["deploy", "bert", "--name", "embed", "--gpus", "0", "--cpu-fallback"]);
     cli(&node, &["deploy", "gguf", "--name", "quantised", "--context", "256", "--sequences", "2"]);
     wait_until("both serve", Duration::from_secs(60), || async {
-        let models: Value = maas_chaos_tests::admin_get(COOKIE, format!("{}/v1/models", node.base_url))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let models: Value = maas_chaos_tests::admin_get_json(COOKIE, format!("{}/v1/models", node.base_url)).await;
         let ids: Vec<&str> = models["data"].as_array().unwrap().iter().filter_map(|m| m["id"].as_str()).collect();
         ids.contains(&"embed") && ids.contains(&"quantised")
     })
@@ -379,12 +364,7 @@ async fn safety_rules_refuse_requests_and_cut_answers() {
     assert!(chunks.iter().any(|c| c["choices"].get(0).is_some_and(|ch| ch["finish_reason"] == "content_filter")));
 
     // The rules are listed and can be deleted; then the answer is whole again.
-    let rules: Value = maas_chaos_tests::admin_get(COOKIE, format!("{}/v1/safety/rules", node.base_url))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rules: Value = maas_chaos_tests::admin_get_json(COOKIE, format!("{}/v1/safety/rules", node.base_url)).await;
     assert_eq!(rules["data"].as_array().unwrap().len(), 2, "{rules}");
     for id in [&rule["id"], &output_rule["id"]] {
         let deleted = maas_chaos_tests::admin_client(COOKIE)

@@ -98,24 +98,15 @@ async fn archives_and_catalogue_names_import_through_the_cli() {
     .unwrap();
     let names: Vec<&str> = listed["versions"].as_array().unwrap().iter().filter_map(|v| v["name"].as_str()).collect();
     assert_eq!(names, ["qwen2.5-0.5b-instruct", "tiny"]);
-    let catalog: Value = maas_chaos_tests::admin_get(COOKIE, format!("{}/v1/registry/catalog", node.base_url))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let catalog: Value =
+        maas_chaos_tests::admin_get_json(COOKIE, format!("{}/v1/registry/catalog", node.base_url)).await;
     let entry = catalog["models"].as_array().unwrap().iter().find(|m| m["name"] == "qwen2.5-0.5b-instruct").unwrap();
     assert_eq!(entry["imported_versions"], json!(["v1"]));
 
     let output = maas(&node, &["deploy", "tiny", "--name", "chat", "--context", "256", "--sequences", "2"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     wait_until("the deployment serves", Duration::from_secs(60), || async {
-        let models: Value = maas_chaos_tests::admin_get(COOKIE, format!("{}/v1/models", node.base_url))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let models: Value = maas_chaos_tests::admin_get_json(COOKIE, format!("{}/v1/models", node.base_url)).await;
         models["data"].as_array().is_some_and(|d| d.iter().any(|m| m["id"] == "chat"))
     })
     .await

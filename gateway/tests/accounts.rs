@@ -9,14 +9,14 @@
 //!   throttling, cookies, sign-out, password reset, expired, forged and revoked tokens and
 //!   keys, key scopes, and the append-only audit log.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use maas_gateway::state::AuthOptions;
-use maas_gateway::{AppState, GatewayOptions, HttpServer, ServeOptions};
+use maas_gateway::{AppState, GatewayOptions};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 
 const POSTGRES_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 const STRONG: &str = "plum-Harbour-sings-92-quietly";
@@ -56,27 +56,9 @@ async fn setup(backend: Backend) -> Setup {
         ..GatewayOptions::default()
     };
     let state = Arc::new(AppState::new("accounts-node", options));
-    let db =
-        maas_store::Db::connect(&maas_store::DbOptions::new(database_url(backend, dir.path()).await)).await.unwrap();
-    db.migrate().await.unwrap();
-    let blobs = maas_store::BlobStore::open(dir.path().join("blobs")).await.unwrap();
-    let _ = state.stores.set(maas_gateway::state::Stores { db, blobs, data_dir: dir.path().to_owned() });
+    common::open_stores(&state, database_url(backend, dir.path()).await, dir.path()).await;
     let _ = state.cluster_cookie.set("accounts-test-cookie".to_owned());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = HttpServer::new(
-        listener,
-        maas_gateway::routes::routes(&state),
-        &ServeOptions {
-            max_body_bytes: 1 << 20,
-            max_upload_bytes: 1 << 20,
-            drain_timeout: Duration::from_secs(1),
-            tls: None,
-            cors: maas_gateway::middleware::CorsPolicy::default(),
-        },
-    );
-    let base = format!("http://{}", server.local_addr().unwrap());
-    let (trigger, shutdown) = maas_gateway::shutdown_channel();
-    tokio::spawn(server.run(shutdown));
+    let (base, trigger) = common::serve(&state).await;
     Setup { base, state, http: reqwest::Client::new(), _dir: dir, _serving: trigger }
 }
 

@@ -2,12 +2,14 @@
 //! maildir) and an SMS provider's webhook (a local HTTP endpoint that records what it is
 //! sent); a mail server that is down leaves the message in the outbox with the reason.
 
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use maas_gateway::notify::{NotifyOptions, SmtpOptions, SmtpSecurity};
-use maas_gateway::{AppState, GatewayOptions, HttpServer, ServeOptions};
+use maas_gateway::{AppState, GatewayOptions};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
@@ -91,25 +93,8 @@ async fn gateway(
     notify: NotifyOptions,
 ) -> (String, Arc<AppState>, maas_gateway::ShutdownTrigger) {
     let state = Arc::new(AppState::new("notify-node", GatewayOptions { notify, ..GatewayOptions::default() }));
-    let db = maas_store::Db::connect(&maas_store::DbOptions::new(maas_store::db::sqlite_url_in(dir))).await.unwrap();
-    db.migrate().await.unwrap();
-    let blobs = maas_store::BlobStore::open(dir.join("blobs")).await.unwrap();
-    let _ = state.stores.set(maas_gateway::state::Stores { db, blobs, data_dir: dir.to_owned() });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = HttpServer::new(
-        listener,
-        maas_gateway::routes::routes(&state),
-        &ServeOptions {
-            max_body_bytes: 1 << 20,
-            max_upload_bytes: 1 << 20,
-            drain_timeout: Duration::from_secs(1),
-            tls: None,
-            cors: maas_gateway::middleware::CorsPolicy::default(),
-        },
-    );
-    let base = format!("http://{}", server.local_addr().unwrap());
-    let (trigger, shutdown) = maas_gateway::shutdown_channel();
-    tokio::spawn(server.run(shutdown));
+    common::open_stores(&state, maas_store::db::sqlite_url_in(dir), dir).await;
+    let (base, trigger) = common::serve(&state).await;
     (base, state, trigger)
 }
 
