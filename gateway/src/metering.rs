@@ -199,3 +199,25 @@ impl Drop for MeterInner {
         self.state.usage_writer.record(&self.state, usage);
     }
 }
+
+/// Samples every owner's stored bytes into usage records every `period`, on the node that
+/// leads the control plane (one sample per period for the whole cluster).
+pub async fn sample_storage(state: Arc<AppState>, period: std::time::Duration) {
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        ticks.tick().await;
+        let leads = state.cluster.get().is_some_and(|handle| {
+            let status = handle.status();
+            status.leader_id == status.id
+        });
+        if !leads {
+            continue;
+        }
+        let Ok(stores) = state.stores() else { continue };
+        match stores.db.usage().sample_storage(maas_store::ids::now_ms()).await {
+            Ok(owners) => tracing::debug!(owners, "storage sampled"),
+            Err(err) => tracing::warn!(error = %err, "sampling storage failed"),
+        }
+    }
+}

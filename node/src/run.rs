@@ -106,6 +106,7 @@ pub async fn run_node(mut config: Config, quick_start: bool) -> Result<ExitCode>
         .set(Arc::new(move || transport.peer_states().into_iter().map(|(id, peer)| (id, peer.to_string())).collect()));
     tokio::spawn(register(cluster.control.handle().clone(), cluster.node.clone(), Arc::clone(&state)));
     tokio::spawn(maas_gateway::load::poll_peers(Arc::clone(&state)));
+    tokio::spawn(maas_gateway::metering::sample_storage(Arc::clone(&state), Duration::from_secs(3600)));
     if quick_start && let Some(stores) = state.stores.get().cloned() {
         tokio::spawn(deploy_tiny_model(cluster.control.handle().clone(), stores, data_dir.clone()));
     }

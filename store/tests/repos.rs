@@ -232,4 +232,15 @@ async fn usage_is_costed_and_summed_per_tenant(t: &TestDb) {
     let bobs = t.db.usage().summary(&bob_scope, 0, i64::MAX).await.unwrap();
     assert_eq!((bobs.len(), bobs[0].requests), (1, 1), "each tenant sees its own usage");
     assert_eq!(t.db.usage().stored_bytes(&Owner::User(alice.clone())).await.unwrap(), 0);
+
+    // Storage samples: one record per owner with files, kept out of the request counts.
+    t.db.files().create(&scope, new_file("a.jsonl")).await.unwrap();
+    t.db.files().create(&scope, new_file("b.jsonl")).await.unwrap();
+    assert_eq!(t.db.usage().sample_storage(maas_store::ids::now_ms()).await.unwrap(), 1);
+    let storage = t.db.usage().storage_by_day(&scope, 0, i64::MAX).await.unwrap();
+    assert_eq!(storage.len(), 1);
+    assert_eq!(storage[0].1, 20, "two files of 10 bytes");
+    let rows = t.db.usage().summary(&scope, 0, i64::MAX).await.unwrap();
+    assert_eq!(rows.iter().map(|r| r.requests).sum::<i64>(), 3, "samples are not requests");
+    assert!(t.db.usage().storage_by_day(&bob_scope, 0, i64::MAX).await.unwrap().is_empty());
 }

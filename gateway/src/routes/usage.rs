@@ -83,6 +83,8 @@ async fn rows(state: &AppState, caller: &Caller, query: &UsageQuery) -> Result<V
     responses((status = 200, description = "the usage", content_type = "application/json"), (status = 400, body = crate::error::ErrorBody)))]
 pub async fn usage_summary(state: &AppState, caller: &Caller, query: &UsageQuery) -> Result<Response, ApiError> {
     let rows = rows(state, caller, query).await?;
+    let (since, until) = period(query)?;
+    let storage = state.stores()?.db.usage().storage_by_day(&caller.scope, since, until).await?;
     let mut by_model = std::collections::BTreeMap::<String, [i64; 4]>::new();
     let mut by_day = std::collections::BTreeMap::<String, [i64; 4]>::new();
     let mut total = [0i64; 4];
@@ -105,6 +107,7 @@ pub async fn usage_summary(state: &AppState, caller: &Caller, query: &UsageQuery
         "by_model": by_model.iter().map(|(model, s)| { let mut v = sums(s); v["model"] = json!(model); v }).collect::<Vec<_>>(),
         "by_day": by_day.iter().map(|(day, s)| { let mut v = sums(s); v["day"] = json!(day); v }).collect::<Vec<_>>(),
         "total": sums(&total),
+        "storage_by_day": storage.iter().map(|(day, bytes)| json!({"day": day, "max_bytes": bytes})).collect::<Vec<_>>(),
     });
     Ok(warp::reply::json(&body).into_response())
 }

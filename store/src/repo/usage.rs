@@ -156,7 +156,8 @@ impl Usage<'_> {
              CAST(SUM(CASE WHEN r.status >= 400 THEN 1 ELSE 0 END) AS BIGINT), CAST(SUM(r.prompt_tokens) AS BIGINT), \
              CAST(SUM(r.completion_tokens) AS BIGINT), CAST(SUM(r.gpu_seconds) AS BIGINT), \
              CAST(SUM(r.cost_micros) AS BIGINT) FROM usage_records r \
-             WHERE r.owner_kind = $2 AND r.owner_id = $3 AND r.created_at_ms >= $4 AND r.created_at_ms < $5 AND {} \
+             WHERE r.owner_kind = $2 AND r.owner_id = $3 AND r.created_at_ms >= $4 AND r.created_at_ms < $5 \
+             AND r.kind <> 'storage' AND {} \
              GROUP BY r.created_at_ms / {DAY_MS}, r.model, r.key_id ORDER BY 1, 2, 3",
             TenantScope::readable_sql("r", 1)
         );
@@ -186,6 +187,64 @@ impl Usage<'_> {
                 },
             )
             .collect())
+    }
+
+    /// Records every owner's stored bytes now (one `storage` record each), for billing
+    /// and trends; returns how many owners were sampled.
+    pub async fn sample_storage(&self, at_ms: i64) -> Result<usize> {
+        let owners: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT owner_kind, owner_id, CAST(SUM(size_bytes) AS BIGINT) FROM files GROUP BY owner_kind, owner_id",
+        )
+        .fetch_all(self.db.pool())
+        .await?;
+        let records: Vec<NewUsage> = owners
+            .into_iter()
+            .map(|(kind, id, bytes)| {
+                let owner = Owner::from_columns(&kind, id)?;
+                Ok(NewUsage {
+                    user_id: if matches!(owner, Owner::User(_)) { owner.id().to_owned() } else { String::new() },
+                    owner,
+                    key_id: None,
+                    kind: UsageKind::Storage,
+                    model: String::new(),
+                    endpoint: "storage".into(),
+                    prompt_tokens: 0,
+                    completion_tokens: 0,
+                    gpu_seconds: 0,
+                    storage_bytes: u64::try_from(bytes).unwrap_or(0),
+                    latency_ms: 0,
+                    status: 200,
+                    at_ms,
+                })
+            })
+            .collect::<Result<_>>()?;
+        self.record_many(&records).await?;
+        Ok(records.len())
+    }
+
+    /// The scope's acting owner's largest sampled storage per day, oldest first.
+    pub async fn storage_by_day(
+        &self,
+        scope: &TenantScope,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<(String, i64)>> {
+        let owner = scope.acting_as();
+        let sql = format!(
+            "SELECT r.created_at_ms / {DAY_MS}, CAST(MAX(r.storage_bytes) AS BIGINT) FROM usage_records r \
+             WHERE r.owner_kind = $2 AND r.owner_id = $3 AND r.created_at_ms >= $4 AND r.created_at_ms < $5 \
+             AND r.kind = 'storage' AND {} GROUP BY r.created_at_ms / {DAY_MS} ORDER BY 1",
+            TenantScope::readable_sql("r", 1)
+        );
+        let rows: Vec<(i64, i64)> = sqlx::query_as(trusted_sql(sql))
+            .bind(scope.user_id())
+            .bind(owner.kind())
+            .bind(owner.id())
+            .bind(since_ms)
+            .bind(until_ms)
+            .fetch_all(self.db.pool())
+            .await?;
+        Ok(rows.into_iter().map(|(day, bytes)| (day_name(day), bytes)).collect())
     }
 
     /// Bytes the owner keeps in files (what the storage quota counts).
