@@ -374,14 +374,16 @@ impl Default for GatewayConfig {
 }
 
 impl Default for AuthConfig {
+    /// The gateway's own defaults, so the two cannot drift apart.
     fn default() -> Self {
+        let defaults = maas_gateway::state::AuthOptions::default();
         AuthConfig {
-            allow_signup: true,
-            require_verification: true,
-            session_ttl_secs: 7 * 24 * 3600,
-            min_password_score: 3,
-            max_sign_in_failures: 5,
-            sign_in_window_secs: 900,
+            allow_signup: defaults.allow_signup,
+            require_verification: defaults.require_verification,
+            session_ttl_secs: defaults.session_ttl_secs,
+            min_password_score: defaults.min_password_score,
+            max_sign_in_failures: defaults.max_sign_in_failures,
+            sign_in_window_secs: defaults.sign_in_window_secs,
         }
     }
 }
