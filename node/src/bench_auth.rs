@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use maas_gateway::auth::{Access, Presented, authenticate};
+
+use crate::bench_gateway::percentile;
 use maas_gateway::{AppState, GatewayOptions};
 use maas_store::quota::{Limiter, QuotaLimits};
 use maas_store::repo::keys::{KeyScope, NewKey};
@@ -31,15 +33,6 @@ pub struct AuthBench {
     /// Also measure with the limiter in this Redis (e.g. redis://127.0.0.1:6379).
     #[arg(long, value_name = "URL")]
     redis: Option<String>,
-}
-
-fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
-    let index = ((sorted.len() as f64 - 1.0) * fraction).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
 }
 
 fn micros(duration: Duration) -> String {

@@ -46,7 +46,7 @@ async fn propose(handle: &RaftHandle<ClusterState>, command: Command) -> Result<
     }
 }
 
-fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }

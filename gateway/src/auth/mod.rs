@@ -203,10 +203,6 @@ pub fn signed_in(
     caller(state, access).map(|_caller: Caller| ()).untuple_one()
 }
 
-fn unauthorized(code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::unauthorized(code, message)
-}
-
 /// Authenticates `presented` for a request with `method` to a route that needs `access`.
 pub async fn authenticate(
     state: &AppState,
@@ -244,7 +240,7 @@ async fn identify(state: &AppState, presented: &Presented) -> Result<Caller, Api
     let stores = state.stores()?;
     if let Some(cookie) = &presented.cluster_cookie {
         crate::routes::cluster::check_cookie(state, Some(cookie)).map_err(|_| {
-            unauthorized(
+            ApiError::unauthorized(
                 "invalid_cluster_cookie",
                 "the x-maas-cluster-cookie header does not match this cluster's cookie",
             )
@@ -266,7 +262,7 @@ async fn identify(state: &AppState, presented: &Presented) -> Result<Caller, Api
         return Ok(caller);
     }
     let token = presented.bearer.as_deref().or(presented.session_cookie.as_deref()).ok_or_else(|| {
-        unauthorized(
+        ApiError::unauthorized(
             "missing_credentials",
             "sign in, or send an api key as `Authorization: Bearer sk-maas-...` (create one with POST /v1/keys)",
         )
@@ -281,7 +277,7 @@ async fn identify(state: &AppState, presented: &Presented) -> Result<Caller, Api
     } else if token.starts_with(secrets::SESSION_PREFIX) {
         identify_session(state, &digest, presented.org.as_deref()).await?
     } else {
-        return Err(unauthorized(
+        return Err(ApiError::unauthorized(
             "invalid_api_key",
             "the bearer token is not a maas api key (sk-maas-...) or session token (maas_st_...)",
         ));
@@ -293,15 +289,18 @@ async fn identify(state: &AppState, presented: &Presented) -> Result<Caller, Api
 async fn identify_key(state: &AppState, digest: &str) -> Result<Caller, ApiError> {
     let stores = state.stores()?;
     let identity = stores.db.api_keys().by_secret(digest).await?.ok_or_else(|| {
-        unauthorized("invalid_api_key", "this api key is not known: check it, or create one with POST /v1/keys")
+        ApiError::unauthorized(
+            "invalid_api_key",
+            "this api key is not known: check it, or create one with POST /v1/keys",
+        )
     })?;
     let key = identity.key;
     let now = maas_store::ids::now_ms();
     if key.revoked_at_ms.is_some() {
-        return Err(unauthorized("api_key_revoked", format!("api key {} was revoked", key.prefix)));
+        return Err(ApiError::unauthorized("api_key_revoked", format!("api key {} was revoked", key.prefix)));
     }
     if key.expires_at_ms.is_some_and(|at| at <= now) {
-        return Err(unauthorized("api_key_expired", format!("api key {} has expired", key.prefix)));
+        return Err(ApiError::unauthorized("api_key_expired", format!("api key {} has expired", key.prefix)));
     }
     if identity.user_status != "active" {
         return Err(ApiError::forbidden(format!("the account that created api key {} is not active", key.prefix)));
@@ -336,7 +335,7 @@ async fn identify_session(state: &AppState, digest: &str, org: Option<&str>) -> 
     let stores = state.stores()?;
     let session =
         stores.db.credentials().session_by_token(digest, maas_store::ids::now_ms()).await?.ok_or_else(|| {
-            unauthorized("invalid_session", "this session has expired or was signed out: sign in again")
+            ApiError::unauthorized("invalid_session", "this session has expired or was signed out: sign in again")
         })?;
     if session.user_status != "active" {
         return Err(ApiError::forbidden("this account is not active"));

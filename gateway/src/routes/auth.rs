@@ -204,12 +204,12 @@ async fn hash_password(password: String) -> Result<String, ApiError> {
 }
 
 async fn verify_password(password: String, stored: Option<String>) -> bool {
-    // A user without a password (or no user) still costs one verification, so response
-    // times do not tell which accounts exist.
-    const DUMMY: &str =
-        "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$9sTbSlTio3Biev89thdrlKKiCaYsjjYVJxGAL3swxpQ";
+    // A user without a password (or no user) still costs one verification against a
+    // real hash, so response times do not tell which accounts exist.
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     tokio::task::spawn_blocking(move || {
-        let matched = password::verify(&password, stored.as_deref().unwrap_or(DUMMY));
+        let dummy = DUMMY.get_or_init(|| password::hash("no account has this password"));
+        let matched = password::verify(&password, stored.as_deref().unwrap_or(dummy));
         matched && stored.is_some()
     })
     .await

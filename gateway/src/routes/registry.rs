@@ -63,7 +63,7 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
 }
 
 pub(crate) fn stores(state: &AppState) -> Result<&Stores, ApiError> {
-    state.stores.get().ok_or_else(|| ApiError::unavailable("the store is starting; retry shortly"))
+    state.stores()
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -64,7 +64,7 @@ pub struct RuleRequest {
     responses((status = 200, description = "the rules", content_type = "application/json"), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn list_rules(state: &AppState, caller: &Caller) -> Result<Response, ApiError> {
     let scope = &caller.scope;
-    let stores = state.stores.get().ok_or_else(|| ApiError::unavailable("the store is starting; retry shortly"))?;
+    let stores = state.stores()?;
     let mut data: Vec<serde_json::Value> = state
         .options
         .safety_rules
@@ -86,7 +86,7 @@ pub async fn create_rule(state: &AppState, caller: &Caller, request: RuleRequest
     check_pattern(request.kind, &request.pattern)
         .map_err(|reason| ApiError::bad_request("invalid_pattern", reason).with_param("pattern"))?;
     let scope = &caller.scope;
-    let stores = state.stores.get().ok_or_else(|| ApiError::unavailable("the store is starting; retry shortly"))?;
+    let stores = state.stores()?;
     let rule = stores
         .db
         .safety_rules()
@@ -110,7 +110,7 @@ pub async fn create_rule(state: &AppState, caller: &Caller, request: RuleRequest
     responses((status = 200, description = "deleted", content_type = "application/json"), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn delete_rule(state: &AppState, caller: &Caller, id: &str) -> Result<Response, ApiError> {
     let scope = &caller.scope;
-    let stores = state.stores.get().ok_or_else(|| ApiError::unavailable("the store is starting; retry shortly"))?;
+    let stores = state.stores()?;
     let rule = stores.db.safety_rules().delete(scope, id).await?;
     state.safety.invalidate();
     Ok(warp::reply::json(&json!({"id": rule.id, "object": "safety.rule", "deleted": true})).into_response())

@@ -116,7 +116,7 @@ fn sessions(state: &AppState) -> Result<&Sessions, ApiError> {
 }
 
 fn db(state: &AppState) -> Result<&maas_store::Db, ApiError> {
-    Ok(&state.stores.get().ok_or_else(|| ApiError::unavailable("the store is starting; retry shortly"))?.db)
+    Ok(&state.stores()?.db)
 }
 
 /// A session's sampling settings: OpenAI's fields, stored as given and applied to every
@@ -589,6 +589,22 @@ async fn start_turn(
     let scope = &caller.scope;
     // A turn is an inference request: it counts against the quotas and is metered.
     let meter = Meter::admit(state, caller, &session.model, "session").await?;
+    let turn = begin_metered_turn(state, sessions, scope, session, frame, meter.clone()).await;
+    if let Err(err) = &turn {
+        meter.fail(err.status.as_u16());
+    }
+    turn
+}
+
+/// A turn once admitted: the actor's history taken, the generation routed.
+async fn begin_metered_turn(
+    state: &Arc<AppState>,
+    sessions: &Sessions,
+    scope: &TenantScope,
+    session: &ChatSession,
+    frame: UserFrame,
+    meter: Meter,
+) -> Result<ActiveTurn, ApiError> {
     let mut sampling: SessionSampling = serde_json::from_value(session.sampling.clone()).unwrap_or_default();
     sampling.max_tokens = frame.max_tokens.or(sampling.max_tokens);
     sampling.temperature = frame.temperature.or(sampling.temperature);
