@@ -77,6 +77,11 @@ pub struct AuthOptions {
     pub sign_in_window_secs: u64,
     /// Session cookies carry `Secure` (the node speaks HTTPS).
     pub secure_cookies: bool,
+    /// The address users reach the platform at (`https://maas.example.com`), for the
+    /// redirect URIs registered with OAuth providers; empty uses the request's `Host`.
+    pub public_url: String,
+    /// Sign-in providers (`[[auth.oauth]]`).
+    pub oauth: Vec<crate::auth::oauth::OAuthProvider>,
 }
 
 impl Default for AuthOptions {
@@ -89,6 +94,8 @@ impl Default for AuthOptions {
             max_sign_in_failures: 5,
             sign_in_window_secs: 900,
             secure_cookies: false,
+            public_url: String::new(),
+            oauth: Vec::new(),
         }
     }
 }
@@ -144,6 +151,8 @@ pub struct AppState {
     pub usage_writer: crate::metering::UsageWriter,
     /// Recent authentications (see [`crate::auth`]).
     pub auth_cache: crate::auth::AuthCache,
+    /// The OAuth / OpenID Connect sign-in providers and what they published.
+    pub oauth: crate::auth::oauth::Providers,
     /// Quota and rate-limit counters: Redis when configured, else this process.
     /// Set once at start-up (Redis when configured); [`AppState::limiter`] reads it.
     pub limiter_backend: OnceLock<maas_store::quota::Limiter>,
@@ -180,6 +189,7 @@ impl AppState {
             notifier: Arc::new(crate::notify::Notifier::new(&options.notify)),
             usage_writer: crate::metering::UsageWriter::default(),
             auth_cache: crate::auth::AuthCache::default(),
+            oauth: crate::auth::oauth::Providers::new(options.auth.oauth.clone()),
             limiter_backend: OnceLock::new(),
             replica_loads: crate::load::ReplicaLoads::default(),
             safety: crate::safety::PolicyCache::new(options.safety_rules.clone()),

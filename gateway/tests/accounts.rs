@@ -185,6 +185,9 @@ const PUBLIC: &[&str] = &[
     "/v1/auth/codes",
     "/v1/auth/login",
     "/v1/auth/password/reset",
+    "/v1/auth/oauth",
+    "/v1/auth/oauth/{name}/start",
+    "/v1/auth/oauth/{name}/callback",
 ];
 
 /// Fills a route template with the first tenant's ids, so the second tenant aims at them.
@@ -215,6 +218,8 @@ fn fill(template: &str, ids: &BTreeMap<&str, String>) -> Option<String> {
         out.push('/');
         match segment {
             "{kind}" => out.push_str("user"),
+            // Sign-in providers are the platform's, not a tenant's.
+            "{name}" if out == "/v1/auth/oauth/" => out.push_str("corp"),
             "{user_id}" => out.push_str(&ids["user"]),
             s if s.starts_with('{') => out.push_str(&ids[resource(&out)?]),
             s => out.push_str(s),

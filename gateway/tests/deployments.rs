@@ -215,6 +215,28 @@ async fn a_deployment_is_estimated_created_scaled_explained_and_deleted() {
     let (status, _) = call(&setup, reqwest::Method::GET, "/v1/deployments/tiny", Some(COOKIE), None).await;
     assert_eq!(status, 404);
     assert_eq!(deployments_in_state(&setup), 0);
+
+    // Every change is in the audit log, with what it was on.
+    let (status, audit) = call(&setup, reqwest::Method::GET, "/v1/admin/audit?limit=100", Some(COOKIE), None).await;
+    assert_eq!(status, 200, "{audit}");
+    let entries: Vec<(&str, &str)> = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["action"].as_str().unwrap(), e["target"].as_str().unwrap()))
+        .collect();
+    for expected in [
+        ("model.register", "big:v1"),
+        ("deployment.create", "tiny"),
+        ("deployment.update", "tiny"),
+        ("deployment.scale", "tiny"),
+        ("node.drain", "1"),
+        ("node.undrain", "1"),
+        ("deployment.delete", "tiny"),
+    ] {
+        assert!(entries.contains(&expected), "{expected:?} is audited: {entries:?}");
+    }
+    assert_eq!(entries.iter().filter(|(action, _)| action.starts_with("deployment.")).count(), 4, "refusals are not");
     setup.control.stop();
 }
 

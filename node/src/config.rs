@@ -198,6 +198,11 @@ pub struct AuthConfig {
     pub max_sign_in_failures: u64,
     #[serde(deserialize_with = "non_negative")]
     pub sign_in_window_secs: u64,
+    /// The address users reach the platform at (`https://maas.example.com`), for the
+    /// redirect URIs registered with OAuth providers; empty uses each request's `Host`.
+    pub public_url: String,
+    /// Sign-in through OAuth 2.0 / OpenID Connect providers (`[[auth.oauth]]`).
+    pub oauth: Vec<maas_gateway::auth::oauth::OAuthProvider>,
 }
 
 /// The mail server that sends messages to users; an empty host keeps them in the outbox.
@@ -384,6 +389,8 @@ impl Default for AuthConfig {
             min_password_score: defaults.min_password_score,
             max_sign_in_failures: defaults.max_sign_in_failures,
             sign_in_window_secs: defaults.sign_in_window_secs,
+            public_url: defaults.public_url,
+            oauth: defaults.oauth,
         }
     }
 }
@@ -597,6 +604,27 @@ impl Config {
                 "auth.min_password_score",
                 format!("{} is not a zxcvbn score: use 0 to 4", self.auth.min_password_score),
             );
+        }
+        self.validate_oauth()
+    }
+
+    /// The `[[auth.oauth]]` sign-in providers and the public URL their redirects use.
+    fn validate_oauth(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: String| Err(ConfigError(format!("`{key}`: {why}")));
+        let public_url = &self.auth.public_url;
+        if !(public_url.is_empty() || public_url.starts_with("http://") || public_url.starts_with("https://")) {
+            return bad(
+                "auth.public_url",
+                format!("`{public_url}` is not an http(s) URL such as https://maas.example.com"),
+            );
+        }
+        for (i, provider) in self.auth.oauth.iter().enumerate() {
+            if let Err((field, why)) = provider.validate() {
+                return bad(&format!("auth.oauth[{i}].{field}"), why);
+            }
+            if self.auth.oauth[..i].iter().any(|earlier| earlier.name == provider.name) {
+                return bad(&format!("auth.oauth[{i}].name"), format!("provider `{}` is listed twice", provider.name));
+            }
         }
         Ok(())
     }
@@ -823,6 +851,16 @@ mod tests {
             ),
             ("[log]\nlevel = \"maas=loud\"", &["`log.level`"]),
             ("[auth]\nmin_password_score = 9", &["`auth.min_password_score`", "0 to 4"]),
+            ("[auth]\npublic_url = \"maas.example.com\"", &["`auth.public_url`", "http(s) URL"]),
+            ("[[auth.oauth]]\nname = \"Corp SSO\"\nclient_id = \"x\"", &["`auth.oauth[0].name`", "a-z, 0-9"]),
+            ("[[auth.oauth]]\nname = \"corp\"\nissuer_url = \"https://sso\"", &["`auth.oauth[0].client_id`"]),
+            ("[[auth.oauth]]\nname = \"corp\"\nclient_id = \"x\"", &["`auth.oauth[0].issuer_url`", "not a URL"]),
+            (
+                "[[auth.oauth]]\nname = \"gh\"\nkind = \"github\"\nclient_id = \"x\"\n\
+                 [[auth.oauth]]\nname = \"gh\"\nkind = \"github\"\nclient_id = \"y\"",
+                &["`auth.oauth[1].name`", "listed twice"],
+            ),
+            ("[[auth.oauth]]\nname = \"g\"\nkind = \"facebook\"", &["facebook"]),
             (
                 "[gateway]\ncors_allowed_origins = [\"console.example.com\"]",
                 &["`gateway.cors_allowed_origins`", "https://"],

@@ -105,8 +105,7 @@ pub async fn run_node(mut config: Config, quick_start: bool) -> Result<ExitCode>
         .peer_health
         .set(Arc::new(move || transport.peer_states().into_iter().map(|(id, peer)| (id, peer.to_string())).collect()));
     tokio::spawn(register(cluster.control.handle().clone(), cluster.node.clone(), Arc::clone(&state)));
-    tokio::spawn(maas_gateway::load::poll_peers(Arc::clone(&state)));
-    tokio::spawn(maas_gateway::metering::sample_storage(Arc::clone(&state), Duration::from_secs(3600)));
+    spawn_housekeeping(&state);
     if quick_start && let Some(stores) = state.stores.get().cloned() {
         tokio::spawn(deploy_tiny_model(cluster.control.handle().clone(), stores, data_dir.clone()));
     }
@@ -633,6 +632,34 @@ async fn connect_limiter(config: &Config, state: &AppState) -> Result<()> {
     Ok(())
 }
 
+/// The node's periodic work: peers' load, storage samples, blob garbage collection.
+fn spawn_housekeeping(state: &Arc<AppState>) {
+    tokio::spawn(maas_gateway::load::poll_peers(Arc::clone(state)));
+    tokio::spawn(maas_gateway::metering::sample_storage(Arc::clone(state), Duration::from_secs(3600)));
+    tokio::spawn(collect_blobs(Arc::clone(state)));
+}
+
+/// How long a blob nothing refers to is kept (a large import writes its blobs well before
+/// the model version that refers to them).
+const BLOB_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+/// Removes this node's blobs that nothing refers to, hourly (`maas_store::gc`).
+async fn collect_blobs(state: Arc<AppState>) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(3600));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        ticks.tick().await;
+        let Ok(stores) = state.stores() else { continue };
+        match maas_store::gc::collect_garbage(&stores.db, &stores.blobs, BLOB_GRACE).await {
+            Ok(report) if report.removed > 0 => {
+                tracing::info!(removed = report.removed, bytes = report.removed_bytes, "blob garbage collected");
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(error = %err, "blob garbage collection failed"),
+        }
+    }
+}
+
 /// The gateway's options from the node's configuration.
 fn gateway_options(config: &Config) -> GatewayOptions {
     GatewayOptions {
@@ -654,6 +681,8 @@ fn gateway_options(config: &Config) -> GatewayOptions {
             max_sign_in_failures: config.auth.max_sign_in_failures,
             sign_in_window_secs: config.auth.sign_in_window_secs,
             secure_cookies: !config.tls.cert_path.is_empty(),
+            public_url: config.auth.public_url.clone(),
+            oauth: config.auth.oauth.clone(),
         },
         free_tier: config.quota.free_tier.limits(),
         notify: maas_gateway::notify::NotifyOptions {

@@ -75,6 +75,10 @@ pub struct BlobInfo {
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     root: PathBuf,
+    /// Writers hold it shared while they publish (or find) a blob; garbage collection
+    /// holds it alone while it checks a blob's age and removes it, so a blob written
+    /// again is never removed under its writer.
+    gate: std::sync::Arc<tokio::sync::RwLock<()>>,
 }
 
 impl BlobStore {
@@ -82,7 +86,7 @@ impl BlobStore {
     /// that an interrupted write left behind. The caller must hold the data directory's
     /// lock, so no other process is writing here.
     pub async fn open(root: impl Into<PathBuf>) -> Result<Self> {
-        let store = BlobStore { root: root.into() };
+        let store = BlobStore { root: root.into(), gate: std::sync::Arc::default() };
         for dir in [store.tmp_dir(), store.root.join("sha256")] {
             fs::create_dir_all(&dir).await.map_err(|e| StoreError::io(&dir, e))?;
         }
@@ -195,9 +199,11 @@ impl BlobStore {
                 return Err(err);
             }
         };
+        let _writing = self.gate.blocking_read();
         let final_path = self.path_of(&info.digest);
         if final_path.exists() {
             let _ = std::fs::remove_file(&tmp_path);
+            refresh_blocking(&final_path)?;
             return Ok(info);
         }
         let shard_dir = final_path.parent().expect("blob paths have a shard directory").to_path_buf();
@@ -214,12 +220,17 @@ impl BlobStore {
 
     /// Moves a finished, fsynced temporary file to its content address, durably.
     async fn publish(&self, tmp_path: &Path, digest: &Digest) -> Result<()> {
+        let _writing = self.gate.read().await;
         let final_path = self.path_of(digest);
         let shard_dir = final_path.parent().expect("blob paths have a shard directory").to_path_buf();
         if fs::try_exists(&final_path).await.unwrap_or(false) {
-            // Same content is already stored whole: keep the existing file.
+            // Same content is already stored whole: keep the existing file, made young
+            // again so garbage collection waits for the reference this write is for.
             let _ = fs::remove_file(tmp_path).await;
-            return Ok(());
+            let path = final_path.clone();
+            return tokio::task::spawn_blocking(move || refresh_blocking(&path))
+                .await
+                .map_err(|join| StoreError::io(&final_path, io::Error::other(join)))?;
         }
         let shard_is_new = !fs::try_exists(&shard_dir).await.unwrap_or(false);
         fs::create_dir_all(&shard_dir).await.map_err(|e| StoreError::io(&shard_dir, e))?;
@@ -261,6 +272,51 @@ impl BlobStore {
         tokio::io::copy(&mut reader, &mut sink).await.map_err(|e| corrupt_or_io(e, &self.path_of(digest)))
     }
 
+    /// The blobs last written before `cutoff`, with their sizes (garbage collection's
+    /// candidates).
+    pub async fn blobs_written_before(&self, cutoff: std::time::SystemTime) -> Result<Vec<(Digest, u64)>> {
+        let root = self.root.join("sha256");
+        tokio::task::spawn_blocking(move || {
+            let mut found = Vec::new();
+            let shards = std::fs::read_dir(&root).map_err(|e| StoreError::io(&root, e))?;
+            for shard in shards.flatten() {
+                let Ok(entries) = std::fs::read_dir(shard.path()) else { continue };
+                for entry in entries.flatten() {
+                    let Ok(digest) = entry.file_name().to_string_lossy().parse::<Digest>() else { continue };
+                    let Ok(metadata) = entry.metadata() else { continue };
+                    if metadata.modified().is_ok_and(|at| at < cutoff) {
+                        found.push((digest, metadata.len()));
+                    }
+                }
+            }
+            found.sort();
+            Ok(found)
+        })
+        .await
+        .map_err(|join| StoreError::io(&self.root, io::Error::other(join)))?
+    }
+
+    /// Removes a blob if it was last written before `cutoff`; its size if it was removed.
+    /// A blob written again since the caller looked is kept.
+    pub async fn remove_if_written_before(
+        &self,
+        digest: &Digest,
+        cutoff: std::time::SystemTime,
+    ) -> Result<Option<u64>> {
+        let _alone = self.gate.write().await;
+        let path = self.path_of(digest);
+        let metadata = match fs::metadata(&path).await {
+            Ok(metadata) => metadata,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(StoreError::io(&path, err)),
+        };
+        if metadata.modified().map_err(|e| StoreError::io(&path, e))? >= cutoff {
+            return Ok(None);
+        }
+        fs::remove_file(&path).await.map_err(|e| StoreError::io(&path, e))?;
+        Ok(Some(metadata.len()))
+    }
+
     /// Deletes a blob; returns whether it existed.
     pub async fn remove(&self, digest: &Digest) -> Result<bool> {
         let path = self.path_of(digest);
@@ -270,6 +326,15 @@ impl BlobStore {
             Err(err) => Err(StoreError::io(&path, err)),
         }
     }
+}
+
+/// Marks an existing blob as written now.
+fn refresh_blocking(path: &Path) -> Result<()> {
+    std::fs::File::options()
+        .append(true)
+        .open(path)
+        .and_then(|file| file.set_modified(std::time::SystemTime::now()))
+        .map_err(|e| StoreError::io(path, e))
 }
 
 /// Turns the reader's end-of-stream verification failure back into `BlobCorrupt`.

@@ -8,6 +8,7 @@
 pub mod blob;
 pub mod db;
 mod error;
+pub mod gc;
 pub mod ids;
 pub mod quota;
 pub mod repo;

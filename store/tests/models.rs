@@ -7,7 +7,11 @@ use common::TestDb;
 use maas_store::StoreError;
 use maas_store::repo::models::{LATEST, ModelFile, ModelMetadata, NewModelVersion};
 
-on_both_backends!(versions_are_immutable_and_latest_is_the_newest, bad_versions_are_refused_and_change_nothing);
+on_both_backends!(
+    versions_are_immutable_and_latest_is_the_newest,
+    bad_versions_are_refused_and_change_nothing,
+    blobs_nothing_refers_to_are_collected_after_the_grace_period,
+);
 
 fn file(path: &str, byte: char) -> ModelFile {
     ModelFile { path: path.into(), sha256: byte.to_string().repeat(64), size_bytes: 10 }
@@ -55,8 +59,8 @@ async fn versions_are_immutable_and_latest_is_the_newest(t: &TestDb) {
     assert!(matches!(models.find_platform("nope", LATEST).await, Err(StoreError::NotFound { .. })));
     let listed = models.list_platform().await.unwrap();
     assert_eq!(listed.iter().map(|v| v.version.as_str()).collect::<Vec<_>>(), ["v2", "v1"]);
-    assert!(models.blob_is_referenced(&"c".repeat(64)).await.unwrap());
-    assert!(!models.blob_is_referenced(&"e".repeat(64)).await.unwrap());
+    assert!(t.db.blob_is_referenced(&"c".repeat(64)).await.unwrap());
+    assert!(!t.db.blob_is_referenced(&"e".repeat(64)).await.unwrap());
 }
 
 async fn bad_versions_are_refused_and_change_nothing(t: &TestDb) {
@@ -78,4 +82,95 @@ async fn bad_versions_are_refused_and_change_nothing(t: &TestDb) {
         assert!(matches!(error, StoreError::InvalidInput(_)), "{case:?}: {error}");
     }
     assert!(models.list_platform().await.unwrap().is_empty());
+}
+
+/// Makes a blob look as if it was written `age` ago.
+fn age_blob(blobs: &maas_store::BlobStore, digest: &maas_store::Digest, age: std::time::Duration) {
+    let file = std::fs::File::options().append(true).open(blobs.path_of(digest)).unwrap();
+    file.set_modified(std::time::SystemTime::now() - age).unwrap();
+}
+
+async fn blobs_nothing_refers_to_are_collected_after_the_grace_period(t: &TestDb) {
+    use maas_store::repo::files::NewFile;
+    use maas_store::repo::knowledge::{NewDocument, NewKnowledgeBase};
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = maas_store::BlobStore::open(dir.path().join("blobs")).await.unwrap();
+    let put = |text: &'static str| {
+        let blobs = blobs.clone();
+        async move { blobs.put_bytes(text.as_bytes()).await.unwrap() }
+    };
+    let (weights, upload, document, orphan, fresh) =
+        (put("weights").await, put("upload").await, put("document").await, put("orphan").await, put("fresh").await);
+    let day = std::time::Duration::from_secs(24 * 3600);
+    for info in [&weights, &upload, &document, &orphan] {
+        age_blob(&blobs, &info.digest, 2 * day);
+    }
+
+    let model_file = ModelFile { path: "w.safetensors".into(), sha256: weights.digest.to_hex(), size_bytes: 7 };
+    t.db.models().register_platform(version("org/gc", None, vec![model_file])).await.unwrap();
+    let user =
+        t.db.users()
+            .create(maas_store::repo::users::NewUser {
+                email: Some("gc@example.com".into()),
+                display_name: "gc".into(),
+                active: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    let scope = maas_store::TenantScope::resolve(&t.db, &user.id, None).await.unwrap();
+    t.db.files()
+        .create(
+            &scope,
+            NewFile { filename: "u".into(), purpose: "batch".into(), size_bytes: 6, sha256: upload.digest.to_hex() },
+        )
+        .await
+        .unwrap();
+    let kb =
+        t.db.knowledge_bases()
+            .create(
+                &scope,
+                NewKnowledgeBase {
+                    name: "kb".into(),
+                    embedding_model: "m".into(),
+                    vector_backend: "embedded".into(),
+                    shard_count: 1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+    t.db.knowledge_bases()
+        .add_document(
+            &scope,
+            &kb.id,
+            NewDocument {
+                filename: "d.md".into(),
+                kind: "markdown".into(),
+                sha256: document.digest.to_hex(),
+                size_bytes: 8,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    let report = maas_store::gc::collect_garbage(&t.db, &blobs, day).await.unwrap();
+    assert_eq!(
+        report,
+        maas_store::gc::GcReport { examined: 4, removed: 1, removed_bytes: 6 },
+        "only the old blob nothing refers to goes; the young one waits out its grace period"
+    );
+    assert!(!blobs.contains(&orphan.digest).await);
+    for kept in [&weights, &upload, &document, &fresh] {
+        assert!(blobs.contains(&kept.digest).await);
+    }
+
+    // Writing content that is already stored makes its blob young again, so a reference
+    // made after the write finds it kept.
+    age_blob(&blobs, &fresh.digest, 2 * day);
+    put("fresh").await;
+    let report = maas_store::gc::collect_garbage(&t.db, &blobs, day).await.unwrap();
+    assert_eq!(report.removed, 0, "{report:?}");
+    assert!(blobs.contains(&fresh.digest).await);
 }

@@ -18,6 +18,8 @@ on_both_backends!(
     org_files_follow_org_roles,
     acknowledged_writes_survive_a_reconnect,
     usage_is_costed_and_summed_per_tenant,
+    oauth_states_are_spent_once_and_identities_link_once,
+    knowledge_bases_are_tenant_owned_and_documents_move_through_ingestion,
 );
 
 async fn user(t: &TestDb, email: &str) -> String {
@@ -34,7 +36,7 @@ fn new_file(name: &str) -> NewFile {
 
 async fn migrations_are_idempotent(t: &TestDb) {
     t.db.migrate().await.expect("second migration run is a no-op");
-    assert_eq!(t.db.latest_migration(), 7);
+    assert_eq!(t.db.latest_migration(), 9);
 }
 
 async fn users_are_created_and_unique(t: &TestDb) {
@@ -243,4 +245,153 @@ async fn usage_is_costed_and_summed_per_tenant(t: &TestDb) {
     let rows = t.db.usage().summary(&scope, 0, i64::MAX).await.unwrap();
     assert_eq!(rows.iter().map(|r| r.requests).sum::<i64>(), 3, "samples are not requests");
     assert!(t.db.usage().storage_by_day(&bob_scope, 0, i64::MAX).await.unwrap().is_empty());
+}
+
+fn pending(state: &str, expires_at_ms: i64) -> maas_store::repo::identities::PendingSignIn {
+    maas_store::repo::identities::PendingSignIn {
+        state_sha256: state.into(),
+        provider: "corp".into(),
+        pkce_verifier: "verifier".into(),
+        nonce: "nonce".into(),
+        redirect_uri: "http://127.0.0.1/v1/auth/oauth/corp/callback".into(),
+        return_to: "/".into(),
+        expires_at_ms,
+    }
+}
+
+async fn oauth_states_are_spent_once_and_identities_link_once(t: &TestDb) {
+    let identities = t.db.identities();
+    let later = maas_store::ids::now_ms() + 60_000;
+    identities.begin(&pending("live", later)).await.expect("state is saved");
+    identities.begin(&pending("stale", maas_store::ids::now_ms() - 1)).await.expect("state is saved");
+    assert!(matches!(identities.begin(&pending("live", later)).await, Err(StoreError::Conflict(_))));
+    let (first, second) = tokio::join!(identities.take("live"), identities.take("live"));
+    let taken = [first.expect("take"), second.expect("take")];
+    assert_eq!(taken.iter().flatten().count(), 1, "two racing callbacks spend a state once: {taken:?}");
+    assert_eq!(taken.iter().flatten().next().map(|p| p.nonce.as_str()), Some("nonce"));
+    assert_eq!(identities.take("live").await.expect("take"), None, "a spent state is gone");
+    assert_eq!(identities.take("stale").await.expect("take"), None, "an expired state does not work");
+    assert_eq!(identities.take("unknown").await.expect("take"), None);
+
+    let alice = user(t, "alice-oauth@example.com").await;
+    let bob = user(t, "bob-oauth@example.com").await;
+    assert_eq!(identities.find("corp", "sub-1").await.expect("find"), None);
+    let linked = identities.link("corp", "sub-1", &alice, Some("alice-oauth@example.com")).await.expect("link");
+    assert_eq!((linked.user_id.as_str(), linked.email.as_deref()), (alice.as_str(), Some("alice-oauth@example.com")));
+    assert!(
+        matches!(identities.link("corp", "sub-1", &bob, None).await, Err(StoreError::Conflict(_))),
+        "one provider account links to one user"
+    );
+    identities
+        .link("github", "sub-1", &bob, None)
+        .await
+        .expect("the same subject at another provider is another account");
+    identities.touch("corp", "sub-1", Some("alice-new@example.com")).await.expect("touch");
+    let found = identities.find("corp", "sub-1").await.expect("find").expect("linked");
+    assert_eq!((found.user_id, found.email.as_deref()), (alice.clone(), Some("alice-new@example.com")));
+    assert_eq!(identities.for_user(&alice).await.expect("list").len(), 1);
+    assert_eq!(identities.for_user(&bob).await.expect("list")[0].provider, "github");
+}
+
+fn stored_chunk(
+    document_id: &str,
+    chunk_id: i64,
+    level: &str,
+    ordinal: i64,
+) -> maas_store::repo::knowledge::StoredChunk {
+    maas_store::repo::knowledge::StoredChunk {
+        chunk_id,
+        document_id: document_id.into(),
+        level: level.into(),
+        ordinal,
+        parent_ordinal: (level == "child").then_some(0),
+        text: format!("{level} {ordinal}"),
+        token_count: 3,
+        page_start: 1,
+        page_end: 2,
+        heading_path: vec!["Intro".into()],
+        embedded: false,
+    }
+}
+
+async fn knowledge_bases_are_tenant_owned_and_documents_move_through_ingestion(t: &TestDb) {
+    use maas_store::repo::knowledge::{DocumentState, NewDocument, NewKnowledgeBase};
+    let kbs = t.db.knowledge_bases();
+    let alice = TenantScope::resolve(&t.db, &user(t, "alice-kb@example.com").await, None).await.unwrap();
+    let bob = TenantScope::resolve(&t.db, &user(t, "bob-kb@example.com").await, None).await.unwrap();
+    let new_kb = || NewKnowledgeBase {
+        name: "handbook".into(),
+        embedding_model: "minilm".into(),
+        vector_backend: "embedded".into(),
+        shard_count: 2,
+        settings: serde_json::json!({"chunking": {"max_tokens": 256}}),
+        ..NewKnowledgeBase::default()
+    };
+    let kb = kbs.create(&alice, new_kb()).await.unwrap();
+    assert!(matches!(kbs.create(&alice, new_kb()).await, Err(StoreError::Conflict(_))), "names are unique per owner");
+    kbs.create(&bob, new_kb()).await.expect("another owner may use the name");
+    // TEN-1: bob reaches nothing of alice's knowledge base.
+    assert!(matches!(kbs.get(&bob, &kb.id).await, Err(StoreError::NotFound { .. })));
+    assert_eq!(kbs.list(&bob).await.unwrap().len(), 1);
+    let doc = || NewDocument {
+        filename: "guide.md".into(),
+        kind: "markdown".into(),
+        sha256: "0".repeat(64),
+        size_bytes: 10,
+        tags: vec!["hr".into()],
+        category: String::new(),
+    };
+    assert!(matches!(kbs.add_document(&bob, &kb.id, doc()).await, Err(StoreError::NotFound { .. })));
+    assert!(matches!(kbs.documents(&bob, &kb.id).await, Err(StoreError::NotFound { .. })));
+
+    let first = kbs.add_document(&alice, &kb.id, doc()).await.unwrap();
+    let second = kbs.add_document(&alice, &kb.id, doc()).await.unwrap();
+    assert_eq!((first.version, second.version, first.state), (1, 2, DocumentState::Queued));
+    assert_eq!(first.tags, vec!["hr".to_owned()]);
+    assert!(matches!(kbs.scoped_document(&bob, &kb.id, &first.id).await, Err(StoreError::NotFound { .. })));
+
+    // One worker holds a document at a time; the claim goes oldest first.
+    let claimed = kbs.claim_document("node-a", 60_000).await.unwrap().expect("work");
+    assert_eq!(claimed.id, first.id);
+    let other = kbs.claim_document("node-b", 60_000).await.unwrap().expect("work");
+    assert_eq!(other.id, second.id, "a leased document is not handed out twice");
+    assert_eq!(kbs.claim_document("node-c", 60_000).await.unwrap(), None);
+
+    for document in [&first, &second] {
+        let chunks = vec![
+            stored_chunk(&document.id, document.version * 100, "parent", 0),
+            stored_chunk(&document.id, document.version * 100 + 1, "child", 0),
+            stored_chunk(&document.id, document.version * 100 + 2, "child", 1),
+        ];
+        kbs.save_chunks(&document.id, 2, &chunks).await.unwrap();
+        kbs.save_chunks(&document.id, 2, &chunks).await.expect("a re-run replaces, it does not duplicate");
+        let pending = kbs.chunks_to_embed(&document.id, 10).await.unwrap();
+        assert_eq!(pending.iter().map(|c| c.ordinal).collect::<Vec<_>>(), vec![0, 1]);
+        kbs.mark_embedded(&document.id, &[pending[0].chunk_id]).await.unwrap();
+        let progress = kbs.document(&document.id).await.unwrap();
+        assert_eq!((progress.state, progress.chunks_total, progress.chunks_embedded), (DocumentState::Embedding, 2, 1));
+        assert_eq!(kbs.chunks_to_embed(&document.id, 10).await.unwrap().len(), 1);
+    }
+    assert_eq!(kbs.finish_indexed(&first.id).await.unwrap(), Vec::<String>::new());
+    assert_eq!(
+        kbs.finish_indexed(&second.id).await.unwrap(),
+        vec![first.id.clone()],
+        "the new version retires the old"
+    );
+    assert_eq!(kbs.document(&first.id).await.unwrap().state, DocumentState::Retired);
+    let chunks = kbs.chunks(&kb.id, &[201, 202, 999]).await.unwrap();
+    assert_eq!(chunks.iter().map(|c| c.text.as_str()).collect::<Vec<_>>(), vec!["child 0", "child 1"]);
+    assert_eq!(chunks[0].heading_path, vec!["Intro".to_owned()]);
+    assert!(kbs.chunks("other", &[201]).await.unwrap().is_empty(), "chunks are reached through their kb");
+
+    // Deleting: bob cannot; alice marks it, the worker purges it.
+    assert!(kbs.delete_document(&bob, &kb.id, &second.id).await.is_err());
+    assert_eq!(kbs.delete_document(&alice, &kb.id, &second.id).await.unwrap().state, DocumentState::Deleting);
+    assert_eq!(kbs.claim_document("node-a", 60_000).await.unwrap().map(|d| d.id), Some(second.id.clone()));
+    kbs.purge_document(&second.id).await.unwrap();
+    assert!(kbs.document(&second.id).await.is_err());
+    assert!(kbs.chunks(&kb.id, &[201]).await.unwrap().is_empty(), "its chunks went with it");
+    assert!(matches!(kbs.delete(&bob, &kb.id).await, Err(StoreError::NotFound { .. })));
+    kbs.delete(&alice, &kb.id).await.unwrap();
+    assert!(kbs.document(&first.id).await.is_err(), "documents go with their knowledge base");
 }

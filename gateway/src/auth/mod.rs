@@ -13,6 +13,7 @@
 //! kept for [`CACHE_TTL`], so the hot path is a hash and a map lookup; revoking a key or a
 //! session on this node empties the cache at once, other nodes see it within the TTL.
 
+pub mod oauth;
 pub mod password;
 pub mod secrets;
 

@@ -32,7 +32,7 @@ const CODE_TTL_MS: i64 = 15 * 60 * 1000;
 /// An address may fail this many times the per-account limit before it is throttled too.
 const ADDRESS_FAILURE_FACTOR: u64 = 4;
 
-fn client_address() -> impl Filter<Extract = (String,), Error = std::convert::Infallible> + Clone {
+pub(crate) fn client_address() -> impl Filter<Extract = (String,), Error = std::convert::Infallible> + Clone {
     warp::ext::optional::<RequestContext>()
         .map(|context: Option<RequestContext>| context.map(|c| c.client_addr.ip().to_string()).unwrap_or_default())
 }
@@ -181,7 +181,7 @@ fn created(value: &serde_json::Value) -> Response {
     warp::reply::with_status(warp::reply::json(value), http::StatusCode::CREATED).into_response()
 }
 
-fn valid_email(email: &str) -> bool {
+pub(crate) fn valid_email(email: &str) -> bool {
     let Some((local, domain)) = email.split_once('@') else { return false };
     !local.is_empty()
         && domain.contains('.')
@@ -254,12 +254,12 @@ async fn issue_code(state: &AppState, user: &User, purpose: CodePurpose) -> Resu
     send_message(state, user, subject, &body).await
 }
 
-async fn audit(state: &AppState, entry: NewAuditEntry) -> Result<(), ApiError> {
+pub(crate) async fn audit(state: &AppState, entry: NewAuditEntry) -> Result<(), ApiError> {
     state.stores()?.db.audit().append(entry).await?;
     Ok(())
 }
 
-fn anonymous_entry(address: &str, action: &str, target: &str, detail: serde_json::Value) -> NewAuditEntry {
+pub(crate) fn anonymous_entry(address: &str, action: &str, target: &str, detail: serde_json::Value) -> NewAuditEntry {
     NewAuditEntry {
         address: address.to_owned(),
         action: action.to_owned(),
@@ -476,34 +476,54 @@ pub async fn sign_in(state: &AppState, address: &str, user_agent: &str, body: Si
                 "this account is not verified yet: enter the code sent to you with POST /v1/auth/verify",
             ));
         }
-        "disabled" => {
-            return Err(ApiError::new(
-                http::StatusCode::FORBIDDEN,
-                "permission_error",
-                "account_disabled",
-                "this account is disabled: ask an administrator",
-            ));
-        }
+        "disabled" => return Err(account_disabled()),
         _ => {}
     }
     limiter.clear_failures(&account_key).await?;
+    let (body, cookie) = open_session(state, &user, address, user_agent, json!({"method": "password"})).await?;
+    Ok(warp::reply::with_header(warp::reply::json(&body), http::header::SET_COOKIE.as_str(), cookie).into_response())
+}
+
+pub(crate) fn account_disabled() -> ApiError {
+    ApiError::new(
+        http::StatusCode::FORBIDDEN,
+        "permission_error",
+        "account_disabled",
+        "this account is disabled: ask an administrator",
+    )
+}
+
+/// Opens a session for `user` (signed in by `detail.method`): the answer's body, with
+/// the token, and the console's session cookie.
+pub(crate) async fn open_session(
+    state: &AppState,
+    user: &User,
+    address: &str,
+    user_agent: &str,
+    detail: serde_json::Value,
+) -> Result<(serde_json::Value, String), ApiError> {
+    let db = &state.stores()?.db;
     let token = new_session_token();
-    let ttl_secs = options.session_ttl_secs;
+    let ttl_secs = state.options.auth.session_ttl_secs;
     let ttl_ms = i64::try_from(ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX / 2);
     let session = db.credentials().create_session(&user.id, &sha256_hex(&token), address, user_agent, ttl_ms).await?;
+    let mut detail = detail;
+    if let Some(detail) = detail.as_object_mut() {
+        detail.insert("session_id".into(), json!(session.id));
+    }
     audit(
         state,
         NewAuditEntry {
             actor_user_id: Some(user.id.clone()),
-            ..anonymous_entry(address, "auth.sign_in", &user.id, json!({"session_id": session.id}))
+            ..anonymous_entry(address, "auth.sign_in", &user.id, detail)
         },
     )
     .await?;
-    let secure = if options.secure_cookies { "; Secure" } else { "" };
+    let secure = if state.options.auth.secure_cookies { "; Secure" } else { "" };
     let cookie = format!("{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={ttl_secs}{secure}");
     let body =
         json!({"token": token, "session_id": session.id, "expires_at": session.expires_at_ms / 1000, "user": user});
-    Ok(warp::reply::with_header(warp::reply::json(&body), http::header::SET_COOKIE.as_str(), cookie).into_response())
+    Ok((body, cookie))
 }
 
 /// Signs out the session the request came with (its token or cookie stops working).

@@ -21,6 +21,7 @@ use warp::filters::BoxedFilter;
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
+use super::auth::audit;
 use super::cluster::{control_plane, now_ms};
 use super::with_state;
 use crate::auth::{Access, Caller, caller, signed_in};
@@ -551,7 +552,10 @@ pub async fn create_deployment(
         )));
     }
     let (spec, replicas, estimate) = spec_from(state, request).await?;
-    put(state, name, spec, replicas, estimate, true).await
+    let detail = serde_json::json!({"model": spec.model_name, "version": spec.model_version, "replicas": replicas});
+    let response = put(state, name.clone(), spec, replicas, estimate, true).await?;
+    audit(state, caller.audit_entry("deployment.create", &name, detail)).await?;
+    Ok(response)
 }
 
 /// Replaces a deployment's spec: a rolling update (new replicas are Ready before old ones
@@ -579,7 +583,10 @@ pub async fn update_deployment(
         return Err(not_found(&id));
     }
     let (spec, replicas, estimate) = spec_from(state, request).await?;
-    put(state, id, spec, replicas, estimate, false).await
+    let detail = serde_json::json!({"model": spec.model_name, "version": spec.model_version, "replicas": replicas});
+    let response = put(state, id.clone(), spec, replicas, estimate, false).await?;
+    audit(state, caller.audit_entry("deployment.update", &id, detail)).await?;
+    Ok(response)
 }
 
 /// Sets a deployment's replica count (not a new generation: running replicas stay).
@@ -605,7 +612,14 @@ pub async fn scale_deployment(
         at_ms: now_ms(),
     };
     match handle.propose(command).await? {
-        Ok(_) => get_deployment(state, &id),
+        Ok(_) => {
+            audit(
+                state,
+                caller.audit_entry("deployment.scale", &id, serde_json::json!({"replicas": request.replicas})),
+            )
+            .await?;
+            get_deployment(state, &id)
+        }
         Err(Rejection::UnknownDeployment(_)) => Err(not_found(&id)),
         Err(other) => Err(ApiError::bad_request("invalid_input", other.to_string())),
     }
@@ -621,7 +635,10 @@ pub async fn delete_deployment(state: &AppState, caller: &Caller, id: String) ->
     let handle = control_plane(state)?;
     let command = Command::DeleteDeployment { deployment_id: DeploymentId(id.clone()), at_ms: now_ms() };
     match handle.propose(command).await? {
-        Ok(_) => Ok(warp::reply::json(&serde_json::json!({"id": id, "deleted": true})).into_response()),
+        Ok(_) => {
+            audit(state, caller.audit_entry("deployment.delete", &id, serde_json::json!({}))).await?;
+            Ok(warp::reply::json(&serde_json::json!({"id": id, "deleted": true})).into_response())
+        }
         Err(Rejection::UnknownDeployment(_)) => Err(not_found(&id)),
         Err(other) => Err(ApiError::bad_request("invalid_input", other.to_string())),
     }
@@ -740,5 +757,7 @@ async fn set_drain(state: &AppState, caller: &Caller, id: u64, drain: bool) -> R
     {
         return Err(ApiError::conflict(rejection.to_string()));
     }
+    let action = if drain { "node.drain" } else { "node.undrain" };
+    audit(state, caller.audit_entry(action, &id.to_string(), serde_json::json!({"status": to.to_string()}))).await?;
     Ok(warp::reply::json(&serde_json::json!({"node_id": id, "status": to.to_string()})).into_response())
 }

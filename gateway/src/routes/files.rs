@@ -314,5 +314,7 @@ pub async fn file_content(state: &AppState, caller: &Caller, id: &str) -> Result
 pub async fn delete_file(state: &AppState, caller: &Caller, id: &str) -> Result<Response, ApiError> {
     let scope = caller.scope.clone();
     let record = stores(state)?.db.files().delete(&scope, id).await?;
+    let detail = serde_json::json!({"filename": record.filename, "bytes": record.size_bytes});
+    super::auth::audit(state, caller.audit_entry("file.delete", &record.id, detail)).await?;
     Ok(warp::reply::json(&FileDeleted { id: record.id, object: "file", deleted: true }).into_response())
 }

@@ -10,6 +10,7 @@ pub mod files;
 pub mod health;
 pub mod index;
 pub mod keys;
+pub mod oauth;
 pub mod openai;
 pub mod openapi;
 pub mod orgs;
@@ -48,6 +49,8 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .or(sessions::routes(state))
         .unify()
         .or(auth::routes(state))
+        .unify()
+        .or(oauth::routes(state))
         .unify()
         .or(keys::routes(state))
         .unify()

@@ -250,6 +250,9 @@ pub async fn register_model(state: &AppState, caller: &Caller, request: Register
     }
     let record = stores.db.models().register_platform(NewModelVersion { metadata, description, ..new }).await?;
     tracing::info!(model = %record.name, version = %record.version, bytes = record.total_bytes, "model version registered");
+    let target = format!("{}:{}", record.name, record.version);
+    let detail = serde_json::json!({"bytes": record.total_bytes});
+    super::auth::audit(state, caller.audit_entry("model.register", &target, detail)).await?;
     Ok(warp::reply::with_status(warp::reply::json(&record), http::StatusCode::CREATED).into_response())
 }
 

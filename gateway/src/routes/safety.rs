@@ -113,5 +113,6 @@ pub async fn delete_rule(state: &AppState, caller: &Caller, id: &str) -> Result<
     let stores = state.stores()?;
     let rule = stores.db.safety_rules().delete(scope, id).await?;
     state.safety.invalidate();
+    super::auth::audit(state, caller.audit_entry("safety_rule.delete", &rule.id, json!({}))).await?;
     Ok(warp::reply::json(&json!({"id": rule.id, "object": "safety.rule", "deleted": true})).into_response())
 }

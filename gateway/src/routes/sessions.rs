@@ -309,6 +309,7 @@ pub async fn delete_session(state: &AppState, caller: &Caller, id: &str) -> Resu
     if let Ok(sessions) = sessions(state) {
         sessions.close(&session.id);
     }
+    super::auth::audit(state, caller.audit_entry("session.delete", &session.id, json!({}))).await?;
     Ok(warp::reply::json(&json!({"id": session.id, "object": "chat.session.deleted", "deleted": true})).into_response())
 }
 

@@ -123,13 +123,4 @@ impl Files<'_> {
         }
         Ok(record)
     }
-
-    /// Whether any file row still refers to a blob, so blob garbage collection keeps it.
-    pub async fn blob_is_referenced(&self, sha256: &str) -> Result<bool> {
-        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM files WHERE sha256 = $1")
-            .bind(sha256)
-            .fetch_one(self.db.pool())
-            .await?;
-        Ok(count > 0)
-    }
 }

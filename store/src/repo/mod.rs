@@ -5,7 +5,9 @@ pub mod audit;
 pub mod batches;
 pub mod credentials;
 pub mod files;
+pub mod identities;
 pub mod keys;
+pub mod knowledge;
 pub mod models;
 pub mod orgs;
 pub mod outbox;
@@ -43,6 +45,14 @@ impl Db {
 
     pub fn credentials(&self) -> credentials::Credentials<'_> {
         credentials::Credentials { db: self }
+    }
+
+    pub fn identities(&self) -> identities::Identities<'_> {
+        identities::Identities { db: self }
+    }
+
+    pub fn knowledge_bases(&self) -> knowledge::KnowledgeBases<'_> {
+        knowledge::KnowledgeBases { db: self }
     }
 
     pub fn api_keys(&self) -> keys::ApiKeys<'_> {

@@ -330,14 +330,4 @@ impl Models<'_> {
             .transpose()?
             .ok_or_else(|| StoreError::NotFound { what: "model version", id: format!("{name}:{version}") })
     }
-
-    /// Whether any model version lists a blob, so blob garbage collection keeps it.
-    pub async fn blob_is_referenced(&self, sha256: &str) -> Result<bool> {
-        let pattern = format!("%\"{sha256}\"%");
-        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM model_versions WHERE files LIKE $1")
-            .bind(pattern)
-            .fetch_one(self.db.pool())
-            .await?;
-        Ok(count > 0)
-    }
 }
