@@ -196,6 +196,32 @@ pub async fn fetch_missing(
     Ok(fetched)
 }
 
+/// Fetches one blob this node lacks from the first of `peers` (API base urls) that has it,
+/// checksummed and resumable like [`fetch_missing`]. Does nothing when the blob is local.
+pub async fn fetch_blob(
+    blobs: &BlobStore,
+    digest: &Digest,
+    size_bytes: u64,
+    peers: &[String],
+    cookie: &str,
+) -> Result<(), String> {
+    if blobs.contains(digest).await {
+        return Ok(());
+    }
+    let client = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .build()
+        .map_err(|e| format!("cannot build an http client: {e}"))?;
+    let mut last_error = format!("no peer to fetch blob {} from", digest.to_hex());
+    for peer in peers {
+        match fetch_one(&client, blobs, digest, size_bytes, peer, cookie).await {
+            Ok(_) => return Ok(()),
+            Err(err) => last_error = format!("fetching blob {} from {peer}: {err}", digest.to_hex()),
+        }
+    }
+    Err(last_error)
+}
+
 async fn fetch_one(
     client: &reqwest::Client,
     blobs: &BlobStore,

@@ -56,6 +56,14 @@ impl MaasProcess {
         Ok(process)
     }
 
+    /// Starts `maas node start` on `dir/cluster.toml` with its data in `dir/data`: the same
+    /// `dir` again restarts the same node.
+    pub fn start_in(dir: &Path) -> Result<Self> {
+        let mut command = Command::new(maas_binary());
+        command.args(["node", "start", "--config"]).arg(dir.join("cluster.toml")).env("MAAS_DATA", dir.join("data"));
+        Self::spawn(command, dir.join("data"))
+    }
+
     /// Starts `command` (a `maas` invocation) and waits for its banner.
     pub fn spawn(mut command: Command, data_dir: PathBuf) -> Result<Self> {
         let mut child = command

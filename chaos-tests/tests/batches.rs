@@ -5,11 +5,9 @@
 //! its output file downloadable.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use maas_chaos_tests::{MaasProcess, maas_binary, one_gpu_node_config, run_cli, tiny_model, wait_until};
+use maas_chaos_tests::{MaasProcess, one_gpu_node_config, run_cli, tiny_model, wait_until};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
@@ -18,13 +16,6 @@ const LINES: usize = 24;
 
 fn config() -> String {
     one_gpu_node_config(COOKIE, "raft_tick_ms = 20\n")
-}
-
-/// Starts `maas node start` on `dir`'s configuration and data directory.
-fn start(dir: &Path) -> MaasProcess {
-    let mut command = Command::new(maas_binary());
-    command.args(["node", "start", "--config"]).arg(dir.join("cluster.toml")).env("MAAS_DATA", dir.join("data"));
-    MaasProcess::spawn(command, dir.join("data")).unwrap()
 }
 
 fn cli(node: &MaasProcess, args: &[&str]) {
@@ -45,7 +36,7 @@ async fn batch(node: &MaasProcess, id: &str) -> Option<Value> {
 async fn a_batch_survives_a_killed_node_and_answers_every_line_once() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("cluster.toml"), config()).unwrap();
-    let mut node = start(dir.path());
+    let mut node = MaasProcess::start_in(dir.path()).unwrap();
     node.wait_ready(Duration::from_secs(30)).await.unwrap();
     let model = dir.path().join("tiny");
     tiny_model("llama", &model);
@@ -105,7 +96,7 @@ async fn a_batch_survives_a_killed_node_and_answers_every_line_once() {
     node.signal(Signal::SIGKILL).unwrap();
     node.wait_exit(Duration::from_secs(10)).await.unwrap();
 
-    let node = start(dir.path());
+    let node = MaasProcess::start_in(dir.path()).unwrap();
     node.wait_ready(Duration::from_secs(30)).await.unwrap();
     let resumed = batch(&node, &id).await.unwrap();
     let answered_before_restart = resumed["request_counts"]["completed"].as_u64().unwrap();

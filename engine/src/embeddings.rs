@@ -100,6 +100,12 @@ impl EmbeddingModel {
         self.max_tokens
     }
 
+    /// The model's tokenizer as `tokenizer.json` text (truncation to [`Self::max_tokens`]
+    /// included), so a chunker elsewhere counts tokens exactly as this model sees them.
+    pub fn tokenizer_json(&self) -> Result<String> {
+        self.tokenizer.to_string(false).map_err(EngineError::tokenizer)
+    }
+
     /// Tokens of `text` as embedded (special tokens included, before truncation).
     pub fn count_tokens(&self, text: &str) -> Result<usize> {
         let mut tokenizer = self.tokenizer.clone();

@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod error;
 pub mod json;
+pub mod knowledge;
 pub mod load;
 pub mod metering;
 pub mod metrics;

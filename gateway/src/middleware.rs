@@ -65,7 +65,8 @@ fn segments(path: &str) -> impl Iterator<Item = &str> {
 }
 
 /// Routes (method, template) whose bodies may be as large as `gateway.max_upload_bytes`.
-pub const UPLOAD_ROUTES: &[(&str, &str)] = &[("POST", "/v1/blobs"), ("POST", "/v1/files")];
+pub const UPLOAD_ROUTES: &[(&str, &str)] =
+    &[("POST", "/v1/blobs"), ("POST", "/v1/files"), ("POST", "/v1/knowledge_bases/{id}/documents")];
 
 /// Shared by every connection of one server.
 pub(crate) struct Middleware {

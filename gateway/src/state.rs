@@ -164,6 +164,8 @@ pub struct AppState {
     pub response_cache: crate::response_cache::ResponseCache,
     /// The chat sessions' actors on this node.
     pub sessions: OnceLock<maas_actors::session::Sessions>,
+    /// Knowledge-base storage and ingestion, once the node opened it.
+    pub knowledge: OnceLock<Arc<crate::knowledge::KnowledgeService>>,
     pub started: Instant,
     pub readiness: Readiness,
     pub metrics: PrometheusHandle,
@@ -195,6 +197,7 @@ impl AppState {
             safety: crate::safety::PolicyCache::new(options.safety_rules.clone()),
             response_cache: crate::response_cache::ResponseCache::new(options.response_cache.clone()),
             sessions: OnceLock::new(),
+            knowledge: OnceLock::new(),
             started: Instant::now(),
             readiness: Readiness::default(),
             metrics: crate::metrics::prometheus(),

@@ -208,6 +208,8 @@ fn fill(template: &str, ids: &BTreeMap<&str, String>) -> Option<String> {
             ("/v1/cluster/members/", "node"),
             ("/v1/blobs/", "sha256"),
             ("/v1/admin/prices/", "price"),
+            ("/v1/knowledge_bases/kb-", "document"),
+            ("/v1/knowledge_bases/", "kb"),
         ]
         .iter()
         .find(|(p, _)| prefix.starts_with(p))
@@ -244,6 +246,9 @@ fn body_for(
             json!({"input_file_id": ids["file"], "endpoint": "/v1/chat/completions", "completion_window": "24h"})
         }
         "/v1/orgs/{id}/members" => json!({"login": intruder_email, "role": "owner"}),
+        "/v1/knowledge_bases" => json!({"name": "bobs", "embedding_model": "embed"}),
+        "/v1/knowledge_bases/{id}" => json!({"description": "taken over"}),
+        "/v1/knowledge_bases/{id}/retrieve" => json!({"query": "alice-secret-word", "mode": "fulltext"}),
         "/v1/admin/users/{id}" => json!({"role": "user", "status": "disabled"}),
         "/v1/admin/quotas/{kind}/{id}" => json!({"requests_per_minute": 1}),
         "/v1/admin/prices/{model}" => {
@@ -307,6 +312,7 @@ async fn tenants_reach_nothing_of_each_other_on_any_route(backend: Backend) {
         .unwrap();
     ids.insert("session", session.id);
     ids.insert("sign_in", me["credential"]["session_id"].as_str().unwrap().to_owned());
+    alice_knowledge_base(&setup, &alice, &alice_scope, &mut ids).await;
     ids.insert("deployment", "ghost".into());
     ids.insert("node", "1".into());
     ids.insert("price", "*".into());
@@ -358,6 +364,43 @@ async fn tenants_reach_nothing_of_each_other_on_any_route(backend: Backend) {
     let (_, me) = setup.json(&alice, reqwest::Method::GET, "/v1/auth/me", None).await;
     assert_eq!(me["user"]["status"], "active", "{me}");
     assert_eq!(me["user"]["role"], "user", "{me}");
+}
+
+/// Alice's knowledge base with a document in it (ingestion needs a model; the rows are
+/// enough for the walk).
+async fn alice_knowledge_base(
+    setup: &Setup,
+    alice: &As,
+    alice_scope: &maas_store::TenantScope,
+    ids: &mut BTreeMap<&'static str, String>,
+) {
+    let db = &setup.state.stores.get().unwrap().db;
+    let (status, kb) = setup
+        .json(
+            alice,
+            reqwest::Method::POST,
+            "/v1/knowledge_bases",
+            Some(json!({"name": "alice-kb", "embedding_model": "embed"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{kb}");
+    ids.insert("kb", kb["id"].as_str().unwrap().to_owned());
+    let document = db
+        .knowledge_bases()
+        .add_document(
+            alice_scope,
+            &ids["kb"],
+            maas_store::repo::knowledge::NewDocument {
+                filename: "alice.txt".into(),
+                kind: "text".into(),
+                sha256: file_sha256(setup, &ids["file"]).await,
+                size_bytes: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    ids.insert("document", document.id);
 }
 
 async fn file_sha256(setup: &Setup, file_id: &str) -> String {

@@ -7,6 +7,8 @@
 //!   crash-safe HNSW index (the default) and Milvus.
 //! - [`fulltext`]: a BM25 index per knowledge base (tantivy), with jieba segmentation for
 //!   Chinese and lowercased words for other scripts, filtered like the vector stores.
+//! - [`graph`]: the knowledge graph's deterministic extractor (entities and the relations
+//!   between them, per chunk).
 //! - [`hybrid`]: weighted fusion of the vector and full-text rankings (reciprocal-rank and
 //!   normalised-score), and the policy that weights them by the query's language.
 //!
@@ -15,6 +17,7 @@
 pub mod chunk;
 pub mod error;
 pub mod fulltext;
+pub mod graph;
 pub mod hybrid;
 pub mod parse;
 pub mod vector;

@@ -27,7 +27,7 @@ async fn embedded(case: &str) -> Fixture {
     Fixture { store: Box::new(store), name: case.to_owned(), _dir: Some(dir) }
 }
 
-async fn milvus(case: &str) -> Fixture {
+async fn milvus_store(case: &str) -> (MilvusStore, String) {
     let url = std::env::var("MAAS_TEST_MILVUS_URL").unwrap_or_else(|_| {
         panic!(
             "MAAS_TEST_MILVUS_URL is not set: run the tests with scripts/test, or start Milvus with scripts/milvus \
@@ -39,6 +39,11 @@ async fn milvus(case: &str) -> Fixture {
     // run with the same process id left it behind.
     let name = format!("test_{case}_{}", std::process::id());
     store.drop_collection(&name).await.expect("drop a leftover collection");
+    (store, name)
+}
+
+async fn milvus(case: &str) -> Fixture {
+    let (store, name) = milvus_store(case).await;
     Fixture { store: Box::new(store), name, _dir: None }
 }
 
@@ -319,4 +324,41 @@ async fn an_unreachable_milvus_is_reported_by_url() {
     let err = MilvusStore::connect(&url, MilvusOptions::default()).await.unwrap_err();
     assert!(matches!(err, KnowledgeError::MilvusUnreachable { .. }), "{err}");
     assert!(err.to_string().starts_with(&format!("milvus unreachable at {url}: ")), "{err}");
+}
+
+/// Milvus only: `flush` seals writes into indexed segments, and filtered search over them
+/// is right both ways it is done: a filter passing few chunks (read and ranked here,
+/// exactly) and one passing many (the HNSW walk with its wider `ef`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn milvus_flush_seals_writes_and_filters_stay_right() {
+    let (store, name) = milvus_store("flush").await;
+    assert!(matches!(store.flush(&name).await, Err(KnowledgeError::UnknownCollection { .. })));
+    store.ensure_collection(&spec(&name)).await.unwrap();
+    // "few" on every hundredth chunk (12), "many" on all but every twelfth (1,100).
+    let tags = |id: u64| {
+        let mut tags = Vec::new();
+        if id.is_multiple_of(100) {
+            tags.push("few".to_owned());
+        }
+        if !id.is_multiple_of(12) {
+            tags.push("many".to_owned());
+        }
+        tags
+    };
+    let records: Vec<VectorRecord> =
+        (1..=1200).map(|id| VectorRecord { tags: tags(id), ..record(id, "d", 1, &[]) }).collect();
+    store.upsert(&name, records.clone()).await.unwrap();
+    store.flush(&name).await.unwrap();
+    store.upsert(&name, vec![record(1201, "d", 1, &[])]).await.unwrap();
+    assert_eq!(store.count(&name).await.unwrap(), 1201);
+    for id in [1, 600, 1201] {
+        assert_eq!(search(&store, &name, vector(id), 1, SearchFilter::default()).await[0].chunk_id, id);
+    }
+    let few = search(&store, &name, vector(2), 20, SearchFilter::default().tags(["few"])).await;
+    assert_eq!(id_set(&few), (1..=12).map(|i| i * 100).collect());
+    let many = search(&store, &name, vector(5), 10, SearchFilter::default().tags(["many"])).await;
+    assert_eq!(many.len(), 10);
+    assert!(many.iter().all(|hit| !hit.chunk_id.is_multiple_of(12)), "{many:?}");
+    assert_eq!(many[0].chunk_id, 5, "the query's own chunk passes and comes first");
+    store.drop_collection(&name).await.unwrap();
 }

@@ -43,7 +43,7 @@ pub fn run(command: impl Future<Output = Result<String>>) -> ExitCode {
 
 /// The credential of admin commands: an API key (`MAAS_API_KEY`) when set, else the
 /// cluster cookie (`MAAS_CLUSTER__COOKIE`, or the default of `maas up`).
-fn with_credentials(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+pub(crate) fn with_credentials(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
     match std::env::var("MAAS_API_KEY") {
         Ok(key) if !key.is_empty() => request.bearer_auth(key),
         _ => request.header(

@@ -26,6 +26,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub redis: RedisConfig,
     pub milvus: MilvusConfig,
+    pub knowledge: KnowledgeConfig,
     pub tls: TlsConfig,
     pub gateway: GatewayConfig,
     pub auth: AuthConfig,
@@ -150,6 +151,53 @@ pub struct RedisConfig {
 pub struct MilvusConfig {
     /// Empty: the embedded vector index.
     pub url: String,
+}
+
+/// Knowledge bases: where new ones keep their vectors, and how documents are ingested.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KnowledgeConfig {
+    /// Where a knowledge base created without a `vector_backend` keeps its vectors:
+    /// `embedded` or `milvus` (which needs `milvus.url`).
+    pub default_backend: String,
+    /// The embedding deployment of a knowledge base created without one; empty: the
+    /// request must name one.
+    pub default_embedding_model: String,
+    /// Shards of a new knowledge base's embedded index.
+    #[serde(deserialize_with = "non_negative")]
+    pub default_shards: u64,
+    /// The largest document accepted, in bytes.
+    #[serde(deserialize_with = "non_negative")]
+    pub max_document_bytes: u64,
+    /// The most pages of a PDF.
+    #[serde(deserialize_with = "non_negative")]
+    pub max_pdf_pages: u64,
+    /// How long a node's claim on a document lasts without renewal, in seconds: a
+    /// killed node's documents are taken up by another after this long.
+    #[serde(deserialize_with = "non_negative")]
+    pub lease_secs: u64,
+    /// Chunks embedded and indexed per step.
+    #[serde(deserialize_with = "non_negative")]
+    pub embed_batch: u64,
+    /// Documents this node ingests at once: while one embeds, the next is parsed,
+    /// chunked and written.
+    #[serde(deserialize_with = "non_negative")]
+    pub workers: u64,
+}
+
+impl Default for KnowledgeConfig {
+    fn default() -> Self {
+        KnowledgeConfig {
+            default_backend: "embedded".into(),
+            default_embedding_model: String::new(),
+            default_shards: 2,
+            max_document_bytes: 64 * 1024 * 1024,
+            max_pdf_pages: 2_000,
+            lease_secs: 30,
+            embed_batch: 64,
+            workers: 2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -545,6 +593,7 @@ impl Config {
         check_url("redis.url", &self.redis.url, &["redis://", "rediss://", "unix://"])?;
         self.validate_inference()?;
         check_url("milvus.url", &self.milvus.url, &["http://", "https://"])?;
+        self.validate_knowledge()?;
         if self.tls.cert_path.is_empty() != self.tls.key_path.is_empty() {
             return bad("tls", "set both tls.cert_path and tls.key_path, or neither".into());
         }
@@ -574,6 +623,36 @@ impl Config {
     }
 
     /// The rules of accounts and what reaches users: `[auth]`, `[smtp]`, `[sms]`, CORS.
+    fn validate_knowledge(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: String| Err(ConfigError(format!("`{key}`: {why}")));
+        let knowledge = &self.knowledge;
+        match knowledge.default_backend.as_str() {
+            "embedded" => {}
+            "milvus" if !self.milvus.url.is_empty() => {}
+            "milvus" => return bad("knowledge.default_backend", "\"milvus\" needs milvus.url".into()),
+            other => return bad("knowledge.default_backend", format!("`{other}` is not \"embedded\" or \"milvus\"")),
+        }
+        if !(1..=64).contains(&knowledge.default_shards) {
+            return bad("knowledge.default_shards", "must be 1 to 64".into());
+        }
+        if knowledge.max_document_bytes == 0 {
+            return bad("knowledge.max_document_bytes", "must be more than 0".into());
+        }
+        if knowledge.max_pdf_pages == 0 {
+            return bad("knowledge.max_pdf_pages", "must be more than 0".into());
+        }
+        if !(5..=3600).contains(&knowledge.lease_secs) {
+            return bad("knowledge.lease_secs", "must be 5 to 3600".into());
+        }
+        if !(1..=2048).contains(&knowledge.embed_batch) {
+            return bad("knowledge.embed_batch", "must be 1 to 2048".into());
+        }
+        if !(1..=16).contains(&knowledge.workers) {
+            return bad("knowledge.workers", "must be 1 to 16".into());
+        }
+        Ok(())
+    }
+
     fn validate_accounts(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, why: String| Err(ConfigError(format!("`{key}`: {why}")));
         if !self.smtp.host.is_empty()

@@ -4,6 +4,7 @@ mod bench;
 mod bench_ann;
 mod bench_auth;
 mod bench_gateway;
+mod bench_retrieval;
 mod client;
 mod config;
 mod logging;
@@ -99,6 +100,9 @@ enum Command {
         #[command(subcommand)]
         command: DevCommand,
     },
+    /// Print the OpenAPI 3.1 document of the node's HTTP API (as served at /openapi.json);
+    /// the web console's API types are generated from it.
+    Openapi,
     /// Measure parts of maas on this machine.
     Bench {
         #[command(subcommand)]
@@ -230,6 +234,10 @@ enum BenchCommand {
     /// vectors: build time, recall@10 against exact search, query latency; and Milvus's
     /// with `--milvus URL`.
     Ann(bench_ann::AnnBench),
+    /// Knowledge-base retrieval through a running node's API on the committed corpora:
+    /// recall@1/5/10 and MRR of vector, BM25 and hybrid search, retrieval latency, and
+    /// ingestion throughput against the embedding model's raw throughput.
+    Retrieval(bench_retrieval::RetrievalBench),
 }
 
 #[derive(Debug, Subcommand)]
@@ -362,33 +370,12 @@ fn main() -> ExitCode {
             client::run(client::key_revoke(target, &cookie.cookie, id))
         }
         Command::Dev { command: DevCommand::TinyModel { ref arch, seed, ref out } } => dev_tiny_model(arch, seed, out),
-        Command::Gpu { command: GpuCommand::List { ref target } } => client::run(client::gpu_list(target)),
-        Command::Bench { ref command } => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(runtime) => runtime,
-                Err(err) => {
-                    eprintln!("error: cannot start the async runtime: {err}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let report = match command {
-                BenchCommand::Raft(args) => runtime.block_on(bench::raft(args)),
-                BenchCommand::Placements(args) => runtime.block_on(bench::placements(args)),
-                BenchCommand::Gateway(args) => runtime.block_on(bench_gateway::gateway(args)),
-                BenchCommand::Auth(args) => runtime.block_on(bench_auth::auth(args)),
-                BenchCommand::Ann(args) => runtime.block_on(bench_ann::ann(args)),
-            };
-            match report {
-                Ok(report) => {
-                    print!("{report}");
-                    ExitCode::SUCCESS
-                }
-                Err(err) => {
-                    eprintln!("error: {err:#}");
-                    ExitCode::FAILURE
-                }
-            }
+        Command::Openapi => {
+            println!("{}", maas_gateway::routes::openapi::document());
+            ExitCode::SUCCESS
         }
+        Command::Gpu { command: GpuCommand::List { ref target } } => client::run(client::gpu_list(target)),
+        Command::Bench { ref command } => run_bench(command),
         Command::Cluster { command: ClusterCommand::Status { ref target } } => {
             client::run(client::cluster_status(target))
         }
@@ -467,6 +454,35 @@ fn start(cli: &Cli, mut config: Config, quick_start: bool) -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             tracing::error!(error = format!("{err:#}"), "node failed");
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a benchmark on a multi-threaded runtime and prints its report.
+fn run_bench(command: &BenchCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = match command {
+        BenchCommand::Raft(args) => runtime.block_on(bench::raft(args)),
+        BenchCommand::Placements(args) => runtime.block_on(bench::placements(args)),
+        BenchCommand::Gateway(args) => runtime.block_on(bench_gateway::gateway(args)),
+        BenchCommand::Auth(args) => runtime.block_on(bench_auth::auth(args)),
+        BenchCommand::Ann(args) => runtime.block_on(bench_ann::ann(args)),
+        BenchCommand::Retrieval(args) => runtime.block_on(bench_retrieval::retrieval(args)),
+    };
+    match report {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }

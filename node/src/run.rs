@@ -76,9 +76,7 @@ pub async fn run_node(mut config: Config, quick_start: bool) -> Result<ExitCode>
         });
         connect_limiter(&config, &state).await?;
         state.readiness.set("store", Check::Ready);
-        // Batches run once the node is ready; the node id names this node in their leases,
-        // so a restarted node takes its own batches back at once.
-        maas_gateway::routes::batches::spawn_worker(Arc::clone(&state), format!("node-{}", config.node.id));
+        start_workers(&config, &state)?;
         let cluster = start_cluster(&config, &data_dir, &api_url).await.inspect_err(|err| {
             state.readiness.set("cluster", Check::Failed(format!("{err:#}")));
         })?;
@@ -509,7 +507,7 @@ fn warn_about_unused_settings(config: &Config) {
         tracing::info!("redis.url is set: quota counters and the response cache are kept in Redis");
     }
     if !config.milvus.url.is_empty() {
-        tracing::warn!("milvus.url is set, but this build has no knowledge bases yet; milvus is used once they land");
+        tracing::info!(url = %config.milvus.url, "milvus.url is set: knowledge bases may keep their vectors in Milvus");
     }
 }
 
@@ -629,6 +627,34 @@ async fn connect_limiter(config: &Config, state: &AppState) -> Result<()> {
         .context("quota and rate-limit counters live in redis (redis.url)")
         .inspect_err(|err| state.readiness.set("store", Check::Failed(format!("{err:#}"))))?;
     let _ = state.limiter_backend.set(limiter);
+    Ok(())
+}
+
+/// The background workers of batches and of knowledge-base ingestion. They start working
+/// once the node is ready; the node id names this node in their leases, so a restarted
+/// node takes its own work back at once.
+fn start_workers(config: &Config, state: &Arc<AppState>) -> Result<()> {
+    maas_gateway::routes::batches::spawn_worker(Arc::clone(state), format!("node-{}", config.node.id));
+    let knowledge = &config.knowledge;
+    let options = maas_gateway::knowledge::KnowledgeOptions {
+        default_backend: knowledge.default_backend.clone(),
+        milvus_url: config.milvus.url.clone(),
+        default_shards: u32::try_from(knowledge.default_shards).unwrap_or(2),
+        default_embedding_model: knowledge.default_embedding_model.clone(),
+        parse_limits: maas_knowledge::parse::ParseLimits {
+            max_bytes: usize::try_from(knowledge.max_document_bytes).unwrap_or(usize::MAX),
+            max_pages: usize::try_from(knowledge.max_pdf_pages).unwrap_or(usize::MAX),
+            ..maas_knowledge::parse::ParseLimits::default()
+        },
+        lease_ms: i64::try_from(knowledge.lease_secs.saturating_mul(1000)).unwrap_or(30_000),
+        embed_batch: usize::try_from(knowledge.embed_batch).unwrap_or(64),
+    };
+    let service = maas_gateway::knowledge::KnowledgeService::open(&config.node.data_dir, options)
+        .context("cannot open the knowledge-base indexes")?;
+    let _ = state.knowledge.set(Arc::new(service));
+    for worker in 0..knowledge.workers {
+        maas_gateway::knowledge::ingest::spawn_worker(Arc::clone(state), format!("node-{}/{worker}", config.node.id));
+    }
     Ok(())
 }
 

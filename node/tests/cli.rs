@@ -147,3 +147,18 @@ fn model_catalog_lists_the_built_in_catalogue() {
     assert!(glm["not_servable_reason"].as_str().unwrap().contains("ChatGLM"));
     assert!(glm["description"].as_str().unwrap().contains("GLM-4 9B Chat"));
 }
+
+#[test]
+fn openapi_prints_the_document_the_node_serves() {
+    let output = maas().arg("openapi").output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let document: serde_json::Value = serde_json::from_slice(&output.stdout).expect("the document is JSON");
+    assert!(document["openapi"].as_str().unwrap().starts_with("3."), "{document}");
+    for path in ["/v1/auth/login", "/v1/keys", "/v1/chat/completions", "/v1/gpus"] {
+        assert!(document["paths"].get(path).is_some(), "{path} is documented");
+    }
+    assert_eq!(
+        document,
+        serde_json::from_str::<serde_json::Value>(&maas_gateway::routes::openapi::document()).unwrap()
+    );
+}

@@ -220,7 +220,11 @@ pub async fn upload_file(
 /// Refuses an upload that would take the owner's stored bytes past its `storage_bytes`
 /// quota. The bytes stay in the blob store until garbage collection (nothing refers to
 /// them); waiting does not help here, deleting files does, so the answer is a 403.
-async fn check_storage_quota(stores: &crate::state::Stores, caller: &Caller, size_bytes: u64) -> Result<(), ApiError> {
+pub(crate) async fn check_storage_quota(
+    stores: &crate::state::Stores,
+    caller: &Caller,
+    size_bytes: u64,
+) -> Result<(), ApiError> {
     let owner = caller.scope.acting_as();
     let subject = format!("{}:{}", owner.kind(), owner.id());
     let Some(limit) =

@@ -10,6 +10,7 @@ pub mod files;
 pub mod health;
 pub mod index;
 pub mod keys;
+pub mod knowledge;
 pub mod oauth;
 pub mod openai;
 pub mod openapi;
@@ -43,6 +44,8 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .or(crate::load::routes(state))
         .unify()
         .or(files::routes(state))
+        .unify()
+        .or(knowledge::routes(state))
         .unify()
         .or(batches::routes(state))
         .unify()

@@ -120,6 +120,13 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and_then(|id: String, s: Arc<AppState>, cookie: Option<String>, texts: Vec<String>| async move {
             internal_embed(&s, cookie.as_deref(), &id, texts).await.map_err(warp::reject::custom)
         });
+    let internal_tokenizer = warp::path!("internal" / "replicas" / String / "tokenizer")
+        .and(warp::get())
+        .and(with_state(state))
+        .and(super::cluster::cookie_checked(state))
+        .and_then(|id: String, s: Arc<AppState>, cookie: Option<String>| async move {
+            internal_tokenizer(&s, cookie.as_deref(), &id).map_err(warp::reject::custom)
+        });
     models
         .or(chat)
         .unify()
@@ -130,6 +137,8 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .or(internal_generate)
         .unify()
         .or(internal_embed)
+        .unify()
+        .or(internal_tokenizer)
         .unify()
         .boxed()
 }
@@ -668,6 +677,13 @@ pub struct InferenceRequest {
     /// `text`, `json_object` or `json_schema`: the answer is checked when complete.
     #[serde(default)]
     pub response_format: Option<ResponseFormat>,
+    /// A maas extension of chat completions: answer from these knowledge bases, with
+    /// citations.
+    #[serde(default)]
+    pub knowledge_base_ids: Option<Vec<String>>,
+    /// How the knowledge bases are searched (with `knowledge_base_ids`).
+    #[serde(default)]
+    pub retrieval: Option<crate::knowledge::rag::RagOptions>,
 }
 
 fn bad(param: &str, message: impl Into<String>) -> ApiError {
@@ -858,6 +874,19 @@ async fn chat_answer(
     };
     let generation_request = generation(&request, String::new(), logprobs)?;
     let expected = crate::response_format::expected(request.response_format.as_ref())?;
+    let (messages, rag) = match &request.knowledge_base_ids {
+        None => (messages, None),
+        Some(ids) => {
+            let options = request.retrieval.clone().unwrap_or_default();
+            let augmented =
+                crate::knowledge::rag::augment(&state, caller, &request.model, ids, &options, messages).await?;
+            let extra = json!({"citations": augmented.citations, "retrieval_query": augmented.query});
+            (augmented.messages, Some(extra))
+        }
+    };
+    if request.retrieval.is_some() && rag.is_none() {
+        return Err(bad("retrieval", "retrieval needs knowledge_base_ids"));
+    }
     let source =
         answer_source(&state, &caller.scope, &request.model, "chat", generation_request, Some(messages)).await?;
     let id = new_id("chatcmpl");
@@ -866,7 +895,7 @@ async fn chat_answer(
     if !request.stream {
         let (done, hit) = finish_answer(&state, source, expected.as_ref()).await?;
         meter.finish(200, done.prompt_tokens, done.completion_tokens);
-        let body = json!({
+        let mut body = json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{
                 "index": 0,
@@ -876,6 +905,10 @@ async fn chat_answer(
             }],
             "usage": usage(done.prompt_tokens, done.completion_tokens),
         });
+        if let Some(extra) = rag {
+            body["citations"] = extra["citations"].clone();
+            body["retrieval_query"] = extra["retrieval_query"].clone();
+        }
         return Ok(mark_cached(warp::reply::json(&body).into_response(), hit));
     }
     let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
@@ -884,7 +917,15 @@ async fn chat_answer(
                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
     };
     Ok(sse(state, meter, source, expected, include_usage, move |part| match part {
-        Part::Start => Some(chunk(json!({"role": "assistant", "content": ""}), Value::Null, Value::Null)),
+        Part::Start => {
+            let mut first = chunk(json!({"role": "assistant", "content": ""}), Value::Null, Value::Null);
+            // The sources come first, so a client can show them while the answer streams.
+            if let Some(extra) = &rag {
+                first["citations"] = extra["citations"].clone();
+                first["retrieval_query"] = extra["retrieval_query"].clone();
+            }
+            Some(first)
+        }
         Part::Token { text, logprob } => {
             if text.is_empty() && logprob.is_none() {
                 return None;
@@ -927,6 +968,12 @@ async fn completion_answer(
 ) -> Result<Response, ApiError> {
     if request.messages.is_some() || request.top_logprobs.is_some() {
         return Err(bad("messages", "text completions take a prompt, not messages: use /v1/chat/completions"));
+    }
+    if request.knowledge_base_ids.is_some() || request.retrieval.is_some() {
+        return Err(bad(
+            "knowledge_base_ids",
+            "knowledge bases answer chat completions: use /v1/chat/completions with messages",
+        ));
     }
     let prompt = match &request.prompt {
         None => return Err(bad("prompt", "prompt is required")),
@@ -1308,33 +1355,7 @@ async fn embedding_answer(
         Some("base64") => true,
         Some(other) => return Err(bad("encoding_format", format!("encoding_format `{other}` is not float or base64"))),
     };
-    let targets = candidates(&state, &request.model)?;
-    let mut last_error = None;
-    let mut result = None;
-    for target in targets {
-        let _guard = state.in_flight.enter(&target.replica_id);
-        let outcome = match &target.remote_api {
-            None => match serving(&state)?.get(&target.replica_id) {
-                Some(ServingModel::Embedder(model)) => embed_local(model, texts.clone()).await,
-                Some(ServingModel::Generator(_)) => {
-                    return Err(bad("model", format!("`{}` is not an embedding model", request.model)));
-                }
-                None => Err(ApiError::unavailable(format!("replica {} is not loaded here yet", target.replica_id))),
-            },
-            Some(api) => remote_embed(&state, api, &target.replica_id, &texts).await,
-        };
-        match outcome {
-            Ok(done) => {
-                result = Some(done);
-                break;
-            }
-            Err(err) if err.status == http::StatusCode::BAD_REQUEST => return Err(err),
-            Err(err) => last_error = Some(err),
-        }
-    }
-    let Some((vectors, tokens)) = result else {
-        return Err(last_error.unwrap_or_else(|| ApiError::unavailable("no replica could take the request")));
-    };
+    let (vectors, tokens) = embed_texts(&state, &request.model, texts).await?;
     if let Some(dimensions) = request.dimensions
         && vectors.first().is_some_and(|v| v.len() != dimensions)
     {
@@ -1358,19 +1379,91 @@ async fn embedding_answer(
     Ok(warp::reply::json(&body).into_response())
 }
 
-async fn remote_embed(
+/// Embeds `texts` on a Ready replica of the embedding deployment `model`: the less loaded
+/// of two, the others as fallbacks. Returns the vectors in order and the tokens counted.
+/// `/v1/embeddings` and knowledge-base ingestion and retrieval share it, so one
+/// deployment serves both.
+pub(crate) async fn embed_texts(
+    state: &Arc<AppState>,
+    model: &str,
+    texts: Vec<String>,
+) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+    let targets = candidates(state, model)?;
+    let mut last_error = None;
+    for target in targets {
+        let _guard = state.in_flight.enter(&target.replica_id);
+        let outcome = match &target.remote_api {
+            None => match serving(state)?.get(&target.replica_id) {
+                Some(ServingModel::Embedder(embedder)) => embed_local(embedder, texts.clone()).await,
+                Some(ServingModel::Generator(_)) => {
+                    return Err(bad("model", format!("`{model}` is not an embedding model")));
+                }
+                None => Err(ApiError::unavailable(format!("replica {} is not loaded here yet", target.replica_id))),
+            },
+            Some(api) => remote_embed(state, api, &target.replica_id, &texts).await,
+        };
+        match outcome {
+            Ok(done) => return Ok(done),
+            Err(err) if err.status == http::StatusCode::BAD_REQUEST => return Err(err),
+            Err(err) => last_error = Some(err),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| ApiError::unavailable("no replica could take the request")))
+}
+
+/// The tokenizer (`tokenizer.json` text) and embedding length of the embedding deployment
+/// `model`, from one of its Ready replicas, so that chunking counts tokens as the model does.
+pub(crate) async fn embedding_tokenizer(state: &Arc<AppState>, model: &str) -> Result<(String, usize), ApiError> {
+    let targets = candidates(state, model)?;
+    let mut last_error = None;
+    for target in targets {
+        let outcome = match &target.remote_api {
+            None => match serving(state)?.get(&target.replica_id) {
+                Some(ServingModel::Embedder(embedder)) => tokenizer_of(&embedder),
+                Some(ServingModel::Generator(_)) => {
+                    return Err(bad("embedding_model", format!("`{model}` is not an embedding model")));
+                }
+                None => Err(ApiError::unavailable(format!("replica {} is not loaded here yet", target.replica_id))),
+            },
+            Some(api) => remote_tokenizer(state, api, &target.replica_id).await,
+        };
+        match outcome {
+            Ok(done) => return Ok(done),
+            Err(err) if err.status == http::StatusCode::BAD_REQUEST => return Err(err),
+            Err(err) => last_error = Some(err),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| ApiError::unavailable("no replica could take the request")))
+}
+
+fn tokenizer_of(model: &maas_engine::EmbeddingModel) -> Result<(String, usize), ApiError> {
+    Ok((model.tokenizer_json().map_err(|e| engine_error(&e))?, model.dimensions()))
+}
+
+async fn remote_tokenizer(state: &AppState, api: &str, replica_id: &str) -> Result<(String, usize), ApiError> {
+    let answer = replica_call(state, api, replica_id, "tokenizer", None).await?;
+    let tokenizer = answer["tokenizer"].as_str().unwrap_or_default().to_owned();
+    let dimensions = usize::try_from(answer["dimensions"].as_u64().unwrap_or(0)).unwrap_or(0);
+    Ok((tokenizer, dimensions))
+}
+
+/// Calls `/internal/replicas/{replica_id}/{what}` on the replica's node with the cluster
+/// cookie: a POST of `body`, or a GET without one. The answer's JSON, or its error.
+async fn replica_call(
     state: &AppState,
     api: &str,
     replica_id: &str,
-    texts: &[String],
-) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+    what: &str,
+    body: Option<&Value>,
+) -> Result<Value, ApiError> {
     let cookie = state.cluster_cookie.get().cloned().unwrap_or_default();
-    let url = format!("{}/internal/replicas/{replica_id}/embed", api.trim_end_matches('/'));
-    let response = state
-        .http
-        .post(&url)
+    let url = format!("{}/internal/replicas/{replica_id}/{what}", api.trim_end_matches('/'));
+    let request = match body {
+        Some(body) => state.http.post(&url).json(body),
+        None => state.http.get(&url),
+    };
+    let response = request
         .header(COOKIE_HEADER, cookie)
-        .json(texts)
         .send()
         .await
         .map_err(|e| ApiError::unavailable(format!("replica {replica_id}'s node is unreachable: {e}")))?;
@@ -1380,6 +1473,26 @@ async fn remote_embed(
         let message = answer["error"]["message"].as_str().unwrap_or("no message").to_owned();
         return Err(ApiError::new(status, "api_error", "replica_unavailable", message));
     }
+    Ok(answer)
+}
+
+/// The serving end of [`remote_tokenizer`].
+fn internal_tokenizer(state: &AppState, cookie: Option<&str>, replica_id: &str) -> Result<Response, ApiError> {
+    check_cookie(state, cookie)?;
+    let Some(ServingModel::Embedder(model)) = serving(state)?.get(replica_id) else {
+        return Err(ApiError::unavailable(format!("replica {replica_id} is not loaded on this node")));
+    };
+    let (tokenizer, dimensions) = tokenizer_of(&model)?;
+    Ok(warp::reply::json(&json!({"tokenizer": tokenizer, "dimensions": dimensions})).into_response())
+}
+
+async fn remote_embed(
+    state: &AppState,
+    api: &str,
+    replica_id: &str,
+    texts: &[String],
+) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+    let answer = replica_call(state, api, replica_id, "embed", Some(&json!(texts))).await?;
     let vectors: Vec<Vec<f32>> = serde_json::from_value(answer["embeddings"].clone())
         .map_err(|e| ApiError::internal(format!("bad embeddings from {replica_id}: {e}")))?;
     Ok((vectors, usize::try_from(answer["tokens"].as_u64().unwrap_or(0)).unwrap_or(0)))

@@ -95,6 +95,19 @@ use crate::state::AppState;
         super::admin::list_prices,
         super::admin::set_price,
         super::admin::delete_price,
+        super::knowledge::create_knowledge_base,
+        super::knowledge::list_knowledge_bases,
+        super::knowledge::get_knowledge_base,
+        super::knowledge::update_knowledge_base,
+        super::knowledge::delete_knowledge_base,
+        super::knowledge::upload_document,
+        super::knowledge::list_documents,
+        super::knowledge::get_document,
+        super::knowledge::delete_document,
+        super::knowledge::list_chunks,
+        super::knowledge::retrieve_test,
+        super::knowledge::knowledge_chat,
+        super::knowledge::knowledge_graph,
         super::debug::delay,
         super::debug::echo,
     ),
@@ -111,7 +124,8 @@ use crate::state::AppState;
         (name = "accounts", description = "Accounts, sign-in, sessions, API keys and organisations"),
         (name = "usage", description = "Usage, cost and quotas of the caller"),
         (name = "admin", description = "Platform administration: accounts, quotas, prices, the audit log and the outbox"),
-        (name = "sessions", description = "Chat sessions that keep their conversation across turns, with a WebSocket to chat in")
+        (name = "sessions", description = "Chat sessions that keep their conversation across turns, with a WebSocket to chat in"),
+        (name = "knowledge", description = "Knowledge bases: documents, ingestion, chunks and retrieval")
     )
 )]
 pub struct ApiDoc;
@@ -125,6 +139,12 @@ pub fn routes(_state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
 #[utoipa::path(get, path = "/openapi.json", tag = "operations", responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json")))]
 pub fn openapi_json(document: &str) -> Response {
     warp::reply::with_header(document.to_owned(), "content-type", "application/json").into_response()
+}
+
+/// The OpenAPI document as pretty-printed JSON (what `maas openapi` prints; the console's
+/// API types are generated from it).
+pub fn document() -> String {
+    ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serialises")
 }
 
 /// Every documented (method, path template) pair, for the route-label table and tests.

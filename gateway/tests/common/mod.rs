@@ -15,6 +15,10 @@ pub async fn open_stores(state: &AppState, url: String, dir: &std::path::Path) {
     db.migrate().await.unwrap();
     let blobs = maas_store::BlobStore::open(dir.join("blobs")).await.unwrap();
     let _ = state.stores.set(maas_gateway::state::Stores { db, blobs, data_dir: dir.to_owned() });
+    let knowledge =
+        maas_gateway::knowledge::KnowledgeService::open(dir, maas_gateway::knowledge::KnowledgeOptions::default())
+            .unwrap();
+    let _ = state.knowledge.set(Arc::new(knowledge));
 }
 
 /// Serves `state`'s routes on 127.0.0.1 with 1 MiB bodies; the base url and the trigger

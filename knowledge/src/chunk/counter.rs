@@ -44,6 +44,15 @@ impl TokenizerCounter {
     }
 }
 
+impl TokenizerCounter {
+    /// A counter from a `tokenizer.json` text (as an embedding replica hands it out).
+    pub fn from_json(json: &str) -> Result<Self, String> {
+        json.parse::<tokenizers::Tokenizer>()
+            .map(TokenizerCounter::new)
+            .map_err(|e| format!("not a usable tokenizer.json: {e}"))
+    }
+}
+
 impl From<tokenizers::Tokenizer> for TokenizerCounter {
     fn from(tokenizer: tokenizers::Tokenizer) -> Self {
         TokenizerCounter::new(tokenizer)

@@ -25,7 +25,7 @@ pub const MAX_TOKEN_BYTES: usize = 64;
 
 /// jieba's built-in dictionary, loaded once per process (it takes a few hundred
 /// milliseconds) and shared: segmentation only reads it.
-static JIEBA: LazyLock<Jieba> = LazyLock::new(Jieba::new);
+pub(crate) static JIEBA: LazyLock<Jieba> = LazyLock::new(Jieba::new);
 
 /// The terms `text` is indexed under, or searched for, in order (with repeats).
 pub fn analyze(text: &str) -> Vec<String> {

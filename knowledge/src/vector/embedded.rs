@@ -38,13 +38,16 @@ const DROPPED_PREFIX: &str = ".dropped-";
 pub struct EmbeddedOptions {
     /// The HNSW parameters of new shards (a shard keeps those it was created with).
     pub hnsw: HnswParams,
-    /// A shard writes a snapshot and empties its log once the log passes this many bytes.
+    /// A shard writes a snapshot and empties its log once the log passes this many bytes
+    /// (default 32 MiB). Opening replays the log after the snapshot into the graph, about
+    /// 20,000 384-dimensional vectors at most for the default, so this bounds how long a
+    /// shard takes to open; a smaller value rewrites the snapshot more often while writing.
     pub snapshot_after_wal_bytes: u64,
 }
 
 impl Default for EmbeddedOptions {
     fn default() -> Self {
-        EmbeddedOptions { hnsw: HnswParams::default(), snapshot_after_wal_bytes: 64 << 20 }
+        EmbeddedOptions { hnsw: HnswParams::default(), snapshot_after_wal_bytes: 32 << 20 }
     }
 }
 

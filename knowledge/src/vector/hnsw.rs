@@ -34,10 +34,10 @@ pub struct HnswParams {
 }
 
 impl Default for HnswParams {
-    /// Recall@10 of about 0.98 at 100,000 clustered 384-dimensional vectors
-    /// (BENCHMARKS.md, `maas bench ann`).
+    /// Recall@10 above 0.95 at 100,000 clustered 384-dimensional vectors with queries
+    /// under 3 ms (BENCHMARKS.md, `maas bench ann`).
     fn default() -> Self {
-        HnswParams { m: 16, ef_construction: 128, ef_search: 96, seed: 0x6d61_6173_686e_7377 }
+        HnswParams { m: 16, ef_construction: 128, ef_search: 192, seed: 0x6d61_6173_686e_7377 }
     }
 }
 
@@ -45,11 +45,11 @@ impl Default for HnswParams {
 /// about 5).
 const MAX_LEVEL: usize = 16;
 
-/// A node and its distance to the point being searched for.
+/// A node and its distance to the point being searched for (the negated dot product).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Scored {
-    pub(crate) dist: f32,
-    pub(crate) node: u32,
+pub struct Scored {
+    pub dist: f32,
+    pub node: u32,
 }
 
 impl Eq for Scored {}
@@ -286,7 +286,7 @@ impl Hnsw {
 
     /// Up to `k` accepted nodes closest to `query` (prepared for the metric), closest
     /// first, keeping `ef` candidates (at least `k`).
-    pub(crate) fn search(&self, query: &[f32], k: usize, ef: usize, accept: &dyn Fn(u32) -> bool) -> Vec<Scored> {
+    pub fn search(&self, query: &[f32], k: usize, ef: usize, accept: &dyn Fn(u32) -> bool) -> Vec<Scored> {
         let Some(entry) = self.entry else { return Vec::new() };
         if k == 0 {
             return Vec::new();

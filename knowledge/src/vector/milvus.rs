@@ -20,11 +20,11 @@ use async_trait::async_trait;
 use milvus::v2::prelude::{
     ClientV2, CollectionSchema, ConnectConfig, ConsistencyLevel, CreateCollectionRequest, CreateIndexRequest, DataType,
     DeleteRequest, DescribeCollectionRequest, DescribeIndexRequest, DropCollectionRequest, FieldData, FieldSchema,
-    HasCollectionRequest, Ids, IndexParam, IndexType, InsertRequest, LoadCollectionRequest, MetricType, QueryRequest,
-    RetryConfig, SearchVectors, TelemetryConfig, UpsertRequest,
+    FlushRequest, HasCollectionRequest, Ids, IndexParam, IndexType, InsertRequest, LoadCollectionRequest, MetricType,
+    QueryRequest, RetryConfig, SearchVectors, TelemetryConfig, UpsertRequest,
 };
 
-use super::distance::prepare;
+use super::distance::{exact_top_k, prepare};
 use super::filter::{milvus_expression, milvus_ids_expression, milvus_string};
 use super::{
     CollectionSpec, MAX_DOCUMENT_ID_BYTES, MAX_TAG_BYTES, MAX_TAGS, Metric, SearchHit, SearchRequest, VectorRecord,
@@ -43,6 +43,12 @@ const TAGS: &str = "tags";
 const MAX_UPSERT_BYTES: usize = 2 << 20;
 /// Chunk ids per delete expression.
 const MAX_IDS_PER_DELETE: usize = 4096;
+/// A filtered search whose filter passes at most this many chunks reads them (vectors
+/// included) and ranks them here, exactly: an HNSW walk that must pass many rejected
+/// chunks to find a few accepted ones can end early with the wrong ones (milvus-lite
+/// found 43% of the ten nearest chunks of one 50-chunk document among 100,000), and this
+/// many 384-dimensional vectors are 1.5 MiB on the wire.
+const EXACT_MAX_MATCHES: u64 = 1024;
 
 /// Settings of the Milvus backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +63,11 @@ pub struct MilvusOptions {
     pub hnsw_ef_construction: u32,
     /// HNSW `ef` of searches (at least k).
     pub ef_search: u32,
+    /// HNSW `ef` of filtered searches that pass more than 1,024 chunks (fewer are ranked
+    /// exactly, here). Milvus walks the graph past chunks the filter rejects, so a filter
+    /// needs a wider walk to find k that pass: with milvus-lite, a tag on a tenth of 10,000
+    /// chunks gave recall@10 0.83 at ef 96, 0.985 at 400 and 1.0 at 1,600.
+    pub filtered_ef_search: u32,
 }
 
 impl Default for MilvusOptions {
@@ -66,7 +77,8 @@ impl Default for MilvusOptions {
             rpc_timeout: Duration::from_secs(60),
             hnsw_m: 16,
             hnsw_ef_construction: 128,
-            ef_search: 96,
+            ef_search: 192,
+            filtered_ef_search: 1024,
         }
     }
 }
@@ -137,6 +149,24 @@ impl MilvusStore {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Asks Milvus to seal the collection's recent writes into indexed segments and waits
+    /// until it has (at most the RPC bound). Milvus does this by itself as segments fill;
+    /// after a bulk load it makes searches use the index at once (milvus-lite searches
+    /// unsealed rows by brute force: about 10 times slower at 10,000 rows).
+    pub async fn flush(&self, collection: &str) -> Result<()> {
+        self.known(collection).await?;
+        let wait_ms = i64::try_from(self.options.rpc_timeout.as_millis()).unwrap_or(i64::MAX);
+        let request = FlushRequest::builder()
+            .collection_names([milvus_collection_name(collection)])
+            .wait_flushed_ms(wait_ms)
+            .build()
+            .map_err(|e| self.failure("flush", &e))?;
+        match self.client.flush(request).await {
+            Ok(_) => Ok(()),
+            Err(error) => Err(self.after_failure(collection, "flush", &error).await),
+        }
     }
 
     /// Turns an SDK error into ours: a server that does not answer is unreachable.
@@ -293,6 +323,64 @@ impl MilvusStore {
             Ok(_) => Ok(()),
             Err(error) => Err(self.after_failure(name, "delete", &error).await),
         }
+    }
+
+    /// How many chunks pass a boolean expression (all of them for an empty one).
+    async fn count_where(&self, name: &str, expression: &str) -> Result<u64> {
+        let mut builder = QueryRequest::builder()
+            .collection_name(milvus_collection_name(name))
+            .output_fields(["count(*)"])
+            .consistency_level(ConsistencyLevel::Strong);
+        if !expression.is_empty() {
+            builder = builder.filter(expression);
+        }
+        let request = builder.build().map_err(|e| self.failure("count", &e))?;
+        let response = match self.client.query(request).await {
+            Ok(response) => response,
+            Err(error) => return Err(self.after_failure(name, "count", &error).await),
+        };
+        let count = response
+            .results()
+            .rows()
+            .ok()
+            .and_then(|mut rows| rows.next())
+            .and_then(|row| row.get_i64("count(*)").ok())
+            .and_then(|count| u64::try_from(count).ok());
+        count.ok_or_else(|| KnowledgeError::Milvus {
+            url: self.url.clone(),
+            action: "count",
+            reason: "no count(*) in the answer".into(),
+        })
+    }
+
+    /// The exact top `k` of the (at most [`EXACT_MAX_MATCHES`]) chunks that pass the
+    /// expression, read with their vectors by `query` and ranked here.
+    async fn exact_where(&self, name: &str, expression: &str, query: &[f32], k: usize) -> Result<Vec<SearchHit>> {
+        let action = "read filtered chunks";
+        let request = QueryRequest::builder()
+            .collection_name(milvus_collection_name(name))
+            .filter(expression)
+            .output_fields([CHUNK_ID, VECTOR])
+            .limit(i64::try_from(EXACT_MAX_MATCHES).expect("small"))
+            .consistency_level(ConsistencyLevel::Strong)
+            .build()
+            .map_err(|e| self.failure(action, &e))?;
+        let response = match self.client.query(request).await {
+            Ok(response) => response,
+            Err(error) => return Err(self.after_failure(name, action, &error).await),
+        };
+        let results = response.results();
+        let ids = results.get_output_field(CHUNK_ID).and_then(FieldData::as_int64);
+        let vectors = results.get_output_field(VECTOR).and_then(FieldData::as_float_vectors);
+        let (Some(ids), Some(vectors)) = (ids, vectors) else {
+            return Err(KnowledgeError::Milvus {
+                url: self.url.clone(),
+                action,
+                reason: "the answer lacks chunk ids or vectors".into(),
+            });
+        };
+        let candidates = ids.iter().zip(vectors).map(|(&id, vector)| (from_milvus_id(id), vector.as_slice()));
+        Ok(exact_top_k(query, candidates, k))
     }
 
     /// An RPC on a known collection failed: if the collection is gone (dropped elsewhere),
@@ -474,8 +562,19 @@ impl VectorStore for MilvusStore {
         }
         let mut query = request.vector.clone();
         prepare(known.metric, &mut query, "the query")?;
+        let expression = milvus_expression(&request.filter);
+        if !expression.is_empty() {
+            let matches = self.count_where(collection, &expression).await?;
+            if matches == 0 {
+                return Ok(Vec::new());
+            }
+            if matches <= EXACT_MAX_MATCHES {
+                return self.exact_where(collection, &expression, &query, request.k).await;
+            }
+        }
         let k = i64::try_from(request.k).expect("k is at most MAX_TOP_K");
-        let ef = u64::from(self.options.ef_search).max(request.k as u64);
+        let ef = if request.filter.is_empty() { self.options.ef_search } else { self.options.filtered_ef_search };
+        let ef = u64::from(ef).max(request.k as u64);
         let mut builder = milvus::v2::prelude::SearchRequest::builder()
             .collection_name(milvus_collection_name(collection))
             .vector_field(VECTOR)
@@ -484,7 +583,6 @@ impl VectorStore for MilvusStore {
             .output_fields([CHUNK_ID])
             .consistency_level(ConsistencyLevel::Strong)
             .extra_params(HashMap::from([("ef".to_owned(), ef.to_string())]));
-        let expression = milvus_expression(&request.filter);
         if !expression.is_empty() {
             builder = builder.filter(expression);
         }
@@ -514,28 +612,7 @@ impl VectorStore for MilvusStore {
 
     async fn count(&self, collection: &str) -> Result<u64> {
         self.known(collection).await?;
-        let request = QueryRequest::builder()
-            .collection_name(milvus_collection_name(collection))
-            .output_fields(["count(*)"])
-            .consistency_level(ConsistencyLevel::Strong)
-            .build()
-            .map_err(|e| self.failure("count", &e))?;
-        let response = match self.client.query(request).await {
-            Ok(response) => response,
-            Err(error) => return Err(self.after_failure(collection, "count", &error).await),
-        };
-        let count = response
-            .results()
-            .rows()
-            .ok()
-            .and_then(|mut rows| rows.next())
-            .and_then(|row| row.get_i64("count(*)").ok())
-            .and_then(|count| u64::try_from(count).ok());
-        count.ok_or_else(|| KnowledgeError::Milvus {
-            url: self.url.clone(),
-            action: "count",
-            reason: "no count(*) in the answer".into(),
-        })
+        self.count_where(collection, "").await
     }
 }
 

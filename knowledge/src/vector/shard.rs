@@ -25,10 +25,25 @@ const MANIFEST_FILE: &str = "shard.json";
 /// The manifest's format version.
 const MANIFEST_VERSION: u32 = 1;
 
-/// A filtered search whose filter passes at most this many chunks (or a twentieth of the
-/// shard, if more) compares the query with each of them instead of walking the graph: exact,
-/// and cheaper than a graph walk that must pass many rejected nodes to find k accepted ones.
-const EXACT_SEARCH_MAX_CANDIDATES: usize = 2048;
+/// A filtered search that passes at most this many chunks compares the query with each.
+const EXACT_SEARCH_MIN_CANDIDATES: usize = 2048;
+
+/// What a filtered graph walk costs, in dot products per unit of its effort: a walk that
+/// keeps `ef` candidates computes the distances to the links of each node it expands and
+/// spends about as much again on its heaps. Measured on 100,000 clustered vectors of
+/// dimension 384 with a filter uncorrelated with the graph: 41 at half the chunks passing,
+/// 63 at a quarter (where exact search and the walk both took 9 ms), 97 at a tenth, more
+/// below; so exact search wins once fewer than about a quarter pass.
+const WALK_DOTS_PER_EF: usize = 64;
+
+/// Whether comparing the query with each of `candidates` chunks is cheaper than a graph
+/// walk that must keep `ef * live / candidates` candidates to end with `ef` that pass:
+/// exact costs `candidates` dot products, the walk about
+/// `WALK_DOTS_PER_EF * ef * live / candidates`.
+fn exact_is_cheaper(candidates: usize, live: usize, ef: usize) -> bool {
+    candidates <= EXACT_SEARCH_MIN_CANDIDATES
+        || candidates.saturating_mul(candidates) <= WALK_DOTS_PER_EF.saturating_mul(ef).saturating_mul(live)
+}
 
 /// A snapshot rebuilds the graph when at least this share of its nodes are deleted.
 const REBUILD_DELETED_FRACTION: f64 = 0.25;
@@ -272,16 +287,19 @@ impl ShardIndex {
         }
         let compiled = CompiledFilter::new(filter);
         let candidates = self.candidates(filter, &compiled);
-        if candidates.len() <= EXACT_SEARCH_MAX_CANDIDATES.max(self.memory.live.len() / 20) {
+        let live = self.memory.live.len();
+        let ef = ef.max(k);
+        if exact_is_cheaper(candidates.len(), live, ef) {
             return Ok(self.exact(&query, k, candidates.into_iter()));
         }
-        let ef =
-            ef.max(k).saturating_mul(self.memory.live.len()).div_ceil(candidates.len()).min(self.memory.nodes.len());
-        let accept = |node: u32| {
-            let meta = &self.memory.nodes[node as usize];
-            !meta.deleted && compiled.matches(&meta.document_id, meta.version, &meta.tags)
-        };
-        let hits = self.walk(&query, k, ef, &accept);
+        // The walk keeps more candidates the fewer chunks pass, so it still ends with k
+        // that pass; passing is one bit per node, set from the candidate list.
+        let mut passes = vec![0u64; self.memory.nodes.len().div_ceil(64)];
+        for &node in &candidates {
+            passes[node as usize / 64] |= 1 << (node % 64);
+        }
+        let walk_ef = ef.saturating_mul(live).div_ceil(candidates.len()).min(self.memory.nodes.len());
+        let hits = self.walk(&query, k, walk_ef, &|node| passes[node as usize / 64] & (1 << (node % 64)) != 0);
         if hits.len() >= k.min(candidates.len()) {
             return Ok(hits);
         }
@@ -316,13 +334,16 @@ impl ShardIndex {
             let meta = &self.memory.nodes[*node as usize];
             compiled.matches(&meta.document_id, meta.version, &meta.tags)
         };
-        match listed {
+        let mut nodes: Vec<u32> = match listed {
             Some((index, keys)) => {
                 let chunk_ids: HashSet<u64> = keys.iter().filter_map(|key| index.get(key)).flatten().copied().collect();
                 chunk_ids.into_iter().map(|id| self.memory.live[&id]).filter(passes).collect()
             }
             None => self.memory.live.values().copied().filter(passes).collect(),
-        }
+        };
+        // In node order, exact search reads the vectors front to back.
+        nodes.sort_unstable();
+        nodes
     }
 
     /// Writes a snapshot of the whole shard and empties the log. Rebuilds the graph first

@@ -246,6 +246,46 @@ fn json_text(value: &impl Serialize) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "null".into())
 }
 
+/// An entity mentioned in a chunk, for [`KnowledgeBases::save_graph`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphMention {
+    pub chunk_id: i64,
+    pub key: String,
+    pub name: String,
+    pub kind: String,
+}
+
+/// Two entities one sentence of a chunk relates, for [`KnowledgeBases::save_graph`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphRelation {
+    pub chunk_id: i64,
+    pub source: String,
+    pub target: String,
+    pub evidence: String,
+}
+
+/// An entity of a knowledge base's graph, over its indexed documents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct GraphEntity {
+    pub key: String,
+    pub name: String,
+    pub kind: String,
+    /// Chunks that mention it.
+    pub mentions: i64,
+    /// Documents that mention it.
+    pub documents: i64,
+}
+
+/// A relation of a knowledge base's graph: how many sentences relate the two, and one of
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct GraphEdge {
+    pub source: String,
+    pub target: String,
+    pub weight: i64,
+    pub evidence: String,
+}
+
 pub struct KnowledgeBases<'a> {
     pub(crate) db: &'a Db,
 }
@@ -680,5 +720,129 @@ impl KnowledgeBases<'_> {
             .fetch_all(self.db.pool())
             .await?;
         Ok(rows.into_iter().map(chunk_from_row).collect())
+    }
+
+    /// Replaces a document's part of the knowledge graph, in one transaction.
+    pub async fn save_graph(
+        &self,
+        document_id: &str,
+        mentions: &[GraphMention],
+        relations: &[GraphRelation],
+    ) -> Result<()> {
+        let document = self.document(document_id).await?;
+        let mut tx = self.db.pool().begin().await?;
+        sqlx::query("DELETE FROM kb_graph_mentions WHERE document_id = $1").bind(document_id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM kb_graph_relations WHERE document_id = $1")
+            .bind(document_id)
+            .execute(&mut *tx)
+            .await?;
+        for mention in mentions {
+            sqlx::query(
+                "INSERT INTO kb_graph_mentions (kb_id, document_id, chunk_id, entity_key, name, kind) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            )
+            .bind(&document.kb_id)
+            .bind(document_id)
+            .bind(mention.chunk_id)
+            .bind(&mention.key)
+            .bind(&mention.name)
+            .bind(&mention.kind)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for relation in relations {
+            sqlx::query(
+                "INSERT INTO kb_graph_relations (kb_id, document_id, chunk_id, source_key, target_key, evidence) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            )
+            .bind(&document.kb_id)
+            .bind(document_id)
+            .bind(relation.chunk_id)
+            .bind(&relation.source)
+            .bind(&relation.target)
+            .bind(&relation.evidence)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The graph's entities, most mentioned first; with `search`, those whose key
+    /// contains it.
+    pub async fn graph_entities(&self, kb_id: &str, search: &str, limit: i64) -> Result<Vec<GraphEntity>> {
+        let pattern = format!("%{}%", search.to_lowercase());
+        let rows: Vec<GraphEntity> = sqlx::query_as(
+            "SELECT m.entity_key AS key, MIN(m.name) AS name, MIN(m.kind) AS kind, \
+             CAST(COUNT(*) AS BIGINT) AS mentions, CAST(COUNT(DISTINCT m.document_id) AS BIGINT) AS documents \
+             FROM kb_graph_mentions m JOIN kb_documents d ON d.id = m.document_id \
+             WHERE m.kb_id = $1 AND d.state = 'indexed' AND m.entity_key LIKE $2 \
+             GROUP BY m.entity_key ORDER BY mentions DESC, key LIMIT $3",
+        )
+        .bind(kb_id)
+        .bind(pattern)
+        .bind(limit)
+        .fetch_all(self.db.pool())
+        .await?;
+        Ok(rows)
+    }
+
+    /// The relations that touch any of `keys`, strongest first.
+    pub async fn graph_edges(&self, kb_id: &str, keys: &[String], limit: i64) -> Result<Vec<GraphEdge>> {
+        let mut edges: Vec<GraphEdge> = Vec::new();
+        for key in keys {
+            let rows: Vec<GraphEdge> = sqlx::query_as(
+                "SELECT r.source_key AS source, r.target_key AS target, CAST(COUNT(*) AS BIGINT) AS weight, \
+                 MIN(r.evidence) AS evidence \
+                 FROM kb_graph_relations r JOIN kb_documents d ON d.id = r.document_id \
+                 WHERE r.kb_id = $1 AND d.state = 'indexed' AND (r.source_key = $2 OR r.target_key = $2) \
+                 GROUP BY r.source_key, r.target_key ORDER BY weight DESC, source, target LIMIT $3",
+            )
+            .bind(kb_id)
+            .bind(key)
+            .bind(limit)
+            .fetch_all(self.db.pool())
+            .await?;
+            for row in rows {
+                if !edges.iter().any(|e| e.source == row.source && e.target == row.target) {
+                    edges.push(row);
+                }
+            }
+        }
+        edges.sort_by(|a, b| b.weight.cmp(&a.weight).then_with(|| (&a.source, &a.target).cmp(&(&b.source, &b.target))));
+        edges.truncate(usize::try_from(limit).unwrap_or(0));
+        Ok(edges)
+    }
+
+    /// The graph's entity keys (of two characters or more) that occur in `text`
+    /// (lowercased), most mentioned first.
+    pub async fn graph_entities_in(&self, kb_id: &str, text: &str, limit: i64) -> Result<Vec<String>> {
+        let keys: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT m.entity_key, CAST(COUNT(*) AS BIGINT) AS mentions \
+             FROM kb_graph_mentions m JOIN kb_documents d ON d.id = m.document_id \
+             WHERE m.kb_id = $1 AND d.state = 'indexed' AND LENGTH(m.entity_key) >= 2 \
+             AND $2 LIKE '%' || m.entity_key || '%' \
+             GROUP BY m.entity_key ORDER BY mentions DESC, m.entity_key LIMIT $3",
+        )
+        .bind(kb_id)
+        .bind(text.to_lowercase())
+        .bind(limit)
+        .fetch_all(self.db.pool())
+        .await?;
+        Ok(keys.into_iter().map(|(key, _)| key).collect())
+    }
+
+    /// Chunks of indexed documents that mention `key`, at most `limit`.
+    pub async fn graph_entity_chunks(&self, kb_id: &str, key: &str, limit: i64) -> Result<Vec<i64>> {
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT m.chunk_id FROM kb_graph_mentions m JOIN kb_documents d ON d.id = m.document_id \
+             WHERE m.kb_id = $1 AND m.entity_key = $2 AND d.state = 'indexed' ORDER BY m.chunk_id LIMIT $3",
+        )
+        .bind(kb_id)
+        .bind(key)
+        .bind(limit)
+        .fetch_all(self.db.pool())
+        .await?;
+        Ok(ids)
     }
 }

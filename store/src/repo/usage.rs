@@ -249,8 +249,12 @@ impl Usage<'_> {
 
     /// Bytes the owner keeps in files (what the storage quota counts).
     pub async fn stored_bytes(&self, owner: &Owner) -> Result<u64> {
+        // Files, and documents uploaded into the owner's knowledge bases (every version
+        // kept, until deleted).
         let bytes: Option<i64> = sqlx::query_scalar(
-            "SELECT CAST(SUM(size_bytes) AS BIGINT) FROM files WHERE owner_kind = $1 AND owner_id = $2",
+            "SELECT CAST(COALESCE((SELECT SUM(size_bytes) FROM files WHERE owner_kind = $1 AND owner_id = $2), 0) \
+             + COALESCE((SELECT SUM(d.size_bytes) FROM kb_documents d JOIN knowledge_bases k ON k.id = d.kb_id \
+             WHERE k.owner_kind = $1 AND k.owner_id = $2), 0) AS BIGINT)",
         )
         .bind(owner.kind())
         .bind(owner.id())

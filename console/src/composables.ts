@@ -1,0 +1,77 @@
+// Small helpers the pages share: loading state around an API call, error text, formats.
+import { ref, type Ref } from 'vue'
+import { useI18n } from 'vue-i18n'
+import { ApiError } from './api/client'
+
+export interface Loader<T> {
+  data: Ref<T | null>
+  loading: Ref<boolean>
+  error: Ref<unknown>
+  reload: () => Promise<void>
+}
+
+/** Runs `load` now and on `reload()`, keeping `loading` and `error` current. */
+export function useLoader<T>(load: () => Promise<T>, immediate = true): Loader<T> {
+  const data = ref<T | null>(null) as Ref<T | null>
+  const loading = ref(false)
+  const error = ref<unknown>(null)
+  async function reload(): Promise<void> {
+    loading.value = true
+    error.value = null
+    try {
+      data.value = await load()
+    } catch (caught) {
+      error.value = caught
+    } finally {
+      loading.value = false
+    }
+  }
+  if (immediate) void reload()
+  return { data, loading, error, reload }
+}
+
+/** The text to show for an error: the API's own message, or a translated generic one. */
+export function useErrorText(): (error: unknown) => string {
+  const { t } = useI18n()
+  return (error: unknown) => {
+    if (error instanceof ApiError) {
+      if (error.status === 0) return t('errors.network')
+      if (error.message) return error.message
+      return t('errors.unknown', { status: error.status })
+    }
+    if (error instanceof Error) return error.message
+    return String(error)
+  }
+}
+
+export function formatMib(mib: number): string {
+  return mib >= 1024 ? `${(mib / 1024).toFixed(1)} GiB` : `${mib} MiB`
+}
+
+export function formatBytes(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB']
+  let value = bytes
+  let unit = 0
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024
+    unit += 1
+  }
+  return `${unit === 0 ? value : value.toFixed(1)} ${units[unit]}`
+}
+
+/** Millionths of the currency unit as a decimal amount. */
+export function formatMicros(micros: number): string {
+  return (micros / 1_000_000).toFixed(micros % 10_000 === 0 ? 2 : 6)
+}
+
+export function formatTime(ms: number | null | undefined): string {
+  if (ms === null || ms === undefined || ms === 0) return '—'
+  return new Date(ms).toLocaleString()
+}
+
+export function formatCount(n: number): string {
+  if (n >= 1e9) return `${(n / 1e9).toFixed(1)}B`
+  if (n >= 1e6) return `${(n / 1e6).toFixed(1)}M`
+  if (n >= 1e3) return `${(n / 1e3).toFixed(1)}k`
+  return String(n)
+}

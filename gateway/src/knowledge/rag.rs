@@ -1,0 +1,282 @@
+//! Retrieval-augmented chat: a chat request that names knowledge bases
+//! (`knowledge_base_ids`, or `POST /v1/knowledge_bases/{id}/chat`) has its question
+//! condensed with the conversation (by the same chat model) into a standalone query,
+//! retrieves from each knowledge base the caller may read, and answers from a prompt that
+//! numbers the sources; the answer carries the **citations** (document, version, pages,
+//! chunk, score), in the JSON body and in the first event of a stream.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use maas_engine::{ChatMessage, GenerationEvent, GenerationRequest, SamplingParams};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::retrieve::{RetrievalMode, RetrieveRequest, RetrievedChunk, retrieve};
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Knowledge bases one request may search at most.
+pub const MAX_KNOWLEDGE_BASES: usize = 8;
+/// The longest source text put in a prompt, in characters.
+const MAX_SOURCE_CHARS: usize = 2_000;
+/// The most tokens a condensed question may take.
+const CONDENSE_MAX_TOKENS: usize = 64;
+
+/// How a RAG chat retrieves (the `retrieval` field of a chat request).
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RagOptions {
+    /// Sources in the prompt (1 to 20, default 4).
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    #[serde(default)]
+    pub mode: Option<RetrievalMode>,
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+    #[serde(default)]
+    pub document_ids: Option<Vec<String>>,
+    /// Whether a follow-up question is rewritten with the conversation before retrieval
+    /// (default true).
+    #[serde(default)]
+    pub condense: Option<bool>,
+    /// Whether each source brings its larger parent chunk into the prompt (default
+    /// false: more context, more tokens).
+    #[serde(default)]
+    pub include_parent: Option<bool>,
+    /// Widen retrieval to the knowledge graph's neighbours of the question's entities.
+    #[serde(default)]
+    pub graph: Option<bool>,
+}
+
+/// A source the answer may cite as `[index]`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Citation {
+    /// The number the prompt gave the source, from 1.
+    pub index: usize,
+    pub knowledge_base_id: String,
+    pub document_id: String,
+    pub filename: String,
+    pub version: i64,
+    pub page_start: i64,
+    pub page_end: i64,
+    pub heading_path: Vec<String>,
+    pub chunk_id: String,
+    pub score: f32,
+    /// The chunk's text.
+    pub text: String,
+}
+
+/// A conversation with its sources put in, and what was retrieved.
+#[derive(Debug, Clone)]
+pub struct Augmented {
+    pub messages: Vec<ChatMessage>,
+    pub citations: Vec<Citation>,
+    /// The query the knowledge bases were searched with.
+    pub query: String,
+}
+
+fn bad(param: &str, message: impl Into<String>) -> ApiError {
+    ApiError::bad_request("invalid_request", message).with_param(param)
+}
+
+/// Retrieves for the conversation's last question and puts the sources in its messages.
+pub async fn augment(
+    state: &Arc<AppState>,
+    caller: &Caller,
+    model: &str,
+    knowledge_base_ids: &[String],
+    options: &RagOptions,
+    messages: Vec<ChatMessage>,
+) -> Result<Augmented, ApiError> {
+    if knowledge_base_ids.is_empty() || knowledge_base_ids.len() > MAX_KNOWLEDGE_BASES {
+        return Err(bad("knowledge_base_ids", format!("name 1 to {MAX_KNOWLEDGE_BASES} knowledge bases")));
+    }
+    let top_k = options.top_k.unwrap_or(4);
+    if !(1..=20).contains(&top_k) {
+        return Err(bad("retrieval.top_k", "retrieval.top_k must be 1 to 20"));
+    }
+    let Some(question) = messages.last().filter(|m| m.role == "user").map(|m| m.content.clone()) else {
+        return Err(bad("messages", "the last message must be the user's question to answer from knowledge bases"));
+    };
+    let stores = crate::routes::registry::stores(state)?;
+    let service = state
+        .knowledge
+        .get()
+        .ok_or_else(|| ApiError::unavailable("knowledge bases are starting on this node; retry shortly"))?;
+    // Every knowledge base must be the caller's to read, before anything runs.
+    let mut bases = Vec::with_capacity(knowledge_base_ids.len());
+    for id in knowledge_base_ids {
+        if bases.iter().any(|kb: &maas_store::repo::knowledge::KnowledgeBase| &kb.id == id) {
+            continue;
+        }
+        bases.push(
+            stores
+                .db
+                .knowledge_bases()
+                .get(&caller.scope, id)
+                .await
+                .map_err(|e| ApiError::from(e).with_param("knowledge_base_ids"))?,
+        );
+    }
+    let history: Vec<&ChatMessage> =
+        messages[..messages.len() - 1].iter().filter(|m| m.role == "user" || m.role == "assistant").collect();
+    let query = if options.condense.unwrap_or(true) && !history.is_empty() {
+        condense(state, caller, model, &history, &question).await?
+    } else {
+        question.clone()
+    };
+    let request = RetrieveRequest {
+        query: query.clone(),
+        top_k: Some(top_k),
+        mode: options.mode,
+        document_ids: options.document_ids.clone(),
+        tags: options.tags.clone(),
+        versions: None,
+        include_parent: Some(options.include_parent.unwrap_or(false)),
+        graph: options.graph,
+    };
+    let mut found: Vec<(String, RetrievedChunk)> = Vec::new();
+    for kb in &bases {
+        let answer = retrieve(state, stores, service, kb, &request).await?;
+        found.extend(answer.data.into_iter().map(|hit| (kb.id.clone(), hit)));
+    }
+    // The scores of one mode are comparable across knowledge bases (same fusion, same
+    // metric); the best top_k of all of them are the sources.
+    found.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then_with(|| a.1.chunk_id.cmp(&b.1.chunk_id)));
+    found.truncate(top_k);
+    let citations: Vec<Citation> = found
+        .iter()
+        .enumerate()
+        .map(|(i, (kb_id, hit))| Citation {
+            index: i + 1,
+            knowledge_base_id: kb_id.clone(),
+            document_id: hit.document_id.clone(),
+            filename: hit.filename.clone(),
+            version: hit.version,
+            page_start: hit.page_start,
+            page_end: hit.page_end,
+            heading_path: hit.heading_path.clone(),
+            chunk_id: hit.chunk_id.clone(),
+            score: hit.score,
+            text: hit.text.clone(),
+        })
+        .collect();
+    let context = context_prompt(&found);
+    let mut messages = messages;
+    match messages.first_mut() {
+        Some(first) if first.role == "system" => {
+            first.content = format!("{}\n\n{context}", first.content);
+        }
+        _ => messages.insert(0, ChatMessage { role: "system".into(), content: context }),
+    }
+    Ok(Augmented { messages, citations, query })
+}
+
+/// The system prompt that numbers the sources and asks for citations.
+fn context_prompt(found: &[(String, RetrievedChunk)]) -> String {
+    if found.is_empty() {
+        return "The knowledge base has nothing on this question. Say that you do not know rather than guess.".into();
+    }
+    let mut prompt = String::from(
+        "Answer from these sources. Cite each claim with its source's number in brackets, like [1]. If the sources do not hold the answer, say that you do not know.\n",
+    );
+    for (i, (_, hit)) in found.iter().enumerate() {
+        let mut place = format!("{}, version {}", hit.filename, hit.version);
+        if hit.page_end > 1 {
+            if hit.page_start == hit.page_end {
+                let _ = write!(place, ", page {}", hit.page_start);
+            } else {
+                let _ = write!(place, ", pages {}-{}", hit.page_start, hit.page_end);
+            }
+        }
+        if !hit.heading_path.is_empty() {
+            let _ = write!(place, ", {}", hit.heading_path.join(" > "));
+        }
+        let text = hit.parent_text.as_deref().unwrap_or(&hit.text);
+        let text: String = text.chars().take(MAX_SOURCE_CHARS).collect();
+        let _ = write!(prompt, "\n[{}] ({place})\n{}\n", i + 1, text.trim());
+    }
+    prompt
+}
+
+/// Rewrites the last question as a standalone one with the chat model (greedy); the
+/// question itself when the model answers nothing usable.
+async fn condense(
+    state: &Arc<AppState>,
+    caller: &Caller,
+    model: &str,
+    history: &[&ChatMessage],
+    question: &str,
+) -> Result<String, ApiError> {
+    let mut conversation = String::new();
+    for message in history.iter().rev().take(6).rev() {
+        let text: String = message.content.chars().take(500).collect();
+        let _ = writeln!(conversation, "{}: {text}", message.role);
+    }
+    let render = vec![
+        ChatMessage {
+            role: "system".into(),
+            content: "Rewrite the user's last question as one standalone question that can be understood without the conversation. Reply with the question only.".into(),
+        },
+        ChatMessage { role: "user".into(), content: format!("Conversation:\n{conversation}\nLast question: {question}") },
+    ];
+    let request = GenerationRequest {
+        max_tokens: CONDENSE_MAX_TOKENS,
+        sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
+        ..GenerationRequest::default()
+    };
+    let (mut events, _) =
+        crate::routes::openai::start_generation(state, &caller.scope, model, request, Some(render)).await?;
+    let mut text = String::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            GenerationEvent::Token { text: piece, .. } => text.push_str(&piece),
+            GenerationEvent::Failed(message) => return Err(ApiError::unavailable(message)),
+            GenerationEvent::Done { .. } => break,
+        }
+    }
+    let condensed = text.lines().map(str::trim).find(|line| !line.is_empty()).unwrap_or_default();
+    Ok(if condensed.is_empty() { question.to_owned() } else { condensed.to_owned() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hit(filename: &str, pages: (i64, i64), headings: &[&str], text: &str) -> (String, RetrievedChunk) {
+        (
+            "kb-1".into(),
+            RetrievedChunk {
+                rank: 1,
+                chunk_id: "7".into(),
+                score: 0.5,
+                vector_score: None,
+                fulltext_score: None,
+                document_id: "doc-1".into(),
+                filename: filename.into(),
+                version: 2,
+                page_start: pages.0,
+                page_end: pages.1,
+                heading_path: headings.iter().map(|h| (*h).to_owned()).collect(),
+                ordinal: 0,
+                text: text.into(),
+                parent_text: None,
+                tags: Vec::new(),
+            },
+        )
+    }
+
+    #[test]
+    fn the_prompt_numbers_sources_with_their_places() {
+        let prompt = context_prompt(&[
+            hit("a.pdf", (3, 4), &["Intro", "Scope"], "alpha text"),
+            hit("b.md", (1, 1), &[], "beta text"),
+        ]);
+        assert!(prompt.contains("[1] (a.pdf, version 2, pages 3-4, Intro > Scope)\nalpha text"), "{prompt}");
+        assert!(prompt.contains("[2] (b.md, version 2)\nbeta text"), "{prompt}");
+        assert!(prompt.contains("like [1]"));
+        assert!(context_prompt(&[]).contains("do not know"));
+    }
+}
