@@ -80,13 +80,17 @@ async fn settled(node: &MaasProcess, kb: &str, id: &str) -> Value {
 }
 
 async fn deploy_embedder(node: &MaasProcess, dir: &Path, name: &str) {
-    let model = match std::env::var_os("MAAS_TEST_MINILM_DIR") {
-        Some(path) if name == "minilm" => std::path::PathBuf::from(path),
-        _ => {
-            let out = dir.join("bert");
-            tiny_model("bert", &out);
-            out
-        }
+    // `minilm` is the real model (retrieval quality is asserted on it); anything else a
+    // tiny random BERT (only counts are asserted).
+    let model = if name == "minilm" {
+        std::path::PathBuf::from(
+            std::env::var_os("MAAS_TEST_MINILM_DIR")
+                .expect("MAAS_TEST_MINILM_DIR must point at all-MiniLM-L6-v2 (scripts/test sets it)"),
+        )
+    } else {
+        let out = dir.join("bert");
+        tiny_model("bert", &out);
+        out
     };
     cli(node, &["model", "import", model.to_str().unwrap(), "--name", name, "--quiet"]);
     cli(node, &["deploy", name, "--name", name, "--gpus", "0", "--cpu-fallback"]);
