@@ -49,6 +49,7 @@ async fn control_plane(dir: &std::path::Path) -> RaftHandle<ClusterState> {
         node_selector: BTreeMap::new(),
         priority: 0,
         allow_preemption: false,
+        owner: None,
     };
     propose(&handle, Command::PutDeployment { deployment_id: DeploymentId("d1".into()), spec, replicas: 1, at_ms: 2 })
         .await;
@@ -96,6 +97,7 @@ fn deployment(id: &str, path: &std::path::Path) -> Command {
         strategy: PlacementStrategy::Binpack,
         node_selector: BTreeMap::new(),
         priority: 0,
+        owner: None,
         allow_preemption: false,
     };
     Command::PutDeployment { deployment_id: DeploymentId(id.into()), spec, replicas: 1, at_ms: 2 }

@@ -407,49 +407,51 @@ async fn get_as(node: &MaasProcess, token: &str, path: &str) -> (u16, String) {
     (response.status().as_u16(), response.text().await.unwrap())
 }
 
+/// Signs up `email` (the node's first sign-up becomes its administrator), verifies it
+/// with the code from the outbox and signs it in: its session token and user id.
+async fn signed_up(node: &MaasProcess, email: &str) -> (String, String) {
+    let admin = maas_chaos_tests::admin_client(COOKIE);
+    let base = node.base_url.clone();
+    let password = "plum-Harbour-sings-92-quietly";
+    let created = admin
+        .post(format!("{base}/v1/auth/signup"))
+        .json(&json!({"email": email, "password": password}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let outbox: Value =
+        admin.get(format!("{base}/v1/admin/outbox?recipient={email}")).send().await.unwrap().json().await.unwrap();
+    if let Some(message) = outbox["data"][0]["body"].as_str() {
+        let code: String = message.chars().filter(char::is_ascii_digit).take(6).collect();
+        let verified = admin
+            .post(format!("{base}/v1/auth/verify"))
+            .json(&json!({"login": email, "code": code}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(verified.status(), 200);
+    }
+    let signed_in: Value = admin
+        .post(format!("{base}/v1/auth/login"))
+        .json(&json!({"login": email, "password": password}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = signed_in["token"].as_str().unwrap_or_else(|| panic!("{email} signs in: {signed_in}")).to_owned();
+    (token, signed_in["user"]["id"].as_str().unwrap().to_owned())
+}
+
 /// Signs up an administrator and a user (verified with the code from the outbox), gives
 /// the user a daily quota of 6 requests and prices the `chat` model; the user's session.
 async fn user_with_quota(node: &MaasProcess) -> String {
     let admin = maas_chaos_tests::admin_client(COOKIE);
     let base = node.base_url.clone();
-    let password = "plum-Harbour-sings-92-quietly";
-    for email in ["root@example.com", "dana@example.com"] {
-        let created = admin
-            .post(format!("{base}/v1/auth/signup"))
-            .json(&json!({"email": email, "password": password}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(created.status(), 201);
-    }
-    let outbox: Value = admin
-        .get(format!("{base}/v1/admin/outbox?recipient=dana@example.com"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let message = outbox["data"][0]["body"].as_str().expect("dana's code is in the outbox");
-    let code: String = message.chars().filter(char::is_ascii_digit).take(6).collect();
-    let verified = admin
-        .post(format!("{base}/v1/auth/verify"))
-        .json(&json!({"login": "dana@example.com", "code": code}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(verified.status(), 200);
-    let signed_in: Value = admin
-        .post(format!("{base}/v1/auth/login"))
-        .json(&json!({"login": "dana@example.com", "password": password}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let session = signed_in["token"].as_str().unwrap().to_owned();
-    let dana_id = signed_in["user"]["id"].as_str().unwrap().to_owned();
+    signed_up(node, "root@example.com").await;
+    let (session, dana_id) = signed_up(node, "dana@example.com").await;
     let quota = admin
         .put(format!("{base}/v1/admin/quotas/user/{dana_id}"))
         .json(&json!({"requests_per_day": 6, "requests_per_minute": 1000}))
@@ -538,4 +540,136 @@ async fn quotas_hold_under_concurrency_and_usage_adds_up() {
     let (status, quota) = get_as(&node, &key, "/v1/quota").await;
     assert_eq!(status, 200, "{quota}");
     assert!(quota.contains("\"requests_today\":6"), "{quota}");
+
+    // The deployment's monitoring counts the same requests and tokens, with their latency,
+    // and the replica's generated tokens per second (its engine's rate over the last seconds,
+    // sampled every 2 s).
+    let metrics_url = format!("{base}/v1/deployments/chat/metrics?minutes=5");
+    wait_until("the replica's load is sampled", Duration::from_secs(10), || async {
+        let metrics: Value = maas_chaos_tests::admin_get_json(COOKIE, metrics_url.clone()).await;
+        metrics["points"].as_array().is_some_and(|p| p.iter().any(|p| p["tokens_per_second"].as_f64() > Some(0.0)))
+    })
+    .await
+    .unwrap();
+    let metrics: Value = maas_chaos_tests::admin_get_json(COOKIE, metrics_url).await;
+    let points = metrics["points"].as_array().unwrap();
+    assert!((30..=32).contains(&points.len()), "ten-second buckets over five minutes: {metrics}");
+    let sum = |field: &str| points.iter().map(|p| p[field].as_u64().unwrap()).sum::<u64>();
+    assert_eq!((sum("requests"), sum("errors")), (6, 0), "{metrics}");
+    assert_eq!((sum("prompt_tokens"), sum("completion_tokens")), (prompt, completion), "{metrics}");
+    assert!(points.iter().any(|p| p["latency_p99_ms"].as_u64().is_some()), "{metrics}");
+    assert_eq!(metrics["nodes"].as_array().map(Vec::len), Some(1), "{metrics}");
+    assert_eq!(metrics["nodes_missing"], json!([]), "{metrics}");
+    let (status, denied) = get_as(&node, &session, "/v1/deployments/chat/metrics?minutes=61").await;
+    assert_eq!(status, 400, "{denied}");
+}
+
+async fn send_as(
+    node: &MaasProcess,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = reqwest::Client::new().request(method, format!("{}{path}", node.base_url)).bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Private deployments (TEN-1 for deployments): an enterprise user deploys a model of the
+/// repository for herself; it answers her, and for everyone else it does not exist: not
+/// listed, not callable (chat, embeddings, sessions), not readable, not changeable. A
+/// plain user cannot deploy; no one but an administrator makes a public deployment or
+/// deploys from the nodes' files, or changes the platform's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_deployment_answers_only_its_owner() {
+    let (node, _dir) = serving_node().await;
+    signed_up(&node, "root@example.com").await;
+    let (erin, erin_id) = signed_up(&node, "erin@example.com").await;
+    let (frank, _) = signed_up(&node, "frank@example.com").await;
+    let promoted = maas_chaos_tests::admin_client(COOKIE)
+        .patch(format!("{}/v1/admin/users/{erin_id}", node.base_url))
+        .json(&json!({"role": "enterprise"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(promoted.status(), 200);
+    let post = reqwest::Method::POST;
+    let private = json!({"name": "erin-chat", "model": "tiny", "gpus_per_replica": 0, "context_tokens": 256,
+                         "concurrent_sequences": 2});
+
+    // Who may deploy what.
+    let (status, refused) = send_as(&node, &frank, post.clone(), "/v1/deployments", Some(private.clone())).await;
+    assert_eq!(status, 403, "a plain user cannot deploy: {refused}");
+    let mut public = private.clone();
+    public["visibility"] = json!("public");
+    let (status, refused) = send_as(&node, &erin, post.clone(), "/v1/deployments", Some(public)).await;
+    assert_eq!(status, 403, "{refused}");
+    assert_eq!(refused["error"]["param"], "visibility", "{refused}");
+    let mut from_path = private.clone();
+    from_path["model_path"] = json!("/etc");
+    let (status, refused) = send_as(&node, &erin, post.clone(), "/v1/deployments", Some(from_path)).await;
+    assert_eq!(status, 403, "{refused}");
+    let (status, created) = send_as(&node, &erin, post.clone(), "/v1/deployments", Some(private.clone())).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["visibility"], "private");
+    assert_eq!(created["owner_kind"], "user");
+    assert_eq!(created["owner_id"], erin_id.as_str());
+    let (status, taken) = send_as(&node, &frank, post.clone(), "/v1/deployments", Some(private.clone())).await;
+    assert_eq!(status, 403, "{taken}");
+
+    // It answers erin.
+    wait_until("erin's deployment serves", Duration::from_secs(60), || async {
+        let (_, models) = send_as(&node, &erin, reqwest::Method::GET, "/v1/models", None).await;
+        models["data"].as_array().is_some_and(|d| d.iter().any(|m| m["id"] == "erin-chat"))
+    })
+    .await
+    .unwrap();
+    let question = json!({"model": "erin-chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2});
+    let (status, answer) = send_as(&node, &erin, post.clone(), "/v1/chat/completions", Some(question.clone())).await;
+    assert_eq!(status, 200, "{answer}");
+
+    // For frank it does not exist, and the platform's deployment is not his to change.
+    let (_, models) = send_as(&node, &frank, reqwest::Method::GET, "/v1/models", None).await;
+    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().filter_map(|m| m["id"].as_str()).collect();
+    assert_eq!(ids, ["chat"], "{models}");
+    let (_, listed) = send_as(&node, &frank, reqwest::Method::GET, "/v1/deployments", None).await;
+    assert!(!listed.to_string().contains("erin-chat"), "{listed}");
+    for (method, path, body) in [
+        (post.clone(), "/v1/chat/completions", Some(question.clone())),
+        (post.clone(), "/v1/completions", Some(json!({"model": "erin-chat", "prompt": "hi", "max_tokens": 1}))),
+        (post.clone(), "/v1/embeddings", Some(json!({"model": "erin-chat", "input": "hi"}))),
+        (post.clone(), "/v1/sessions", Some(json!({"model": "erin-chat"}))),
+        (reqwest::Method::GET, "/v1/deployments/erin-chat", None),
+        (reqwest::Method::PATCH, "/v1/deployments/erin-chat", Some(json!({"replicas": 0}))),
+        (reqwest::Method::PUT, "/v1/deployments/erin-chat", Some(private.clone())),
+        (reqwest::Method::DELETE, "/v1/deployments/erin-chat", None),
+    ] {
+        let (status, answer) = send_as(&node, &frank, method.clone(), path, body).await;
+        assert_eq!(status, 404, "{method} {path} as frank: {answer}");
+        assert!(!answer.to_string().contains(&erin_id), "{answer}");
+    }
+    let (status, answer) =
+        send_as(&node, &frank, reqwest::Method::PATCH, "/v1/deployments/chat", Some(json!({"replicas": 0}))).await;
+    assert_eq!(status, 403, "{answer}");
+    let (status, answer) = send_as(&node, &erin, reqwest::Method::DELETE, "/v1/deployments/chat", None).await;
+    assert_eq!(status, 403, "only an administrator changes a platform deployment: {answer}");
+
+    // Erin manages hers; the administrator sees it with its owner.
+    let (status, scaled) =
+        send_as(&node, &erin, reqwest::Method::PATCH, "/v1/deployments/erin-chat", Some(json!({"replicas": 2}))).await;
+    assert_eq!(status, 200, "{scaled}");
+    assert_eq!(scaled["replicas_desired"], 2);
+    let (_, listed) = send_as(&node, &erin, reqwest::Method::GET, "/v1/deployments", None).await;
+    let names: Vec<&str> = listed["deployments"].as_array().unwrap().iter().filter_map(|d| d["id"].as_str()).collect();
+    assert_eq!(names, ["chat", "erin-chat"], "{listed}");
+    let all: Value =
+        maas_chaos_tests::admin_get_json(COOKIE, format!("{}/v1/deployments/erin-chat", node.base_url)).await;
+    assert_eq!(all["owner_id"], erin_id.as_str(), "{all}");
+    let (status, deleted) = send_as(&node, &erin, reqwest::Method::DELETE, "/v1/deployments/erin-chat", None).await;
+    assert_eq!(status, 200, "{deleted}");
 }

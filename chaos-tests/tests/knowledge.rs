@@ -420,6 +420,7 @@ async fn chat_cites_its_sources(node: &MaasProcess, dir: &Path, kb_id: &str) {
     let first: Value = serde_json::from_str(events[0]).unwrap();
     assert_eq!(first["citations"][0]["filename"], "lighthouse.md", "the first event carries the sources: {first}");
     assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    rag_fits_its_sources_into_the_context(node, kb_id, question).await;
     // A follow-up question is condensed with the conversation before retrieval.
     let follow_up = json!({"model": "chat", "max_tokens": 8, "retrieval": {"top_k": 2, "mode": "fulltext"}, "messages": [
         {"role": "user", "content": "Tell me about the lighthouse lamp."},
@@ -447,6 +448,37 @@ async fn chat_cites_its_sources(node: &MaasProcess, dir: &Path, kb_id: &str) {
     )
     .await;
     assert_eq!(status, 400, "{answer}");
+}
+
+/// More sources than the tiny model's 512-token context holds: the best ones go in (the
+/// last of them cut), the rest are counted as omitted, and the prompt leaves room for the
+/// answer; a question with no room for any source is refused with a reason.
+async fn rag_fits_its_sources_into_the_context(node: &MaasProcess, kb_id: &str, question: &str) {
+    let (_, retrieved) = send(
+        node,
+        reqwest::Method::POST,
+        &format!("/v1/knowledge_bases/{kb_id}/retrieve"),
+        &json!({"query": question, "top_k": 8}),
+    )
+    .await;
+    let retrieved = retrieved["data"].as_array().unwrap().len();
+    assert!(retrieved >= 3, "{retrieved}");
+    let many = json!({"model": "chat", "messages": [{"role": "user", "content": question}], "max_tokens": 8,
+                      "knowledge_base_ids": [kb_id], "retrieval": {"top_k": 8}});
+    let (status, answer) = send(node, reqwest::Method::POST, "/v1/chat/completions", &many).await;
+    assert_eq!(status, 200, "{answer}");
+    let cited = answer["citations"].as_array().unwrap().len();
+    let omitted = answer["sources_omitted"].as_u64().unwrap();
+    assert!(cited >= 1 && omitted >= 1, "{answer}");
+    assert_eq!(cited + usize::try_from(omitted).unwrap(), retrieved, "{answer}");
+    assert_eq!(answer["citations"][0]["filename"], "lighthouse.md", "the best source stays: {answer}");
+    assert!(answer["usage"]["prompt_tokens"].as_u64().unwrap() < 512 - 8, "{answer}");
+    let mut long = many.clone();
+    long["messages"][0]["content"] = json!("the a is of ".repeat(150));
+    let (status, answer) = send(node, reqwest::Method::POST, "/v1/chat/completions", &long).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["code"], "context_length_exceeded", "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("max_tokens"), "{answer}");
 }
 
 async fn deletion_removes_documents_and_indexes(node: &MaasProcess, kb_id: &str, documents: &Uploaded) {

@@ -316,6 +316,8 @@ async fn a_session_keeps_its_conversation_across_turns_reconnects_and_restarts()
     assert!(prompt_tokens(&resumed) > prompt_tokens(&after_reconnect), "{after_reconnect} {resumed}");
     socket.close(None).await.unwrap();
 
+    a_long_conversation_leaves_out_its_oldest_turns(&node).await;
+
     // Deleted, the session is gone everywhere.
     let deleted =
         maas_chaos_tests::admin_client(COOKIE).delete(node.url(&format!("/v1/sessions/{id}"))).send().await.unwrap();
@@ -325,4 +327,43 @@ async fn a_session_keeps_its_conversation_across_turns_reconnects_and_restarts()
         Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 404),
         other => panic!("a deleted session is refused before the upgrade: {other:?}"),
     }
+}
+
+/// A conversation longer than the model's context (the tiny model's 512 tokens: the
+/// deployment's `--context 2048` sizes its cache, not the model's window) keeps every turn in
+/// the session, while each prompt leaves out the oldest turns so that it fits with room for
+/// the answer; a question too long on its own is refused with a reason.
+async fn a_long_conversation_leaves_out_its_oldest_turns(node: &Node) {
+    let (status, session) = node
+        .post("/v1/sessions", &json!({"model": "chat", "system": "Be brief.", "temperature": 0, "max_tokens": 8}))
+        .await;
+    assert_eq!(status, 201, "{session}");
+    let id = session["id"].as_str().unwrap().to_owned();
+    let (mut socket, _) = node.connect(&id).await;
+    // Words the tiny tokenizer keeps whole: about 100 tokens a turn.
+    let paragraph = |turn: usize| format!("turn {turn}: {}", "the a is of and to in it ".repeat(12));
+    let budget = 512 - 8 - 1;
+    let mut omitted = Vec::new();
+    let mut prompts = Vec::new();
+    for number in 0..12 {
+        let (_, done) = turn(&mut socket, &paragraph(number)).await;
+        assert!(prompt_tokens(&done) <= budget, "the prompt fits with room for the answer: {done}");
+        omitted.push(done["history_omitted"].as_u64().unwrap());
+        prompts.push(prompt_tokens(&done));
+    }
+    assert_eq!(omitted[0], 0, "{omitted:?}");
+    assert!(*omitted.last().unwrap() > 0, "the oldest turns go once the context is full: {omitted:?} {prompts:?}");
+    assert!(omitted.windows(2).all(|w| w[0] <= w[1]), "{omitted:?}");
+    assert!(omitted.iter().all(|n| n.is_multiple_of(2)), "whole turns go: {omitted:?}");
+    assert!(prompts.last().unwrap() * 10 >= budget * 7, "no more is left out than needed: {prompts:?} of {budget}");
+    let (_, stored) = node.get(&format!("/v1/sessions/{id}")).await;
+    assert_eq!(stored["messages"].as_array().unwrap().len(), 24, "the session keeps every turn");
+
+    // A question that cannot fit on its own is refused; the socket stays usable.
+    send(&mut socket, &json!({"type": "user", "content": "the a is of ".repeat(700)})).await;
+    let refused = expect_error(&mut socket, "context_length_exceeded").await;
+    assert!(refused["error"]["message"].as_str().unwrap().contains("512"), "{refused}");
+    let (_, after) = turn(&mut socket, "short again").await;
+    assert!(after["history_omitted"].as_u64().unwrap() > 0, "{after}");
+    socket.close(None).await.unwrap();
 }

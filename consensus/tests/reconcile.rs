@@ -29,6 +29,7 @@ fn deployment(replicas: u32, strategy: PlacementStrategy) -> Command {
             node_selector: BTreeMap::new(),
             priority: 0,
             allow_preemption: false,
+            owner: None,
         },
         replicas,
         at_ms: 1,

@@ -4,7 +4,9 @@
 // (read by an administrator in the console), sign in, create an API key, chat with
 // tiny-llama in the playground with streaming; then the administrator sees the node and
 // its GPUs; the user makes a knowledge base on a tiny BERT embedding model (deployed with
-// the CLI), uploads a document, tests retrieval and gets a cited answer. Screenshots at desktop and phone widths go to console/test-results/screenshots
+// the CLI), uploads a document, tests retrieval and gets a cited answer; the administrator
+// uploads a tiny model's folder on the models page and sees the new version in the
+// repository. Screenshots at desktop and phone widths go to console/test-results/screenshots
 // (or $MAAS_SCREENSHOTS).
 //
 //   node e2e/run.mjs      (MAAS_BIN overrides the binary; CHROMIUM the browser)
@@ -390,8 +392,9 @@ async function main() {
       await user.getByRole('combobox', { name: 'Knowledge bases' }).click({ force: true })
       await user.getByRole('option', { name: 'handbook' }).click()
       await user.keyboard.press('Escape')
-      // tiny-llama's context is 512 tokens: one source fits with the question.
-      await user.getByLabel('Results').fill('1')
+      // tiny-llama's context is 512 tokens: of the 5 sources retrieved, those that fit with
+      // the question and 16 tokens for the answer go in (the last one cut), the rest are
+      // counted as omitted.
       await user.getByLabel('Max tokens').fill('16')
       await user.getByLabel('Message').fill('When is the brass lens of the Quillfeather lighthouse polished?')
       const answered = user.waitForResponse((r) => r.url().endsWith('/v1/chat/completions'))
@@ -444,6 +447,65 @@ async function main() {
       await admin.locator('.el-table__row', { hasText: 'tiny-on-gpu' }).first().waitFor()
     })
 
+    await check("a deployment's monitoring counts the playground's chats", async () => {
+      await admin.goto(`${base}/deployments`)
+      const row = admin.locator('.el-table__row', { hasText: 'tiny-llama' }).first()
+      await row.locator('.el-table__expand-icon').click()
+      const metrics = admin.locator('[data-test="metrics-tiny-llama"]')
+      await metrics.waitFor()
+      await metrics.locator('canvas').first().waitFor()
+      const requests = metrics.locator('[data-test="metrics-requests"] .el-statistic__content')
+      await admin.waitForFunction(
+        (el) => Number((el?.textContent ?? '0').replace(/[^0-9]/g, '')) >= 2,
+        await requests.elementHandle(),
+        { timeout: 20_000 },
+      )
+      await admin.screenshot({ path: join(shots, 'deployment-metrics-desktop.png'), fullPage: true })
+    })
+
+    await check('the administrator uploads a model folder on the models page and its version is listed', async () => {
+      const modelDir = join(dataDir, 'uploaded-tiny')
+      await execFileAsync(maasBin, ['dev', 'tiny-model', '--arch', 'llama', modelDir])
+      const blobs = []
+      const onResponse = (response) => {
+        if (response.url().endsWith('/v1/blobs') && response.request().method() === 'POST') blobs.push(response.status())
+      }
+      admin.on('response', onResponse)
+      try {
+        await admin.goto(`${base}/models`)
+        await admin.getByRole('tab', { name: 'Repository' }).click()
+        const upload = admin.locator('[data-test="model-upload"]')
+        await upload.getByText('No folder or files chosen yet.').waitFor()
+        // A directory on a webkitdirectory input: each file's webkitRelativePath is `uploaded-tiny/<file>`.
+        await admin.locator('[data-test="model-folder"]').setInputFiles(modelDir)
+        await upload.locator('[data-test="model-upload-file"]', { hasText: 'model.safetensors' }).waitFor()
+        const paths = await upload.locator('[data-test="model-upload-file"] .path').allInnerTexts()
+        for (const file of ['config.json', 'tokenizer.json', 'model.safetensors']) {
+          assert(paths.includes(file), `the upload lists ${file} by its path in the folder: ${JSON.stringify(paths)}`)
+        }
+        const name = admin.getByLabel('Model name', { exact: true })
+        assert((await name.inputValue()) === 'uploaded-tiny', `the name comes from the folder: ${JSON.stringify(await name.inputValue())}`)
+        await admin.screenshot({ path: join(shots, 'models-upload-desktop.png'), fullPage: true })
+        const registered = admin.waitForResponse((r) => r.url().endsWith('/v1/registry/models') && r.request().method() === 'POST', { timeout: 120_000 })
+        await admin.click('[data-test="model-upload-submit"]')
+        const response = await registered
+        assert(response.status() === 201, `registration: ${response.status()} ${await response.text()}`)
+        await admin.getByText('Model uploaded-tiny version v1 is in the repository.').waitFor()
+        assert(blobs.length === paths.length && blobs.every((status) => status === 200), `one blob upload per file (${paths.length}): ${JSON.stringify(blobs)}`)
+        const row = admin.locator('[data-test="repository-table"] .el-table__row', { hasText: 'uploaded-tiny' }).first()
+        await row.waitFor()
+        await admin.screenshot({ path: join(shots, 'models-repository-desktop.png'), fullPage: true })
+        const listed = await http(base, 'GET', '/v1/registry/models', undefined, adminToken)
+        const version = listed.json?.versions?.find((v) => v.name === 'uploaded-tiny')
+        assert(
+          version?.version === 'v1' && version.format === 'safetensors' && version.files?.length === paths.length,
+          `the repository has uploaded-tiny v1 with its ${paths.length} files: ${JSON.stringify(version ?? listed.text).slice(0, 800)}`,
+        )
+      } finally {
+        admin.off('response', onResponse)
+      }
+    })
+
     await check('the console switches to Chinese', async () => {
       await admin.goto(`${base}/admin/cluster`)
       await admin.locator('.topbar .language').click()
@@ -487,6 +549,14 @@ async function main() {
       await cluster.goto(`${base}/admin/cluster`)
       await cluster.locator('[data-test="gpus-table"]').waitFor()
       await cluster.screenshot({ path: join(shots, 'cluster-phone.png'), fullPage: true })
+      // The repository tab with the model upload (administrators only).
+      await cluster.goto(`${base}/models`)
+      await cluster.locator('#tab-repository').click()
+      await cluster.locator('[data-test="model-upload"]').waitFor()
+      await cluster.locator('[data-test="repository-table"] .el-table__row', { hasText: 'uploaded-tiny' }).first().waitFor()
+      const modelsOverflow = await cluster.evaluate(() => document.documentElement.scrollWidth - window.innerWidth)
+      assert(modelsOverflow <= 1, `/models (repository tab) is ${modelsOverflow} px wider than the phone`)
+      await cluster.screenshot({ path: join(shots, 'models-repository-phone.png'), fullPage: true })
       await adminPhone.close()
     })
 

@@ -33,6 +33,8 @@ pub const PLAIN_TEMPLATE: &str = "{% for message in messages %}{{ message.role }
 /// A compiled chat template with the model's special tokens.
 pub struct ChatTemplate {
     environment: Environment<'static>,
+    /// The Jinja source as the model gave it (`None`: [`PLAIN_TEMPLATE`]).
+    source: Option<String>,
     bos_token: String,
     eos_token: String,
 }
@@ -62,9 +64,16 @@ impl ChatTemplate {
             .map_err(|e| EngineError::Template(format!("the chat template does not compile: {e:#}")))?;
         Ok(ChatTemplate {
             environment,
+            source: source.map(str::to_owned),
             bos_token: bos_token.unwrap_or_default().to_owned(),
             eos_token: eos_token.unwrap_or_default().to_owned(),
         })
+    }
+
+    /// The template's source (`None` for the plain transcript) and its special tokens,
+    /// from which [`ChatTemplate::new`] builds the same template elsewhere.
+    pub fn parts(&self) -> (Option<&str>, &str, &str) {
+        (self.source.as_deref(), &self.bos_token, &self.eos_token)
     }
 
     /// Renders a conversation; `add_generation_prompt` opens the assistant's turn.

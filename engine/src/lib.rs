@@ -24,6 +24,7 @@ pub mod config;
 pub mod embeddings;
 pub mod engine;
 pub mod error;
+pub mod fit;
 pub mod gpu;
 pub mod model;
 pub mod model_files;

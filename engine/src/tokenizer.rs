@@ -45,7 +45,43 @@ fn token_ids(value: Option<&Value>) -> Vec<u32> {
     }
 }
 
+/// A [`ModelTokenizer`] as data, to build the same one on another node (which counts a
+/// prompt's tokens as the replica will, without the model's files).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TokenizerParts {
+    /// `tokenizer.json`.
+    pub tokenizer: String,
+    pub chat_template: Option<String>,
+    pub bos_token: String,
+    pub eos_token: String,
+    pub eos_ids: Vec<u32>,
+}
+
 impl ModelTokenizer {
+    /// This tokenizer as data.
+    pub fn parts(&self) -> Result<TokenizerParts> {
+        let (chat_template, bos_token, eos_token) = self.template.parts();
+        Ok(TokenizerParts {
+            tokenizer: self.tokenizer.to_string(false).map_err(EngineError::tokenizer)?,
+            chat_template: chat_template.map(str::to_owned),
+            bos_token: bos_token.to_owned(),
+            eos_token: eos_token.to_owned(),
+            eos_ids: self.eos_ids.iter().copied().collect(),
+        })
+    }
+
+    /// The tokenizer that [`ModelTokenizer::parts`] described.
+    pub fn from_parts(parts: &TokenizerParts) -> Result<Self> {
+        let tokenizer = Tokenizer::from_bytes(parts.tokenizer.as_bytes())
+            .map_err(|e| EngineError::Tokenizer(format!("not a usable tokenizer.json: {e}")))?;
+        let template = ChatTemplate::new(
+            parts.chat_template.as_deref(),
+            Some(parts.bos_token.as_str()),
+            Some(parts.eos_token.as_str()),
+        )?;
+        Ok(ModelTokenizer { tokenizer, template, eos_ids: parts.eos_ids.iter().copied().collect() })
+    }
+
     /// Loads the tokenizer of a model: a Hugging Face folder, or a `.gguf` file (a
     /// `tokenizer.json` beside it wins over the GGUF's own vocabulary).
     pub fn load(path: &Path) -> Result<Self> {

@@ -12,6 +12,8 @@ pub mod load;
 pub mod metering;
 pub mod metrics;
 pub mod middleware;
+pub mod model_text;
+pub mod monitor;
 pub mod notify;
 pub mod response_cache;
 pub mod response_format;

@@ -63,6 +63,7 @@ impl Meter {
         endpoint: &'static str,
     ) -> Result<Meter, ApiError> {
         caller.check_model(model)?;
+        crate::routes::openai::CalledFor::scope(&caller.scope).check(state, model)?;
         let now = maas_store::ids::now_ms();
         let permit = match state.limiter().admit(&caller.quotas, now).await {
             Ok(Ok(permit)) => permit,
@@ -180,6 +181,13 @@ impl Drop for MeterInner {
             status,
             at_ms: maas_store::ids::now_ms(),
         };
+        self.state.monitor.record_request(
+            &usage.model,
+            u64::try_from(usage.at_ms).unwrap_or(0),
+            status,
+            usage.latency_ms,
+            (prompt_tokens, completion_tokens),
+        );
         metrics::counter!("maas_usage_tokens_total", "kind" => "prompt").increment(prompt_tokens);
         metrics::counter!("maas_usage_tokens_total", "kind" => "completion").increment(completion_tokens);
         let tokens = prompt_tokens + completion_tokens;

@@ -164,6 +164,10 @@ pub struct AppState {
     pub response_cache: crate::response_cache::ResponseCache,
     /// The chat sessions' actors on this node.
     pub sessions: OnceLock<maas_actors::session::Sessions>,
+    /// This node's share of the deployments' monitoring figures.
+    pub monitor: crate::monitor::Monitor,
+    /// Deployed models' tokenizers, templates and contexts, read from their replicas.
+    pub model_texts: crate::model_text::ModelTexts,
     /// Knowledge-base storage and ingestion, once the node opened it.
     pub knowledge: OnceLock<Arc<crate::knowledge::KnowledgeService>>,
     pub started: Instant,
@@ -181,6 +185,8 @@ impl AppState {
             stores: OnceLock::new(),
             serving: OnceLock::new(),
             in_flight: crate::routes::openai::InFlight::default(),
+            model_texts: crate::model_text::ModelTexts::default(),
+            monitor: crate::monitor::Monitor::default(),
             http: reqwest::Client::builder()
                 .connect_timeout(std::time::Duration::from_secs(3))
                 .build()

@@ -312,6 +312,7 @@ pub async fn placements(args: &PlacementsBench) -> Result<String> {
                 node_selector: BTreeMap::new(),
                 priority: 0,
                 allow_preemption: false,
+                owner: None,
             },
             replicas: (args.replicas - n * 100).min(100),
             at_ms: 2,

@@ -152,6 +152,7 @@ async fn serve(dir: &std::path::Path) -> Result<Serving> {
         node_selector: BTreeMap::new(),
         priority: 0,
         allow_preemption: false,
+        owner: None,
     };
     propose(
         &control,

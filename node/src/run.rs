@@ -595,6 +595,7 @@ async fn import_and_deploy_tiny(
         node_selector: std::collections::BTreeMap::new(),
         priority: 0,
         allow_preemption: false,
+        owner: None,
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -661,6 +662,7 @@ fn start_workers(config: &Config, state: &Arc<AppState>) -> Result<()> {
 /// The node's periodic work: peers' load, storage samples, blob garbage collection.
 fn spawn_housekeeping(state: &Arc<AppState>) {
     tokio::spawn(maas_gateway::load::poll_peers(Arc::clone(state)));
+    tokio::spawn(maas_gateway::monitor::sample_loads(Arc::clone(state)));
     tokio::spawn(maas_gateway::metering::sample_storage(Arc::clone(state), Duration::from_secs(3600)));
     tokio::spawn(collect_blobs(Arc::clone(state)));
 }

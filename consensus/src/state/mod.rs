@@ -33,10 +33,10 @@ use serde::{Deserialize, Serialize};
 pub use command::{Applied, COMMAND_FORMAT_VERSION, COMMAND_FORMAT_VERSIONS_READ, Command, Effect};
 pub use ids::{DeploymentId, JobId, NodeId, ReplicaId, ShardId};
 pub use records::{
-    DeploymentRecord, DeploymentSpec, GpuRecord, HashRange, KbShardPlacement, KbShardRecord, KbShardState,
-    LABEL_KEY_MAX_CHARS, LABEL_VALUE_MAX_CHARS, NodeRecord, NodeResources, NodeSpec, NodeStatus, PlacementStrategy,
-    ReplicaPlacement, ReplicaRecord, ReplicaRequest, ReplicaState, TrainingJobPlacement, TrainingJobRecord,
-    TrainingJobState, label_key_is_valid,
+    DeploymentOwner, DeploymentRecord, DeploymentSpec, GpuRecord, HashRange, KbShardPlacement, KbShardRecord,
+    KbShardState, LABEL_KEY_MAX_CHARS, LABEL_VALUE_MAX_CHARS, NodeRecord, NodeResources, NodeSpec, NodeStatus,
+    PlacementStrategy, ReplicaPlacement, ReplicaRecord, ReplicaRequest, ReplicaState, TrainingJobPlacement,
+    TrainingJobRecord, TrainingJobState, label_key_is_valid,
 };
 pub use rejection::Rejection;
 pub use snapshot::{SNAPSHOT_FORMAT_VERSION, SNAPSHOT_FORMAT_VERSIONS_READ};

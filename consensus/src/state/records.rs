@@ -153,6 +153,19 @@ pub struct DeploymentSpec {
     pub priority: i32,
     /// Whether this deployment's replicas may be preempted by higher-priority work.
     pub allow_preemption: bool,
+    /// The tenant a private deployment answers; `None`: a platform deployment, which
+    /// every tenant may call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<DeploymentOwner>,
+}
+
+/// The owner of a private deployment: a user or an organisation (the store's `Owner`, in
+/// the same JSON shape: `{"kind": "user", "id": "..."}`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "id", rename_all = "lowercase")]
+pub enum DeploymentOwner {
+    User(String),
+    Org(String),
 }
 
 /// A deployment: what the user asked for.

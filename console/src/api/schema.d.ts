@@ -765,6 +765,26 @@ export interface paths {
         patch: operations["scale_deployment"];
         trace?: never;
     };
+    "/v1/deployments/{id}/metrics": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * A deployment's requests, errors, latency, tokens and replica load over the last
+         *     `minutes`, from every live node (each keeps an hour in ten-second buckets).
+         */
+        get: operations["deployment_metrics"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/embeddings": {
         parameters: {
             query?: never;
@@ -1067,8 +1087,8 @@ export interface paths {
             cookie?: never;
         };
         /**
-         * The models that can be called: every deployment with a Ready replica (its name is the
-         *     `model` of a request).
+         * The models the caller can call: every platform deployment and the caller's private
+         *     ones with a Ready replica (its name is the `model` of a request).
          */
         get: operations["list_models"];
         put?: never;
@@ -1637,6 +1657,18 @@ export interface components {
         DeploymentList: {
             deployments: components["schemas"]["DeploymentView"][];
         };
+        /** @description A deployment's figures over time, for the whole cluster. */
+        DeploymentMetrics: {
+            deployment: string;
+            /** Format: int64 */
+            bucket_secs: number;
+            /** @description The nodes whose figures are in. */
+            nodes: number[];
+            /** @description Live nodes that did not answer in time: their requests and replicas are missing. */
+            nodes_missing: number[];
+            /** @description One point per bucket, oldest first. */
+            points: components["schemas"]["MetricsPoint"][];
+        };
         /**
          * @description A deployment as the user asks for it. Memory per GPU is estimated from the model's
          *     files (`model_path`) unless given.
@@ -1688,6 +1720,7 @@ export interface components {
             allow_preemption?: boolean;
             /** @description Run on CPU when no GPU fits. */
             cpu_fallback?: boolean;
+            visibility?: null | components["schemas"]["Visibility"];
         };
         DeploymentView: {
             id: string;
@@ -1715,6 +1748,10 @@ export interface components {
             priority: number;
             allow_preemption: boolean;
             cpu_fallback: boolean;
+            visibility: components["schemas"]["Visibility"];
+            /** @description A private deployment's owner: `user` or `org`, and its id. */
+            owner_kind?: string | null;
+            owner_id?: string | null;
             /** Format: int64 */
             created_at_ms: number;
             /** Format: int64 */
@@ -1931,6 +1968,43 @@ export interface components {
             id: number;
             cluster_addr: string;
             api_addr: string;
+        };
+        /** @description A bucket as the API shows it. */
+        MetricsPoint: {
+            /**
+             * Format: int64
+             * @description The bucket's start (Unix milliseconds).
+             */
+            at_ms: number;
+            /** Format: int64 */
+            requests: number;
+            /**
+             * Format: int64
+             * @description Answers with a status of 400 or more (499: the client went away).
+             */
+            errors: number;
+            /** Format: int64 */
+            prompt_tokens: number;
+            /** Format: int64 */
+            completion_tokens: number;
+            /**
+             * Format: int64
+             * @description The median and 99th percentile latency, as the upper bound of the histogram bucket
+             *     they fall in (1-2-5 steps from 1 ms to 60 s); none without requests.
+             */
+            latency_p50_ms?: number | null;
+            /** Format: int64 */
+            latency_p99_ms?: number | null;
+            /**
+             * Format: double
+             * @description Generated tokens per second, queued requests and active sequences over all the
+             *     deployment's replicas (averages over the bucket).
+             */
+            tokens_per_second: number;
+            /** Format: double */
+            queue_depth: number;
+            /** Format: double */
+            active_sequences: number;
         };
         ModelList: {
             object: string;
@@ -2197,6 +2271,11 @@ export interface components {
             login: string;
             code: string;
         };
+        /**
+         * @description Who may call a deployment.
+         * @enum {string}
+         */
+        Visibility: "public" | "private";
     };
     responses: never;
     parameters: never;
@@ -3977,6 +4056,55 @@ export interface operations {
                 };
             };
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    deployment_metrics: {
+        parameters: {
+            query?: {
+                /** @description How far back, in minutes (1 to 60, default 15). */
+                minutes?: number;
+            };
+            header?: never;
+            path: {
+                /** @description the deployment's name */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["DeploymentMetrics"];
+                };
+            };
+            400: {
                 headers: {
                     [name: string]: unknown;
                 };

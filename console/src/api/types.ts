@@ -19,11 +19,14 @@ export type DeploymentList = Schemas['DeploymentList']
 export type ReplicaView = Schemas['ReplicaView']
 export type EstimateRequest = Schemas['EstimateRequest']
 export type EstimateReply = Schemas['EstimateReply']
+export type DeploymentMetrics = Schemas['DeploymentMetrics']
+export type MetricsPoint = Schemas['MetricsPoint']
 export type ClusterStatus = Schemas['ClusterStatus']
 export type NodeList = Schemas['NodeList']
 export type NodeView = Schemas['NodeView']
 export type GpuList = Schemas['GpuList']
 export type ClusterGpu = Schemas['ClusterGpu']
+export type BlobReply = Schemas['BlobReply']
 
 export interface List<T> {
   object: 'list'
@@ -35,7 +38,7 @@ export interface User {
   email: string | null
   phone: string | null
   display_name: string
-  role: 'admin' | 'user'
+  role: 'admin' | 'enterprise' | 'user'
   status: 'active' | 'pending' | 'disabled'
   created_at_ms: number
 }
@@ -188,6 +191,25 @@ export interface ModelVersion {
   tasks: string[]
   total_bytes: number
   created_at_ms: number
+}
+
+/** A file of a model version: an uploaded blob and its path in the model folder. */
+export interface ModelFileRef {
+  path: string
+  sha256: string
+  size_bytes: number
+}
+
+/**
+ * POST /v1/registry/models: a version from uploaded blobs (`files`) or from one uploaded
+ * archive (`archive_sha256`). The OpenAPI document types `files` as free objects.
+ */
+export interface RegisterModelBody {
+  name: string
+  version?: string
+  description?: string
+  files?: ModelFileRef[]
+  archive_sha256?: string
 }
 
 export interface CatalogModel {

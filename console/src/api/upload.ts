@@ -1,7 +1,8 @@
-// Uploads a document to a knowledge base: a multipart form sent with XMLHttpRequest, whose
-// upload events report progress (fetch reports none).
+// Uploads with progress: XMLHttpRequest, whose upload events report how much of the body
+// has been sent (fetch reports none). Knowledge-base documents go as a multipart form; model
+// files go as raw bytes to the blob store.
 import { ApiError } from './client'
-import type { KnowledgeDocument } from './types'
+import type { BlobReply, KnowledgeDocument } from './types'
 
 export interface UploadFields {
   file: File | Blob
@@ -11,8 +12,9 @@ export interface UploadFields {
   category?: string
 }
 
-export interface UploadHandle {
-  promise: Promise<KnowledgeDocument>
+/** A request in flight: its JSON answer, and a way to stop it (the promise then rejects with an AbortError). */
+export interface UploadHandle<T = KnowledgeDocument> {
+  promise: Promise<T>
   abort: () => void
 }
 
@@ -29,17 +31,25 @@ export function errorFromText(status: number, statusText: string, text: string):
   return new ApiError(status, 'http_error', statusText || `HTTP ${status}`)
 }
 
-/** Sends the form; `onProgress` gets the fraction (0..1) of the body sent so far. */
-export function uploadDocument(kbId: string, fields: UploadFields, onProgress: (fraction: number) => void): UploadHandle {
+/**
+ * Sends `body` with the session cookie and reads the JSON answer; `onProgress` gets the
+ * fraction (0..1) of the body sent so far, and 1 once the node has answered. An error
+ * answer rejects with an ApiError, no answer with a status-0 one, `abort()` with an
+ * AbortError.
+ */
+export function sendWithProgress<T = unknown>(
+  method: string,
+  url: string,
+  body: FormData | Blob,
+  headers: Record<string, string>,
+  onProgress: (fraction: number) => void,
+): UploadHandle<T> {
   const xhr = new XMLHttpRequest()
-  const promise = new Promise<KnowledgeDocument>((resolve, reject) => {
-    const form = new FormData()
-    form.append('file', fields.file, fields.filename ?? (fields.file instanceof File ? fields.file.name : 'document'))
-    if (fields.tags?.trim()) form.append('tags', fields.tags.trim())
-    if (fields.category?.trim()) form.append('category', fields.category.trim())
-    xhr.open('POST', `/v1/knowledge_bases/${encodeURIComponent(kbId)}/documents`)
+  const promise = new Promise<T>((resolve, reject) => {
+    xhr.open(method, url)
     xhr.withCredentials = true
     xhr.setRequestHeader('accept', 'application/json')
+    for (const [name, value] of Object.entries(headers)) xhr.setRequestHeader(name, value)
     xhr.upload.onprogress = (event: ProgressEvent) => {
       if (event.lengthComputable && event.total > 0) onProgress(Math.min(1, event.loaded / event.total))
     }
@@ -47,7 +57,7 @@ export function uploadDocument(kbId: string, fields: UploadFields, onProgress: (
       if (xhr.status >= 200 && xhr.status < 300) {
         onProgress(1)
         try {
-          resolve(JSON.parse(xhr.responseText) as KnowledgeDocument)
+          resolve(JSON.parse(xhr.responseText) as T)
         } catch {
           reject(new ApiError(xhr.status, 'bad_response', 'the answer is not JSON'))
         }
@@ -57,7 +67,26 @@ export function uploadDocument(kbId: string, fields: UploadFields, onProgress: (
     }
     xhr.onerror = () => reject(new ApiError(0, 'network_error', 'network'))
     xhr.onabort = () => reject(new DOMException('aborted', 'AbortError'))
-    xhr.send(form)
+    xhr.send(body)
   })
   return { promise, abort: () => xhr.abort() }
+}
+
+/** Sends a document to a knowledge base as a multipart form. */
+export function uploadDocument(kbId: string, fields: UploadFields, onProgress: (fraction: number) => void): UploadHandle {
+  const form = new FormData()
+  form.append('file', fields.file, fields.filename ?? (fields.file instanceof File ? fields.file.name : 'document'))
+  if (fields.tags?.trim()) form.append('tags', fields.tags.trim())
+  if (fields.category?.trim()) form.append('category', fields.category.trim())
+  return sendWithProgress<KnowledgeDocument>('POST', `/v1/knowledge_bases/${encodeURIComponent(kbId)}/documents`, form, {}, onProgress)
+}
+
+/** Stores a file's bytes in the node's blob store (administrators only); the answer names it by its sha256. */
+export function uploadBlob(file: Blob, onProgress: (fraction: number) => void): UploadHandle<BlobReply> {
+  return sendWithProgress<BlobReply>('POST', '/v1/blobs', file, { 'content-type': 'application/octet-stream' }, onProgress)
+}
+
+/** Whether an upload stopped because it was aborted. */
+export function isAbort(error: unknown): boolean {
+  return error instanceof DOMException && error.name === 'AbortError'
 }

@@ -13,6 +13,8 @@ export const useSessionStore = defineStore('session', () => {
   const user = computed<User | null>(() => me.value?.user ?? null)
   const signedIn = computed(() => user.value !== null)
   const isAdmin = computed(() => user.value?.role === 'admin')
+  /** Administrators deploy for the platform; enterprise accounts deploy private models. */
+  const canDeploy = computed(() => user.value?.role === 'admin' || user.value?.role === 'enterprise')
 
   /** Asks the node who the cookie belongs to; a 401 means nobody. */
   async function load(): Promise<void> {
@@ -45,5 +47,5 @@ export const useSessionStore = defineStore('session', () => {
     checked.value = true
   }
 
-  return { me, checked, user, signedIn, isAdmin, load, signIn, signOut, forget }
+  return { me, checked, user, signedIn, isAdmin, canDeploy, load, signIn, signOut, forget }
 })

@@ -1,5 +1,5 @@
-// Test helpers: a fetch that answers from a table of routes, and a mount with the app's
-// plugins (Element Plus, i18n, a fresh Pinia).
+// Test helpers: a fetch that answers from a table of routes, a stand-in for XMLHttpRequest,
+// and a mount with the app's plugins (Element Plus, i18n, a fresh Pinia).
 import { vi } from 'vitest'
 import ElementPlus from 'element-plus'
 import { createPinia, setActivePinia } from 'pinia'
@@ -43,4 +43,60 @@ export function sseResponse(events: string[]): Response {
     },
   })
   return new Response(stream, { status: 200, headers: { 'content-type': 'text/event-stream' } })
+}
+
+/**
+ * A stand-in for XMLHttpRequest (stub it with `vi.stubGlobal('XMLHttpRequest', FakeXhr)`):
+ * records what is sent; the test drives the progress and the answer.
+ */
+export class FakeXhr {
+  /** The newest request, and every request since `FakeXhr.reset()`. */
+  static last: FakeXhr | null = null
+  static all: FakeXhr[] = []
+  static reset(): void {
+    FakeXhr.last = null
+    FakeXhr.all = []
+  }
+  method = ''
+  url = ''
+  withCredentials = false
+  status = 0
+  statusText = ''
+  responseText = ''
+  body: FormData | Blob | null = null
+  headers: Record<string, string> = {}
+  aborted = false
+  upload: { onprogress: ((event: ProgressEvent) => void) | null } = { onprogress: null }
+  onload: (() => void) | null = null
+  onerror: (() => void) | null = null
+  onabort: (() => void) | null = null
+  constructor() {
+    FakeXhr.last = this
+    FakeXhr.all.push(this)
+  }
+  open(method: string, url: string) {
+    this.method = method
+    this.url = url
+  }
+  setRequestHeader(name: string, value: string) {
+    this.headers[name] = value
+  }
+  send(body: FormData | Blob) {
+    this.body = body
+  }
+  abort() {
+    this.aborted = true
+    this.onabort?.()
+  }
+  progress(loaded: number, total: number) {
+    this.upload.onprogress?.({ lengthComputable: true, loaded, total } as ProgressEvent)
+  }
+  answer(status: number, body: unknown) {
+    this.status = status
+    this.responseText = typeof body === 'string' ? body : JSON.stringify(body)
+    this.onload?.()
+  }
+  fail() {
+    this.onerror?.()
+  }
 }

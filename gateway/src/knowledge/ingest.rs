@@ -34,6 +34,7 @@ use sha2::Digest as _;
 
 use super::{KnowledgeService, knowledge_error};
 use crate::error::ApiError;
+use crate::routes::openai::CalledFor;
 use crate::state::{AppState, Stores};
 
 /// How often an idle worker looks for work (an upload on this node wakes it at once).
@@ -215,12 +216,13 @@ async fn parse_and_chunk(
 
     db.set_state(&document.id, DocumentState::Chunking, None).await?;
     let config = chunk_config(kb).map_err(StepError::Permanent)?;
-    let (counter, _) = service
-        .tokenizer(state, &kb.embedding_model)
+    let text = state
+        .model_texts
+        .embedding(state, CalledFor::owner(&kb.owner), &kb.embedding_model)
         .await
         .map_err(transient(&format!("waiting for the embedding model `{}`", kb.embedding_model)))?;
     let page_count = i64::from(parsed.page_count);
-    let chunks = tokio::task::spawn_blocking(move || chunk_document(&parsed, &config, counter.as_ref()))
+    let chunks = tokio::task::spawn_blocking(move || chunk_document(&parsed, &config, &text.counter))
         .await
         .map_err(|e| StepError::Transient(format!("the chunking thread failed: {e}")))?
         .map_err(|e| StepError::Permanent(e.to_string()))?;
@@ -337,10 +339,12 @@ async fn embed_all(
     let db = stores.db.knowledge_bases();
     let vectors = service.vectors(&kb.vector_backend).await.map_err(transient("the vector store is unavailable"))?;
     let fulltext = service.fulltext(&kb.id).await.map_err(transient("the full-text index cannot open"))?;
-    let (_, dimensions) = service
-        .tokenizer(state, &kb.embedding_model)
+    let dimensions = state
+        .model_texts
+        .embedding(state, CalledFor::owner(&kb.owner), &kb.embedding_model)
         .await
-        .map_err(transient(&format!("waiting for the embedding model `{}`", kb.embedding_model)))?;
+        .map_err(transient(&format!("waiting for the embedding model `{}`", kb.embedding_model)))?
+        .dimensions;
     let spec = CollectionSpec::new(kb.id.clone(), dimensions, Metric::Cosine)
         .with_shards(u32::try_from(kb.shard_count).unwrap_or(1).max(1));
     vectors.ensure_collection(&spec).await.map_err(|e| match knowledge_error(&e) {
@@ -357,12 +361,13 @@ async fn embed_all(
             return Ok(());
         }
         let texts: Vec<String> = chunks.iter().map(indexed_text).collect();
-        let (embedded, _tokens) = crate::routes::openai::embed_texts(state, &kb.embedding_model, texts.clone())
-            .await
-            .map_err(|err| match err.status {
-            http::StatusCode::BAD_REQUEST => StepError::Permanent(err.message),
-            _ => StepError::Transient(format!("embedding on `{}` failed: {}", kb.embedding_model, err.message)),
-        })?;
+        let (embedded, _tokens) =
+            crate::routes::openai::embed_texts(state, CalledFor::owner(&kb.owner), &kb.embedding_model, texts.clone())
+                .await
+                .map_err(|err| match err.status {
+                    http::StatusCode::BAD_REQUEST => StepError::Permanent(err.message),
+                    _ => StepError::Transient(format!("embedding on `{}` failed: {}", kb.embedding_model, err.message)),
+                })?;
         let ids: Vec<i64> = chunks.iter().map(|c| c.chunk_id).collect();
         let records: Vec<VectorRecord> = chunks
             .iter()

@@ -15,16 +15,14 @@ pub mod retrieve;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use maas_knowledge::KnowledgeError;
-use maas_knowledge::chunk::TokenizerCounter;
 use maas_knowledge::fulltext::FullTextIndex;
 use maas_knowledge::parse::ParseLimits;
 use maas_knowledge::vector::{EmbeddedOptions, EmbeddedStore, MilvusOptions, MilvusStore, VectorStore};
 
 use crate::error::ApiError;
-use crate::state::AppState;
 
 /// The two places a knowledge base's vectors may live.
 pub const BACKENDS: &[&str] = &["embedded", "milvus"];
@@ -62,14 +60,6 @@ impl Default for KnowledgeOptions {
     }
 }
 
-/// A tokenizer counter of an embedding deployment and its embedding length, for the
-/// deployment's generation it was read from.
-struct CachedTokenizer {
-    generation: u64,
-    counter: Arc<TokenizerCounter>,
-    dimensions: usize,
-}
-
 /// The node's handles on knowledge-base storage.
 pub struct KnowledgeService {
     pub options: KnowledgeOptions,
@@ -79,7 +69,6 @@ pub struct KnowledgeService {
     /// Open full-text indexes. An async lock, held while one opens: tantivy allows one
     /// writer per index folder, so two workers must not open the same one at once.
     fulltext: tokio::sync::Mutex<HashMap<String, Arc<FullTextIndex>>>,
-    tokenizers: Mutex<HashMap<String, CachedTokenizer>>,
     /// Woken when a document is queued, so the worker starts at once.
     pub wake: tokio::sync::Notify,
 }
@@ -107,7 +96,6 @@ impl KnowledgeService {
             milvus: tokio::sync::OnceCell::new(),
             fulltext_root,
             fulltext: tokio::sync::Mutex::new(HashMap::new()),
-            tokenizers: Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
         })
     }
@@ -177,41 +165,6 @@ impl KnowledgeService {
             Err(err) => Err(ApiError::internal(format!("cannot remove {}: {err}", dir.display()))),
         }
     }
-
-    /// The token counter and embedding length of embedding deployment `model`, read from
-    /// one of its replicas once per deployment generation.
-    pub async fn tokenizer(
-        &self,
-        state: &Arc<AppState>,
-        model: &str,
-    ) -> Result<(Arc<TokenizerCounter>, usize), ApiError> {
-        let generation = deployment_generation(state, model)?;
-        if let Some(cached) = self.tokenizers.lock().expect("tokenizer lock").get(model)
-            && cached.generation == generation
-        {
-            return Ok((Arc::clone(&cached.counter), cached.dimensions));
-        }
-        let (json, dimensions) = crate::routes::openai::embedding_tokenizer(state, model).await?;
-        let counter = tokio::task::spawn_blocking(move || TokenizerCounter::from_json(&json))
-            .await
-            .map_err(|e| ApiError::internal(format!("the tokenizer thread failed: {e}")))?
-            .map_err(ApiError::internal)?;
-        let counter = Arc::new(counter);
-        self.tokenizers
-            .lock()
-            .expect("tokenizer lock")
-            .insert(model.to_owned(), CachedTokenizer { generation, counter: Arc::clone(&counter), dimensions });
-        Ok((counter, dimensions))
-    }
-}
-
-/// The generation of deployment `model` (0 when it does not exist: the caller's next step
-/// reports that properly).
-fn deployment_generation(state: &AppState, model: &str) -> Result<u64, ApiError> {
-    let handle = crate::routes::cluster::control_plane(state)?;
-    Ok(handle.read_local(|cluster| {
-        cluster.deployment(&maas_consensus::state::DeploymentId(model.to_owned())).map_or(0, |d| d.generation)
-    }))
 }
 
 /// A knowledge-library error as an API error: the caller's mistakes are 400s, an

@@ -15,7 +15,10 @@ use utoipa::ToSchema;
 use super::retrieve::{RetrievalMode, RetrieveRequest, RetrievedChunk, retrieve};
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::model_text::ChatText;
+use crate::routes::openai::CalledFor;
 use crate::state::AppState;
+use maas_engine::fit;
 
 /// Knowledge bases one request may search at most.
 pub const MAX_KNOWLEDGE_BASES: usize = 8;
@@ -23,6 +26,8 @@ pub const MAX_KNOWLEDGE_BASES: usize = 8;
 const MAX_SOURCE_CHARS: usize = 2_000;
 /// The most tokens a condensed question may take.
 const CONDENSE_MAX_TOKENS: usize = 64;
+/// The shortest cut of a source worth putting in a prompt, in characters.
+const MIN_SOURCE_CHARS: usize = 200;
 
 /// How a RAG chat retrieves (the `retrieval` field of a chat request).
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
@@ -75,13 +80,18 @@ pub struct Augmented {
     pub citations: Vec<Citation>,
     /// The query the knowledge bases were searched with.
     pub query: String,
+    /// Sources retrieved but left out because the model's context could not hold them.
+    pub omitted: usize,
 }
 
 fn bad(param: &str, message: impl Into<String>) -> ApiError {
     ApiError::bad_request("invalid_request", message).with_param(param)
 }
 
-/// Retrieves for the conversation's last question and puts the sources in its messages.
+/// Retrieves for the conversation's last question and puts the sources in its messages:
+/// as many of the best as the chat model's context holds with `max_tokens` of room for
+/// the answer (see [`maas_engine::fit::prompt_budget`]), the last one cut when a part of
+/// it still fits.
 pub async fn augment(
     state: &Arc<AppState>,
     caller: &Caller,
@@ -89,6 +99,7 @@ pub async fn augment(
     knowledge_base_ids: &[String],
     options: &RagOptions,
     messages: Vec<ChatMessage>,
+    max_tokens: usize,
 ) -> Result<Augmented, ApiError> {
     if knowledge_base_ids.is_empty() || knowledge_base_ids.len() > MAX_KNOWLEDGE_BASES {
         return Err(bad("knowledge_base_ids", format!("name 1 to {MAX_KNOWLEDGE_BASES} knowledge bases")));
@@ -146,6 +157,12 @@ pub async fn augment(
     // metric); the best top_k of all of them are the sources.
     found.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then_with(|| a.1.chunk_id.cmp(&b.1.chunk_id)));
     found.truncate(top_k);
+    let text = state.model_texts.chat(state, CalledFor::scope(&caller.scope), model).await?;
+    let budget = fit::prompt_budget(text.context_length, max_tokens);
+    let (messages, found, omitted) =
+        tokio::task::spawn_blocking(move || fit_sources(&text, &messages, found, budget, max_tokens))
+            .await
+            .map_err(|e| ApiError::internal(format!("the prompt thread failed: {e}")))??;
     let citations: Vec<Citation> = found
         .iter()
         .enumerate()
@@ -163,19 +180,79 @@ pub async fn augment(
             text: hit.text.clone(),
         })
         .collect();
-    let context = context_prompt(&found);
-    let mut messages = messages;
+    Ok(Augmented { messages, citations, query, omitted })
+}
+
+/// `messages` with the context prompt of the first `count` sources (the last of them cut
+/// to `cut` characters) in the system message.
+fn with_sources(
+    messages: &[ChatMessage],
+    found: &[(String, RetrievedChunk)],
+    count: usize,
+    cut: Option<usize>,
+) -> Vec<ChatMessage> {
+    let context = context_prompt(&found[..count], cut);
+    let mut messages = messages.to_vec();
     match messages.first_mut() {
         Some(first) if first.role == "system" => {
             first.content = format!("{}\n\n{context}", first.content);
         }
         _ => messages.insert(0, ChatMessage { role: "system".into(), content: context }),
     }
-    Ok(Augmented { messages, citations, query })
+    messages
+}
+
+/// Retrieved chunks with their knowledge bases, best first.
+type Sources = Vec<(String, RetrievedChunk)>;
+
+/// The conversation with as many sources as fit in `budget` prompt tokens, those
+/// sources, and how many were left out. Sources go in rank order; when the next one does
+/// not fit whole, the longest cut of it that fits (at least [`MIN_SOURCE_CHARS`]) goes in.
+fn fit_sources(
+    text: &ChatText,
+    messages: &[ChatMessage],
+    mut found: Sources,
+    budget: usize,
+    max_tokens: usize,
+) -> Result<(Vec<ChatMessage>, Sources, usize), ApiError> {
+    let tokens = |count: usize, cut: Option<usize>| -> Result<usize, ApiError> {
+        fit::prompt_tokens(&text.tokenizer, &with_sources(messages, &found, count, cut))
+            .map_err(|e| crate::routes::openai::engine_error(&e))
+    };
+    let whole = fit::largest_fitting(found.len(), |count| Ok::<_, ApiError>(tokens(count, None)? <= budget))?;
+    let too_long = |prompt_tokens: usize| {
+        ApiError::bad_request(
+            "context_length_exceeded",
+            format!(
+                "the conversation takes {prompt_tokens} tokens with the knowledge-base instructions: it leaves no room for sources in the model's context of {} tokens with {} kept for the answer; shorten the conversation or lower max_tokens",
+                text.context_length,
+                max_tokens.min(text.context_length / 2)
+            ),
+        )
+        .with_param("messages")
+    };
+    let Some(count) = whole else {
+        return Err(too_long(tokens(0, None)?));
+    };
+    let mut cut = None;
+    if count < found.len() {
+        let source = &found[count].1;
+        let chars = source.parent_text.as_deref().unwrap_or(&source.text).chars().count().min(MAX_SOURCE_CHARS);
+        let longest = fit::largest_fitting(chars, |c| Ok::<_, ApiError>(tokens(count + 1, Some(c))? <= budget))?;
+        cut = longest.filter(|&c| c >= MIN_SOURCE_CHARS);
+    }
+    let kept = count + usize::from(cut.is_some());
+    if kept == 0 && !found.is_empty() {
+        return Err(too_long(tokens(0, None)?));
+    }
+    let messages = with_sources(messages, &found, kept, cut);
+    let omitted = found.len() - kept;
+    found.truncate(kept);
+    Ok((messages, found, omitted))
 }
 
 /// The system prompt that numbers the sources and asks for citations.
-fn context_prompt(found: &[(String, RetrievedChunk)]) -> String {
+fn context_prompt(found: &[(String, RetrievedChunk)], cut: Option<usize>) -> String {
     if found.is_empty() {
         return "The knowledge base has nothing on this question. Say that you do not know rather than guess.".into();
     }
@@ -194,9 +271,13 @@ fn context_prompt(found: &[(String, RetrievedChunk)]) -> String {
         if !hit.heading_path.is_empty() {
             let _ = write!(place, ", {}", hit.heading_path.join(" > "));
         }
-        let text = hit.parent_text.as_deref().unwrap_or(&hit.text);
-        let text: String = text.chars().take(MAX_SOURCE_CHARS).collect();
-        let _ = write!(prompt, "\n[{}] ({place})\n{}\n", i + 1, text.trim());
+        let source = hit.parent_text.as_deref().unwrap_or(&hit.text).trim();
+        let limit = if i + 1 == found.len() { cut.unwrap_or(MAX_SOURCE_CHARS) } else { MAX_SOURCE_CHARS };
+        let mut text: String = source.chars().take(limit).collect();
+        if source.chars().count() > limit {
+            text.push('…');
+        }
+        let _ = write!(prompt, "\n[{}] ({place})\n{text}\n", i + 1);
     }
     prompt
 }
@@ -270,13 +351,13 @@ mod tests {
 
     #[test]
     fn the_prompt_numbers_sources_with_their_places() {
-        let prompt = context_prompt(&[
-            hit("a.pdf", (3, 4), &["Intro", "Scope"], "alpha text"),
-            hit("b.md", (1, 1), &[], "beta text"),
-        ]);
+        let prompt = context_prompt(
+            &[hit("a.pdf", (3, 4), &["Intro", "Scope"], "alpha text"), hit("b.md", (1, 1), &[], "beta text")],
+            None,
+        );
         assert!(prompt.contains("[1] (a.pdf, version 2, pages 3-4, Intro > Scope)\nalpha text"), "{prompt}");
         assert!(prompt.contains("[2] (b.md, version 2)\nbeta text"), "{prompt}");
         assert!(prompt.contains("like [1]"));
-        assert!(context_prompt(&[]).contains("do not know"));
+        assert!(context_prompt(&[], None).contains("do not know"));
     }
 }

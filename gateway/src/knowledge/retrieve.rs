@@ -246,8 +246,13 @@ async fn vector_search(
     if !vectors.has_collection(&kb.id).await.map_err(|e| knowledge_error(&e))? {
         return Ok(Vec::new());
     }
-    let (mut embedded, _) =
-        crate::routes::openai::embed_texts(state, &kb.embedding_model, vec![query.to_owned()]).await?;
+    let (mut embedded, _) = crate::routes::openai::embed_texts(
+        state,
+        crate::routes::openai::CalledFor::owner(&kb.owner),
+        &kb.embedding_model,
+        vec![query.to_owned()],
+    )
+    .await?;
     let vector = embedded.pop().ok_or_else(|| ApiError::internal("the embedding model answered no vector"))?;
     let request = SearchRequest::new(vector, k).filter(filter.clone());
     vectors.search(&kb.id, &request).await.map_err(|e| knowledge_error(&e))

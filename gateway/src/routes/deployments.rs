@@ -12,9 +12,10 @@ use std::sync::Arc;
 use maas_actors::node::estimate::{ModelEstimate, estimate_model, estimate_version};
 use maas_consensus::reconcile::{self, ReconcileSettings};
 use maas_consensus::state::{
-    ClusterState, Command, DeploymentId, DeploymentRecord, DeploymentSpec, NodeId, NodeStatus, PlacementStrategy,
-    Rejection, ReplicaRequest,
+    ClusterState, Command, DeploymentId, DeploymentOwner, DeploymentRecord, DeploymentSpec, NodeId, NodeStatus,
+    PlacementStrategy, Rejection, ReplicaRequest,
 };
+use maas_store::Owner;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use warp::filters::BoxedFilter;
@@ -26,6 +27,7 @@ use super::cluster::{control_plane, now_ms};
 use super::with_state;
 use crate::auth::{Access, Caller, caller, signed_in};
 use crate::error::ApiError;
+use crate::routes::openai::CalledFor;
 use crate::state::AppState;
 
 /// The most replicas one deployment may ask for.
@@ -37,13 +39,15 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let list = warp::path!("v1" / "deployments")
         .and(warp::get())
         .and(with_state(state))
-        .and(signed_in(state, Access::Manage))
-        .and_then(|s: Arc<AppState>| async move { list_deployments(&s).map_err(warp::reject::custom) });
+        .and(caller(state, Access::Manage))
+        .and_then(|s: Arc<AppState>, c: Caller| async move { list_deployments(&s, &c).map_err(warp::reject::custom) });
     let get = warp::path!("v1" / "deployments" / String)
         .and(warp::get())
         .and(with_state(state))
-        .and(signed_in(state, Access::Manage))
-        .and_then(|id: String, s: Arc<AppState>| async move { get_deployment(&s, &id).map_err(warp::reject::custom) });
+        .and(caller(state, Access::Manage))
+        .and_then(|id: String, s: Arc<AppState>, c: Caller| async move {
+            get_deployment(&s, &c, &id).map_err(warp::reject::custom)
+        });
     let create = warp::path!("v1" / "deployments")
         .and(warp::post())
         .and(with_state(state))
@@ -83,6 +87,23 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and_then(|s: Arc<AppState>, request: EstimateRequest| async move {
             estimate_deployment(&s, request).await.map_err(warp::reject::custom)
         });
+    let metrics = warp::path!("v1" / "deployments" / String / "metrics")
+        .and(warp::get())
+        .and(with_state(state))
+        .and(caller(state, Access::Manage))
+        .and(warp::query::<MetricsQuery>())
+        .and_then(|id: String, s: Arc<AppState>, c: Caller, query: MetricsQuery| async move {
+            deployment_metrics(&s, &c, &id, query).await.map_err(warp::reject::custom)
+        });
+    let node_metrics = warp::path!("internal" / "monitor" / String)
+        .and(warp::get())
+        .and(with_state(state))
+        .and(warp::header::optional::<String>(super::cluster::COOKIE_HEADER))
+        .and(warp::query::<NodeMetricsQuery>())
+        .and_then(|id: String, s: Arc<AppState>, cookie: Option<String>, query: NodeMetricsQuery| async move {
+            super::cluster::check_cookie(&s, cookie.as_deref()).map_err(warp::reject::custom)?;
+            Ok::<_, warp::Rejection>(warp::reply::json(&s.monitor.buckets(&id, query.since_ms)).into_response())
+        });
     let drain = warp::path!("v1" / "nodes" / u64 / "drain")
         .and(warp::post().map(|| true).or(warp::delete().map(|| false)).unify())
         .and(with_state(state))
@@ -106,6 +127,10 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .or(delete)
         .unify()
         .or(drain)
+        .unify()
+        .or(metrics)
+        .unify()
+        .or(node_metrics)
         .unify()
         .boxed()
 }
@@ -131,6 +156,16 @@ pub enum StrategyName {
     Binpack,
     /// Put replicas on different nodes first.
     Spread,
+}
+
+/// Who may call a deployment.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Visibility {
+    /// Every tenant (a platform deployment, made by an administrator).
+    Public,
+    /// Only its owner: the user who made it, or the organisation they acted for.
+    Private,
 }
 
 /// A deployment as the user asks for it. Memory per GPU is estimated from the model's
@@ -177,6 +212,10 @@ pub struct DeploymentRequest {
     /// Run on CPU when no GPU fits.
     #[serde(default)]
     pub cpu_fallback: bool,
+    /// `public` (administrators only) or `private`; the default is `public` for an
+    /// administrator and `private` for everyone else. Fixed once created.
+    #[serde(default)]
+    pub visibility: Option<Visibility>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -252,6 +291,10 @@ pub struct DeploymentView {
     pub priority: i32,
     pub allow_preemption: bool,
     pub cpu_fallback: bool,
+    pub visibility: Visibility,
+    /// A private deployment's owner: `user` or `org`, and its id.
+    pub owner_kind: Option<String>,
+    pub owner_id: Option<String>,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
     pub replicas: Vec<ReplicaView>,
@@ -265,6 +308,34 @@ pub struct DeploymentView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DeploymentList {
     pub deployments: Vec<DeploymentView>,
+}
+
+#[derive(Debug, Clone, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsQuery {
+    /// How far back, in minutes (1 to 60, default 15).
+    #[serde(default)]
+    pub minutes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct NodeMetricsQuery {
+    #[serde(default)]
+    since_ms: u64,
+}
+
+/// A deployment's figures over time, for the whole cluster.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeploymentMetrics {
+    pub deployment: String,
+    pub bucket_secs: u64,
+    /// The nodes whose figures are in.
+    pub nodes: Vec<u64>,
+    /// Live nodes that did not answer in time: their requests and replicas are missing.
+    pub nodes_missing: Vec<u64>,
+    /// One point per bucket, oldest first.
+    pub points: Vec<crate::monitor::MetricsPoint>,
 }
 
 /// Where an estimated replica would go now, or why it would not fit.
@@ -338,6 +409,14 @@ fn view(
         priority: spec.priority,
         allow_preemption: spec.allow_preemption,
         cpu_fallback: spec.request.cpu_fallback_allowed,
+        visibility: if spec.owner.is_some() { Visibility::Private } else { Visibility::Public },
+        owner_kind: spec.owner.as_ref().map(|owner| match owner {
+            DeploymentOwner::User(_) => "user".to_owned(),
+            DeploymentOwner::Org(_) => "org".to_owned(),
+        }),
+        owner_id: spec.owner.as_ref().map(|owner| match owner {
+            DeploymentOwner::User(id) | DeploymentOwner::Org(id) => id.clone(),
+        }),
         created_at_ms: deployment.created_at_ms,
         updated_at_ms: deployment.updated_at_ms,
         replicas,
@@ -367,12 +446,17 @@ fn shortfall(short: maas_scheduler::Unplaceable) -> Shortfall {
 /// Every deployment with its replicas and, where some cannot be placed, why.
 #[utoipa::path(get, path = "/v1/deployments", tag = "deployments",
     responses((status = 200, body = DeploymentList), (status = 503, body = crate::error::ErrorBody)))]
-pub fn list_deployments(state: &AppState) -> Result<Response, ApiError> {
+pub fn list_deployments(state: &AppState, caller: &Caller) -> Result<Response, ApiError> {
     let handle = control_plane(state)?;
     let settings = settings(state);
     let deployments = handle.read_local(|cluster| {
         let shortfalls = shortfalls(cluster, &settings);
-        cluster.deployments().values().map(|d| view(cluster, d, &shortfalls)).collect()
+        cluster
+            .deployments()
+            .values()
+            .filter(|d| may_see(caller, &d.spec))
+            .map(|d| view(cluster, d, &shortfalls))
+            .collect()
     });
     Ok(warp::reply::json(&DeploymentList { deployments }).into_response())
 }
@@ -381,18 +465,137 @@ pub fn list_deployments(state: &AppState) -> Result<Response, ApiError> {
 #[utoipa::path(get, path = "/v1/deployments/{id}", tag = "deployments",
     params(("id" = String, Path, description = "the deployment's name")),
     responses((status = 200, body = DeploymentView), (status = 404, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
-pub fn get_deployment(state: &AppState, id: &str) -> Result<Response, ApiError> {
+pub fn get_deployment(state: &AppState, caller: &Caller, id: &str) -> Result<Response, ApiError> {
     let handle = control_plane(state)?;
     let settings = settings(state);
     let found = handle.read_local(|cluster| {
-        let deployment = cluster.deployment(&DeploymentId(id.to_owned()))?;
+        let deployment = cluster.deployment(&DeploymentId(id.to_owned())).filter(|d| may_see(caller, &d.spec))?;
         Some(view(cluster, deployment, &shortfalls(cluster, &settings)))
     });
     found.map(|v| warp::reply::json(&v).into_response()).ok_or_else(|| not_found(id))
 }
 
+/// A deployment's requests, errors, latency, tokens and replica load over the last
+/// `minutes`, from every live node (each keeps an hour in ten-second buckets).
+#[utoipa::path(get, path = "/v1/deployments/{id}/metrics", tag = "deployments",
+    params(("id" = String, Path, description = "the deployment's name"), MetricsQuery),
+    responses((status = 200, body = DeploymentMetrics), (status = 400, body = crate::error::ErrorBody),
+        (status = 404, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
+pub async fn deployment_metrics(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    query: MetricsQuery,
+) -> Result<Response, ApiError> {
+    let minutes = query.minutes.unwrap_or(15);
+    if !(1..=60).contains(&minutes) {
+        return Err(ApiError::bad_request("invalid_input", "minutes must be 1 to 60").with_param("minutes"));
+    }
+    let handle = control_plane(state)?;
+    let own = handle.id();
+    let peers: Vec<(u64, String)> = handle
+        .read_local(|cluster| {
+            cluster.deployment(&DeploymentId(id.to_owned())).filter(|d| may_see(caller, &d.spec))?;
+            Some(
+                cluster
+                    .nodes()
+                    .values()
+                    .filter(|n| n.id.0 != own && matches!(n.status, NodeStatus::Alive | NodeStatus::Draining))
+                    .map(|n| (n.id.0, n.api_addr.clone()))
+                    .collect(),
+            )
+        })
+        .ok_or_else(|| not_found(id))?;
+    let now = now_ms();
+    let since = now.saturating_sub(minutes * 60_000);
+    let cookie = state.cluster_cookie.get().cloned().unwrap_or_default();
+    let asks = peers.into_iter().map(|(node, api)| {
+        let (client, cookie) = (state.http.clone(), cookie.clone());
+        let url = format!("{}/internal/monitor/{id}?since_ms={since}", api.trim_end_matches('/'));
+        async move {
+            let answer = async {
+                let response = client
+                    .get(&url)
+                    .header(super::cluster::COOKIE_HEADER, cookie)
+                    .timeout(std::time::Duration::from_secs(2))
+                    .send()
+                    .await
+                    .ok()?;
+                if !response.status().is_success() {
+                    return None;
+                }
+                response.json::<Vec<crate::monitor::NodeBucket>>().await.ok()
+            };
+            (node, answer.await)
+        }
+    });
+    let mut figures = vec![state.monitor.buckets(id, since)];
+    let (mut nodes, mut nodes_missing) = (vec![own], Vec::new());
+    for (node, answer) in futures_util::future::join_all(asks).await {
+        match answer {
+            Some(buckets) => {
+                nodes.push(node);
+                figures.push(buckets);
+            }
+            None => nodes_missing.push(node),
+        }
+    }
+    nodes.sort_unstable();
+    let points = crate::monitor::merge(&figures, since, now);
+    let body = DeploymentMetrics {
+        deployment: id.to_owned(),
+        bucket_secs: crate::monitor::BUCKET_MS / 1000,
+        nodes,
+        nodes_missing,
+        points,
+    };
+    Ok(warp::reply::json(&body).into_response())
+}
+
 fn not_found(id: &str) -> ApiError {
     ApiError::not_found(format!("no deployment named {id}")).with_param("id")
+}
+
+/// Administrators see every deployment; others the platform's and their own private ones
+/// (another tenant's private deployment does not exist for them: TEN-1).
+fn may_see(caller: &Caller, spec: &DeploymentSpec) -> bool {
+    caller.require_admin().is_ok() || CalledFor::scope(&caller.scope).may_call(spec)
+}
+
+/// Checks that `caller` may change deployment `id`: administrators every one; a deployer
+/// (see [`Caller::require_deployer`]) their own private ones. Another tenant's private
+/// deployment is 404; a platform deployment is 403 for a non-administrator.
+fn check_manage(state: &AppState, caller: &Caller, id: &str) -> Result<DeploymentSpec, ApiError> {
+    let spec = control_plane(state)?
+        .read_local(|cluster| cluster.deployment(&DeploymentId(id.to_owned())).map(|d| d.spec.clone()))
+        .filter(|spec| may_see(caller, spec))
+        .ok_or_else(|| not_found(id))?;
+    if caller.require_admin().is_ok() {
+        return Ok(spec);
+    }
+    if spec.owner.is_none() {
+        return Err(ApiError::forbidden(format!(
+            "{id} is a platform deployment: only a platform administrator changes it"
+        )));
+    }
+    caller.require_deployer()?;
+    Ok(spec)
+}
+
+/// The owner a new deployment gets: none for a public one, else whom the caller acts for.
+fn owner_for(caller: &Caller, visibility: Option<Visibility>) -> Result<Option<DeploymentOwner>, ApiError> {
+    let admin = caller.require_admin().is_ok();
+    match visibility.unwrap_or(if admin { Visibility::Public } else { Visibility::Private }) {
+        Visibility::Public if admin => Ok(None),
+        Visibility::Public => Err(ApiError::forbidden(
+            "a public deployment (one every tenant may call) needs a platform administrator: ask for `visibility: private`",
+        )
+        .with_param("visibility")),
+        Visibility::Private => Ok(Some(match caller.scope.acting_as() {
+            Owner::User(id) => DeploymentOwner::User(id.clone()),
+            Owner::Org(id) => DeploymentOwner::Org(id.clone()),
+        })),
+    }
 }
 
 /// Checks a request and turns it into a spec; estimates memory from the model's files
@@ -490,6 +693,7 @@ async fn spec_from(
         node_selector: request.node_selector,
         priority: request.priority,
         allow_preemption: request.allow_preemption,
+        owner: None,
     };
     Ok((spec, request.replicas, estimate))
 }
@@ -536,7 +740,14 @@ pub async fn create_deployment(
     caller: &Caller,
     request: DeploymentRequest,
 ) -> Result<Response, ApiError> {
-    caller.require_admin()?;
+    caller.require_deployer()?;
+    let owner = owner_for(caller, request.visibility)?;
+    if request.model_path.is_some() && caller.require_admin().is_err() {
+        return Err(ApiError::forbidden(
+            "deploying from files on the nodes (model_path) needs a platform administrator: deploy a model of the repository",
+        )
+        .with_param("model_path"));
+    }
     let name = request.name.clone().unwrap_or_default();
     if !valid_name(&name) {
         return Err(ApiError::bad_request(
@@ -548,10 +759,11 @@ pub async fn create_deployment(
     let handle = control_plane(state)?;
     if handle.read_local(|cluster| cluster.deployment(&DeploymentId(name.clone())).is_some()) {
         return Err(ApiError::conflict(format!(
-            "a deployment named {name} exists: update it with PUT /v1/deployments/{name} or choose another name"
+            "the deployment name {name} is taken (names are unique in the cluster): choose another name, or update yours with PUT /v1/deployments/{name}"
         )));
     }
-    let (spec, replicas, estimate) = spec_from(state, request).await?;
+    let (mut spec, replicas, estimate) = spec_from(state, request).await?;
+    spec.owner = owner;
     let detail = serde_json::json!({"model": spec.model_name, "version": spec.model_version, "replicas": replicas});
     let response = put(state, name.clone(), spec, replicas, estimate, true).await?;
     audit(state, caller.audit_entry("deployment.create", &name, detail)).await?;
@@ -570,7 +782,21 @@ pub async fn update_deployment(
     id: String,
     request: DeploymentRequest,
 ) -> Result<Response, ApiError> {
-    caller.require_admin()?;
+    let current = check_manage(state, caller, &id)?;
+    if request.model_path.is_some() && caller.require_admin().is_err() {
+        return Err(ApiError::forbidden(
+            "deploying from files on the nodes (model_path) needs a platform administrator",
+        )
+        .with_param("model_path"));
+    }
+    let visibility = if current.owner.is_some() { Visibility::Private } else { Visibility::Public };
+    if request.visibility.is_some_and(|asked| asked != visibility) {
+        return Err(ApiError::bad_request(
+            "invalid_input",
+            "a deployment's visibility is fixed when it is created: create another deployment",
+        )
+        .with_param("visibility"));
+    }
     if request.name.as_ref().is_some_and(|name| *name != id) {
         return Err(ApiError::bad_request(
             "invalid_input",
@@ -578,11 +804,8 @@ pub async fn update_deployment(
         )
         .with_param("name"));
     }
-    let handle = control_plane(state)?;
-    if !handle.read_local(|cluster| cluster.deployment(&DeploymentId(id.clone())).is_some()) {
-        return Err(not_found(&id));
-    }
-    let (spec, replicas, estimate) = spec_from(state, request).await?;
+    let (mut spec, replicas, estimate) = spec_from(state, request).await?;
+    spec.owner = current.owner;
     let detail = serde_json::json!({"model": spec.model_name, "version": spec.model_version, "replicas": replicas});
     let response = put(state, id.clone(), spec, replicas, estimate, false).await?;
     audit(state, caller.audit_entry("deployment.update", &id, detail)).await?;
@@ -600,7 +823,7 @@ pub async fn scale_deployment(
     id: String,
     request: ScaleRequest,
 ) -> Result<Response, ApiError> {
-    caller.require_admin()?;
+    check_manage(state, caller, &id)?;
     if request.replicas > MAX_REPLICAS {
         return Err(ApiError::bad_request("invalid_input", format!("replicas must be at most {MAX_REPLICAS}"))
             .with_param("replicas"));
@@ -618,7 +841,7 @@ pub async fn scale_deployment(
                 caller.audit_entry("deployment.scale", &id, serde_json::json!({"replicas": request.replicas})),
             )
             .await?;
-            get_deployment(state, &id)
+            get_deployment(state, caller, &id)
         }
         Err(Rejection::UnknownDeployment(_)) => Err(not_found(&id)),
         Err(other) => Err(ApiError::bad_request("invalid_input", other.to_string())),
@@ -631,7 +854,7 @@ pub async fn scale_deployment(
     responses((status = 200, description = "deleted", content_type = "application/json"), (status = 403, body = crate::error::ErrorBody),
         (status = 404, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn delete_deployment(state: &AppState, caller: &Caller, id: String) -> Result<Response, ApiError> {
-    caller.require_admin()?;
+    check_manage(state, caller, &id)?;
     let handle = control_plane(state)?;
     let command = Command::DeleteDeployment { deployment_id: DeploymentId(id.clone()), at_ms: now_ms() };
     match handle.propose(command).await? {

@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt as _;
 use maas_actors::node::{ServingModel, ServingTable};
-use maas_consensus::state::{DeploymentId, NodeId, NodeStatus, ReplicaState};
+use maas_consensus::state::{DeploymentId, DeploymentOwner, DeploymentSpec, NodeId, NodeStatus, ReplicaState};
 use maas_engine::{EngineError, FinishReason, GenerationEvent, GenerationRequest, SamplingParams};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -28,13 +28,14 @@ use warp::{Filter, Reply};
 
 use super::cluster::{COOKIE_HEADER, check_cookie, control_plane};
 use super::with_state;
-use crate::auth::{Access, Caller, caller, signed_in};
+use crate::auth::{Access, Caller, caller};
 use crate::error::ApiError;
 use crate::metering::Meter;
+use crate::model_text::ReplicaText;
 use crate::response_cache::CachedAnswer;
 use crate::response_format::{Expected, ResponseFormat};
 use crate::state::AppState;
-use maas_store::TenantScope;
+use maas_store::{Owner, TenantScope};
 
 /// Requests this node has in flight to each replica, the load that routing balances.
 #[derive(Debug, Default)]
@@ -78,8 +79,8 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let models = warp::path!("v1" / "models")
         .and(warp::get())
         .and(with_state(state))
-        .and(signed_in(state, Access::Inference))
-        .and_then(|s: Arc<AppState>| async move { list_models(&s).map_err(warp::reject::custom) });
+        .and(caller(state, Access::Inference))
+        .and_then(|s: Arc<AppState>, c: Caller| async move { list_models(&s, &c).map_err(warp::reject::custom) });
     let chat = warp::path!("v1" / "chat" / "completions")
         .and(warp::post())
         .and(with_state(state))
@@ -167,21 +168,26 @@ pub struct ModelList {
     pub data: Vec<ModelObject>,
 }
 
-/// The models that can be called: every deployment with a Ready replica (its name is the
-/// `model` of a request).
+/// The models the caller can call: every platform deployment and the caller's private
+/// ones with a Ready replica (its name is the `model` of a request).
 #[utoipa::path(get, path = "/v1/models", tag = "inference", responses((status = 200, body = ModelList)))]
-pub fn list_models(state: &AppState) -> Result<Response, ApiError> {
+pub fn list_models(state: &AppState, caller: &Caller) -> Result<Response, ApiError> {
     let handle = control_plane(state)?;
+    let called_for = CalledFor::scope(&caller.scope);
     let data = handle.read_local(|cluster| {
         cluster
             .deployments()
             .values()
+            .filter(|d| called_for.may_call(&d.spec))
             .filter(|d| cluster.replicas_of_deployment(&d.id).any(|r| r.state == ReplicaState::Ready))
             .map(|d| ModelObject {
                 id: d.id.0.clone(),
                 object: "model",
                 created: d.created_at_ms / 1000,
-                owned_by: format!("maas ({}:{})", d.spec.model_name, d.spec.model_version),
+                owned_by: match &d.spec.owner {
+                    None => format!("maas ({}:{})", d.spec.model_name, d.spec.model_version),
+                    Some(_) => format!("private ({}:{})", d.spec.model_name, d.spec.model_version),
+                },
             })
             .collect()
     });
@@ -207,13 +213,67 @@ fn next_random() -> u64 {
     z ^ (z >> 31)
 }
 
+/// For whom a deployment is called. A platform deployment (no owner) answers everyone; a
+/// private one only its owner: the user who owns it, or a caller acting as the
+/// organisation that owns it (a key of the organisation, or a member acting for it).
+/// Every route that names a deployment to call it goes through [`CalledFor::may_call`]
+/// (in [`Meter::admit`] and in [`candidates`]): another tenant's private deployment is
+/// "not found", as its other things are (TEN-1).
+#[derive(Debug, Clone, Copy)]
+pub struct CalledFor<'a> {
+    user_id: Option<&'a str>,
+    owner: &'a Owner,
+}
+
+impl<'a> CalledFor<'a> {
+    /// A request's caller.
+    pub fn scope(scope: &'a TenantScope) -> Self {
+        CalledFor { user_id: Some(scope.user_id()), owner: scope.acting_as() }
+    }
+
+    /// Work the platform does for an owner (a knowledge base's ingestion).
+    pub fn owner(owner: &'a Owner) -> Self {
+        CalledFor { user_id: None, owner }
+    }
+
+    pub fn may_call(self, spec: &DeploymentSpec) -> bool {
+        match &spec.owner {
+            None => true,
+            Some(DeploymentOwner::User(id)) => {
+                self.user_id == Some(id.as_str()) || matches!(self.owner, Owner::User(owner) if owner == id)
+            }
+            Some(DeploymentOwner::Org(id)) => matches!(self.owner, Owner::Org(owner) if owner == id),
+        }
+    }
+
+    /// Refuses a deployment that does not exist or that this caller may not call, alike.
+    pub fn check(self, state: &AppState, model: &str) -> Result<(), ApiError> {
+        let handle = control_plane(state)?;
+        let callable = handle.read_local(|cluster| {
+            cluster.deployment(&DeploymentId(model.to_owned())).is_some_and(|d| self.may_call(&d.spec))
+        });
+        if callable { Ok(()) } else { Err(model_not_found(model)) }
+    }
+}
+
+pub(crate) fn model_not_found(model: &str) -> ApiError {
+    ApiError::new(
+        http::StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "model_not_found",
+        format!("the model `{model}` does not exist: GET /v1/models lists the models you can call"),
+    )
+    .with_param("model")
+}
+
 /// The Ready replicas of deployment `model`, best first: the less loaded of two picked
 /// at random, then the rest (the fallbacks of a retry).
-fn candidates(state: &AppState, model: &str) -> Result<Vec<Target>, ApiError> {
+fn candidates(state: &AppState, called_for: CalledFor<'_>, model: &str) -> Result<Vec<Target>, ApiError> {
     let handle = control_plane(state)?;
     let own = handle.id();
     let found = handle.read_local(|cluster| {
-        let deployment = cluster.deployment(&DeploymentId(model.to_owned()))?;
+        let deployment =
+            cluster.deployment(&DeploymentId(model.to_owned())).filter(|d| called_for.may_call(&d.spec))?;
         let targets: Vec<Target> = cluster
             .replicas_of_deployment(&deployment.id)
             .filter(|r| r.state == ReplicaState::Ready)
@@ -229,13 +289,7 @@ fn candidates(state: &AppState, model: &str) -> Result<Vec<Target>, ApiError> {
         Some(targets)
     });
     let Some(mut targets) = found else {
-        return Err(ApiError::new(
-            http::StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "model_not_found",
-            format!("the model `{model}` does not exist: GET /v1/models lists the models you can call"),
-        )
-        .with_param("model"));
+        return Err(model_not_found(model));
     };
     if targets.is_empty() {
         return Err(ApiError::unavailable(format!(
@@ -263,7 +317,7 @@ fn candidates(state: &AppState, model: &str) -> Result<Vec<Target>, ApiError> {
     Ok(targets)
 }
 
-fn engine_error(err: &EngineError) -> ApiError {
+pub(crate) fn engine_error(err: &EngineError) -> ApiError {
     match err {
         EngineError::QueueFull { .. } => ApiError::new(
             http::StatusCode::TOO_MANY_REQUESTS,
@@ -290,7 +344,7 @@ pub(crate) async fn start_generation(
     request: GenerationRequest,
     render: Option<Vec<maas_engine::ChatMessage>>,
 ) -> Result<(mpsc::Receiver<GenerationEvent>, String), ApiError> {
-    let targets = candidates(state, model)?;
+    let targets = candidates(state, CalledFor::scope(scope), model)?;
     let mut request = request;
     apply_safety(state, scope, &mut request, render.as_deref()).await?;
     let mut last_error = None;
@@ -874,16 +928,7 @@ async fn chat_answer(
     };
     let generation_request = generation(&request, String::new(), logprobs)?;
     let expected = crate::response_format::expected(request.response_format.as_ref())?;
-    let (messages, rag) = match &request.knowledge_base_ids {
-        None => (messages, None),
-        Some(ids) => {
-            let options = request.retrieval.clone().unwrap_or_default();
-            let augmented =
-                crate::knowledge::rag::augment(&state, caller, &request.model, ids, &options, messages).await?;
-            let extra = json!({"citations": augmented.citations, "retrieval_query": augmented.query});
-            (augmented.messages, Some(extra))
-        }
-    };
+    let (messages, rag) = with_knowledge(&state, caller, &request, messages, generation_request.max_tokens).await?;
     if request.retrieval.is_some() && rag.is_none() {
         return Err(bad("retrieval", "retrieval needs knowledge_base_ids"));
     }
@@ -905,9 +950,8 @@ async fn chat_answer(
             }],
             "usage": usage(done.prompt_tokens, done.completion_tokens),
         });
-        if let Some(extra) = rag {
-            body["citations"] = extra["citations"].clone();
-            body["retrieval_query"] = extra["retrieval_query"].clone();
+        if let Some(Value::Object(extra)) = rag {
+            body.as_object_mut().expect("an object").extend(extra);
         }
         return Ok(mark_cached(warp::reply::json(&body).into_response(), hit));
     }
@@ -920,9 +964,8 @@ async fn chat_answer(
         Part::Start => {
             let mut first = chunk(json!({"role": "assistant", "content": ""}), Value::Null, Value::Null);
             // The sources come first, so a client can show them while the answer streams.
-            if let Some(extra) = &rag {
-                first["citations"] = extra["citations"].clone();
-                first["retrieval_query"] = extra["retrieval_query"].clone();
+            if let Some(Value::Object(extra)) = &rag {
+                first.as_object_mut().expect("an object").extend(extra.clone());
             }
             Some(first)
         }
@@ -1081,6 +1124,30 @@ fn deployment_version(state: &AppState, model: &str) -> Option<String> {
             deployment.generation
         ))
     })
+}
+
+/// A chat's messages with the sources of its knowledge bases put in, and what the answer
+/// carries of them (`citations`, `retrieval_query`, `sources_omitted`); the messages as
+/// they are without `knowledge_base_ids`.
+async fn with_knowledge(
+    state: &Arc<AppState>,
+    caller: &Caller,
+    request: &InferenceRequest,
+    messages: Vec<maas_engine::ChatMessage>,
+    max_tokens: usize,
+) -> Result<(Vec<maas_engine::ChatMessage>, Option<Value>), ApiError> {
+    let Some(ids) = &request.knowledge_base_ids else {
+        return Ok((messages, None));
+    };
+    let options = request.retrieval.clone().unwrap_or_default();
+    let augmented =
+        crate::knowledge::rag::augment(state, caller, &request.model, ids, &options, messages, max_tokens).await?;
+    let extra = json!({
+        "citations": augmented.citations,
+        "retrieval_query": augmented.query,
+        "sources_omitted": augmented.omitted,
+    });
+    Ok((augmented.messages, Some(extra)))
 }
 
 /// The answer of a deterministic request from the cache, or a generation started on a
@@ -1330,7 +1397,7 @@ pub const MAX_EMBEDDING_INPUTS: usize = 2048;
         (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn embeddings(state: Arc<AppState>, caller: Caller, request: EmbeddingRequest) -> Result<Response, ApiError> {
     let meter = Meter::admit(&state, &caller, &request.model, "embeddings").await?;
-    let result = embedding_answer(&state, request, &meter).await;
+    let result = embedding_answer(&state, &caller, request, &meter).await;
     if let Err(err) = &result {
         meter.fail(err.status.as_u16());
     }
@@ -1339,6 +1406,7 @@ pub async fn embeddings(state: Arc<AppState>, caller: Caller, request: Embedding
 
 async fn embedding_answer(
     state: &Arc<AppState>,
+    caller: &Caller,
     request: EmbeddingRequest,
     meter: &Meter,
 ) -> Result<Response, ApiError> {
@@ -1355,7 +1423,7 @@ async fn embedding_answer(
         Some("base64") => true,
         Some(other) => return Err(bad("encoding_format", format!("encoding_format `{other}` is not float or base64"))),
     };
-    let (vectors, tokens) = embed_texts(&state, &request.model, texts).await?;
+    let (vectors, tokens) = embed_texts(&state, CalledFor::scope(&caller.scope), &request.model, texts).await?;
     if let Some(dimensions) = request.dimensions
         && vectors.first().is_some_and(|v| v.len() != dimensions)
     {
@@ -1385,10 +1453,11 @@ async fn embedding_answer(
 /// deployment serves both.
 pub(crate) async fn embed_texts(
     state: &Arc<AppState>,
+    called_for: CalledFor<'_>,
     model: &str,
     texts: Vec<String>,
 ) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
-    let targets = candidates(state, model)?;
+    let targets = candidates(state, called_for, model)?;
     let mut last_error = None;
     for target in targets {
         let _guard = state.in_flight.enter(&target.replica_id);
@@ -1411,21 +1480,25 @@ pub(crate) async fn embed_texts(
     Err(last_error.unwrap_or_else(|| ApiError::unavailable("no replica could take the request")))
 }
 
-/// The tokenizer (`tokenizer.json` text) and embedding length of the embedding deployment
-/// `model`, from one of its Ready replicas, so that chunking counts tokens as the model does.
-pub(crate) async fn embedding_tokenizer(state: &Arc<AppState>, model: &str) -> Result<(String, usize), ApiError> {
-    let targets = candidates(state, model)?;
+/// The text side (tokenizer, template, context or embedding length) of deployment
+/// `model`, from one of its Ready replicas: [`crate::model_text`] caches it.
+pub(crate) async fn replica_text(
+    state: &Arc<AppState>,
+    called_for: CalledFor<'_>,
+    model: &str,
+) -> Result<ReplicaText, ApiError> {
+    let targets = candidates(state, called_for, model)?;
     let mut last_error = None;
     for target in targets {
         let outcome = match &target.remote_api {
             None => match serving(state)?.get(&target.replica_id) {
-                Some(ServingModel::Embedder(embedder)) => tokenizer_of(&embedder),
-                Some(ServingModel::Generator(_)) => {
-                    return Err(bad("embedding_model", format!("`{model}` is not an embedding model")));
-                }
+                Some(loaded) => ReplicaText::of(&loaded).map_err(|e| engine_error(&e)),
                 None => Err(ApiError::unavailable(format!("replica {} is not loaded here yet", target.replica_id))),
             },
-            Some(api) => remote_tokenizer(state, api, &target.replica_id).await,
+            Some(api) => replica_call(state, api, &target.replica_id, "tokenizer", None).await.and_then(|answer| {
+                serde_json::from_value(answer)
+                    .map_err(|e| ApiError::internal(format!("replica {}'s tokenizer: {e}", target.replica_id)))
+            }),
         };
         match outcome {
             Ok(done) => return Ok(done),
@@ -1434,17 +1507,6 @@ pub(crate) async fn embedding_tokenizer(state: &Arc<AppState>, model: &str) -> R
         }
     }
     Err(last_error.unwrap_or_else(|| ApiError::unavailable("no replica could take the request")))
-}
-
-fn tokenizer_of(model: &maas_engine::EmbeddingModel) -> Result<(String, usize), ApiError> {
-    Ok((model.tokenizer_json().map_err(|e| engine_error(&e))?, model.dimensions()))
-}
-
-async fn remote_tokenizer(state: &AppState, api: &str, replica_id: &str) -> Result<(String, usize), ApiError> {
-    let answer = replica_call(state, api, replica_id, "tokenizer", None).await?;
-    let tokenizer = answer["tokenizer"].as_str().unwrap_or_default().to_owned();
-    let dimensions = usize::try_from(answer["dimensions"].as_u64().unwrap_or(0)).unwrap_or(0);
-    Ok((tokenizer, dimensions))
 }
 
 /// Calls `/internal/replicas/{replica_id}/{what}` on the replica's node with the cluster
@@ -1476,14 +1538,14 @@ async fn replica_call(
     Ok(answer)
 }
 
-/// The serving end of [`remote_tokenizer`].
+/// The serving end of [`replica_text`] for a peer.
 fn internal_tokenizer(state: &AppState, cookie: Option<&str>, replica_id: &str) -> Result<Response, ApiError> {
     check_cookie(state, cookie)?;
-    let Some(ServingModel::Embedder(model)) = serving(state)?.get(replica_id) else {
+    let Some(loaded) = serving(state)?.get(replica_id) else {
         return Err(ApiError::unavailable(format!("replica {replica_id} is not loaded on this node")));
     };
-    let (tokenizer, dimensions) = tokenizer_of(&model)?;
-    Ok(warp::reply::json(&json!({"tokenizer": tokenizer, "dimensions": dimensions})).into_response())
+    let text = ReplicaText::of(&loaded).map_err(|e| engine_error(&e))?;
+    Ok(warp::reply::json(&text).into_response())
 }
 
 async fn remote_embed(

@@ -32,6 +32,7 @@ use crate::state::AppState;
         super::deployments::scale_deployment,
         super::deployments::delete_deployment,
         super::deployments::estimate_deployment,
+        super::deployments::deployment_metrics,
         super::deployments::drain_node,
         super::deployments::undrain_node,
         super::registry::upload_blob,

@@ -25,9 +25,11 @@
 //! - `{"type": "session", "id", "model", "messages": N}` once, on open (`N` messages so far);
 //! - per turn, `{"type": "delta", "content": "..."}` frames, then
 //!   `{"type": "done", "finish_reason", "usage": {"prompt_tokens", "completion_tokens",
-//!   "total_tokens"}}` once the turn is written (`finish_reason`: `stop`, `length`,
-//!   `cancelled` or `failed`; a cancelled turn's `prompt_tokens` is 0, as the replica did
-//!   not report it);
+//!   "total_tokens"}, "history_omitted": N}` once the turn is written (`finish_reason`:
+//!   `stop`, `length`, `cancelled` or `failed`; a cancelled turn's `prompt_tokens` is 0, as
+//!   the replica did not report it; `history_omitted`: the oldest messages left out of
+//!   this turn's prompt so that it fits the model's context with `max_tokens` of room for
+//!   the answer, see [`maas_engine::fit::trim_history`]: they stay in the session);
 //! - `{"type": "error", "error": {"message", "type", "code", "param"}}` for a refused frame
 //!   (bad JSON, an unknown `type`, a turn while one answers, an unavailable model, a binary
 //!   frame): the socket stays open. A turn that fails while answering gets an error frame
@@ -40,7 +42,6 @@ use std::sync::Arc;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use maas_actors::session::{self as actor, SessionMsg, SessionRef, Sessions, TurnFinish, TurnOutcome};
-use maas_consensus::state::DeploymentId;
 use maas_engine::{FinishReason, GenerationEvent};
 use maas_store::TenantScope;
 use maas_store::repo::sessions::{ChatSession, NewChatSession, SessionMessage};
@@ -53,7 +54,6 @@ use warp::reply::Response;
 use warp::ws::{Message, WebSocket, Ws};
 use warp::{Filter, Reply};
 
-use super::cluster::control_plane;
 use super::openai::{InferenceRequest, generation, start_generation};
 use super::with_state;
 use crate::auth::{Access, Caller, caller};
@@ -262,16 +262,7 @@ pub async fn create_session(
         stop,
     };
     sampling.request(&model)?;
-    let known = control_plane(state)?.read_local(|cluster| cluster.deployment(&DeploymentId(model.clone())).is_some());
-    if !known {
-        return Err(ApiError::new(
-            http::StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "model_not_found",
-            format!("the model `{model}` does not exist: GET /v1/models lists the models you can call"),
-        )
-        .with_param("model"));
-    }
+    super::openai::CalledFor::scope(&caller.scope).check(state, &model)?;
     let scope = caller.scope.clone();
     let sampling = serde_json::to_value(&sampling).map_err(|e| ApiError::internal(e.to_string()))?;
     let session =
@@ -404,10 +395,10 @@ fn error_frame(err: &ApiError) -> Value {
     json!({"type": "error", "error": {"message": err.message, "type": err.kind, "code": err.code, "param": err.param}})
 }
 
-fn done_frame(finish: TurnFinish, prompt_tokens: usize, completion_tokens: usize) -> Value {
+fn done_frame(finish: TurnFinish, prompt_tokens: usize, completion_tokens: usize, history_omitted: usize) -> Value {
     json!({"type": "done", "finish_reason": finish.as_str(), "usage": {
         "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens}})
+        "total_tokens": prompt_tokens + completion_tokens}, "history_omitted": history_omitted})
 }
 
 /// A turn answering on this socket. Dropped before it is finished (the client went
@@ -422,6 +413,8 @@ struct ActiveTurn {
     events: mpsc::Receiver<GenerationEvent>,
     content: String,
     completion_tokens: usize,
+    /// History messages left out of the prompt to fit the context.
+    history_omitted: usize,
     recorded: bool,
     /// Records the turn's usage when it ends (cancelled or cut turns count their tokens).
     meter: Meter,
@@ -557,6 +550,7 @@ async fn on_message(
                 return send(socket, &error_frame(&refusal)).await;
             };
             let completion_tokens = active.completion_tokens;
+            let history_omitted = active.history_omitted;
             // Recording drops the receiver, which cancels the generation.
             let recorded = active.record(&session.id, TurnFinish::Cancelled, None, None).await;
             if let Err(err) = recorded
@@ -564,7 +558,7 @@ async fn on_message(
             {
                 return false;
             }
-            send(socket, &done_frame(TurnFinish::Cancelled, 0, completion_tokens)).await
+            send(socket, &done_frame(TurnFinish::Cancelled, 0, completion_tokens, history_omitted)).await
         }
         Ok(ClientFrame::User(frame)) => match start_turn(state, sessions, caller, session, frame).await {
             Ok(active) => {
@@ -613,8 +607,15 @@ async fn begin_metered_turn(
     sampling.seed = frame.seed.or(sampling.seed);
     let request = sampling.request(&session.model)?;
     let (actor, start) = sessions.begin_turn(scope, &session.id, &frame.content).await?;
-    match start_generation(state, scope, &session.model, request, Some(start.messages)).await {
-        Ok((events, replica)) => {
+    let fitted = fit_history(state, scope, &session.model, start.messages, request.max_tokens).await;
+    let outcome = match fitted {
+        Ok(trimmed) => start_generation(state, scope, &session.model, request, Some(trimmed.messages))
+            .await
+            .map(|started| (started, trimmed.dropped)),
+        Err(err) => Err(err),
+    };
+    match outcome {
+        Ok(((events, replica), history_omitted)) => {
             state.in_flight.arrive(&replica);
             Ok(ActiveTurn {
                 state: Arc::clone(state),
@@ -625,6 +626,7 @@ async fn begin_metered_turn(
                 events,
                 content: String::new(),
                 completion_tokens: 0,
+                history_omitted,
                 recorded: false,
                 meter,
             })
@@ -639,6 +641,26 @@ async fn begin_metered_turn(
             Err(err)
         }
     }
+}
+
+/// The session's conversation with its oldest turns left out as far as needed to fit the
+/// model's context with `max_tokens` of room for the answer. Counted on a blocking thread
+/// with the model's own tokenizer and template.
+async fn fit_history(
+    state: &Arc<AppState>,
+    scope: &TenantScope,
+    model: &str,
+    messages: Vec<maas_engine::ChatMessage>,
+    max_tokens: usize,
+) -> Result<maas_engine::fit::Trimmed, ApiError> {
+    let text = state.model_texts.chat(state, super::openai::CalledFor::scope(scope), model).await?;
+    tokio::task::spawn_blocking(move || {
+        let budget = maas_engine::fit::prompt_budget(text.context_length, max_tokens);
+        maas_engine::fit::trim_history(&text.tokenizer, &messages, budget, text.context_length)
+            .map_err(|e| super::openai::engine_error(&e).with_param("content"))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("the prompt thread failed: {e}")))?
 }
 
 /// Forwards a generation event; false when the socket is done.
@@ -667,6 +689,7 @@ async fn on_event(
                 FinishReason::ContentFilter => TurnFinish::ContentFilter,
             };
             let Some(mut active) = turn.take() else { return true };
+            let history_omitted = active.history_omitted;
             active.completion_tokens = completion_tokens;
             active.meter.finish(200, prompt_tokens, completion_tokens);
             let recorded = active.record(&session.id, finish, None, Some(prompt_tokens)).await;
@@ -675,7 +698,7 @@ async fn on_event(
             {
                 return false;
             }
-            send(socket, &done_frame(finish, prompt_tokens, completion_tokens)).await
+            send(socket, &done_frame(finish, prompt_tokens, completion_tokens, history_omitted)).await
         }
         failure @ (Some(GenerationEvent::Failed(_)) | None) => {
             let reason = match failure {
@@ -685,6 +708,7 @@ async fn on_event(
             let Some(active) = turn.take() else { return true };
             active.meter.fail(502);
             let completion_tokens = active.completion_tokens;
+            let history_omitted = active.history_omitted;
             let recorded = active.record(&session.id, TurnFinish::Failed, Some(reason.clone()), None).await;
             let failed = ApiError::new(
                 http::StatusCode::BAD_GATEWAY,
@@ -696,7 +720,7 @@ async fn on_event(
                 },
             );
             send(socket, &error_frame(&failed)).await
-                && send(socket, &done_frame(TurnFinish::Failed, 0, completion_tokens)).await
+                && send(socket, &done_frame(TurnFinish::Failed, 0, completion_tokens, history_omitted)).await
         }
     }
 }

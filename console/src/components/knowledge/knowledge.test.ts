@@ -10,50 +10,7 @@ import { applyEvent } from '../../api/sse'
 import { ingestPercent, isPending, POLL_MS, useKnowledgeStore } from '../../stores/knowledge'
 import { useChatStore } from '../../stores/chat'
 import type { Citation, KnowledgeDocument } from '../../api/types'
-import { json, plugins, sseResponse, stubFetch } from '../../test/helpers'
-
-// A stand-in for XMLHttpRequest: records what is sent; the test drives the events.
-class FakeXhr {
-  static last: FakeXhr | null = null
-  method = ''
-  url = ''
-  withCredentials = false
-  status = 0
-  statusText = ''
-  responseText = ''
-  body: FormData | null = null
-  headers: Record<string, string> = {}
-  aborted = false
-  upload: { onprogress: ((event: ProgressEvent) => void) | null } = { onprogress: null }
-  onload: (() => void) | null = null
-  onerror: (() => void) | null = null
-  onabort: (() => void) | null = null
-  constructor() {
-    FakeXhr.last = this
-  }
-  open(method: string, url: string) {
-    this.method = method
-    this.url = url
-  }
-  setRequestHeader(name: string, value: string) {
-    this.headers[name] = value
-  }
-  send(body: FormData) {
-    this.body = body
-  }
-  abort() {
-    this.aborted = true
-    this.onabort?.()
-  }
-  progress(loaded: number, total: number) {
-    this.upload.onprogress?.({ lengthComputable: true, loaded, total } as ProgressEvent)
-  }
-  answer(status: number, body: unknown) {
-    this.status = status
-    this.responseText = JSON.stringify(body)
-    this.onload?.()
-  }
-}
+import { FakeXhr, json, plugins, sseResponse, stubFetch } from '../../test/helpers'
 
 function doc(over: Partial<KnowledgeDocument> = {}): KnowledgeDocument {
   return {
@@ -96,7 +53,7 @@ beforeEach(() => setActivePinia(createPinia()))
 afterEach(() => {
   vi.useRealTimers()
   vi.unstubAllGlobals()
-  FakeXhr.last = null
+  FakeXhr.reset()
 })
 
 describe('the citation list', () => {
@@ -136,9 +93,11 @@ describe('uploading a document', () => {
     expect(xhr.method).toBe('POST')
     expect(xhr.url).toBe('/v1/knowledge_bases/kb%201/documents')
     expect(xhr.withCredentials).toBe(true)
-    expect((xhr.body!.get('file') as File).name).toBe('guide.md')
-    expect(xhr.body!.get('tags')).toBe('a, b')
-    expect(xhr.body!.get('category')).toBe('manual')
+    const form = xhr.body as FormData
+    expect(form).toBeInstanceOf(FormData)
+    expect((form.get('file') as File).name).toBe('guide.md')
+    expect(form.get('tags')).toBe('a, b')
+    expect(form.get('category')).toBe('manual')
     xhr.progress(25, 100)
     xhr.progress(100, 100)
     xhr.answer(200, doc())
