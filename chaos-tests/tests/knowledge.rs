@@ -193,6 +193,20 @@ async fn create_knowledge_base(node: &MaasProcess) -> String {
     )
     .await;
     assert_eq!(status, 409, "names are unique per owner");
+    // Reading an empty knowledge base and searching it make nothing on disk.
+    let (status, read) = get(node, &format!("/v1/knowledge_bases/{kb_id}")).await;
+    assert_eq!(status, 200, "{read}");
+    assert_eq!(read["stats"]["fulltext_entries"], 0, "{read}");
+    let (status, found) = send(
+        node,
+        reqwest::Method::POST,
+        &format!("/v1/knowledge_bases/{kb_id}/retrieve"),
+        &json!({"query": "anything", "mode": "fulltext"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["data"], json!([]), "{found}");
+    assert!(!node.data_dir.join("knowledge/fulltext").join(&kb_id).exists(), "no index before a document");
 
     kb_id
 }

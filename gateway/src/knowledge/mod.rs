@@ -153,6 +153,14 @@ impl KnowledgeService {
         Ok(index)
     }
 
+    /// The full-text index of a knowledge base that has one; `None` before its first
+    /// document is indexed (reading a knowledge base makes no folder).
+    pub async fn existing_fulltext(&self, kb_id: &str) -> Result<Option<Arc<FullTextIndex>>, ApiError> {
+        let exists = self.fulltext.lock().await.contains_key(kb_id)
+            || tokio::fs::try_exists(self.fulltext_root.join(kb_id)).await.unwrap_or(false);
+        if exists { self.fulltext(kb_id).await.map(Some) } else { Ok(None) }
+    }
+
     /// Removes a deleted knowledge base's vectors and full-text index.
     pub async fn drop_knowledge_base(&self, kb_id: &str, backend: &str) -> Result<(), ApiError> {
         self.vectors(backend).await?.drop_collection(kb_id).await.map_err(|e| knowledge_error(&e))?;

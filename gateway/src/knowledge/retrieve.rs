@@ -154,15 +154,15 @@ pub async fn retrieve(
     } else {
         vector_search(state, service, kb, &request.query, fetch, &filter).await?
     };
-    let fulltext_hits = if mode == RetrievalMode::Vector {
-        Vec::new()
-    } else {
-        let index = service.fulltext(&kb.id).await?;
+    let index = if mode == RetrievalMode::Vector { None } else { service.existing_fulltext(&kb.id).await? };
+    let fulltext_hits = if let Some(index) = index {
         let (query, filter) = (request.query.clone(), filter.clone());
         tokio::task::spawn_blocking(move || index.search(&query, fetch, &filter))
             .await
             .map_err(|e| ApiError::internal(format!("the search thread failed: {e}")))?
             .map_err(|e| knowledge_error(&e))?
+    } else {
+        Vec::new()
     };
     let graph_hits = if request.graph.unwrap_or(false) {
         graph_search(stores, kb, &request.query, fetch).await?

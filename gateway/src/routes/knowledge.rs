@@ -330,8 +330,7 @@ pub async fn get_knowledge_base(state: &AppState, caller: &Caller, id: &str) -> 
     } else {
         Some(0)
     };
-    let index = service.fulltext(&record.id).await?;
-    let fulltext_count = index.len();
+    let fulltext_count = service.existing_fulltext(&record.id).await?.map_or(0, |index| index.len());
     let mut object = KnowledgeBaseObject::from(record);
     object.stats = Some(json!({
         "documents": documents.len(),
