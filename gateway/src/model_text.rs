@@ -70,8 +70,7 @@ impl<T: Send + Sync + 'static> PerDeployment<T> {
         model: &str,
         build: fn(ReplicaText, &str) -> Result<T, ApiError>,
     ) -> Result<Arc<T>, ApiError> {
-        called_for.check(state, model)?;
-        let generation = deployment_generation(state, model)?;
+        let generation = deployment_generation(state, called_for, model)?;
         if let Some((cached, value)) = self.0.lock().expect("model text lock").get(model)
             && *cached == generation
         {
@@ -149,11 +148,16 @@ impl ModelTexts {
     }
 }
 
-/// The generation of deployment `model` (0 when it does not exist: the next step reports
-/// that properly).
-fn deployment_generation(state: &AppState, model: &str) -> Result<u64, ApiError> {
+/// The generation of deployment `model`; "not found" when it does not exist or is another
+/// tenant's private deployment (one read of the cluster state for both).
+fn deployment_generation(state: &AppState, called_for: CalledFor<'_>, model: &str) -> Result<u64, ApiError> {
     let handle = crate::routes::cluster::control_plane(state)?;
-    Ok(handle.read_local(|cluster| {
-        cluster.deployment(&maas_consensus::state::DeploymentId(model.to_owned())).map_or(0, |d| d.generation)
-    }))
+    handle
+        .read_local(|cluster| {
+            cluster
+                .deployment(&maas_consensus::state::DeploymentId(model.to_owned()))
+                .filter(|d| called_for.may_call(&d.spec))
+                .map(|d| d.generation)
+        })
+        .ok_or_else(|| crate::routes::openai::model_not_found(model))
 }

@@ -183,7 +183,11 @@ impl Monitor {
     fn with_bucket(&self, deployment: &str, at_ms: u64, update: impl FnOnce(&mut Accumulator)) {
         let start_ms = at_ms - at_ms % BUCKET_MS;
         let mut all = self.0.lock().expect("monitor lock");
-        let buckets = all.entry(deployment.to_owned()).or_default();
+        // The key is allocated once per deployment, not once per request.
+        if !all.contains_key(deployment) {
+            all.insert(deployment.to_owned(), VecDeque::new());
+        }
+        let Some(buckets) = all.get_mut(deployment) else { return };
         // Records arrive in time order but for a few (a request is stamped when it ends):
         // look for the bucket from the newest back.
         let position = buckets.iter().rposition(|b| b.start_ms <= start_ms);
