@@ -48,7 +48,7 @@ fn main() {
         println!("cargo:rerun-if-changed={}", console.display());
     }
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    std::fs::write(out_dir.join("console_assets.rs"), assets_source(&dist)).expect("OUT_DIR is writable");
+    std::fs::write(out_dir.join("console_assets.rs"), assets_source(&dist, &out_dir)).expect("OUT_DIR is writable");
 }
 
 /// Whether `dist` is missing or older than any of the console's inputs.
@@ -106,19 +106,58 @@ fn run(dir: &Path, args: &[&str]) -> bool {
     }
 }
 
-/// A Rust source that defines `CONSOLE_ASSETS`: every file under `dist` as (path relative
-/// to `dist` with `/` separators, contents).
-fn assets_source(dist: &Path) -> String {
+/// Text files smaller than this are sent as they are: gzip would save a packet at most.
+const GZIP_FROM_BYTES: u64 = 1024;
+/// The file types worth compressing (fonts and images are compressed already).
+const COMPRESSIBLE: [&str; 8] = ["html", "js", "mjs", "css", "json", "map", "svg", "txt"];
+
+/// A Rust source that defines `CONSOLE_ASSETS`: every file under `dist` by its path
+/// relative to `dist` (with `/` separators), with its contents and, for text files of
+/// [`GZIP_FROM_BYTES`] or more, its gzip encoding (made here, once per build, at the best
+/// compression, so a request costs no compression).
+fn assets_source(dist: &Path, out_dir: &Path) -> String {
     let mut files = Vec::new();
     collect(dist, dist, &mut files);
     files.sort();
-    let mut source = String::from("/// The built console's files: (path under `console/dist`, contents).\n");
-    source.push_str("pub static CONSOLE_ASSETS: &[(&str, &[u8])] = &[\n");
-    for (relative, absolute) in files {
-        let _ = writeln!(source, "    ({relative:?}, include_bytes!({:?})),", absolute.display().to_string());
+    let compressed = out_dir.join("console-gzip");
+    let _ = std::fs::remove_dir_all(&compressed);
+    let mut source = String::from("/// The built console's files.\n");
+    source.push_str("pub static CONSOLE_ASSETS: &[ConsoleAsset] = &[\n");
+    for (index, (relative, absolute)) in files.into_iter().enumerate() {
+        let gzip = gzip(&absolute, &compressed.join(format!("{index}.gz")));
+        let gzip = gzip.map_or_else(
+            || "None".to_owned(),
+            |path| format!("Some(include_bytes!({:?}))", path.display().to_string()),
+        );
+        let _ = writeln!(
+            source,
+            "    ConsoleAsset {{ path: {relative:?}, contents: include_bytes!({:?}), gzip: {gzip} }},",
+            absolute.display().to_string()
+        );
     }
     source.push_str("];\n");
     source
+}
+
+/// Writes the gzip encoding of `file` to `to` when the file is compressible text and the
+/// encoding is smaller; its path if so.
+fn gzip(file: &Path, to: &Path) -> Option<PathBuf> {
+    use std::io::Write as _;
+    let extension = file.extension()?.to_str()?;
+    let size = std::fs::metadata(file).ok()?.len();
+    if !COMPRESSIBLE.contains(&extension) || size < GZIP_FROM_BYTES {
+        return None;
+    }
+    let contents = std::fs::read(file).ok()?;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&contents).ok()?;
+    let encoded = gz.finish().ok()?;
+    if encoded.len() >= contents.len() {
+        return None;
+    }
+    std::fs::create_dir_all(to.parent()?).ok()?;
+    std::fs::write(to, encoded).ok()?;
+    Some(to.to_path_buf())
 }
 
 fn collect(root: &Path, dir: &Path, files: &mut Vec<(String, PathBuf)>) {

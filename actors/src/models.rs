@@ -298,20 +298,26 @@ pub struct LocalModel {
 
 impl NodeRuntime {
     /// Finds, fetches, lays out and checks the model of `spec`.
-    pub async fn prepare(&self, spec: &crate::node::ReplicaSpec) -> Result<LocalModel, String> {
+    pub async fn prepare(
+        &self,
+        spec: &crate::node::ReplicaSpec,
+        log: &crate::node::ReplicaLog,
+    ) -> Result<LocalModel, String> {
         let path = if let Some(path) = &spec.model_path {
+            log.info(format!("loading {} from {path} on this node", spec.model_name));
             PathBuf::from(path)
         } else {
+            log.info(format!("preparing the files of {}:{}", spec.model_name, spec.model_version));
             let record = self
                 .db
                 .models()
-                .find_platform(&spec.model_name, &spec.model_version)
+                .find(spec.model_owner.as_ref(), &spec.model_name, &spec.model_version)
                 .await
                 .map_err(|err| err.to_string())?;
             let peers = (self.peers)();
             let fetched = fetch_missing(&self.blobs, &record, &peers, &self.cookie).await?;
             if fetched > 0 {
-                tracing::info!(model = %record.name, version = %record.version, bytes = fetched, "model files fetched from peers");
+                log.info(format!("fetched {fetched} bytes of model files from peers"));
             }
             let dir = materialise(&self.blobs, &self.data_dir, &record.files).await?;
             match record.files.as_slice() {
@@ -329,12 +335,13 @@ impl NodeRuntime {
 }
 
 impl crate::node::ReplicaRuntime for NodeRuntime {
-    fn load(&self, spec: crate::node::ReplicaSpec) -> crate::node::LoadFuture {
+    fn load(&self, spec: crate::node::ReplicaSpec, log: crate::node::ReplicaLog) -> crate::node::LoadFuture {
         let runtime = self.clone();
         let options = self.engine.clone();
         Box::pin(async move {
-            let model = runtime.prepare(&spec).await?;
+            let model = runtime.prepare(&spec, &log).await?;
             let embedding = metadata_of(&model.files).tasks.iter().any(|task| task == "embedding");
+            log.info(format!("loading the weights: {}", model.files.summary()));
             let path = model.path.clone();
             let serving = tokio::task::spawn_blocking(move || {
                 if embedding {

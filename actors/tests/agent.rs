@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use maas_actors::node::agent::gpu_actor_name;
 use maas_actors::node::{
-    AgentConfig, AgentStatus, GpuMsg, LocalReplicaState, ModelPathRuntime, NodeAgent, ReplicaRuntime,
+    AgentConfig, AgentStatus, GpuMsg, LocalReplicaState, LogLevel, ModelPathRuntime, NodeAgent, ReplicaRuntime,
 };
 use maas_consensus::control::NoPeers;
 use maas_consensus::state::{
@@ -50,6 +50,7 @@ async fn control_plane(dir: &std::path::Path) -> RaftHandle<ClusterState> {
         priority: 0,
         allow_preemption: false,
         owner: None,
+        tenant_model: false,
     };
     propose(&handle, Command::PutDeployment { deployment_id: DeploymentId("d1".into()), spec, replicas: 1, at_ms: 2 })
         .await;
@@ -98,6 +99,7 @@ fn deployment(id: &str, path: &std::path::Path) -> Command {
         node_selector: BTreeMap::new(),
         priority: 0,
         owner: None,
+        tenant_model: false,
         allow_preemption: false,
     };
     Command::PutDeployment { deployment_id: DeploymentId(id.into()), spec, replicas: 1, at_ms: 2 }
@@ -205,6 +207,7 @@ async fn replicas_load_their_model_files_report_ready_and_stop_when_told() {
     propose(&control, deployment("good", &model)).await;
     let status = Arc::new(RwLock::new(AgentStatus::default()));
     let config = AgentConfig { reconcile_every: Duration::from_millis(20), ..AgentConfig::new(1, 1024) };
+    let journal = config.journal.clone();
     let (agent, _) =
         Actor::spawn(None, NodeAgent, (config, control.clone(), Arc::clone(&status), runtime())).await.unwrap();
 
@@ -226,6 +229,15 @@ async fn replicas_load_their_model_files_report_ready_and_stop_when_told() {
     .await;
     until_committed(&control, "g1", "g1 is removed", |state| state.is_none()).await;
     until(&status, "no replica runs", |s| s.replicas.is_empty() && s.gpus[0].used_mib == 0).await;
+    // The deployment's log tells the story, in order.
+    let told: Vec<String> = journal.lines("good", LogLevel::Info, 100).into_iter().map(|line| line.message).collect();
+    let expected =
+        ["starting on node 1 on GPU(s) [0] with 30000 MiB each", "checking the files at", "ready in ", "stopping: "];
+    assert_eq!(told.len(), expected.len(), "{told:#?}");
+    for (line, start) in told.iter().zip(expected) {
+        assert!(line.starts_with(start), "{line:?} should start with {start:?}: {told:#?}");
+    }
+    assert!(told[2].contains("LlamaForCausalLM"), "{told:#?}");
 
     // A corrupt model fails with the reason, is retried, and its restarts are counted.
     let broken = dir.path().join("broken");
@@ -245,6 +257,21 @@ async fn replicas_load_their_model_files_report_ready_and_stop_when_told() {
     let deadline = Instant::now() + Duration::from_secs(10);
     while control.read_local(|s| s.replica(&ReplicaId("b1".into())).map_or(0, |r| r.restarts)) == 0 {
         assert!(Instant::now() < deadline, "b1 is started again after its back-off");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let problems = journal.lines("bad", LogLevel::Warn, 100);
+        let failed = problems.iter().any(|l| {
+            l.level == LogLevel::Error && l.message.starts_with("failed to load:") && l.message.contains("truncated")
+        });
+        let restarted =
+            problems.iter().any(|l| l.level == LogLevel::Warn && l.message.starts_with("restarting on node 1"));
+        if failed && restarted {
+            assert!(problems.iter().all(|l| l.replica_id == "b1" && l.node_id == 1), "{problems:#?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the log says b1 failed to load and was restarted: {problems:#?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 

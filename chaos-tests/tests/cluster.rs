@@ -446,6 +446,34 @@ async fn a_killed_nodes_replicas_are_ready_elsewhere_with_the_default_timing() {
     let per_replica = deployment(&cluster.live_urls(), "tiny").await.unwrap()["memory_per_gpu_mib"].as_u64().unwrap();
     assert_eq!(reserved, 3 * per_replica, "the survivors hold exactly the three replicas");
     assert_eq!(used, 3 * per_replica, "and all three are loaded: {gpus}");
+
+    the_log_tells_where_the_replicas_ran(&cluster.live_urls(), victim_id).await;
+}
+
+/// The deployment's log, asked of one survivor, has both survivors' lines: the files
+/// fetched from a peer, and three replicas ready (two from the start, one moved); the CLI
+/// prints the same.
+async fn the_log_tells_where_the_replicas_ran(live_urls: &[String], victim_id: u64) {
+    let mut survivors: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != victim_id).collect();
+    survivors.sort_unstable();
+    let logs = get(&format!("{}/v1/deployments/tiny/logs", live_urls[0])).await.unwrap();
+    assert_eq!(logs["nodes"], json!(survivors), "{logs}");
+    assert_eq!(logs["nodes_missing"], json!([]), "{logs}");
+    let lines = logs["lines"].as_array().unwrap();
+    let said = |start: &str| lines.iter().filter(|l| l["message"].as_str().unwrap().starts_with(start)).count();
+    assert_eq!(said("ready in "), 3, "{logs}");
+    assert!(said("starting on node ") >= 3 && said("fetched ") >= 1, "{logs}");
+    assert!(lines.iter().all(|l| survivors.contains(&l["node_id"].as_u64().unwrap())), "{logs}");
+    let times: Vec<u64> = lines.iter().map(|l| l["at_ms"].as_u64().unwrap()).collect();
+    assert!(times.is_sorted(), "oldest first: {logs}");
+    let printed = Command::new(maas_binary())
+        .args(["deployment", "logs", "tiny", "--level", "info", "--server", &live_urls[0]])
+        .env("MAAS_CLUSTER__COOKIE", COOKIE)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&printed.stdout);
+    assert!(printed.status.success(), "{}", String::from_utf8_lossy(&printed.stderr));
+    assert_eq!(stdout.lines().filter(|l| l.contains(" INFO  ready in ")).count(), 3, "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -591,13 +591,7 @@ async fn a_private_deployment_answers_only_its_owner() {
     signed_up(&node, "root@example.com").await;
     let (erin, erin_id) = signed_up(&node, "erin@example.com").await;
     let (frank, _) = signed_up(&node, "frank@example.com").await;
-    let promoted = maas_chaos_tests::admin_client(COOKIE)
-        .patch(format!("{}/v1/admin/users/{erin_id}", node.base_url))
-        .json(&json!({"role": "enterprise"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(promoted.status(), 200);
+    make_enterprise(&node, &erin_id).await;
     let post = reqwest::Method::POST;
     let private = json!({"name": "erin-chat", "model": "tiny", "gpus_per_replica": 0, "context_tokens": 256,
                          "concurrent_sequences": 2});
@@ -645,6 +639,8 @@ async fn a_private_deployment_answers_only_its_owner() {
         (post.clone(), "/v1/embeddings", Some(json!({"model": "erin-chat", "input": "hi"}))),
         (post.clone(), "/v1/sessions", Some(json!({"model": "erin-chat"}))),
         (reqwest::Method::GET, "/v1/deployments/erin-chat", None),
+        (reqwest::Method::GET, "/v1/deployments/erin-chat/metrics", None),
+        (reqwest::Method::GET, "/v1/deployments/erin-chat/logs", None),
         (reqwest::Method::PATCH, "/v1/deployments/erin-chat", Some(json!({"replicas": 0}))),
         (reqwest::Method::PUT, "/v1/deployments/erin-chat", Some(private.clone())),
         (reqwest::Method::DELETE, "/v1/deployments/erin-chat", None),
@@ -670,6 +666,114 @@ async fn a_private_deployment_answers_only_its_owner() {
     let all: Value =
         maas_chaos_tests::admin_get_json(COOKIE, format!("{}/v1/deployments/erin-chat", node.base_url)).await;
     assert_eq!(all["owner_id"], erin_id.as_str(), "{all}");
+    // Her deployment's log is hers to read: where its replica started and that it is ready.
+    let (status, logs) = send_as(&node, &erin, reqwest::Method::GET, "/v1/deployments/erin-chat/logs", None).await;
+    assert_eq!(status, 200, "{logs}");
+    let told: Vec<&str> = logs["lines"].as_array().unwrap().iter().filter_map(|l| l["message"].as_str()).collect();
+    assert!(told.first().is_some_and(|l| l.starts_with("starting on node 1")), "{logs}");
+    assert!(told.iter().any(|l| l.starts_with("ready in ")), "{logs}");
+    let (status, refused) =
+        send_as(&node, &erin, reqwest::Method::GET, "/v1/deployments/erin-chat/logs?limit=0", None).await;
+    assert_eq!((status, refused["error"]["param"].as_str()), (400, Some("limit")), "{refused}");
+    let (status, errors) =
+        send_as(&node, &erin, reqwest::Method::GET, "/v1/deployments/erin-chat/logs?level=error", None).await;
+    assert_eq!((status, errors["lines"].as_array().map(Vec::len)), (200, Some(0)), "{errors}");
     let (status, deleted) = send_as(&node, &erin, reqwest::Method::DELETE, "/v1/deployments/erin-chat", None).await;
     assert_eq!(status, 200, "{deleted}");
+}
+
+/// Makes a signed-up user an enterprise account (one that may deploy privately).
+async fn make_enterprise(node: &MaasProcess, user_id: &str) {
+    let promoted = maas_chaos_tests::admin_client(COOKIE)
+        .patch(format!("{}/v1/admin/users/{user_id}", node.base_url))
+        .json(&json!({"role": "enterprise"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(promoted.status(), 200);
+}
+
+/// The repository's versions as `owner_kind:name:version:architecture`.
+fn repository(list: &Value) -> Vec<String> {
+    list["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| format!("{}:{}:{}:{}", v["owner_kind"], v["name"], v["version"], v["architecture"]).replace('"', ""))
+        .collect()
+}
+
+/// Issue 6: models owned by a tenant. An enterprise user uploads a model into their own part
+/// of the repository, under a name the platform uses too; it is theirs alone: another
+/// tenant neither lists nor deploys it (their `tiny` is the platform's), a plain user cannot
+/// add one; its owner deploys it (privately) and chats with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_imports_a_model_of_its_own_and_deploys_it() {
+    let (node, dir) = serving_node().await;
+    signed_up(&node, "root@example.com").await;
+    let (erin, erin_id) = signed_up(&node, "erin@example.com").await;
+    let (frank, frank_id) = signed_up(&node, "frank@example.com").await;
+    make_enterprise(&node, &erin_id).await;
+    let post = reqwest::Method::POST;
+
+    // A plain user cannot upload; erin (enterprise) uploads a tiny Qwen2's files.
+    let (status, refused) = send_as(&node, &frank, post.clone(), "/v1/blobs", None).await;
+    assert_eq!(status, 403, "{refused}");
+    let model = dir.path().join("erins-qwen");
+    tiny_model("qwen2", &model);
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(&model).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let response = reqwest::Client::new()
+            .post(format!("{}/v1/blobs", node.base_url))
+            .bearer_auth(&erin)
+            .body(bytes.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let blob: Value = response.json().await.unwrap();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        files.push(json!({"path": name, "sha256": blob["sha256"], "size_bytes": bytes.len()}));
+    }
+    let register = json!({"name": "tiny", "files": files});
+    let (status, refused) = send_as(&node, &frank, post.clone(), "/v1/registry/models", Some(register.clone())).await;
+    assert_eq!(status, 403, "{refused}");
+    let (status, record) = send_as(&node, &erin, post.clone(), "/v1/registry/models", Some(register)).await;
+    assert_eq!(status, 201, "{record}");
+    assert_eq!((record["owner_kind"].as_str(), record["owner_id"].as_str()), (Some("user"), Some(erin_id.as_str())));
+
+    // Who sees it: erin and the administrators; not frank.
+    let (_, listed) = send_as(&node, &erin, reqwest::Method::GET, "/v1/registry/models", None).await;
+    assert_eq!(repository(&listed), ["platform:tiny:v1:LlamaForCausalLM", "user:tiny:v1:Qwen2ForCausalLM"]);
+    let (_, listed) = send_as(&node, &frank, reqwest::Method::GET, "/v1/registry/models", None).await;
+    assert_eq!(repository(&listed), ["platform:tiny:v1:LlamaForCausalLM"]);
+    assert!(!listed.to_string().contains(&erin_id), "{listed}");
+    let all: Value = maas_chaos_tests::admin_get_json(COOKIE, format!("{}/v1/registry/models", node.base_url)).await;
+    assert_eq!(repository(&all).len(), 2, "{all}");
+
+    // Deployed by its owner, `tiny` is hers; deployed by another tenant, the platform's.
+    make_enterprise(&node, &frank_id).await;
+    let deploy = |name: &str| json!({"name": name, "model": "tiny", "gpus_per_replica": 0, "context_tokens": 256, "concurrent_sequences": 2});
+    let (status, erins) = send_as(&node, &erin, post.clone(), "/v1/deployments", Some(deploy("erin-qwen"))).await;
+    assert_eq!((status, erins["model_owner"].as_str()), (201, Some("own")), "{erins}");
+    let (status, franks) = send_as(&node, &frank, post.clone(), "/v1/deployments", Some(deploy("frank-tiny"))).await;
+    assert_eq!((status, franks["model_owner"].as_str()), (201, Some("platform")), "{franks}");
+    for (token, deployment) in [(&erin, "erin-qwen"), (&frank, "frank-tiny")] {
+        wait_until("the deployment serves", Duration::from_secs(60), || async {
+            let (_, models) = send_as(&node, token, reqwest::Method::GET, "/v1/models", None).await;
+            models["data"].as_array().is_some_and(|d| d.iter().any(|m| m["id"] == deployment))
+        })
+        .await
+        .unwrap();
+    }
+    let question = json!({"model": "erin-qwen", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2});
+    let (status, answer) = send_as(&node, &erin, post.clone(), "/v1/chat/completions", Some(question)).await;
+    assert_eq!(status, 200, "{answer}");
+    // The replicas' logs say which model each loaded.
+    let (_, logs) = send_as(&node, &erin, reqwest::Method::GET, "/v1/deployments/erin-qwen/logs", None).await;
+    assert!(logs.to_string().contains("Qwen2ForCausalLM"), "{logs}");
+    let (_, logs) = send_as(&node, &frank, reqwest::Method::GET, "/v1/deployments/frank-tiny/logs", None).await;
+    assert!(logs.to_string().contains("LlamaForCausalLM"), "{logs}");
 }

@@ -516,6 +516,77 @@ async fn deletion_removes_documents_and_indexes(node: &MaasProcess, kb_id: &str,
     assert!(!node.data_dir.join("knowledge/fulltext").join(kb_id).exists());
 }
 
+/// A node that embeds two chunks at a time (so a test can act between batches), with
+/// more `[knowledge]` settings, and the `bert` embedder deployed.
+async fn start_small_batch_node(dir: &Path, knowledge: &str) -> MaasProcess {
+    let config = format!("{}\n[knowledge]\nembed_batch = 2\n{knowledge}", one_gpu_node_config(COOKIE, ""));
+    std::fs::write(dir.join("cluster.toml"), config).unwrap();
+    let node = MaasProcess::start_in(dir).unwrap();
+    node.wait_ready(Duration::from_secs(30)).await.unwrap();
+    deploy_embedder(&node, dir, "bert").await;
+    node
+}
+
+/// A knowledge base `name` of small chunks with one uploaded document of `paragraphs`
+/// paragraphs: (its id, the document, the document's path).
+async fn long_document(node: &MaasProcess, name: &str, paragraphs: usize) -> (String, Value, String) {
+    let (status, kb) = send(
+        node,
+        reqwest::Method::POST,
+        "/v1/knowledge_bases",
+        &json!({"name": name, "embedding_model": "bert", "chunking": {"max_tokens": 32, "overlap_tokens": 4, "parent_max_tokens": 128}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{kb}");
+    let kb_id = kb["id"].as_str().unwrap().to_owned();
+    let text = (0..paragraphs).fold(String::new(), |mut text, i| {
+        let _ = write!(text, "Paragraph {i} tells of harbour number {i} and the ships that anchor there at dawn.\n\n");
+        text
+    });
+    let (status, document) = upload(node, &kb_id, "harbours.txt", text.as_bytes(), &[]).await;
+    assert_eq!(status, 200, "{document}");
+    let path = format!("/v1/knowledge_bases/{kb_id}/documents/{}", document["id"].as_str().unwrap());
+    (kb_id, document, path)
+}
+
+/// A document deleted while it is being embedded leaves nothing behind: its batches in
+/// flight are dropped from the indexes too, whichever side finishes last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_deleted_while_it_is_embedded_leaves_nothing_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_small_batch_node(dir.path(), "").await;
+    let (kb_id, _, path) = long_document(&node, "gone", 300).await;
+    wait_until("embedding is under way", Duration::from_secs(120), || async {
+        let (_, now) = get(&node, &path).await;
+        assert_ne!(now["state"], "indexed", "the document finished before it could be deleted: {now}");
+        now["chunks_embedded"].as_i64().unwrap_or(0) >= 20
+    })
+    .await
+    .unwrap();
+
+    let (status, deleting) = send(&node, reqwest::Method::DELETE, &path, &Value::Null).await;
+    assert_eq!(status, 200, "{deleting}");
+    wait_until("the document is gone", Duration::from_secs(30), || async { get(&node, &path).await.0 == 404 })
+        .await
+        .unwrap();
+    let summary_path = format!("/v1/knowledge_bases/{kb_id}");
+    wait_until("the indexes are empty", Duration::from_secs(30), || async {
+        let (_, summary) = get(&node, &summary_path).await;
+        summary["stats"]["vectors"] == 0 && summary["stats"]["fulltext_entries"] == 0
+    })
+    .await
+    .unwrap();
+    // And they stay empty: no batch in flight lands after the deletion.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, summary) = get(&node, &summary_path).await;
+    assert_eq!(
+        (&summary["stats"]["vectors"], &summary["stats"]["fulltext_entries"]),
+        (&json!(0), &json!(0)),
+        "{summary}"
+    );
+    assert_eq!(summary["stats"]["chunks"], 0, "{summary}");
+}
+
 /// ING-1: a node killed with SIGKILL while it embeds a document resumes after a restart
 /// and ends with every chunk indexed once: no duplicate, no gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -523,28 +594,8 @@ async fn ingestion_resumes_after_a_killed_node_without_duplicates_or_gaps() {
     let dir = tempfile::tempdir().unwrap();
     // Small steps, so the kill lands in the middle; a short lease, so the restarted node
     // takes the document back soon.
-    let config = format!("{}\n[knowledge]\nembed_batch = 2\nlease_secs = 5\n", one_gpu_node_config(COOKIE, ""));
-    std::fs::write(dir.path().join("cluster.toml"), config).unwrap();
-    let mut node = MaasProcess::start_in(dir.path()).unwrap();
-    node.wait_ready(Duration::from_secs(30)).await.unwrap();
-    deploy_embedder(&node, dir.path(), "bert").await;
-    let (status, kb) = send(
-        &node,
-        reqwest::Method::POST,
-        "/v1/knowledge_bases",
-        &json!({"name": "long", "embedding_model": "bert", "chunking": {"max_tokens": 32, "overlap_tokens": 4, "parent_max_tokens": 128}}),
-    )
-    .await;
-    assert_eq!(status, 200, "{kb}");
-    let kb_id = kb["id"].as_str().unwrap().to_owned();
-    let text = (0..400).fold(String::new(), |mut text, i| {
-        let _ = write!(text, "Paragraph {i} tells of harbour number {i} and the ships that anchor there at dawn.\n\n");
-        text
-    });
-    let (status, document) = upload(&node, &kb_id, "harbours.txt", text.as_bytes(), &[]).await;
-    assert_eq!(status, 200, "{document}");
-    let path = format!("/v1/knowledge_bases/{kb_id}/documents/{}", document["id"].as_str().unwrap());
-
+    let mut node = start_small_batch_node(dir.path(), "lease_secs = 5\n").await;
+    let (kb_id, document, path) = long_document(&node, "long", 400).await;
     wait_until("embedding is under way", Duration::from_secs(120), || async {
         let (_, now) = get(&node, &path).await;
         assert_ne!(now["state"], "indexed", "the document finished before the node could be killed: {now}");

@@ -30,6 +30,7 @@ fn deployment(replicas: u32, strategy: PlacementStrategy) -> Command {
             priority: 0,
             allow_preemption: false,
             owner: None,
+            tenant_model: false,
         },
         replicas,
         at_ms: 1,

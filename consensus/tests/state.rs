@@ -65,6 +65,7 @@ fn deployment_spec(gpus_per_replica: u32, memory_per_gpu_mib: u64, cpu_fallback_
         priority: 0,
         allow_preemption: false,
         owner: None,
+        tenant_model: false,
     }
 }
 

@@ -72,10 +72,17 @@ function startNode(dataDir) {
     },
     stdio: ['ignore', 'pipe', 'pipe'],
   })
+  // The last lines, and apart from them the last lines that are not request logs: a
+  // failure after a minute of polling must still show what the node said while it happened.
   const tail = []
+  const events = []
   const keep = (line) => {
     tail.push(line)
     if (tail.length > 60) tail.shift()
+    if (!line.includes('maas_gateway::middleware: request')) {
+      events.push(line)
+      if (events.length > 80) events.shift()
+    }
   }
   // Drain both pipes for the node's whole life, so it never blocks on a full pipe.
   createInterface({ input: child.stderr }).on('line', keep)
@@ -91,7 +98,7 @@ function startNode(dataDir) {
     })
     child.on('exit', (code) => reject(new Error(`maas exited (${code}) before serving:\n${tail.join('\n')}`)))
   })
-  return { child, base, tail }
+  return { child, base, tail, events }
 }
 
 async function waitFor(what, limitMs, probe) {
@@ -176,6 +183,7 @@ async function main() {
       assert(asset, 'the start page loads a hashed script')
       const script = await fetch(base + asset)
       assert(script.ok && script.headers.get('cache-control')?.includes('immutable'), `asset cache-control: ${script.headers.get('cache-control')}`)
+      assert(script.headers.get('content-encoding') === 'gzip', `the script is sent gzipped: ${script.headers.get('content-encoding')}`)
       assert((await fetch(`${base}/assets/missing.js`)).status === 404, 'a missing asset is a 404')
     })
 
@@ -460,6 +468,10 @@ async function main() {
         await requests.elementHandle(),
         { timeout: 20_000 },
       )
+      // The deployment's log: the replica started on node 1 and loaded the tiny model.
+      const logs = admin.locator('[data-test="logs-tiny-llama"]')
+      await logs.getByText(/starting on node 1 on the CPU/).waitFor()
+      await logs.getByText(/ready in [0-9.]+ s: .*tiny random-weight/).waitFor()
       await admin.screenshot({ path: join(shots, 'deployment-metrics-desktop.png'), fullPage: true })
     })
 
@@ -563,12 +575,14 @@ async function main() {
     assert(failures.length === 0, `the pages reported errors:\n${failures.join('\n')}`)
     log(`passed; screenshots in ${shots}`)
   } catch (error) {
-    console.error(`e2e FAILED at "${step}": ${error.stack ?? error}`)
     for (const [index, page] of openPages.entries()) {
       await page.screenshot({ path: join(shots, `failure-${index}.png`), fullPage: true }).catch(() => undefined)
     }
-    if (failures.length) console.error(failures.join('\n'))
+    // Printed last what matters most, since CI logs are often read from their end.
     console.error(`--- the node's last output ---\n${node.tail.join('\n')}`)
+    console.error(`--- the node's last output other than request logs ---\n${node.events.join('\n')}`)
+    if (failures.length) console.error(failures.join('\n'))
+    console.error(`e2e FAILED at "${step}": ${error.stack ?? error}`)
     process.exitCode = 1
   } finally {
     await browser?.close().catch(() => undefined)

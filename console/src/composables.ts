@@ -1,5 +1,5 @@
 // Small helpers the pages share: loading state around an API call, error text, formats.
-import { ref, type Ref } from 'vue'
+import { onBeforeUnmount, ref, type Ref } from 'vue'
 import { useI18n } from 'vue-i18n'
 import { ApiError } from './api/client'
 
@@ -28,6 +28,17 @@ export function useLoader<T>(load: () => Promise<T>, immediate = true): Loader<T
   }
   if (immediate) void reload()
   return { data, loading, error, reload }
+}
+
+/**
+ * Reloads `loader` every `everyMs` while the calling component is mounted, skipping a beat
+ * while a load is still running.
+ */
+export function useRefresh<T>(loader: Loader<T>, everyMs: number): void {
+  const timer = window.setInterval(() => {
+    if (!loader.loading.value) void loader.reload()
+  }, everyMs)
+  onBeforeUnmount(() => window.clearInterval(timer))
 }
 
 /** The text to show for an error: the API's own message, or a translated generic one. */

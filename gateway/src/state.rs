@@ -132,6 +132,8 @@ pub struct AppState {
     pub cluster_cookie: OnceLock<String>,
     /// The models this node's replicas serve.
     pub serving: OnceLock<maas_actors::node::ServingTable>,
+    /// The deployments' logs on this node (set with the node agent).
+    pub journal: OnceLock<maas_actors::node::Journal>,
     /// Requests this node has in flight to each replica (what routing balances).
     pub in_flight: crate::routes::openai::InFlight,
     /// For requests to peers (replicas on other nodes).
@@ -184,6 +186,7 @@ impl AppState {
             cluster_cookie: OnceLock::new(),
             stores: OnceLock::new(),
             serving: OnceLock::new(),
+            journal: OnceLock::new(),
             in_flight: crate::routes::openai::InFlight::default(),
             model_texts: crate::model_text::ModelTexts::default(),
             monitor: crate::monitor::Monitor::default(),

@@ -91,7 +91,8 @@ async fn api_paths_and_missing_files_stay_json_404s() {
 #[tokio::test]
 async fn built_files_are_served_with_their_type_and_hashed_ones_cached_for_good() {
     let (base, _server) = start().await;
-    for (path, contents) in CONSOLE_ASSETS {
+    for asset in CONSOLE_ASSETS {
+        let (path, contents) = (asset.path, asset.contents);
         let response = reqwest::get(format!("{base}/{path}")).await.unwrap();
         assert_eq!(response.status(), 200, "{path}");
         let cache = header(&response, "cache-control");
@@ -109,6 +110,73 @@ async fn built_files_are_served_with_their_type_and_hashed_ones_cached_for_good(
             _ => "",
         };
         assert!(kind.starts_with(expected), "{path}: {kind}");
-        assert_eq!(response.bytes().await.unwrap().as_ref(), *contents, "{path}");
+        assert_eq!(header(&response, "content-encoding"), "", "{path}: not asked for gzip");
+        assert_eq!(response.bytes().await.unwrap().as_ref(), contents, "{path}");
+    }
+}
+
+/// Text files go out gzipped to clients that take gzip (browsers do), and decode to the
+/// same bytes; clients that do not (or refuse it with q=0) get them as they are.
+#[tokio::test]
+async fn text_files_are_gzipped_for_clients_that_take_gzip() {
+    use std::io::Read as _;
+    let (base, _server) = start().await;
+    let client = reqwest::Client::new();
+    let (mut plain, mut sent) = (0usize, 0usize);
+    for asset in CONSOLE_ASSETS {
+        let path = asset.path;
+        let compressible = [".js", ".css", ".html", ".svg"].iter().any(|ext| path.ends_with(ext));
+        if compressible && asset.contents.len() >= 4096 {
+            assert!(asset.gzip.is_some(), "{path} ({} bytes) has a gzip encoding", asset.contents.len());
+        }
+        let response = client
+            .get(format!("{base}/{path}"))
+            .header("accept-encoding", "br;q=1.0, gzip;q=0.8, *;q=0.1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let encoding = header(&response, "content-encoding");
+        let body = response.bytes().await.unwrap();
+        if asset.gzip.is_some() {
+            assert_eq!(encoding, "gzip", "{path}");
+            let mut decoded = Vec::new();
+            flate2::read::GzDecoder::new(body.as_ref()).read_to_end(&mut decoded).unwrap();
+            assert_eq!(decoded, asset.contents, "{path}");
+            plain += asset.contents.len();
+            sent += body.len();
+        } else {
+            assert_eq!((encoding.as_str(), body.as_ref()), ("", asset.contents), "{path}");
+        }
+        let refused =
+            client.get(format!("{base}/{path}")).header("accept-encoding", "gzip;q=0, identity").send().await.unwrap();
+        assert_eq!(header(&refused, "content-encoding"), "", "{path}");
+        assert_eq!(refused.bytes().await.unwrap().as_ref(), asset.contents, "{path}");
+    }
+    if plain > 0 {
+        eprintln!("the console's text files: {plain} bytes, {sent} bytes gzipped");
+        assert!(sent * 2 < plain, "gzip at least halves the scripts and styles: {plain} → {sent}");
+    }
+}
+
+#[test]
+fn accept_encoding_is_read_with_its_weights() {
+    use maas_gateway::routes::index::accepts_gzip;
+    for (header, takes) in [
+        (None, false),
+        (Some("gzip"), true),
+        (Some("gzip, deflate, br"), true),
+        (Some("br;q=1.0, gzip;q=0.8"), true),
+        (Some("GZIP"), true),
+        (Some("gzip;q=0"), false),
+        (Some("gzip;q=0.000"), false),
+        (Some("identity"), false),
+        (Some("*"), true),
+        (Some("*;q=0"), false),
+        (Some("br, *;q=0.5"), true),
+        (Some("gzip;q=0, *"), false),
+        (Some("deflate"), false),
+    ] {
+        assert_eq!(accepts_gzip(header), takes, "{header:?}");
     }
 }

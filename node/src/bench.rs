@@ -313,6 +313,7 @@ pub async fn placements(args: &PlacementsBench) -> Result<String> {
                 priority: 0,
                 allow_preemption: false,
                 owner: None,
+                tenant_model: false,
             },
             replicas: (args.replicas - n * 100).min(100),
             at_ms: 2,

@@ -153,6 +153,7 @@ async fn serve(dir: &std::path::Path) -> Result<Serving> {
         priority: 0,
         allow_preemption: false,
         owner: None,
+        tenant_model: false,
     };
     propose(
         &control,

@@ -505,6 +505,43 @@ pub async fn deployment_list(target: &Target) -> Result<String> {
     Ok(out)
 }
 
+/// The last lines of a deployment's log from every node, oldest first.
+pub async fn deployment_logs(target: &Target, name: &str, limit: u32, level: &str) -> Result<String> {
+    let logs = get(&target.server, &format!("/v1/deployments/{name}/logs?limit={limit}&level={level}")).await?;
+    if target.json {
+        return Ok(format!("{logs:#}\n"));
+    }
+    let mut out = String::new();
+    for line in logs["lines"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let at = utc_time(line["at_ms"].as_i64().unwrap_or(0));
+        let _ = writeln!(
+            out,
+            "{at} node {} {} {:<5} {}",
+            text(&line["node_id"]),
+            text(&line["replica_id"]),
+            text(&line["level"]).to_uppercase(),
+            text(&line["message"])
+        );
+    }
+    if out.is_empty() {
+        out.push_str("nothing logged yet\n");
+    }
+    if let Some(missing) = logs["nodes_missing"].as_array().filter(|m| !m.is_empty()) {
+        let nodes: Vec<String> = missing.iter().map(text).collect();
+        let _ = writeln!(out, "nodes {} did not answer: their lines are missing", nodes.join(", "));
+    }
+    Ok(out)
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` of milliseconds since the Unix epoch.
+fn utc_time(at_ms: i64) -> String {
+    let day = maas_store::repo::usage::day_name(at_ms.div_euclid(86_400_000));
+    let in_day = at_ms.rem_euclid(86_400_000);
+    let (hours, minutes, seconds, millis) =
+        (in_day / 3_600_000, in_day / 60_000 % 60, in_day / 1000 % 60, in_day % 1000);
+    format!("{day}T{hours:02}:{minutes:02}:{seconds:02}.{millis:03}Z")
+}
+
 pub async fn deployment_scale(target: &Target, cookie: &str, name: &str, replicas: u32) -> Result<String> {
     let body = serde_json::json!({ "replicas": replicas });
     let answer = send(target, reqwest::Method::PATCH, &format!("/v1/deployments/{name}"), cookie, Some(&body)).await?;
@@ -972,4 +1009,14 @@ pub async fn key_revoke(target: &Target, cookie: &str, id: &str) -> Result<Strin
         return Ok(format!("{key:#}\n"));
     }
     Ok(format!("key {} ({}) revoked\n", text(&key["id"]), text(&key["name"])))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_are_printed_in_utc_to_the_millisecond() {
+        assert_eq!(super::utc_time(1_733_390_000_123), "2024-12-05T09:13:20.123Z");
+        assert_eq!(super::utc_time(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(super::utc_time(-1), "1969-12-31T23:59:59.999Z");
+    }
 }

@@ -146,6 +146,19 @@ enum DeploymentCommand {
         #[command(flatten)]
         target: client::Target,
     },
+    /// A deployment's log from every node: where its replicas started, how they loaded or
+    /// why they failed, restarts and stops.
+    Logs {
+        name: String,
+        /// The most lines (1 to 500), newest kept.
+        #[arg(long, default_value_t = 200)]
+        limit: u32,
+        /// The lowest level shown: info, warn or error.
+        #[arg(long, default_value = "info", value_parser = ["info", "warn", "error"])]
+        level: String,
+        #[command(flatten)]
+        target: client::Target,
+    },
     /// Set a deployment's replica count.
     Scale {
         name: String,
@@ -353,6 +366,9 @@ fn main() -> ExitCode {
         }
         Command::Deployment { command: DeploymentCommand::List { ref target } } => {
             client::run(client::deployment_list(target))
+        }
+        Command::Deployment { command: DeploymentCommand::Logs { ref name, limit, ref level, ref target } } => {
+            client::run(client::deployment_logs(target, name, limit, level))
         }
         Command::Deployment { command: DeploymentCommand::Scale { ref name, replicas, ref cookie, ref target } } => {
             client::run(client::deployment_scale(target, &cookie.cookie, name, replicas))

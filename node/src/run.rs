@@ -420,6 +420,7 @@ async fn start_agent(
     let agent_status = Arc::new(std::sync::RwLock::new(AgentStatus::default()));
     let agent_config = AgentConfig::new(config.node.id, config.node.gpu_memory_reserve_mib);
     let serving = agent_config.serving.clone();
+    let _ = state.journal.set(agent_config.journal.clone());
     let (agent, _) = ractor::Actor::spawn(
         None,
         NodeAgent,
@@ -596,6 +597,7 @@ async fn import_and_deploy_tiny(
         priority: 0,
         allow_preemption: false,
         owner: None,
+        tenant_model: false,
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {

@@ -100,6 +100,24 @@ impl TenantScope {
         &self.acting_as
     }
 
+    /// Refuses changing what an organisation owns (creating its keys, adding its models)
+    /// unless the user is an owner or admin of it; acting as oneself passes. `what` names
+    /// the change in the refusal.
+    pub(crate) async fn require_org_manager(&self, db: &Db, what: &str) -> Result<()> {
+        let Owner::Org(org_id) = &self.acting_as else { return Ok(()) };
+        let role: Option<String> =
+            sqlx::query_scalar("SELECT org_role FROM org_members WHERE org_id = $1 AND user_id = $2")
+                .bind(org_id)
+                .bind(&self.user_id)
+                .fetch_optional(db.pool())
+                .await?;
+        if matches!(role.as_deref(), Some("owner" | "admin")) {
+            Ok(())
+        } else {
+            Err(StoreError::Forbidden(format!("only an owner or admin of organisation `{org_id}` may {what}")))
+        }
+    }
+
     /// A SQL predicate admitting rows of `alias` (a table with `owner_kind` and
     /// `owner_id`) that the user may read: their own, and their organisations'.
     /// Bind [`TenantScope::user_id`] as placeholder `$user_param`.

@@ -11,6 +11,7 @@ on_both_backends!(
     versions_are_immutable_and_latest_is_the_newest,
     bad_versions_are_refused_and_change_nothing,
     blobs_nothing_refers_to_are_collected_after_the_grace_period,
+    tenants_own_models_that_only_they_see,
 );
 
 fn file(path: &str, byte: char) -> ModelFile {
@@ -34,6 +35,82 @@ fn version(name: &str, version: Option<&str>, files: Vec<ModelFile>) -> NewModel
         },
         files,
     }
+}
+
+async fn scope_of(t: &TestDb, email: &str, acting_as: Option<maas_store::Owner>) -> maas_store::TenantScope {
+    let existing = t.db.users().find_by_email(email).await.unwrap();
+    let id = match existing {
+        Some(user) => user.id,
+        None => {
+            t.db.users()
+                .create(maas_store::repo::users::NewUser {
+                    email: Some(email.into()),
+                    display_name: email.into(),
+                    active: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .id
+        }
+    };
+    maas_store::TenantScope::resolve(&t.db, &id, acting_as).await.unwrap()
+}
+
+/// TEN-1 for the repository: a tenant's model is theirs (and their organisation's
+/// members'); its name may repeat the platform's or another tenant's; a deploying
+/// tenant's own model comes before the platform's of the same name.
+async fn tenants_own_models_that_only_they_see(t: &TestDb) {
+    use maas_store::Owner;
+    let models = t.db.models();
+    let alice = scope_of(t, "alice@example.com", None).await;
+    let bob = scope_of(t, "bob@example.com", None).await;
+    let carol = scope_of(t, "carol@example.com", None).await;
+    let platform = models.register_platform(version("tiny", None, vec![file("config.json", 'a')])).await.unwrap();
+    let alices = models.register_in(&alice, version("tiny", None, vec![file("config.json", 'b')])).await.unwrap();
+    assert_eq!(
+        (alices.owner_kind.as_str(), alices.owner_id.as_str(), alices.version.as_str()),
+        ("user", alice.user_id(), "v1")
+    );
+    let bobs = models.register_in(&bob, version("bobs-own", None, vec![file("config.json", 'c')])).await.unwrap();
+    let again = models.register_in(&alice, version("tiny", Some("v1"), vec![file("x", 'd')])).await.unwrap_err();
+    assert!(matches!(again, StoreError::Conflict(_)), "{again:?}");
+    assert_eq!(
+        t.db.usage().stored_bytes(alice.acting_as()).await.unwrap(),
+        alices.total_bytes,
+        "the storage quota counts it"
+    );
+
+    let names = |list: Vec<maas_store::repo::models::ModelVersionRecord>| {
+        list.into_iter().map(|v| format!("{}:{}:{}", v.owner_kind, v.name, v.version)).collect::<Vec<_>>()
+    };
+    assert_eq!(names(models.list_visible(&alice).await.unwrap()), ["platform:tiny:v1", "user:tiny:v1"]);
+    assert_eq!(names(models.list_visible(&bob).await.unwrap()), ["user:bobs-own:v1", "platform:tiny:v1"]);
+    assert_eq!(names(models.list_platform().await.unwrap()), ["platform:tiny:v1"]);
+    assert_eq!(models.list_all().await.unwrap().len(), 3);
+
+    // Alice's `tiny` is hers; Bob's `tiny` is the platform's; Bob's own model is not Alice's.
+    assert_eq!(models.find_for(Some(alice.acting_as()), "tiny", LATEST).await.unwrap(), alices);
+    assert_eq!(models.find_for(Some(bob.acting_as()), "tiny", LATEST).await.unwrap(), platform);
+    assert_eq!(models.find_for(Some(bob.acting_as()), "bobs-own", "v1").await.unwrap(), bobs);
+    let hidden = models.find_for(Some(alice.acting_as()), "bobs-own", LATEST).await.unwrap_err();
+    assert!(matches!(hidden, StoreError::NotFound { .. }), "{hidden:?}");
+    assert_eq!(models.find(Some(&Owner::User(alice.user_id().into())), "tiny", "v1").await.unwrap(), alices);
+    assert_eq!(models.find(None, "tiny", "v1").await.unwrap(), platform);
+    assert_eq!(models.find_for(None, "tiny", LATEST).await.unwrap(), platform);
+
+    // An organisation's model: its admins add them, its members see them, others do not.
+    let org = t.db.orgs().create("acme", "ACME", alice.user_id()).await.unwrap();
+    t.db.orgs().add_member(&org.id, carol.user_id(), maas_store::repo::orgs::OrgRole::Member).await.unwrap();
+    let as_org = scope_of(t, "alice@example.com", Some(Owner::Org(org.id.clone()))).await;
+    let carol_as_org = scope_of(t, "carol@example.com", Some(Owner::Org(org.id.clone()))).await;
+    let orgs = models.register_in(&as_org, version("shared", None, vec![file("config.json", 'e')])).await.unwrap();
+    assert_eq!((orgs.owner_kind.as_str(), orgs.owner_id.as_str()), ("org", org.id.as_str()));
+    let refused = models.register_in(&carol_as_org, version("mine", None, vec![file("config.json", 'f')])).await;
+    assert!(matches!(refused, Err(StoreError::Forbidden(_))), "{refused:?}");
+    assert!(names(models.list_visible(&carol).await.unwrap()).contains(&"org:shared:v1".to_owned()));
+    assert_eq!(models.find_for(Some(carol_as_org.acting_as()), "shared", LATEST).await.unwrap(), orgs);
+    assert!(!names(models.list_visible(&bob).await.unwrap()).iter().any(|n| n.contains("shared")));
 }
 
 async fn versions_are_immutable_and_latest_is_the_newest(t: &TestDb) {

@@ -18,13 +18,15 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use maas_consensus::RaftHandle;
-use maas_consensus::state::{ClusterState, Command, NodeId, ReplicaId, ReplicaState};
+use maas_consensus::state::{ClusterState, Command, DeploymentOwner, NodeId, ReplicaId, ReplicaState};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use ractor_cluster::RactorMessage;
 use serde::Serialize;
 
 use super::gpu::{GpuActor, GpuMsg, GpuSpec};
-use super::replica::{LocalReplicaState, ReplicaActor, ReplicaMsg, ReplicaRuntime, ReplicaSpec, replica_actor_name};
+use super::replica::{
+    LocalReplicaState, ReplicaActor, ReplicaArgs, ReplicaMsg, ReplicaRuntime, ReplicaSpec, replica_actor_name,
+};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -38,6 +40,8 @@ pub struct AgentConfig {
     pub replica_backoff: Duration,
     /// Where Ready replicas put their loaded models for the gateway.
     pub serving: super::ServingTable,
+    /// The deployments' logs on this node.
+    pub journal: super::Journal,
 }
 
 impl AgentConfig {
@@ -50,6 +54,7 @@ impl AgentConfig {
             restart_window: Duration::from_secs(60),
             replica_backoff: Duration::from_secs(1),
             serving: super::ServingTable::default(),
+            journal: super::Journal::new(node_id),
         }
     }
 }
@@ -117,7 +122,8 @@ pub struct AgentState {
     failed: BTreeMap<u32, String>,
     runtime: Arc<dyn ReplicaRuntime>,
     replicas: BTreeMap<String, ActorRef<ReplicaMsg>>,
-    replica_by_actor: HashMap<ActorId, String>,
+    /// Replica actor → (replica, deployment).
+    replica_by_actor: HashMap<ActorId, (String, String)>,
     /// What each replica actor last reported; kept after it stops (a failure).
     local: BTreeMap<String, LocalReplicaState>,
     replica_starts: BTreeMap<String, Vec<Instant>>,
@@ -190,10 +196,11 @@ impl Actor for NodeAgent {
             }
             _ => return Ok(()),
         };
-        if let Some(replica_id) = state.replica_by_actor.remove(&cell.get_id()) {
+        if let Some((replica_id, deployment_id)) = state.replica_by_actor.remove(&cell.get_id()) {
             state.replicas.remove(&replica_id);
             if !matches!(state.local.get(&replica_id), Some(LocalReplicaState::Failed(_))) && how.starts_with("failed")
             {
+                state.config.journal.error(&deployment_id, &replica_id, format!("the replica actor {how}"));
                 state.local.insert(replica_id.clone(), LocalReplicaState::Failed(format!("the replica actor {how}")));
             }
             return Ok(());
@@ -332,6 +339,12 @@ impl AgentState {
                     model_name: deployment.map(|d| d.spec.model_name.clone()).unwrap_or_default(),
                     model_version: deployment.map(|d| d.spec.model_version.clone()).unwrap_or_default(),
                     model_path: deployment.and_then(|d| d.spec.model_path.clone()),
+                    model_owner: deployment.filter(|d| d.spec.tenant_model).and_then(|d| d.spec.owner.as_ref()).map(
+                        |owner| match owner {
+                            DeploymentOwner::User(id) => maas_store::Owner::User(id.clone()),
+                            DeploymentOwner::Org(id) => maas_store::Owner::Org(id.clone()),
+                        },
+                    ),
                     gpu_indices: replica.gpu_indices.clone(),
                     memory_per_gpu_mib: replica.memory_per_gpu_mib,
                 };
@@ -356,8 +369,7 @@ impl AgentState {
         // dead and they run elsewhere now).
         let stale: Vec<String> = self.replicas.keys().filter(|id| !placed.contains_key(*id)).cloned().collect();
         for replica_id in stale {
-            tracing::info!(replica = %replica_id, "stopping a replica no longer placed on this node");
-            self.stop_replica(&replica_id);
+            self.stop_replica(&replica_id, "it is no longer placed on this node");
         }
         self.local.retain(|id, _| placed.contains_key(id));
         self.replica_starts.retain(|id, _| placed.contains_key(id));
@@ -367,7 +379,7 @@ impl AgentState {
         let now = Instant::now();
         for (replica_id, (spec, committed)) in placed {
             if *committed == ReplicaState::Stopping {
-                self.stop_replica(replica_id);
+                self.stop_replica(replica_id, "the deployment was scaled down, changed or deleted");
                 let id = ReplicaId(replica_id.clone());
                 self.propose(replica_id, Command::RemoveReplica { replica_id: id, at_ms: wall_clock_ms() });
                 continue;
@@ -398,8 +410,17 @@ impl AgentState {
         let starts = self.replica_starts.entry(replica_id.clone()).or_default();
         starts.retain(|at| now.duration_since(*at) < self.config.restart_window);
         let failures = u32::try_from(starts.len()).unwrap_or(u32::MAX);
+        let journal = &self.config.journal;
         if starts.len() > self.config.max_restarts {
-            tracing::error!(replica = %replica_id, "replica failed {} times within {:?}; it stays failed", starts.len(), self.config.restart_window);
+            journal.error(
+                &spec.deployment_id,
+                replica_id,
+                format!(
+                    "failed {} times within {} s; it stays failed until the deployment changes",
+                    starts.len(),
+                    self.config.restart_window.as_secs()
+                ),
+            );
             self.given_up.insert(replica_id.clone());
             return;
         }
@@ -407,21 +428,49 @@ impl AgentState {
             return;
         }
         starts.push(now);
-        let arguments = (spec.clone(), Arc::clone(&self.runtime), myself.clone(), self.config.serving.clone());
+        let place = if spec.gpu_indices.is_empty() {
+            "on the CPU".to_owned()
+        } else {
+            format!("on GPU(s) {:?} with {} MiB each", spec.gpu_indices, spec.memory_per_gpu_mib)
+        };
+        let message = if failures == 0 {
+            format!("starting on node {} {place}", self.config.node_id)
+        } else {
+            format!(
+                "restarting on node {} {place} (failure {failures} of at most {})",
+                self.config.node_id, self.config.max_restarts
+            )
+        };
+        if failures == 0 {
+            journal.info(&spec.deployment_id, replica_id, message);
+        } else {
+            journal.warn(&spec.deployment_id, replica_id, message);
+        }
+        let arguments = ReplicaArgs {
+            spec: spec.clone(),
+            runtime: Arc::clone(&self.runtime),
+            agent: myself.clone(),
+            serving: self.config.serving.clone(),
+            journal: journal.clone(),
+        };
         let name = replica_actor_name(replica_id);
         match Actor::spawn_linked(Some(name), ReplicaActor, arguments, myself.get_cell()).await {
             Ok((actor, _)) => {
-                self.replica_by_actor.insert(actor.get_id(), replica_id.clone());
+                self.replica_by_actor.insert(actor.get_id(), (replica_id.clone(), spec.deployment_id.clone()));
                 self.replicas.insert(replica_id.clone(), actor);
                 self.local.insert(replica_id.clone(), LocalReplicaState::Loading);
             }
-            Err(err) => tracing::error!(replica = %replica_id, error = %err, "cannot start a replica actor"),
+            Err(err) => {
+                journal.error(&spec.deployment_id, replica_id, format!("cannot start the replica actor: {err}"));
+            }
         }
     }
 
-    fn stop_replica(&mut self, replica_id: &str) {
+    fn stop_replica(&mut self, replica_id: &str, why: &str) {
         if let Some(actor) = self.replicas.remove(replica_id) {
-            self.replica_by_actor.remove(&actor.get_id());
+            if let Some((_, deployment_id)) = self.replica_by_actor.remove(&actor.get_id()) {
+                self.config.journal.info(&deployment_id, replica_id, format!("stopping: {why}"));
+            }
             actor.stop(Some("the replica is no longer wanted here".into()));
         }
     }

@@ -4,11 +4,13 @@
 pub mod agent;
 pub mod estimate;
 pub mod gpu;
+pub mod journal;
 pub mod replica;
 pub mod serving;
 
 pub use agent::{AgentConfig, AgentMsg, AgentStatus, GpuActorStatus, LocalReplicaStatus, NodeAgent};
 pub use gpu::{GpuActor, GpuError, GpuMsg, GpuSpec, GpuState, GpuTelemetry};
+pub use journal::{Journal, LogLevel, LogLine, ReplicaLog};
 pub use replica::{
     LoadFuture, LoadedReplica, LocalReplicaState, ModelPathRuntime, ReplicaActor, ReplicaRuntime, ReplicaSpec,
 };

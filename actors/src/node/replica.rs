@@ -25,6 +25,8 @@ pub struct ReplicaSpec {
     pub model_version: String,
     /// The deployment's `model_path`, for a model not in the repository.
     pub model_path: Option<String>,
+    /// Whose model of the repository it is: a tenant's own, or (`None`) the platform's.
+    pub model_owner: Option<maas_store::Owner>,
     /// GPU indices on this node; empty for a replica on CPU.
     pub gpu_indices: Vec<u32>,
     pub memory_per_gpu_mib: u64,
@@ -43,8 +45,9 @@ pub type LoadFuture = Pin<Box<dyn Future<Output = Result<LoadedReplica, String>>
 
 /// How a node loads a replica's model. Long CPU or disk work belongs on a blocking thread
 /// inside the future, never on the async workers.
+/// What it does on the way goes to the deployment's log through `log`.
 pub trait ReplicaRuntime: Send + Sync + 'static {
-    fn load(&self, spec: ReplicaSpec) -> LoadFuture;
+    fn load(&self, spec: ReplicaSpec, log: super::ReplicaLog) -> LoadFuture;
 }
 
 /// Loads a replica from its deployment's `model_path` on this node: the files are read
@@ -52,8 +55,9 @@ pub trait ReplicaRuntime: Send + Sync + 'static {
 pub struct ModelPathRuntime;
 
 impl ReplicaRuntime for ModelPathRuntime {
-    fn load(&self, spec: ReplicaSpec) -> LoadFuture {
+    fn load(&self, spec: ReplicaSpec, log: super::ReplicaLog) -> LoadFuture {
         Box::pin(async move {
+            log.info(format!("checking the files at {}", spec.model_path.as_deref().unwrap_or("(no path)")));
             let Some(path) = spec.model_path.clone() else {
                 return Err(format!(
                     "model {}:{} has no files on this node: deploy it with a model_path",
@@ -87,26 +91,37 @@ pub enum ReplicaMsg {
 
 pub struct ReplicaActor;
 
+/// What a replica actor starts with.
+pub struct ReplicaArgs {
+    pub spec: ReplicaSpec,
+    pub runtime: Arc<dyn ReplicaRuntime>,
+    pub agent: ActorRef<AgentMsg>,
+    pub serving: super::ServingTable,
+    pub journal: super::Journal,
+}
+
 pub struct ReplicaActorState {
     spec: ReplicaSpec,
     runtime: Arc<dyn ReplicaRuntime>,
     agent: ActorRef<AgentMsg>,
     serving: super::ServingTable,
+    log: super::ReplicaLog,
     loaded: Option<LoadedReplica>,
 }
 
 impl Actor for ReplicaActor {
     type Msg = ReplicaMsg;
     type State = ReplicaActorState;
-    type Arguments = (ReplicaSpec, Arc<dyn ReplicaRuntime>, ActorRef<AgentMsg>, super::ServingTable);
+    type Arguments = ReplicaArgs;
 
     async fn pre_start(
         &self,
         myself: ActorRef<ReplicaMsg>,
-        (spec, runtime, agent, serving): Self::Arguments,
+        ReplicaArgs { spec, runtime, agent, serving, journal }: ReplicaArgs,
     ) -> Result<ReplicaActorState, ActorProcessingErr> {
         let _ = myself.cast(ReplicaMsg::Load);
-        Ok(ReplicaActorState { spec, runtime, agent, serving, loaded: None })
+        let log = journal.replica(&spec.deployment_id, &spec.replica_id);
+        Ok(ReplicaActorState { spec, runtime, agent, serving, log, loaded: None })
     }
 
     async fn post_stop(
@@ -136,9 +151,12 @@ impl ReplicaActorState {
     async fn load(&mut self, myself: &ActorRef<ReplicaMsg>) {
         let replica_id = self.spec.replica_id.clone();
         self.report(LocalReplicaState::Loading);
-        match self.runtime.load(self.spec.clone()).await {
+        let started = std::time::Instant::now();
+        match self.runtime.load(self.spec.clone(), self.log.clone()).await {
             Ok(loaded) => {
-                tracing::info!(replica = %replica_id, loaded = %loaded.summary, "replica ready");
+                let seconds = started.elapsed().as_secs_f64();
+                let took = if seconds < 10.0 { format!("{seconds:.2} s") } else { format!("{seconds:.0} s") };
+                self.log.info(format!("ready in {took}: {}", loaded.summary));
                 if let Some(model) = &loaded.serving {
                     self.serving.insert(&replica_id, model.clone());
                 }
@@ -146,7 +164,7 @@ impl ReplicaActorState {
                 self.loaded = Some(loaded);
             }
             Err(reason) => {
-                tracing::error!(replica = %replica_id, %reason, "replica failed to load");
+                self.log.error(format!("failed to load: {reason}"));
                 self.report(LocalReplicaState::Failed(reason.clone()));
                 // Stopping lets the agent decide on a restart under its budget.
                 myself.stop(Some(format!("load failed: {reason}")));

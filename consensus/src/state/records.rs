@@ -157,6 +157,10 @@ pub struct DeploymentSpec {
     /// every tenant may call.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<DeploymentOwner>,
+    /// The model is the owner's own, from their part of the repository; `false`: the
+    /// platform's (or `model_path`'s).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tenant_model: bool,
 }
 
 /// The owner of a private deployment: a user or an organisation (the store's `Owner`, in

@@ -734,7 +734,12 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** The memory one replica of a model on disk needs, and where it would fit now. */
+        /**
+         * The memory one replica of a model needs, and where it would fit now. A model of the
+         *     repository is the caller's own when they have one of that name (as a deployment they
+         *     make would use), else the platform's; a model on disk (`model_path`) is for platform
+         *     administrators, who alone may deploy from node files.
+         */
         post: operations["estimate_deployment"];
         delete?: never;
         options?: never;
@@ -763,6 +768,27 @@ export interface paths {
         head?: never;
         /** Sets a deployment's replica count (not a new generation: running replicas stay). */
         patch: operations["scale_deployment"];
+        trace?: never;
+    };
+    "/v1/deployments/{id}/logs": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The last lines of a deployment's log from every live node, oldest first: where each
+         *     replica was started, its files fetched, how it loaded or why it failed, its restarts
+         *     and stops.
+         */
+        get: operations["deployment_logs"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
         trace?: never;
     };
     "/v1/deployments/{id}/metrics": {
@@ -1279,12 +1305,17 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Every version of every model in the repository, newest first within a model. */
+        /**
+         * The versions of the models the caller may deploy: the platform's and their own (and
+         *     their organisations'); administrators see every tenant's too. By name, then owner, newest
+         *     first within a model.
+         */
         get: operations["list_models"];
         put?: never;
         /**
          * Registers a model version from uploaded blobs, or from an uploaded archive unpacked into
-         *     blobs. The files are laid out as a model folder and checked (config, tokenizer, every
+         *     blobs: a platform model when a platform administrator registers it, else a model of the
+         *     caller's own (or of the organisation they act for). The files are laid out as a model folder and checked (config, tokenizer, every
          *     safetensors header, or the GGUF header), and against the catalogue entry when the name
          *     is a catalogue name; the metadata (architecture, parameters, context length, dtype,
          *     quantisation, tasks) comes from them.
@@ -1657,6 +1688,16 @@ export interface components {
         DeploymentList: {
             deployments: components["schemas"]["DeploymentView"][];
         };
+        /** @description The last lines of a deployment's log, from every node that answered. */
+        DeploymentLogs: {
+            deployment: string;
+            /** @description The nodes whose lines are in. */
+            nodes: number[];
+            /** @description Live nodes that did not answer in time: their lines are missing. */
+            nodes_missing: number[];
+            /** @description Oldest first. */
+            lines: components["schemas"]["LogLine"][];
+        };
         /** @description A deployment's figures over time, for the whole cluster. */
         DeploymentMetrics: {
             deployment: string;
@@ -1726,6 +1767,8 @@ export interface components {
             id: string;
             model: string;
             model_version: string;
+            /** @description Whose model of the repository it runs: `platform`, or `own` (the deployment owner's). */
+            model_owner: string;
             model_path?: string | null;
             /** Format: int32 */
             replicas_desired: number;
@@ -1937,6 +1980,29 @@ export interface components {
                 [key: string]: string;
             };
             remove?: string[];
+        };
+        /** @enum {string} */
+        LogLevel: "info" | "warn" | "error";
+        /** @description One line of a deployment's log. */
+        LogLine: {
+            /**
+             * Format: int64
+             * @description Wall-clock time, milliseconds since the Unix epoch.
+             */
+            at_ms: number;
+            /**
+             * Format: int64
+             * @description The node that wrote it.
+             */
+            node_id: number;
+            /**
+             * Format: int64
+             * @description Its order on that node (lines of one millisecond keep their order).
+             */
+            seq: number;
+            replica_id: string;
+            level: components["schemas"]["LogLevel"];
+            message: string;
         };
         /** @description One member: a raft voter or a registered node, or both. */
         Member: {
@@ -3861,6 +3927,14 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -4056,6 +4130,57 @@ export interface operations {
                 };
             };
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    deployment_logs: {
+        parameters: {
+            query?: {
+                /** @description The most lines to return, newest kept (1 to 500, default 200). */
+                limit?: number;
+                /** @description The lowest level shown (default info: every line). */
+                level?: components["schemas"]["LogLevel"];
+            };
+            header?: never;
+            path: {
+                /** @description the deployment's name */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["DeploymentLogs"];
+                };
+            };
+            400: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -95,15 +95,16 @@ impl Caller {
         }
     }
 
-    /// Running deployments of one's own (private ones): administrators and enterprise
-    /// users, signed in or with a key that has the `admin` scope.
+    /// Running deployments of one's own (private ones) and adding models to one's own part
+    /// of the repository: administrators and enterprise users, signed in or with a key that
+    /// has the `admin` scope.
     pub fn require_deployer(&self) -> Result<(), ApiError> {
         let key_allows = self.key().is_none_or(|key| key.scopes.contains(&KeyScope::Admin));
         if matches!(self.role, Role::Admin | Role::Enterprise) && key_allows {
             Ok(())
         } else {
             Err(ApiError::forbidden(
-                "deploying models needs an enterprise account or a platform administrator (with a key: the admin scope)",
+                "importing and deploying models needs an enterprise account or a platform administrator (with a key: the admin scope)",
             ))
         }
     }

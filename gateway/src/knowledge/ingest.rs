@@ -394,7 +394,26 @@ async fn embed_all(
             .await
             .map_err(|e| StepError::Transient(format!("the indexing thread failed: {e}")))?
             .map_err(|e| StepError::Transient(e.to_string()))?;
-        db.mark_embedded(&document.id, &ids).await?;
+        let marked = db.mark_embedded(&document.id, &ids).await;
+        // Deleted while this batch was written: the deletion may have dropped the
+        // document's entries before this batch reached the indexes, so they are dropped
+        // again here (a deletion after this look drops them itself).
+        if deleted(&db, &document.id).await? {
+            if let Err(err) = remove_indexed(service, kb, &document.id).await {
+                tracing::warn!(document = %document.id, error = %err.message, "cannot drop a deleted document's last batch");
+            }
+            return Err(StepError::Lost);
+        }
+        marked?;
+    }
+}
+
+/// Whether the document is gone or being deleted.
+async fn deleted(db: &maas_store::repo::knowledge::KnowledgeBases<'_>, id: &str) -> Result<bool, StepError> {
+    match db.document(id).await {
+        Ok(current) => Ok(current.state == DocumentState::Deleting),
+        Err(StoreError::NotFound { .. }) => Ok(true),
+        Err(err) => Err(StepError::Transient(err.to_string())),
     }
 }
 

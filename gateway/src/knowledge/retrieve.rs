@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use maas_knowledge::hybrid::{score_fusion, weights_for};
 use maas_knowledge::vector::{SearchFilter, SearchHit, SearchRequest};
-use maas_store::repo::knowledge::{Document, DocumentState, KnowledgeBase};
+use maas_store::repo::knowledge::{Document, DocumentState, KnowledgeBase, StoredChunk};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -218,6 +218,10 @@ async fn graph_search(stores: &Stores, kb: &KnowledgeBase, query: &str, k: usize
     }
     let mut ids: Vec<i64> = Vec::new();
     for (key, per_key) in keys.iter().map(|k| (k, limit)).chain(neighbours.iter().map(|k| (k, 5))) {
+        if ids.len() >= k {
+            // The best k are in: the keys and neighbours further down cannot displace them.
+            break;
+        }
         for id in db.graph_entity_chunks(&kb.id, key, per_key).await? {
             if !ids.contains(&id) {
                 ids.push(id);
@@ -274,32 +278,40 @@ async fn hydrate(
     let fulltext_scores: HashMap<u64, f32> = fulltext_hits.iter().map(|h| (h.chunk_id, h.score)).collect();
     let ids: Vec<i64> = ranked.iter().map(|h| h.chunk_id.cast_signed()).collect();
     let chunks: HashMap<i64, _> = db.chunks(&kb.id, &ids).await?.into_iter().map(|c| (c.chunk_id, c)).collect();
-    let mut documents: HashMap<String, Option<Document>> = HashMap::new();
-    let mut out = Vec::with_capacity(top_k);
-    for hit in ranked {
-        if out.len() == top_k {
-            break;
-        }
-        let Some(chunk) = chunks.get(&hit.chunk_id.cast_signed()) else { continue };
-        if !documents.contains_key(&chunk.document_id) {
-            // The graph's hits did not pass the indexes' filters: the same filter applies here.
-            let document = db
-                .document(&chunk.document_id)
-                .await
-                .ok()
-                .filter(|d| d.state == DocumentState::Indexed)
-                .filter(|d| filter.document_ids.as_ref().is_none_or(|ids| ids.contains(&d.id)))
-                .filter(|d| filter.versions.as_ref().is_none_or(|versions| versions.contains(&d.version)))
-                .filter(|d| filter.tags.as_ref().is_none_or(|tags| tags.iter().any(|t| d.tags.contains(t))));
-            documents.insert(chunk.document_id.clone(), document);
-        }
-        let Some(Some(document)) = documents.get(&chunk.document_id) else { continue };
-        let parent_text = match (include_parent, chunk.parent_ordinal) {
-            (true, Some(ordinal)) => {
-                db.document_chunks(&document.id, "parent", ordinal, 1).await?.pop().map(|parent| parent.text)
-            }
-            _ => None,
-        };
+    // Their documents, in one look; the graph's hits did not pass the indexes' filters, so
+    // the same filter applies here.
+    let mut document_ids: Vec<String> = chunks.values().map(|c| c.document_id.clone()).collect();
+    document_ids.sort_unstable();
+    document_ids.dedup();
+    let documents: HashMap<String, Document> = db
+        .documents_by_id(&document_ids)
+        .await?
+        .into_iter()
+        .filter(|d| d.state == DocumentState::Indexed)
+        .filter(|d| filter.document_ids.as_ref().is_none_or(|ids| ids.contains(&d.id)))
+        .filter(|d| filter.versions.as_ref().is_none_or(|versions| versions.contains(&d.version)))
+        .filter(|d| filter.tags.as_ref().is_none_or(|tags| tags.iter().any(|t| d.tags.contains(t))))
+        .map(|d| (d.id.clone(), d))
+        .collect();
+    let kept: Vec<(&SearchHit, &StoredChunk, &Document)> = ranked
+        .iter()
+        .filter_map(|hit| {
+            let chunk = chunks.get(&hit.chunk_id.cast_signed())?;
+            Some((hit, chunk, documents.get(&chunk.document_id)?))
+        })
+        .take(top_k)
+        .collect();
+    // Their parents, in one look too (a parent's id derives from its document and ordinal).
+    let parent_ids: Vec<i64> =
+        if include_parent { kept.iter().filter_map(|(_, chunk, _)| parent_id(chunk)).collect() } else { Vec::new() };
+    let parents: HashMap<i64, String> = if parent_ids.is_empty() {
+        HashMap::new()
+    } else {
+        db.chunks(&kb.id, &parent_ids).await?.into_iter().map(|p| (p.chunk_id, p.text)).collect()
+    };
+    let mut out = Vec::with_capacity(kept.len());
+    for (hit, chunk, document) in kept {
+        let parent_text = parent_id(chunk).and_then(|id| parents.get(&id).cloned());
         out.push(RetrievedChunk {
             rank: out.len() + 1,
             chunk_id: chunk.chunk_id.to_string(),
@@ -319,6 +331,12 @@ async fn hydrate(
         });
     }
     Ok(out)
+}
+
+/// The id of a child chunk's parent chunk.
+fn parent_id(chunk: &StoredChunk) -> Option<i64> {
+    let ordinal = usize::try_from(chunk.parent_ordinal?).ok()?;
+    Some(super::ingest::chunk_id(&chunk.document_id, "parent", ordinal))
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use maas_actors::node::estimate::{ModelEstimate, estimate_model, estimate_version};
+use maas_actors::node::journal::{self, LogLevel, LogLine};
 use maas_consensus::reconcile::{self, ReconcileSettings};
 use maas_consensus::state::{
     ClusterState, Command, DeploymentId, DeploymentOwner, DeploymentRecord, DeploymentSpec, NodeId, NodeStatus,
@@ -25,7 +26,7 @@ use warp::{Filter, Reply};
 use super::auth::audit;
 use super::cluster::{control_plane, now_ms};
 use super::with_state;
-use crate::auth::{Access, Caller, caller, signed_in};
+use crate::auth::{Access, Caller, caller};
 use crate::error::ApiError;
 use crate::routes::openai::CalledFor;
 use crate::state::AppState;
@@ -82,27 +83,10 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let estimate = warp::path!("v1" / "deployments" / "estimate")
         .and(warp::post())
         .and(with_state(state))
-        .and(signed_in(state, Access::Manage))
-        .and(crate::json::json_body::<EstimateRequest>(16 * 1024))
-        .and_then(|s: Arc<AppState>, request: EstimateRequest| async move {
-            estimate_deployment(&s, request).await.map_err(warp::reject::custom)
-        });
-    let metrics = warp::path!("v1" / "deployments" / String / "metrics")
-        .and(warp::get())
-        .and(with_state(state))
         .and(caller(state, Access::Manage))
-        .and(warp::query::<MetricsQuery>())
-        .and_then(|id: String, s: Arc<AppState>, c: Caller, query: MetricsQuery| async move {
-            deployment_metrics(&s, &c, &id, query).await.map_err(warp::reject::custom)
-        });
-    let node_metrics = warp::path!("internal" / "monitor" / String)
-        .and(warp::get())
-        .and(with_state(state))
-        .and(warp::header::optional::<String>(super::cluster::COOKIE_HEADER))
-        .and(warp::query::<NodeMetricsQuery>())
-        .and_then(|id: String, s: Arc<AppState>, cookie: Option<String>, query: NodeMetricsQuery| async move {
-            super::cluster::check_cookie(&s, cookie.as_deref()).map_err(warp::reject::custom)?;
-            Ok::<_, warp::Rejection>(warp::reply::json(&s.monitor.buckets(&id, query.since_ms)).into_response())
+        .and(crate::json::json_body::<EstimateRequest>(16 * 1024))
+        .and_then(|s: Arc<AppState>, c: Caller, request: EstimateRequest| async move {
+            estimate_deployment(&s, &c, request).await.map_err(warp::reject::custom)
         });
     let drain = warp::path!("v1" / "nodes" / u64 / "drain")
         .and(warp::post().map(|| true).or(warp::delete().map(|| false)).unify())
@@ -128,11 +112,50 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .unify()
         .or(drain)
         .unify()
-        .or(metrics)
-        .unify()
-        .or(node_metrics)
+        .or(monitoring(state))
         .unify()
         .boxed()
+}
+
+/// A deployment's metrics and logs, for the cluster (`/v1`) and from this node
+/// (`/internal`, for the node asked).
+fn monitoring(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
+    let metrics = warp::path!("v1" / "deployments" / String / "metrics")
+        .and(warp::get())
+        .and(with_state(state))
+        .and(caller(state, Access::Manage))
+        .and(warp::query::<MetricsQuery>())
+        .and_then(|id: String, s: Arc<AppState>, c: Caller, query: MetricsQuery| async move {
+            deployment_metrics(&s, &c, &id, query).await.map_err(warp::reject::custom)
+        });
+    let node_metrics = warp::path!("internal" / "monitor" / String)
+        .and(warp::get())
+        .and(with_state(state))
+        .and(warp::header::optional::<String>(super::cluster::COOKIE_HEADER))
+        .and(warp::query::<NodeMetricsQuery>())
+        .and_then(|id: String, s: Arc<AppState>, cookie: Option<String>, query: NodeMetricsQuery| async move {
+            super::cluster::check_cookie(&s, cookie.as_deref()).map_err(warp::reject::custom)?;
+            Ok::<_, warp::Rejection>(warp::reply::json(&s.monitor.buckets(&id, query.since_ms)).into_response())
+        });
+    let logs = warp::path!("v1" / "deployments" / String / "logs")
+        .and(warp::get())
+        .and(with_state(state))
+        .and(caller(state, Access::Manage))
+        .and(warp::query::<LogsQuery>())
+        .and_then(|id: String, s: Arc<AppState>, c: Caller, query: LogsQuery| async move {
+            deployment_logs(&s, &c, &id, query).await.map_err(warp::reject::custom)
+        });
+    let node_logs = warp::path!("internal" / "journal" / String)
+        .and(warp::get())
+        .and(with_state(state))
+        .and(warp::header::optional::<String>(super::cluster::COOKIE_HEADER))
+        .and(warp::query::<NodeLogsQuery>())
+        .and_then(|id: String, s: Arc<AppState>, cookie: Option<String>, query: NodeLogsQuery| async move {
+            super::cluster::check_cookie(&s, cookie.as_deref()).map_err(warp::reject::custom)?;
+            let lines = local_log(&s, &id, query.level, query.limit.min(journal::LINES_PER_DEPLOYMENT));
+            Ok::<_, warp::Rejection>(warp::reply::json(&lines).into_response())
+        });
+    metrics.or(node_metrics).unify().or(logs).unify().or(node_logs).unify().boxed()
 }
 
 fn default_version() -> String {
@@ -279,6 +302,8 @@ pub struct DeploymentView {
     pub id: String,
     pub model: String,
     pub model_version: String,
+    /// Whose model of the repository it runs: `platform`, or `own` (the deployment owner's).
+    pub model_owner: String,
     pub model_path: Option<String>,
     pub replicas_desired: u32,
     /// Ready replicas of the current generation.
@@ -317,6 +342,36 @@ pub struct MetricsQuery {
     /// How far back, in minutes (1 to 60, default 15).
     #[serde(default)]
     pub minutes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct LogsQuery {
+    /// The most lines to return, newest kept (1 to 500, default 200).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// The lowest level shown (default info: every line).
+    #[serde(default)]
+    pub level: Option<LogLevel>,
+}
+
+/// The last lines of a deployment's log, from every node that answered.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeploymentLogs {
+    pub deployment: String,
+    /// The nodes whose lines are in.
+    pub nodes: Vec<u64>,
+    /// Live nodes that did not answer in time: their lines are missing.
+    pub nodes_missing: Vec<u64>,
+    /// Oldest first.
+    pub lines: Vec<LogLine>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct NodeLogsQuery {
+    limit: usize,
+    level: LogLevel,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -409,6 +464,7 @@ fn view(
         priority: spec.priority,
         allow_preemption: spec.allow_preemption,
         cpu_fallback: spec.request.cpu_fallback_allowed,
+        model_owner: if spec.tenant_model { "own" } else { "platform" }.to_owned(),
         visibility: if spec.owner.is_some() { Visibility::Private } else { Visibility::Public },
         owner_kind: spec.owner.as_ref().map(|owner| match owner {
             DeploymentOwner::User(_) => "user".to_owned(),
@@ -491,9 +547,78 @@ pub async fn deployment_metrics(
     if !(1..=60).contains(&minutes) {
         return Err(ApiError::bad_request("invalid_input", "minutes must be 1 to 60").with_param("minutes"));
     }
+    let (own, peers) = visible_with_peers(state, caller, id)?;
+    let now = now_ms();
+    let since = now.saturating_sub(minutes * 60_000);
+    let (answers, nodes_missing) =
+        ask_peers::<Vec<crate::monitor::NodeBucket>>(state, peers, &format!("/internal/monitor/{id}?since_ms={since}"))
+            .await;
+    let mut nodes = vec![own];
+    let mut figures = vec![state.monitor.buckets(id, since)];
+    for (node, buckets) in answers {
+        nodes.push(node);
+        figures.push(buckets);
+    }
+    nodes.sort_unstable();
+    let points = crate::monitor::merge(&figures, since, now);
+    let body = DeploymentMetrics {
+        deployment: id.to_owned(),
+        bucket_secs: crate::monitor::BUCKET_MS / 1000,
+        nodes,
+        nodes_missing,
+        points,
+    };
+    Ok(warp::reply::json(&body).into_response())
+}
+
+/// The last lines of a deployment's log from every live node, oldest first: where each
+/// replica was started, its files fetched, how it loaded or why it failed, its restarts
+/// and stops.
+#[utoipa::path(get, path = "/v1/deployments/{id}/logs", tag = "deployments",
+    params(("id" = String, Path, description = "the deployment's name"), LogsQuery),
+    responses((status = 200, body = DeploymentLogs), (status = 400, body = crate::error::ErrorBody),
+        (status = 404, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
+pub async fn deployment_logs(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    query: LogsQuery,
+) -> Result<Response, ApiError> {
+    let limit = query.limit.unwrap_or(200);
+    if !(1..=journal::LINES_PER_DEPLOYMENT).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_input",
+            format!("limit must be 1 to {}", journal::LINES_PER_DEPLOYMENT),
+        )
+        .with_param("limit"));
+    }
+    let level = query.level.unwrap_or(LogLevel::Info);
+    let (own, peers) = visible_with_peers(state, caller, id)?;
+    let level_name = serde_json::to_value(level).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+    let (answers, nodes_missing) =
+        ask_peers::<Vec<LogLine>>(state, peers, &format!("/internal/journal/{id}?limit={limit}&level={level_name}"))
+            .await;
+    let mut nodes = vec![own];
+    let mut lines = local_log(state, id, level, limit);
+    for (node, theirs) in answers {
+        nodes.push(node);
+        lines.extend(theirs);
+    }
+    nodes.sort_unstable();
+    let body = DeploymentLogs { deployment: id.to_owned(), nodes, nodes_missing, lines: journal::merge(lines, limit) };
+    Ok(warp::reply::json(&body).into_response())
+}
+
+fn local_log(state: &AppState, id: &str, level: LogLevel, limit: usize) -> Vec<LogLine> {
+    state.journal.get().map(|journal| journal.lines(id, level, limit)).unwrap_or_default()
+}
+
+/// This node's id and the other live nodes (id, API address), when `caller` may see the
+/// deployment `id`.
+fn visible_with_peers(state: &AppState, caller: &Caller, id: &str) -> Result<(u64, Vec<(u64, String)>), ApiError> {
     let handle = control_plane(state)?;
     let own = handle.id();
-    let peers: Vec<(u64, String)> = handle
+    let peers = handle
         .read_local(|cluster| {
             cluster.deployment(&DeploymentId(id.to_owned())).filter(|d| may_see(caller, &d.spec))?;
             Some(
@@ -506,12 +631,20 @@ pub async fn deployment_metrics(
             )
         })
         .ok_or_else(|| not_found(id))?;
-    let now = now_ms();
-    let since = now.saturating_sub(minutes * 60_000);
+    Ok((own, peers))
+}
+
+/// Asks each peer for `path` (an internal route that answers JSON) with the cluster cookie,
+/// all at once, two seconds each: the answers by node, and the nodes that gave none.
+async fn ask_peers<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    peers: Vec<(u64, String)>,
+    path: &str,
+) -> (Vec<(u64, T)>, Vec<u64>) {
     let cookie = state.cluster_cookie.get().cloned().unwrap_or_default();
     let asks = peers.into_iter().map(|(node, api)| {
         let (client, cookie) = (state.http.clone(), cookie.clone());
-        let url = format!("{}/internal/monitor/{id}?since_ms={since}", api.trim_end_matches('/'));
+        let url = format!("{}{path}", api.trim_end_matches('/'));
         async move {
             let answer = async {
                 let response = client
@@ -524,32 +657,19 @@ pub async fn deployment_metrics(
                 if !response.status().is_success() {
                     return None;
                 }
-                response.json::<Vec<crate::monitor::NodeBucket>>().await.ok()
+                response.json::<T>().await.ok()
             };
             (node, answer.await)
         }
     });
-    let mut figures = vec![state.monitor.buckets(id, since)];
-    let (mut nodes, mut nodes_missing) = (vec![own], Vec::new());
+    let (mut answers, mut missing) = (Vec::new(), Vec::new());
     for (node, answer) in futures_util::future::join_all(asks).await {
         match answer {
-            Some(buckets) => {
-                nodes.push(node);
-                figures.push(buckets);
-            }
-            None => nodes_missing.push(node),
+            Some(value) => answers.push((node, value)),
+            None => missing.push(node),
         }
     }
-    nodes.sort_unstable();
-    let points = crate::monitor::merge(&figures, since, now);
-    let body = DeploymentMetrics {
-        deployment: id.to_owned(),
-        bucket_secs: crate::monitor::BUCKET_MS / 1000,
-        nodes,
-        nodes_missing,
-        points,
-    };
-    Ok(warp::reply::json(&body).into_response())
+    (answers, missing)
 }
 
 fn not_found(id: &str) -> ApiError {
@@ -598,11 +718,22 @@ fn owner_for(caller: &Caller, visibility: Option<Visibility>) -> Result<Option<D
     }
 }
 
-/// Checks a request and turns it into a spec; estimates memory from the model's files
-/// when not given.
+/// The store's owner of a private deployment's tenant.
+pub(crate) fn store_owner(owner: &DeploymentOwner) -> Owner {
+    match owner {
+        DeploymentOwner::User(id) => Owner::User(id.clone()),
+        DeploymentOwner::Org(id) => Owner::Org(id.clone()),
+    }
+}
+
+/// Checks a request and turns it into the spec of a deployment of `owner` (`None`: a
+/// platform deployment); estimates memory from the model's files when not given. A private
+/// deployment's model is its owner's own when the owner has one of that name, else the
+/// platform's.
 async fn spec_from(
     state: &AppState,
     mut request: DeploymentRequest,
+    owner: Option<DeploymentOwner>,
 ) -> Result<(DeploymentSpec, u32, Option<ModelEstimate>), ApiError> {
     let bad = |param: &str, message: String| ApiError::bad_request("invalid_input", message).with_param(param);
     if request.model.trim().is_empty() || request.model.len() > 256 {
@@ -634,7 +765,9 @@ async fn spec_from(
     // its recorded config gives the estimate.
     let record = if model_path.is_none() {
         let stores = super::registry::stores(state)?;
-        let record = stores.db.models().find_platform(&request.model, &request.model_version).await.map_err(|_| {
+        let model_owner = owner.as_ref().map(store_owner);
+        let found = stores.db.models().find_for(model_owner.as_ref(), &request.model, &request.model_version).await;
+        let record = found.map_err(|_| {
             bad(
                 "model",
                 format!(
@@ -693,7 +826,8 @@ async fn spec_from(
         node_selector: request.node_selector,
         priority: request.priority,
         allow_preemption: request.allow_preemption,
-        owner: None,
+        tenant_model: record.as_ref().is_some_and(|record| record.owner_kind != "platform"),
+        owner,
     };
     Ok((spec, request.replicas, estimate))
 }
@@ -762,8 +896,7 @@ pub async fn create_deployment(
             "the deployment name {name} is taken (names are unique in the cluster): choose another name, or update yours with PUT /v1/deployments/{name}"
         )));
     }
-    let (mut spec, replicas, estimate) = spec_from(state, request).await?;
-    spec.owner = owner;
+    let (spec, replicas, estimate) = spec_from(state, request, owner).await?;
     let detail = serde_json::json!({"model": spec.model_name, "version": spec.model_version, "replicas": replicas});
     let response = put(state, name.clone(), spec, replicas, estimate, true).await?;
     audit(state, caller.audit_entry("deployment.create", &name, detail)).await?;
@@ -804,8 +937,7 @@ pub async fn update_deployment(
         )
         .with_param("name"));
     }
-    let (mut spec, replicas, estimate) = spec_from(state, request).await?;
-    spec.owner = current.owner;
+    let (spec, replicas, estimate) = spec_from(state, request, current.owner).await?;
     let detail = serde_json::json!({"model": spec.model_name, "version": spec.model_version, "replicas": replicas});
     let response = put(state, id.clone(), spec, replicas, estimate, false).await?;
     audit(state, caller.audit_entry("deployment.update", &id, detail)).await?;
@@ -867,11 +999,26 @@ pub async fn delete_deployment(state: &AppState, caller: &Caller, id: String) ->
     }
 }
 
-/// The memory one replica of a model on disk needs, and where it would fit now.
+/// The memory one replica of a model needs, and where it would fit now. A model of the
+/// repository is the caller's own when they have one of that name (as a deployment they
+/// make would use), else the platform's; a model on disk (`model_path`) is for platform
+/// administrators, who alone may deploy from node files.
 #[utoipa::path(post, path = "/v1/deployments/estimate", tag = "deployments", request_body = EstimateRequest,
-    responses((status = 200, body = EstimateReply), (status = 400, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
-pub async fn estimate_deployment(state: &AppState, request: EstimateRequest) -> Result<Response, ApiError> {
+    responses((status = 200, body = EstimateReply), (status = 400, body = crate::error::ErrorBody),
+        (status = 403, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
+pub async fn estimate_deployment(
+    state: &AppState,
+    caller: &Caller,
+    request: EstimateRequest,
+) -> Result<Response, ApiError> {
     let bad = |param: &str, message: String| ApiError::bad_request("invalid_input", message).with_param(param);
+    let admin = caller.require_admin().is_ok();
+    if request.model_path.is_some() && !admin {
+        return Err(ApiError::forbidden(
+            "estimating a model from files on the nodes (model_path) needs a platform administrator: estimate a model of the repository",
+        )
+        .with_param("model_path"));
+    }
     if request.gpus_per_replica == 0 || request.gpus_per_replica > MAX_GPUS_PER_REPLICA {
         return Err(bad("gpus_per_replica", format!("gpus_per_replica must be 1 to {MAX_GPUS_PER_REPLICA}")));
     }
@@ -892,10 +1039,11 @@ pub async fn estimate_deployment(state: &AppState, request: EstimateRequest) -> 
                 .map_err(|reason| bad("model_path", reason))?
         }
         (None, Some(name)) => {
+            let owner = (!admin).then(|| caller.scope.acting_as());
             let record = super::registry::stores(state)?
                 .db
                 .models()
-                .find_platform(name, &request.model_version)
+                .find_for(owner, name, &request.model_version)
                 .await
                 .map_err(|err| bad("model", err.to_string()))?;
             estimate_version(&record, context, sequences).map_err(|reason| bad("model", reason))?

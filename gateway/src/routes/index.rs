@@ -15,63 +15,113 @@ use warp::{Filter, Reply};
 use super::with_state;
 use crate::state::AppState;
 
+/// One file of the built console.
+pub struct ConsoleAsset {
+    /// Its path under `console/dist`, with `/` separators.
+    pub path: &'static str,
+    pub contents: &'static [u8],
+    /// Its gzip encoding, for text files worth compressing (made by `build.rs`).
+    pub gzip: Option<&'static [u8]>,
+}
+
 include!(concat!(env!("OUT_DIR"), "/console_assets.rs"));
 
 /// First path segments that belong to the API and operations, never to the console.
 const SERVER_PATHS: [&str; 7] = ["v1", "healthz", "readyz", "metrics", "openapi.json", "debug", "internal"];
 
 pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
-    let root = warp::path::end().and(warp::get()).and(with_state(state)).map(|s: Arc<AppState>| index(&s));
     // The method is checked inside, so other methods on unknown paths stay 404s rather
     // than becoming 405s.
-    let files = warp::method()
-        .and(warp::path::tail())
-        .and(warp::header::optional::<String>("accept"))
+    let root = warp::path::end()
+        .and(warp::get())
+        .and(warp::header::optional::<String>("accept-encoding"))
         .and(with_state(state))
-        .and_then(|method: http::Method, tail: Tail, accept: Option<String>, s: Arc<AppState>| async move {
-            if method != http::Method::GET {
-                return Err(warp::reject::not_found());
-            }
-            console_file(&s, tail.as_str(), accept.as_deref()).ok_or_else(warp::reject::not_found)
-        });
+        .map(|encoding: Option<String>, s: Arc<AppState>| index(&s, accepts_gzip(encoding.as_deref())));
+    let files =
+        warp::method()
+            .and(warp::path::tail())
+            .and(warp::header::optional::<String>("accept"))
+            .and(warp::header::optional::<String>("accept-encoding"))
+            .and(with_state(state))
+            .and_then(
+                |method: http::Method,
+                 tail: Tail,
+                 accept: Option<String>,
+                 encoding: Option<String>,
+                 s: Arc<AppState>| async move {
+                    if method != http::Method::GET {
+                        return Err(warp::reject::not_found());
+                    }
+                    let gzip = accepts_gzip(encoding.as_deref());
+                    console_file(&s, tail.as_str(), accept.as_deref(), gzip).ok_or_else(warp::reject::not_found)
+                },
+            );
     root.or(files).unify().boxed()
 }
 
 /// The console's start page, or a plain page naming the node when the console is not built.
 #[utoipa::path(get, path = "/", tag = "operations", responses((status = 200, content_type = "text/html", body = String)))]
-pub fn index(state: &AppState) -> Response {
+pub fn index(state: &AppState, gzip: bool) -> Response {
     match asset("index.html") {
-        Some(page) => file_response("index.html", page),
+        Some(page) => file_response(page, gzip),
         None => fallback_page(state),
     }
 }
 
 /// The answer for `GET /{path}`: a built file, or the start page for a browser navigating
 /// to a console route; `None` (a 404) otherwise.
-fn console_file(state: &AppState, path: &str, accept: Option<&str>) -> Option<Response> {
-    if let Some(contents) = asset(path) {
-        return Some(file_response(path, contents));
+fn console_file(state: &AppState, path: &str, accept: Option<&str>, gzip: bool) -> Option<Response> {
+    if let Some(file) = asset(path) {
+        return Some(file_response(file, gzip));
     }
     let first_segment = path.split('/').next().unwrap_or_default();
     let last_segment = path.rsplit('/').next().unwrap_or_default();
     let navigation = accept.is_some_and(|accept| accept.contains("text/html"));
     let console_route =
         !SERVER_PATHS.contains(&first_segment) && first_segment != "assets" && !last_segment.contains('.');
-    (navigation && console_route).then(|| index(state))
+    (navigation && console_route).then(|| index(state, gzip))
 }
 
-fn asset(path: &str) -> Option<&'static [u8]> {
-    CONSOLE_ASSETS.iter().find(|(name, _)| *name == path).map(|(_, contents)| *contents)
+fn asset(path: &str) -> Option<&'static ConsoleAsset> {
+    CONSOLE_ASSETS.iter().find(|file| file.path == path)
 }
 
-/// A built file with its type; hashed assets are immutable, everything else revalidates.
-fn file_response(path: &str, contents: &'static [u8]) -> Response {
+/// Whether an `Accept-Encoding` header takes gzip (listed, or through `*`, with a
+/// non-zero weight).
+pub fn accepts_gzip(header: Option<&str>) -> bool {
+    let Some(header) = header else { return false };
+    let weight = |coding: &str| {
+        header.split(',').find_map(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            let name = parts.next()?;
+            if !name.eq_ignore_ascii_case(coding) {
+                return None;
+            }
+            let q = parts.find_map(|p| p.strip_prefix("q=").or_else(|| p.strip_prefix("Q=")));
+            Some(q.map_or(1.0, |q| q.parse::<f32>().unwrap_or(0.0)))
+        })
+    };
+    weight("gzip").or_else(|| weight("*")).is_some_and(|q| q > 0.0)
+}
+
+/// A built file with its type, gzipped when it has a gzip encoding and the client takes
+/// it; hashed assets are immutable, everything else revalidates.
+fn file_response(file: &ConsoleAsset, gzip: bool) -> Response {
+    let path = file.path;
     let cache = if path.starts_with("assets/") { "public, max-age=31536000, immutable" } else { "no-cache" };
-    let mut response = contents.into_response();
+    let encoded = file.gzip.filter(|_| gzip);
+    let mut response = encoded.unwrap_or(file.contents).into_response();
     let headers = response.headers_mut();
     headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type(path)));
     headers.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static(cache));
     headers.insert(http::header::X_CONTENT_TYPE_OPTIONS, http::HeaderValue::from_static("nosniff"));
+    if file.gzip.is_some() {
+        // Caches must keep the two encodings apart.
+        headers.insert(http::header::VARY, http::HeaderValue::from_static("accept-encoding"));
+    }
+    if encoded.is_some() {
+        headers.insert(http::header::CONTENT_ENCODING, http::HeaderValue::from_static("gzip"));
+    }
     response
 }
 

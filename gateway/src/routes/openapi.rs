@@ -33,6 +33,7 @@ use crate::state::AppState;
         super::deployments::delete_deployment,
         super::deployments::estimate_deployment,
         super::deployments::deployment_metrics,
+        super::deployments::deployment_logs,
         super::deployments::drain_node,
         super::deployments::undrain_node,
         super::registry::upload_blob,

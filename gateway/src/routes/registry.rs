@@ -2,8 +2,10 @@
 //! content) and served to peers with byte ranges (a resumed download); a model version is
 //! registered as a list of uploaded blobs with their paths, after its files have been laid
 //! out and checked as a model (and against the built-in catalogue when registered under a
-//! catalogue name), or as an uploaded archive the node unpacks into blobs. Changes and
-//! blob reads need the cluster cookie (operators and peers) until accounts exist.
+//! catalogue name), or as an uploaded archive the node unpacks into blobs. Platform
+//! administrators (and the cluster cookie) add the platform's models, which every tenant
+//! may deploy; enterprise users add models of their own (or of an organisation they run),
+//! which only they see and deploy (privately). Blob reads are for peers (the cookie).
 
 use std::sync::Arc;
 
@@ -52,8 +54,8 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let list = warp::path!("v1" / "registry" / "models")
         .and(warp::get())
         .and(with_state(state))
-        .and(signed_in(state, Access::Manage))
-        .and_then(|s: Arc<AppState>| async move { list_models(&s).await.map_err(warp::reject::custom) });
+        .and(caller(state, Access::Manage))
+        .and_then(|s: Arc<AppState>, c: Caller| async move { list_models(&s, &c).await.map_err(warp::reject::custom) });
     let catalog = warp::path!("v1" / "registry" / "catalog")
         .and(warp::get())
         .and(with_state(state))
@@ -83,7 +85,7 @@ pub async fn upload_blob(
     caller: &Caller,
     body: impl futures_util::Stream<Item = Result<impl bytes::Buf, warp::Error>> + Unpin + Send,
 ) -> Result<Response, ApiError> {
-    caller.require_admin()?;
+    caller.require_deployer()?;
     let stores = stores(state)?;
     let reader = tokio_util::io::StreamReader::new(
         body.map_ok(|mut buf| buf.copy_to_bytes(buf.remaining())).map_err(std::io::Error::other),
@@ -174,7 +176,8 @@ pub struct RegisterRequest {
 }
 
 /// Registers a model version from uploaded blobs, or from an uploaded archive unpacked into
-/// blobs. The files are laid out as a model folder and checked (config, tokenizer, every
+/// blobs: a platform model when a platform administrator registers it, else a model of the
+/// caller's own (or of the organisation they act for). The files are laid out as a model folder and checked (config, tokenizer, every
 /// safetensors header, or the GGUF header), and against the catalogue entry when the name
 /// is a catalogue name; the metadata (architecture, parameters, context length, dtype,
 /// quantisation, tasks) comes from them.
@@ -183,7 +186,7 @@ pub struct RegisterRequest {
     responses((status = 201, description = "the version", content_type = "application/json"), (status = 400, body = crate::error::ErrorBody),
         (status = 403, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody), (status = 413, body = crate::error::ErrorBody)))]
 pub async fn register_model(state: &AppState, caller: &Caller, request: RegisterRequest) -> Result<Response, ApiError> {
-    caller.require_admin()?;
+    caller.require_deployer()?;
     let stores = stores(state)?;
     maas_store::repo::models::validate_names(&request.name, request.version.as_deref())?;
     if let Some(tasks) = &request.tasks
@@ -228,8 +231,13 @@ pub async fn register_model(state: &AppState, caller: &Caller, request: Register
         },
         files,
     };
-    // Check names and paths before laying anything out.
-    maas_store::repo::models::validate(&new)?;
+    // Check names and paths before laying anything out; a tenant's model counts against
+    // its storage quota.
+    let total_bytes = maas_store::repo::models::validate(&new)?;
+    let admin = caller.require_admin().is_ok();
+    if !admin {
+        super::files::check_storage_quota(stores, caller, total_bytes).await?;
+    }
     let dir = materialise(&stores.blobs, &stores.data_dir, &new.files).await.map_err(ApiError::internal)?;
     let inspect_dir = match new.files.as_slice() {
         [single] if single.path.to_ascii_lowercase().ends_with(".gguf") => dir.join(&single.path),
@@ -248,7 +256,10 @@ pub async fn register_model(state: &AppState, caller: &Caller, request: Register
     if let Some(tasks) = request.tasks {
         metadata.tasks = tasks;
     }
-    let record = stores.db.models().register_platform(NewModelVersion { metadata, description, ..new }).await?;
+    let new = NewModelVersion { metadata, description, ..new };
+    let models = stores.db.models();
+    let record =
+        if admin { models.register_platform(new).await? } else { models.register_in(&caller.scope, new).await? };
     tracing::info!(model = %record.name, version = %record.version, bytes = record.total_bytes, "model version registered");
     let target = format!("{}:{}", record.name, record.version);
     let detail = serde_json::json!({"bytes": record.total_bytes});
@@ -358,10 +369,17 @@ pub struct RegistryList {
     pub versions: Vec<ModelVersionRecord>,
 }
 
-/// Every version of every model in the repository, newest first within a model.
+/// The versions of the models the caller may deploy: the platform's and their own (and
+/// their organisations'); administrators see every tenant's too. By name, then owner, newest
+/// first within a model.
 #[utoipa::path(get, path = "/v1/registry/models", tag = "models",
     responses((status = 200, body = RegistryList), (status = 503, body = crate::error::ErrorBody)))]
-pub async fn list_models(state: &AppState) -> Result<Response, ApiError> {
-    let versions = stores(state)?.db.models().list_platform().await?;
+pub async fn list_models(state: &AppState, caller: &Caller) -> Result<Response, ApiError> {
+    let models = stores(state)?.db.models();
+    let versions = if caller.require_admin().is_ok() {
+        models.list_all().await?
+    } else {
+        models.list_visible(&caller.scope).await?
+    };
     Ok(warp::reply::json(&RegistryList { versions }).into_response())
 }

@@ -163,9 +163,17 @@ impl MilvusStore {
             .wait_flushed_ms(wait_ms)
             .build()
             .map_err(|e| self.failure("flush", &e))?;
-        match self.client.flush(request).await {
-            Ok(_) => Ok(()),
-            Err(error) => Err(self.after_failure(collection, "flush", &error).await),
+        // The SDK polls the segments' state until they are flushed with no deadline of its
+        // own (a server that never reports them flushed would hold the caller for good).
+        let bound = self.options.rpc_timeout + Duration::from_secs(5);
+        match tokio::time::timeout(bound, self.client.flush(request)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(self.after_failure(collection, "flush", &error).await),
+            Err(_) => Err(KnowledgeError::Milvus {
+                url: self.url.clone(),
+                action: "flush",
+                reason: format!("the segments were not reported flushed within {bound:?}"),
+            }),
         }
     }
 

@@ -112,19 +112,7 @@ impl ApiKeys<'_> {
         if new.scopes.is_empty() {
             return Err(StoreError::InvalidInput("a key needs at least one scope".into()));
         }
-        if let Owner::Org(org_id) = scope.acting_as() {
-            let role: Option<String> =
-                sqlx::query_scalar("SELECT org_role FROM org_members WHERE org_id = $1 AND user_id = $2")
-                    .bind(org_id)
-                    .bind(scope.user_id())
-                    .fetch_optional(self.db.pool())
-                    .await?;
-            if !matches!(role.as_deref(), Some("owner" | "admin")) {
-                return Err(StoreError::Forbidden(format!(
-                    "only an owner or admin of organisation `{org_id}` may create its keys"
-                )));
-            }
-        }
+        scope.require_org_manager(self.db, "create its keys").await?;
         let key = ApiKey {
             id: new_id("key"),
             owner: scope.acting_as().clone(),

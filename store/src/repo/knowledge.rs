@@ -504,6 +504,24 @@ impl KnowledgeBases<'_> {
             .ok_or_else(|| StoreError::NotFound { what: "document", id: id.to_owned() })
     }
 
+    /// The documents of `ids` that exist (in no particular order), in one query per 500.
+    pub async fn documents_by_id(&self, ids: &[String]) -> Result<Vec<Document>> {
+        let mut found = Vec::with_capacity(ids.len());
+        for batch in ids.chunks(500) {
+            let placeholders: Vec<String> = (1..=batch.len()).map(|i| format!("${i}")).collect();
+            let sql =
+                format!("SELECT {DOCUMENT_COLUMNS} FROM kb_documents d WHERE d.id IN ({})", placeholders.join(", "));
+            let mut query = sqlx::query_as::<_, DocumentRow>(trusted_sql(sql));
+            for id in batch {
+                query = query.bind(id);
+            }
+            for row in query.fetch_all(self.db.pool()).await? {
+                found.push(document_from_row(row)?);
+            }
+        }
+        Ok(found)
+    }
+
     /// Takes the oldest document with work left whose lease is free or has run out, for
     /// `worker` until `lease_ms` from now. A worker that dies loses the lease and another
     /// continues from the document's last durable step.

@@ -1,14 +1,15 @@
 //! The model repository: named models and their immutable versions, each a list of files
 //! whose bytes are blobs in the blob store. A model belongs to the platform (imported by
-//! operators, visible to every tenant), a user or an organisation. This module has the
-//! platform's side; tenant-owned models go through a [`crate::TenantScope`] when accounts
-//! exist (issue 6).
+//! operators, visible to every tenant), a user or an organisation (visible to the user, or
+//! to the organisation's members: read through a [`TenantScope`], TEN-1). Names are unique
+//! per owner: a tenant's `tiny` and the platform's `tiny` are two models.
 
 use serde::{Deserialize, Serialize};
 
 use crate::db::Db;
 use crate::error::{Result, StoreError};
 use crate::ids::{new_id, now_ms};
+use crate::tenant::{Owner, TenantScope, trusted_sql};
 
 /// One file of a model version, relative to the model's root.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,27 +217,43 @@ impl Models<'_> {
     /// Registers a version of a platform model (creating the model on its first version).
     /// Versions are immutable: registering an existing one is a conflict.
     pub async fn register_platform(&self, new: NewModelVersion) -> Result<ModelVersionRecord> {
+        self.register(None, new).await
+    }
+
+    /// Registers a version of a model owned by the scope's acting owner (the user, or an
+    /// organisation of which the user is an owner or admin).
+    pub async fn register_in(&self, scope: &TenantScope, new: NewModelVersion) -> Result<ModelVersionRecord> {
+        scope.require_org_manager(self.db, "add models to its repository").await?;
+        self.register(Some(scope.acting_as()), new).await
+    }
+
+    /// Registers a version of a model of `owner` (`None`: the platform).
+    async fn register(&self, owner: Option<&Owner>, new: NewModelVersion) -> Result<ModelVersionRecord> {
+        let (owner_kind, owner_id) = owner_columns(owner);
         let total_bytes = validate(&new)?;
         let to_i64 = |value: u64, what: &str| {
             i64::try_from(value).map_err(|_| StoreError::InvalidInput(format!("{what} {value} is too large")))
         };
         let now = now_ms();
         let mut tx = self.db.pool().begin().await?;
-        let existing: Option<(String, String)> = sqlx::query_as(
-            "SELECT id, description FROM models WHERE owner_kind = 'platform' AND owner_id = '' AND name = $1",
-        )
-        .bind(&new.name)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let existing: Option<(String, String)> =
+            sqlx::query_as("SELECT id, description FROM models WHERE owner_kind = $1 AND owner_id = $2 AND name = $3")
+                .bind(owner_kind)
+                .bind(owner_id)
+                .bind(&new.name)
+                .fetch_optional(&mut *tx)
+                .await?;
         let (model_id, description) = if let Some(found) = existing {
             found
         } else {
             let id = new_id("model");
             sqlx::query(
                 "INSERT INTO models (id, owner_kind, owner_id, name, description, created_at_ms) \
-                 VALUES ($1, 'platform', '', $2, $3, $4)",
+                 VALUES ($1, $2, $3, $4, $5, $6)",
             )
             .bind(&id)
+            .bind(owner_kind)
+            .bind(owner_id)
             .bind(&new.name)
             .bind(&new.description)
             .bind(now)
@@ -288,8 +305,8 @@ impl Models<'_> {
             id,
             model_id,
             name: new.name,
-            owner_kind: "platform".into(),
-            owner_id: String::new(),
+            owner_kind: owner_kind.to_owned(),
+            owner_id: owner_id.to_owned(),
             description,
             version,
             metadata: new.metadata,
@@ -305,22 +322,36 @@ impl Models<'_> {
             "SELECT {VERSION_COLUMNS} FROM model_versions v JOIN models m ON m.id = v.model_id \
              WHERE m.owner_kind = 'platform' ORDER BY m.name, v.created_at_ms DESC, v.id DESC"
         );
-        let rows: Vec<VersionRow> = sqlx::query_as(crate::tenant::trusted_sql(sql)).fetch_all(self.db.pool()).await?;
+        let rows: Vec<VersionRow> = sqlx::query_as(trusted_sql(sql)).fetch_all(self.db.pool()).await?;
         rows.into_iter().map(version_from_row).collect()
     }
 
     /// One version of a platform model; [`LATEST`] is the newest.
     pub async fn find_platform(&self, name: &str, version: &str) -> Result<ModelVersionRecord> {
+        self.find(None, name, version).await
+    }
+
+    /// One version of a model of `owner` (`None`: the platform's); [`LATEST`] is the
+    /// newest. For nodes loading a deployment's model, whose owner the deployment names.
+    pub async fn find(&self, owner: Option<&Owner>, name: &str, version: &str) -> Result<ModelVersionRecord> {
+        let (owner_kind, owner_id) = owner_columns(owner);
         let base = format!(
             "SELECT {VERSION_COLUMNS} FROM model_versions v JOIN models m ON m.id = v.model_id \
-             WHERE m.owner_kind = 'platform' AND m.name = $1"
+             WHERE m.owner_kind = $1 AND m.owner_id = $2 AND m.name = $3"
         );
         let row: Option<VersionRow> = if version == LATEST {
             let sql = format!("{base} ORDER BY v.created_at_ms DESC, v.id DESC LIMIT 1");
-            sqlx::query_as(crate::tenant::trusted_sql(sql)).bind(name).fetch_optional(self.db.pool()).await?
+            sqlx::query_as(trusted_sql(sql))
+                .bind(owner_kind)
+                .bind(owner_id)
+                .bind(name)
+                .fetch_optional(self.db.pool())
+                .await?
         } else {
-            let sql = format!("{base} AND v.version = $2");
-            sqlx::query_as(crate::tenant::trusted_sql(sql))
+            let sql = format!("{base} AND v.version = $4");
+            sqlx::query_as(trusted_sql(sql))
+                .bind(owner_kind)
+                .bind(owner_id)
                 .bind(name)
                 .bind(version)
                 .fetch_optional(self.db.pool())
@@ -330,4 +361,46 @@ impl Models<'_> {
             .transpose()?
             .ok_or_else(|| StoreError::NotFound { what: "model version", id: format!("{name}:{version}") })
     }
+
+    /// A version of `owner`'s model `name` when it has one, else of the platform's; another
+    /// tenant's models are not found (TEN-1). For deploying: a tenant's own model comes
+    /// first. `owner` is a scope's acting owner, or the owner of a deployment made in one.
+    pub async fn find_for(&self, owner: Option<&Owner>, name: &str, version: &str) -> Result<ModelVersionRecord> {
+        if owner.is_some() {
+            match self.find(owner, name, version).await {
+                Err(StoreError::NotFound { .. }) => {}
+                found => return found,
+            }
+        }
+        self.find(None, name, version).await
+    }
+
+    /// The platform's models and those the scope's user may read (their own and their
+    /// organisations'), by name, then owner, then newest first.
+    pub async fn list_visible(&self, scope: &TenantScope) -> Result<Vec<ModelVersionRecord>> {
+        let sql = format!(
+            "SELECT {VERSION_COLUMNS} FROM model_versions v JOIN models m ON m.id = v.model_id \
+             WHERE m.owner_kind = 'platform' OR {} \
+             ORDER BY m.name, m.owner_kind, m.owner_id, v.created_at_ms DESC, v.id DESC",
+            TenantScope::readable_sql("m", 1)
+        );
+        let rows: Vec<VersionRow> =
+            sqlx::query_as(trusted_sql(sql)).bind(scope.user_id()).fetch_all(self.db.pool()).await?;
+        rows.into_iter().map(version_from_row).collect()
+    }
+
+    /// Every version of every model, whoever owns it (for platform administrators).
+    pub async fn list_all(&self) -> Result<Vec<ModelVersionRecord>> {
+        let sql = format!(
+            "SELECT {VERSION_COLUMNS} FROM model_versions v JOIN models m ON m.id = v.model_id \
+             ORDER BY m.name, m.owner_kind, m.owner_id, v.created_at_ms DESC, v.id DESC"
+        );
+        let rows: Vec<VersionRow> = sqlx::query_as(trusted_sql(sql)).fetch_all(self.db.pool()).await?;
+        rows.into_iter().map(version_from_row).collect()
+    }
+}
+
+/// The `owner_kind` and `owner_id` columns of a model of `owner` (`None`: the platform).
+fn owner_columns(owner: Option<&Owner>) -> (&'static str, &str) {
+    owner.map_or(("platform", ""), |owner| (owner.kind(), owner.id()))
 }

@@ -247,14 +247,16 @@ impl Usage<'_> {
         Ok(rows.into_iter().map(|(day, bytes)| (day_name(day), bytes)).collect())
     }
 
-    /// Bytes the owner keeps in files (what the storage quota counts).
+    /// Bytes the owner keeps (what the storage quota counts): files, documents in its
+    /// knowledge bases and versions of its own models.
     pub async fn stored_bytes(&self, owner: &Owner) -> Result<u64> {
-        // Files, and documents uploaded into the owner's knowledge bases (every version
-        // kept, until deleted).
+        // Every version of a document or a model is kept until deleted.
         let bytes: Option<i64> = sqlx::query_scalar(
             "SELECT CAST(COALESCE((SELECT SUM(size_bytes) FROM files WHERE owner_kind = $1 AND owner_id = $2), 0) \
              + COALESCE((SELECT SUM(d.size_bytes) FROM kb_documents d JOIN knowledge_bases k ON k.id = d.kb_id \
-             WHERE k.owner_kind = $1 AND k.owner_id = $2), 0) AS BIGINT)",
+             WHERE k.owner_kind = $1 AND k.owner_id = $2), 0) \
+             + COALESCE((SELECT SUM(v.total_bytes) FROM model_versions v JOIN models m ON m.id = v.model_id \
+             WHERE m.owner_kind = $1 AND m.owner_id = $2), 0) AS BIGINT)",
         )
         .bind(owner.kind())
         .bind(owner.id())

@@ -16,7 +16,8 @@ import {
   suggestName,
 } from './plan'
 import { useSessionStore } from '../../stores/session'
-import type { Me } from '../../api/types'
+import type { Me, ModelVersion } from '../../api/types'
+import { deployableVersions, groupByModel } from './repository'
 import { FakeXhr, json, plugins, stubFetch } from '../../test/helpers'
 
 /** A file as a folder input gives it: `webkitRelativePath` starts with the folder's name. */
@@ -149,6 +150,27 @@ function mountUpload() {
 }
 
 const record = { name: 'tiny-llama', version: 'v1', format: 'safetensors' }
+
+function fullVersion(name: string, owner_kind: string, owner_id: string, version: string): ModelVersion {
+  return {
+    id: `mv-${owner_kind}-${version}`,
+    model_id: `model-${owner_kind}`,
+    name,
+    owner_kind,
+    owner_id,
+    description: '',
+    version,
+    format: 'safetensors',
+    architecture: 'LlamaForCausalLM',
+    parameters: 78272,
+    context_length: 512,
+    dtype: 'float32',
+    quantization: 'none',
+    tasks: ['chat'],
+    total_bytes: 1000,
+    created_at_ms: 1,
+  }
+}
 
 describe('the model upload', () => {
   it('uploads each file with its progress, then registers the version and says so', async () => {
@@ -310,20 +332,20 @@ describe('the model upload', () => {
 })
 
 describe('the models page', () => {
-  const me = (role: 'admin' | 'user'): Me => ({
+  const me = (role: 'admin' | 'enterprise' | 'user'): Me => ({
     user: { id: 'u1', email: 'a@b.c', phone: null, display_name: 'A', role, status: 'active', created_at_ms: 1 },
     acting_as: null,
     orgs: [],
     credential: { kind: 'session' },
   })
 
-  async function mountPage(role: 'admin' | 'user') {
+  async function mountPage(role: 'admin' | 'enterprise' | 'user', versions: ModelVersion[] = []) {
     let listed = 0
     stubFetch({
       'GET /v1/models': () => json({ object: 'list', data: [] }),
       'GET /v1/registry/models': () => {
         listed += 1
-        return json({ versions: [] })
+        return json({ versions })
       },
       'GET /v1/registry/catalog': () => json({ models: [] }),
     })
@@ -348,5 +370,48 @@ describe('the models page', () => {
     const { page } = await mountPage('user')
     expect(page.find('[data-test="model-upload"]').exists()).toBe(false)
     page.unmount()
+  })
+
+  it('lets enterprise users upload models of their own, listed apart from the platform model of the same name', async () => {
+    const platform = fullVersion('tiny', 'platform', '', 'v1')
+    const own = { ...fullVersion('tiny', 'user', 'u1', 'v1'), id: 'mv-own', model_id: 'model-own' }
+    const { page } = await mountPage('enterprise', [platform, own])
+    expect(page.find('[data-test="model-upload"]').exists()).toBe(true)
+    expect(page.text()).toContain('Models you upload are yours')
+    await page.get('#tab-repository').trigger('click')
+    await flushPromises()
+    const rows = page.findAll('[data-test="repository-table"] .el-table__body tr')
+    expect(rows.map((row) => row.text())).toEqual([expect.stringContaining('Platform'), expect.stringContaining('Yours')])
+    page.unmount()
+  })
+})
+
+describe('grouping the repository by model', () => {
+  const version = fullVersion
+
+  it('keeps one owner\'s model apart from another\'s of the same name, versions newest first', () => {
+    const groups = groupByModel([
+      version('tiny', 'platform', '', 'v2'),
+      version('tiny', 'platform', '', 'v1'),
+      version('tiny', 'user', 'u1', 'v1'),
+      version('tiny', 'org', 'o1', 'v1'),
+    ])
+    expect(groups.map((g) => [g.key, g.versions.map((v) => v.version), g.latest.version])).toEqual([
+      ['platform::tiny', ['v2', 'v1'], 'v2'],
+      ['user:u1:tiny', ['v1'], 'v1'],
+      ['org:o1:tiny', ['v1'], 'v1'],
+    ])
+    expect(groupByModel([])).toEqual([])
+  })
+
+  it('offers a tenant its own model in place of the platform model of the same name', () => {
+    const listed = [
+      version('tiny', 'platform', '', 'v2'),
+      version('tiny', 'user', 'u1', 'v1'),
+      version('other', 'platform', '', 'v1'),
+    ]
+    const names = (vs: ModelVersion[]) => vs.map((v) => `${v.owner_kind}:${v.name}:${v.version}`)
+    expect(names(deployableVersions(listed, false))).toEqual(['user:tiny:v1', 'platform:other:v1'])
+    expect(names(deployableVersions(listed, true))).toEqual(['platform:tiny:v2', 'platform:other:v1'])
   })
 })
