@@ -559,6 +559,13 @@ async fn quotas_hold_under_concurrency_and_usage_adds_up() {
     assert_eq!((sum("prompt_tokens"), sum("completion_tokens")), (prompt, completion), "{metrics}");
     assert!(points.iter().any(|p| p["latency_p99_ms"].as_u64().is_some()), "{metrics}");
     assert_eq!(metrics["nodes"].as_array().map(Vec::len), Some(1), "{metrics}");
+    // The GPU chart: the replica holds its memory on the simulated GPU, which measures no
+    // utilization.
+    let deployment: Value = maas_chaos_tests::admin_get_json(COOKIE, format!("{base}/v1/deployments/chat")).await;
+    let held = deployment["memory_per_gpu_mib"].as_f64().unwrap();
+    assert!(held > 0.0, "{deployment}");
+    assert!(points.iter().any(|p| p["gpu_memory_mib"].as_f64() == Some(held)), "{metrics}");
+    assert!(points.iter().all(|p| p["gpu_utilization_percent"].is_null()), "{metrics}");
     assert_eq!(metrics["nodes_missing"], json!([]), "{metrics}");
     let (status, denied) = get_as(&node, &session, "/v1/deployments/chat/metrics?minutes=61").await;
     assert_eq!(status, 400, "{denied}");

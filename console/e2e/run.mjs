@@ -473,6 +473,12 @@ async function main() {
       await logs.getByText(/starting on node 1 on the CPU/).waitFor()
       await logs.getByText(/ready in [0-9.]+ s: .*tiny random-weight/).waitFor()
       await admin.screenshot({ path: join(shots, 'deployment-metrics-desktop.png'), fullPage: true })
+      // The deployment on a (simulated) GPU has a GPU chart once its replica is sampled.
+      await row.locator('.el-table__expand-icon').click()
+      const onGpu = admin.locator('.el-table__row', { hasText: 'tiny-on-gpu' }).first()
+      await onGpu.locator('.el-table__expand-icon').click()
+      await admin.locator('[data-test="metrics-tiny-on-gpu"] [data-test="gpu-chart"]').waitFor({ timeout: 40_000 })
+      await admin.screenshot({ path: join(shots, 'deployment-gpu-desktop.png'), fullPage: true })
     })
 
     await check('the administrator uploads a model folder on the models page and its version is listed', async () => {

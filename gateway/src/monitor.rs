@@ -37,6 +37,10 @@ struct Accumulator {
     tokens_per_second: f64,
     queue_depth: u64,
     active_sequences: u64,
+    gpu_memory_mib: u64,
+    /// Utilization summed over the replica-samples that had a measure, and their count.
+    gpu_utilization_sum: f64,
+    gpu_utilization_count: u64,
 }
 
 /// One node's figures for one bucket, as nodes send them to each other; buckets of the
@@ -54,6 +58,15 @@ pub struct NodeBucket {
     pub tokens_per_second: f64,
     pub queue_depth: f64,
     pub active_sequences: f64,
+    /// GPU memory the node's replicas hold (an average over the samples, summed).
+    #[serde(default)]
+    pub gpu_memory_mib: f64,
+    /// The GPUs' utilization, summed over the replica-samples that had a measure, and
+    /// their count (so nodes' figures average correctly).
+    #[serde(default)]
+    pub gpu_utilization_sum: f64,
+    #[serde(default)]
+    pub gpu_utilization_count: u64,
 }
 
 impl From<&Accumulator> for NodeBucket {
@@ -71,6 +84,9 @@ impl From<&Accumulator> for NodeBucket {
             tokens_per_second: average(a.tokens_per_second),
             queue_depth: average(a.queue_depth as f64),
             active_sequences: average(a.active_sequences as f64),
+            gpu_memory_mib: average(a.gpu_memory_mib as f64),
+            gpu_utilization_sum: a.gpu_utilization_sum,
+            gpu_utilization_count: a.gpu_utilization_count,
         }
     }
 }
@@ -90,6 +106,9 @@ impl NodeBucket {
         self.tokens_per_second += other.tokens_per_second;
         self.queue_depth += other.queue_depth;
         self.active_sequences += other.active_sequences;
+        self.gpu_memory_mib += other.gpu_memory_mib;
+        self.gpu_utilization_sum += other.gpu_utilization_sum;
+        self.gpu_utilization_count += other.gpu_utilization_count;
     }
 }
 
@@ -112,6 +131,11 @@ pub struct MetricsPoint {
     pub tokens_per_second: f64,
     pub queue_depth: f64,
     pub active_sequences: f64,
+    /// GPU memory held by the deployment's replicas, MiB (0 for replicas on CPU).
+    pub gpu_memory_mib: f64,
+    /// The average utilization of the GPUs its replicas run on, where the driver measures
+    /// it (none for simulated GPUs and replicas on CPU).
+    pub gpu_utilization_percent: Option<f64>,
 }
 
 /// The upper bound of the histogram bucket that holds quantile `q` of `counts`.
@@ -161,6 +185,10 @@ pub fn merge(nodes: &[Vec<NodeBucket>], since_ms: u64, now_ms: u64) -> Vec<Metri
             tokens_per_second: b.tokens_per_second,
             queue_depth: b.queue_depth,
             active_sequences: b.active_sequences,
+            gpu_memory_mib: b.gpu_memory_mib,
+            #[allow(clippy::cast_precision_loss)]
+            gpu_utilization_percent: (b.gpu_utilization_count > 0)
+                .then(|| b.gpu_utilization_sum / b.gpu_utilization_count as f64),
         })
         .collect()
 }
@@ -175,6 +203,10 @@ pub struct LoadSample {
     pub tokens_per_second: f64,
     pub queue_depth: usize,
     pub active_sequences: usize,
+    /// What the replica holds on its GPUs, in all.
+    pub gpu_memory_mib: u64,
+    /// The average utilization of its GPUs, where measured.
+    pub gpu_utilization_percent: Option<f64>,
 }
 
 impl Monitor {
@@ -230,6 +262,11 @@ impl Monitor {
                     bucket.tokens_per_second += load.tokens_per_second;
                     bucket.queue_depth += load.queue_depth as u64;
                     bucket.active_sequences += load.active_sequences as u64;
+                    bucket.gpu_memory_mib += load.gpu_memory_mib;
+                    if let Some(percent) = load.gpu_utilization_percent {
+                        bucket.gpu_utilization_sum += percent;
+                        bucket.gpu_utilization_count += 1;
+                    }
                 }
             });
         }
@@ -256,15 +293,31 @@ pub async fn sample_loads(state: std::sync::Arc<crate::state::AppState>) {
         if loads.is_empty() {
             continue;
         }
+        // How busy each of this node's GPUs is, where the driver says.
+        let utilization: HashMap<u32, u32> = state
+            .agent
+            .get()
+            .map(|status| {
+                let status = status.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                status.gpus.iter().filter_map(|gpu| Some((gpu.index, gpu.utilization_percent?))).collect()
+            })
+            .unwrap_or_default();
         let by_deployment: HashMap<String, Vec<LoadSample>> = handle.read_local(|cluster| {
             let mut by_deployment: HashMap<String, Vec<LoadSample>> = HashMap::new();
             for (replica_id, load) in &loads {
                 let replica = maas_consensus::state::ReplicaId(replica_id.clone());
                 if let Some(record) = cluster.replica(&replica) {
+                    let measured: Vec<f64> =
+                        record.gpu_indices.iter().filter_map(|i| utilization.get(i)).map(|p| f64::from(*p)).collect();
+                    #[allow(clippy::cast_precision_loss)]
+                    let gpu_utilization_percent =
+                        (!measured.is_empty()).then(|| measured.iter().sum::<f64>() / measured.len() as f64);
                     by_deployment.entry(record.deployment_id.0.clone()).or_default().push(LoadSample {
                         tokens_per_second: load.tokens_per_second,
                         queue_depth: load.queue_depth,
                         active_sequences: load.active_sequences,
+                        gpu_memory_mib: record.memory_per_gpu_mib * record.gpu_indices.len() as u64,
+                        gpu_utilization_percent,
                     });
                 }
             }
@@ -298,13 +351,21 @@ mod tests {
         a.record_request("chat", start + 9_999, 500, 150, (4, 0));
         a.record_request("chat", start + BUCKET_MS, 200, 1, (1, 1));
         a.record_request("other", start, 200, 1, (1, 1));
-        let load =
-            |tps: f64, queue: usize| LoadSample { tokens_per_second: tps, queue_depth: queue, active_sequences: 1 };
-        a.record_load(start + 100, &HashMap::from([("chat".to_owned(), vec![load(10.0, 2), load(30.0, 0)])]));
-        a.record_load(start + 200, &HashMap::from([("chat".to_owned(), vec![load(20.0, 0), load(20.0, 0)])]));
+        // Node a's replicas hold 1,000 MiB each on GPUs that report 40% and 80% busy;
+        // node b's holds 500 MiB on a GPU without a measure.
+        let load = |tps: f64, queue: usize, mib: u64, busy: Option<f64>| LoadSample {
+            tokens_per_second: tps,
+            queue_depth: queue,
+            active_sequences: 1,
+            gpu_memory_mib: mib,
+            gpu_utilization_percent: busy,
+        };
+        let (x, y) = (|tps, queue| load(tps, queue, 1000, Some(40.0)), |tps, queue| load(tps, queue, 1000, Some(80.0)));
+        a.record_load(start + 100, &HashMap::from([("chat".to_owned(), vec![x(10.0, 2), y(30.0, 0)])]));
+        a.record_load(start + 200, &HashMap::from([("chat".to_owned(), vec![x(20.0, 0), y(20.0, 0)])]));
         let b = Monitor::default();
         b.record_request("chat", start + 1, 200, 40, (2, 2));
-        b.record_load(start + 300, &HashMap::from([("chat".to_owned(), vec![load(5.0, 1)])]));
+        b.record_load(start + 300, &HashMap::from([("chat".to_owned(), vec![load(5.0, 1, 500, None)])]));
 
         let points = merge(&[a.buckets("chat", start), b.buckets("chat", start)], start, start + BUCKET_MS + 1);
         assert_eq!(points.len(), 2);
@@ -317,9 +378,13 @@ mod tests {
         assert!((first.tokens_per_second - 45.0).abs() < 1e-9, "{first:?}");
         assert!((first.queue_depth - 2.0).abs() < 1e-9, "{first:?}");
         assert!((first.active_sequences - 3.0).abs() < 1e-9, "{first:?}");
+        // 2 x 1,000 MiB on node a and 500 on node b; the measured GPUs average 60%.
+        assert!((first.gpu_memory_mib - 2500.0).abs() < 1e-9, "{first:?}");
+        assert!(first.gpu_utilization_percent.is_some_and(|p| (p - 60.0).abs() < 1e-9), "{first:?}");
         let second = &points[1];
         assert_eq!((second.requests, second.errors, second.latency_p50_ms), (1, 0, Some(1)));
         assert!(second.tokens_per_second.abs() < 1e-9);
+        assert_eq!(second.gpu_utilization_percent, None, "no sample, no measure");
     }
 
     #[test]

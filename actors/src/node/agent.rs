@@ -81,6 +81,8 @@ pub struct GpuActorStatus {
     /// driver-measured use comes with its telemetry).
     pub used_mib: u64,
     pub free_mib: u64,
+    /// The driver's measure of how busy the GPU is (real GPUs with telemetry only).
+    pub utilization_percent: Option<u32>,
     /// Holder → MiB.
     pub leases: BTreeMap<String, u64>,
     pub restarts: usize,
@@ -277,6 +279,7 @@ impl AgentState {
                 leased_mib: snapshot.as_ref().map_or(0, super::gpu::GpuState::leased_mib),
                 used_mib,
                 free_mib: snapshot.as_ref().map_or(0, super::gpu::GpuState::free_mib),
+                utilization_percent: snapshot.as_ref().and_then(|s| s.telemetry.as_ref()?.utilization_percent),
                 leases: snapshot.map(|s| s.leases).unwrap_or_default(),
                 restarts: self.restarts.get(index).map_or(0, Vec::len),
                 failed: self.failed.get(index).cloned(),

@@ -2071,6 +2071,17 @@ export interface components {
             queue_depth: number;
             /** Format: double */
             active_sequences: number;
+            /**
+             * Format: double
+             * @description GPU memory held by the deployment's replicas, MiB (0 for replicas on CPU).
+             */
+            gpu_memory_mib: number;
+            /**
+             * Format: double
+             * @description The average utilization of the GPUs its replicas run on, where the driver measures
+             *     it (none for simulated GPUs and replicas on CPU).
+             */
+            gpu_utilization_percent?: number | null;
         };
         ModelList: {
             object: string;

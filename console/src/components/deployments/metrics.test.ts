@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest'
 import type { MetricsPoint } from '../../api/types'
-import { latencyChart, loadChart, throughputChart, totals } from './metrics'
+import { gpuChart, latencyChart, loadChart, onGpus, throughputChart, totals } from './metrics'
 
 const t = (key: string) => key
 const point = (at: number, fields: Partial<MetricsPoint> = {}): MetricsPoint => ({
@@ -14,6 +14,8 @@ const point = (at: number, fields: Partial<MetricsPoint> = {}): MetricsPoint => 
   tokens_per_second: 0,
   queue_depth: 0,
   active_sequences: 0,
+  gpu_memory_mib: 0,
+  gpu_utilization_percent: null,
   ...fields,
 })
 
@@ -52,5 +54,15 @@ describe('deployment metrics', () => {
     expect(active?.data).toEqual([0, 0, 2])
     const axis = (loadChart(points, t) as { xAxis: { data: string[] } }).xAxis.data
     expect(axis).toHaveLength(3)
+  })
+
+  it('charts GPU memory held and, where measured, utilization; replicas on CPU have no GPU chart', () => {
+    expect(onGpus(points)).toBe(false)
+    const gpuPoints = [point(0, { gpu_memory_mib: 531 }), point(10_000, { gpu_memory_mib: 1062, gpu_utilization_percent: 37.256 }), point(20_000)]
+    expect(onGpus(gpuPoints)).toBe(true)
+    const [memory, utilization] = series(gpuChart(gpuPoints, t))
+    expect(memory?.name).toBe('deployments.gpuMemory')
+    expect(memory?.data).toEqual([531, 1062, 0])
+    expect(utilization?.data).toEqual([null, 37.26, null])
   })
 })

@@ -71,6 +71,33 @@ export function loadChart(points: readonly MetricsPoint[], t: Translate): ChartO
   }
 }
 
+/** Whether the deployment held GPU memory at any point (replicas on CPU hold none). */
+export function onGpus(points: readonly MetricsPoint[]): boolean {
+  return points.some((p) => p.gpu_memory_mib > 0)
+}
+
+/** GPU memory held (MiB) and, where the driver measures it, the GPUs' utilization (%). */
+export function gpuChart(points: readonly MetricsPoint[], t: Translate): ChartOption {
+  return {
+    ...base(points),
+    yAxis: [
+      { type: 'value', name: 'MiB' },
+      { type: 'value', name: '%', min: 0, max: 100 },
+    ],
+    series: [
+      { name: t('deployments.gpuMemory'), type: 'line', step: 'end', showSymbol: false, data: points.map((p) => round(p.gpu_memory_mib)) },
+      {
+        name: t('deployments.gpuUtilization'),
+        type: 'line',
+        yAxisIndex: 1,
+        connectNulls: false,
+        showSymbol: false,
+        data: points.map((p) => (p.gpu_utilization_percent == null ? null : round(p.gpu_utilization_percent))),
+      },
+    ],
+  }
+}
+
 function round(value: number): number {
   return Math.round(value * 100) / 100
 }
