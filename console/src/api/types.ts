@@ -157,12 +157,7 @@ export interface OutboxMessage {
   error: string | null
 }
 
-export interface OpenAiModel {
-  id: string
-  object: 'model'
-  created: number
-  owned_by: string
-}
+export type OpenAiModel = Schemas['ModelObject']
 
 export interface OrgMember {
   user_id: string
@@ -207,13 +202,7 @@ export interface ModelFileRef {
  * POST /v1/registry/models: a version from uploaded blobs (`files`) or from one uploaded
  * archive (`archive_sha256`). The OpenAPI document types `files` as free objects.
  */
-export interface RegisterModelBody {
-  name: string
-  version?: string
-  description?: string
-  files?: ModelFileRef[]
-  archive_sha256?: string
-}
+export type RegisterModelBody = Omit<Schemas['RegisterRequest'], 'files'> & { files?: ModelFileRef[] }
 
 export interface CatalogModel {
   name: string
@@ -240,7 +229,18 @@ export interface Identity {
 }
 
 // ---- knowledge bases (gateway/src/routes/knowledge.rs) -----------------------------------
-// The OpenAPI document types `settings` and `stats` as free JSON: their shapes are here.
+// From the OpenAPI document, but for what it types as free JSON (`settings`, `stats`,
+// `chunking`) or as a plain string (a document's `state`): those shapes are here.
+
+export type KnowledgeBase = Omit<Schemas['KnowledgeBaseObject'], 'settings' | 'stats'> & {
+  settings: KnowledgeBaseSettings
+  stats?: KnowledgeBaseStats
+}
+export type KnowledgeDocument = Omit<Schemas['DocumentObject'], 'state'> & { state: DocumentState }
+export type RetrievalMode = Schemas['RetrievalMode']
+export type RetrieveBody = Schemas['RetrieveRequest']
+export type RetrievedChunk = Schemas['RetrievedChunk']
+export type RetrieveReply = Schemas['RetrieveResponse']
 
 export interface ChunkingSettings {
   max_tokens: number
@@ -262,22 +262,6 @@ export interface KnowledgeBaseStats {
   fulltext_entries: number
 }
 
-export interface KnowledgeBase {
-  id: string
-  object: 'knowledge_base'
-  name: string
-  description: string
-  owner_kind: string
-  owner_id: string
-  embedding_model: string
-  vector_backend: string
-  shards: number
-  settings: KnowledgeBaseSettings
-  created_at: number
-  updated_at: number
-  stats?: KnowledgeBaseStats
-}
-
 export interface CreateKnowledgeBaseBody {
   name: string
   description?: string
@@ -289,28 +273,6 @@ export interface CreateKnowledgeBaseBody {
 }
 
 export type DocumentState = 'queued' | 'parsing' | 'chunking' | 'embedding' | 'indexed' | 'failed' | 'retired' | 'deleting'
-
-export interface KnowledgeDocument {
-  id: string
-  object: 'knowledge_base.document'
-  knowledge_base_id: string
-  filename: string
-  version: number
-  kind: string
-  sha256?: string
-  bytes: number
-  tags: string[]
-  category: string
-  state: DocumentState
-  error?: string | null
-  attempts?: number
-  pages: number
-  chunks_total: number
-  chunks_embedded: number
-  progress: number
-  created_at: number
-  updated_at: number
-}
 
 export interface KnowledgeChunk {
   chunk_id: string
@@ -329,42 +291,6 @@ export interface KnowledgeChunk {
 export interface ChunkPage {
   data: KnowledgeChunk[]
   total: number
-}
-
-export type RetrievalMode = 'vector' | 'fulltext' | 'hybrid'
-
-export interface RetrieveBody {
-  query: string
-  top_k?: number
-  mode?: RetrievalMode
-  document_ids?: string[]
-  tags?: string[]
-  versions?: number[]
-  include_parent?: boolean
-  graph?: boolean
-}
-
-export interface RetrievedChunk {
-  rank: number
-  chunk_id: string
-  score: number
-  vector_score: number | null
-  fulltext_score: number | null
-  document_id: string
-  filename: string
-  version: number
-  page_start: number
-  page_end: number
-  heading_path: string[]
-  text: string
-  parent_text?: string | null
-  tags: string[]
-}
-
-export interface RetrieveReply {
-  data: RetrievedChunk[]
-  mode?: RetrievalMode
-  query?: string
 }
 
 export interface GraphEntity {
