@@ -687,6 +687,46 @@ async fn a_private_deployment_answers_only_its_owner() {
     assert_eq!((status, errors["lines"].as_array().map(Vec::len)), (200, Some(0)), "{errors}");
     let (status, deleted) = send_as(&node, &erin, reqwest::Method::DELETE, "/v1/deployments/erin-chat", None).await;
     assert_eq!(status, 200, "{deleted}");
+    gpu_memory_quota_holds(&node, &erin, &erin_id).await;
+}
+
+/// The `deployment_gpu_mib` quota: an owner's private deployments reserve at most that much
+/// GPU memory in all, whether they are created, changed or scaled.
+async fn gpu_memory_quota_holds(node: &MaasProcess, erin: &str, erin_id: &str) {
+    let quota = maas_chaos_tests::admin_client(COOKIE)
+        .put(format!("{}/v1/admin/quotas/user/{erin_id}", node.base_url))
+        .json(&json!({"deployment_gpu_mib": 1500}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(quota.status(), 200);
+    let on_gpu = |name: &str, mib: u64| {
+        json!({"name": name, "model": "tiny", "gpus_per_replica": 1, "memory_per_gpu_mib": mib, "context_tokens": 256,
+               "concurrent_sequences": 2})
+    };
+    let post = reqwest::Method::POST;
+    let (status, first) = send_as(node, erin, post.clone(), "/v1/deployments", Some(on_gpu("erin-a", 1000))).await;
+    assert_eq!(status, 201, "{first}");
+    let (status, refused) =
+        send_as(node, erin, reqwest::Method::PATCH, "/v1/deployments/erin-a", Some(json!({"replicas": 2}))).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (403, Some("gpu_quota_exceeded")), "{refused}");
+    let (status, refused) = send_as(node, erin, post.clone(), "/v1/deployments", Some(on_gpu("erin-b", 1000))).await;
+    assert_eq!(status, 403, "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(message.contains("reserve 1000 MiB") && message.contains("the quota is 1500 MiB"), "{message}");
+    let (status, changed) =
+        send_as(node, erin, reqwest::Method::PUT, "/v1/deployments/erin-a", Some(on_gpu("erin-a", 2000))).await;
+    assert_eq!(status, 403, "a change is held to it too: {changed}");
+    let (status, fits) = send_as(node, erin, post.clone(), "/v1/deployments", Some(on_gpu("erin-b", 500))).await;
+    assert_eq!(status, 201, "what fits passes: {fits}");
+    // A platform administrator is not held to a tenant's quota.
+    let scaled = maas_chaos_tests::admin_client(COOKIE)
+        .patch(format!("{}/v1/deployments/erin-a", node.base_url))
+        .json(&json!({"replicas": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scaled.status(), 200);
 }
 
 /// Makes a signed-up user an enterprise account (one that may deploy privately).

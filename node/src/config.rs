@@ -326,6 +326,9 @@ pub struct QuotaLimits {
     pub concurrent_requests: u64,
     #[serde(deserialize_with = "non_negative")]
     pub gpu_hours_per_month: u64,
+    /// GPU memory (MiB) a subject's private deployments may reserve in all.
+    #[serde(deserialize_with = "non_negative")]
+    pub deployment_gpu_mib: u64,
 }
 
 impl QuotaLimits {
@@ -339,6 +342,7 @@ impl QuotaLimits {
             storage_bytes: self.storage_bytes,
             concurrent_requests: self.concurrent_requests,
             gpu_hours_per_month: self.gpu_hours_per_month,
+            deployment_gpu_mib: self.deployment_gpu_mib,
         }
     }
 }
@@ -453,6 +457,7 @@ impl Default for QuotaLimits {
             storage_bytes: 1024 * 1024 * 1024,
             concurrent_requests: 4,
             gpu_hours_per_month: 0,
+            deployment_gpu_mib: 0,
         }
     }
 }

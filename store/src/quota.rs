@@ -65,6 +65,10 @@ pub struct QuotaLimits {
     pub concurrent_requests: u64,
     /// Not checked by the limiter: the caller checks it against the GPU hours used.
     pub gpu_hours_per_month: u64,
+    /// GPU memory (MiB) the subject's private deployments may reserve in all: replicas x
+    /// GPUs per replica x memory per GPU. Not checked by the limiter: creating, changing
+    /// and scaling a deployment check it.
+    pub deployment_gpu_mib: u64,
 }
 
 /// One subject to check and its limits, e.g. subject `key:key_0123`, `user:user_abc` or

@@ -702,6 +702,50 @@ fn check_manage(state: &AppState, caller: &Caller, id: &str) -> Result<Deploymen
     Ok(spec)
 }
 
+/// GPU memory (MiB) a deployment reserves: replicas x GPUs per replica x memory per GPU.
+fn reserved_mib(spec: &DeploymentSpec, replicas: u32) -> u64 {
+    u64::from(replicas) * u64::from(spec.request.gpus_per_replica) * spec.request.memory_per_gpu_mib
+}
+
+/// Refuses a private deployment (`id` with `spec` and `replicas`) that would take its
+/// owner's private deployments past the owner's `deployment_gpu_mib` quota. The caller's
+/// quotas hold the owner's when the caller acts for the owner; a platform administrator
+/// changing another tenant's deployment is not held to it. Checked against the committed
+/// state, so two changes proposed at the same instant may pass together.
+fn check_gpu_quota(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    spec: &DeploymentSpec,
+    replicas: u32,
+) -> Result<(), ApiError> {
+    let Some(owner) = spec.owner.as_ref().map(store_owner) else { return Ok(()) };
+    let subject = format!("{}:{}", owner.kind(), owner.id());
+    let limit =
+        caller.quotas.iter().find(|check| check.subject == subject).map(|check| check.limits.deployment_gpu_mib);
+    let Some(limit) = limit.filter(|limit| *limit > 0) else { return Ok(()) };
+    let held: u64 = control_plane(state)?.read_local(|cluster| {
+        cluster
+            .deployments()
+            .values()
+            .filter(|d| d.id.0 != id && d.spec.owner == spec.owner)
+            .map(|d| reserved_mib(&d.spec, d.replicas_desired))
+            .sum()
+    });
+    let asked = reserved_mib(spec, replicas);
+    if held.saturating_add(asked) > limit {
+        return Err(ApiError::new(
+            http::StatusCode::FORBIDDEN,
+            "permission_error",
+            "gpu_quota_exceeded",
+            format!(
+                "deployment_gpu_mib limit of {subject} reached: its other private deployments reserve {held} MiB of GPU memory, {id} asks {asked} MiB, the quota is {limit} MiB; scale a deployment down or ask an administrator"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The owner a new deployment gets: none for a public one, else whom the caller acts for.
 fn owner_for(caller: &Caller, visibility: Option<Visibility>) -> Result<Option<DeploymentOwner>, ApiError> {
     let admin = caller.require_admin().is_ok();
@@ -897,6 +941,7 @@ pub async fn create_deployment(
         )));
     }
     let (spec, replicas, estimate) = spec_from(state, request, owner).await?;
+    check_gpu_quota(state, caller, &name, &spec, replicas)?;
     let detail = serde_json::json!({"model": spec.model_name, "version": spec.model_version, "replicas": replicas});
     let response = put(state, name.clone(), spec, replicas, estimate, true).await?;
     audit(state, caller.audit_entry("deployment.create", &name, detail)).await?;
@@ -938,6 +983,7 @@ pub async fn update_deployment(
         .with_param("name"));
     }
     let (spec, replicas, estimate) = spec_from(state, request, current.owner).await?;
+    check_gpu_quota(state, caller, &id, &spec, replicas)?;
     let detail = serde_json::json!({"model": spec.model_name, "version": spec.model_version, "replicas": replicas});
     let response = put(state, id.clone(), spec, replicas, estimate, false).await?;
     audit(state, caller.audit_entry("deployment.update", &id, detail)).await?;
@@ -955,11 +1001,12 @@ pub async fn scale_deployment(
     id: String,
     request: ScaleRequest,
 ) -> Result<Response, ApiError> {
-    check_manage(state, caller, &id)?;
+    let spec = check_manage(state, caller, &id)?;
     if request.replicas > MAX_REPLICAS {
         return Err(ApiError::bad_request("invalid_input", format!("replicas must be at most {MAX_REPLICAS}"))
             .with_param("replicas"));
     }
+    check_gpu_quota(state, caller, &id, &spec, request.replicas)?;
     let handle = control_plane(state)?;
     let command = Command::ScaleDeployment {
         deployment_id: DeploymentId(id.clone()),
