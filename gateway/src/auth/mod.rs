@@ -63,6 +63,14 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The quota subject of `owner` (`user:ID`, `org:ID`) and its limit read by `limit`,
+    /// when this caller's quotas hold one above 0 (the caller acts for the owner).
+    pub fn owner_limit(&self, owner: &Owner, limit: impl Fn(&QuotaLimits) -> u64) -> Option<(String, u64)> {
+        let subject = format!("{}:{}", owner.kind(), owner.id());
+        let found = self.quotas.iter().find(|check| check.subject == subject).map(|check| limit(&check.limits));
+        found.filter(|max| *max > 0).map(|max| (subject, max))
+    }
+
     /// The caller of work the platform runs for `scope`'s owner (a batch's lines): its
     /// usage is recorded; the request quotas were checked when the work was accepted.
     pub fn internal(scope: TenantScope) -> Self {

@@ -720,10 +720,7 @@ fn check_gpu_quota(
     replicas: u32,
 ) -> Result<(), ApiError> {
     let Some(owner) = spec.owner.as_ref().map(store_owner) else { return Ok(()) };
-    let subject = format!("{}:{}", owner.kind(), owner.id());
-    let limit =
-        caller.quotas.iter().find(|check| check.subject == subject).map(|check| check.limits.deployment_gpu_mib);
-    let Some(limit) = limit.filter(|limit| *limit > 0) else { return Ok(()) };
+    let Some((subject, limit)) = caller.owner_limit(&owner, |limits| limits.deployment_gpu_mib) else { return Ok(()) };
     let held: u64 = control_plane(state)?.read_local(|cluster| {
         cluster
             .deployments()

@@ -226,15 +226,7 @@ pub(crate) async fn check_storage_quota(
     size_bytes: u64,
 ) -> Result<(), ApiError> {
     let owner = caller.scope.acting_as();
-    let subject = format!("{}:{}", owner.kind(), owner.id());
-    let Some(limit) =
-        caller.quotas.iter().find(|check| check.subject == subject).map(|check| check.limits.storage_bytes)
-    else {
-        return Ok(());
-    };
-    if limit == 0 {
-        return Ok(());
-    }
+    let Some((subject, limit)) = caller.owner_limit(owner, |limits| limits.storage_bytes) else { return Ok(()) };
     let in_use = stores.db.usage().stored_bytes(owner).await?;
     if in_use.saturating_add(size_bytes) > limit {
         return Err(ApiError::new(
