@@ -193,8 +193,13 @@ async function main() {
         const list = await http(base, 'GET', '/v1/deployments', undefined, adminToken)
         last = list.text
         return list.json?.deployments?.some((d) => d.id === 'tiny-llama' && d.replicas_ready >= 1)
-      }).catch((error) => {
-        throw new Error(`${error.message}; the deployments: ${last.slice(0, 1500)}`)
+      }).catch(async (error) => {
+        // What the replica's node says about it, and the cluster's view of the nodes.
+        const logs = await http(base, 'GET', '/v1/deployments/tiny-llama/logs', undefined, adminToken).catch((e) => ({ text: String(e) }))
+        const nodes = await http(base, 'GET', '/v1/nodes', undefined, adminToken).catch((e) => ({ text: String(e) }))
+        throw new Error(
+          `${error.message}; the deployments: ${last.slice(0, 1500)}\nits log: ${logs.text.slice(0, 3000)}\nthe nodes: ${nodes.text.slice(0, 1500)}`,
+        )
       })
     })
 

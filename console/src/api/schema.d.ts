@@ -1315,10 +1315,10 @@ export interface paths {
         /**
          * Registers a model version from uploaded blobs, or from an uploaded archive unpacked into
          *     blobs: a platform model when a platform administrator registers it, else a model of the
-         *     caller's own (or of the organisation they act for). The files are laid out as a model folder and checked (config, tokenizer, every
-         *     safetensors header, or the GGUF header), and against the catalogue entry when the name
-         *     is a catalogue name; the metadata (architecture, parameters, context length, dtype,
-         *     quantisation, tasks) comes from them.
+         *     caller's own (or of the organisation they act for). The files are laid out as a model
+         *     folder and checked (config, tokenizer, every safetensors header, or the GGUF header),
+         *     and against the catalogue entry when the name is a catalogue name; the metadata
+         *     (architecture, parameters, context length, dtype, quantisation, tasks) comes from them.
          */
         post: operations["register_model"];
         delete?: never;
