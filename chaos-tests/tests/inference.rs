@@ -800,6 +800,21 @@ async fn a_tenant_imports_a_model_of_its_own_and_deploys_it() {
     let all: Value = maas_chaos_tests::admin_get_json(COOKIE, format!("{}/v1/registry/models", node.base_url)).await;
     assert_eq!(repository(&all).len(), 2, "{all}");
 
+    // The CLI imports for her too, with a key of hers that has the admin scope.
+    let (status, key) =
+        send_as(&node, &erin, post.clone(), "/v1/keys", Some(json!({"name": "cli", "scopes": ["admin"]}))).await;
+    assert_eq!(status, 201, "{key}");
+    let imported = Command::new(maas_chaos_tests::maas_binary())
+        .args(["model", "import"])
+        .arg(&model)
+        .args(["--name", "erins-cli", "--quiet", "--server", &node.base_url])
+        .env("MAAS_API_KEY", key["key"].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(imported.status.success(), "{}", String::from_utf8_lossy(&imported.stderr));
+    let (_, listed) = send_as(&node, &erin, reqwest::Method::GET, "/v1/registry/models", None).await;
+    assert!(repository(&listed).contains(&"user:erins-cli:v1:Qwen2ForCausalLM".to_owned()), "{listed}");
+
     // Deployed by its owner, `tiny` is hers; deployed by another tenant, the platform's.
     make_enterprise(&node, &frank_id).await;
     let deploy = |name: &str| json!({"name": name, "model": "tiny", "gpus_per_replica": 0, "context_tokens": 256, "concurrent_sequences": 2});

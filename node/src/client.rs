@@ -44,12 +44,16 @@ pub fn run(command: impl Future<Output = Result<String>>) -> ExitCode {
 /// The credential of admin commands: an API key (`MAAS_API_KEY`) when set, else the
 /// cluster cookie (`MAAS_CLUSTER__COOKIE`, or the default of `maas up`).
 pub(crate) fn with_credentials(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    let cookie = std::env::var("MAAS_CLUSTER__COOKIE").unwrap_or_else(|_| crate::config::DEFAULT_COOKIE.to_owned());
+    authorised(request, &cookie)
+}
+
+/// `request` with an API key (`MAAS_API_KEY`) when set, so a tenant's own key acts for
+/// them (an enterprise user importing a model of their own), else with `cookie`.
+fn authorised(request: reqwest::RequestBuilder, cookie: &str) -> reqwest::RequestBuilder {
     match std::env::var("MAAS_API_KEY") {
         Ok(key) if !key.is_empty() => request.bearer_auth(key),
-        _ => request.header(
-            "x-maas-cluster-cookie",
-            std::env::var("MAAS_CLUSTER__COOKIE").unwrap_or_else(|_| crate::config::DEFAULT_COOKIE.to_owned()),
-        ),
+        _ => request.header("x-maas-cluster-cookie", cookie),
     }
 }
 
@@ -248,8 +252,8 @@ pub async fn gpu_list(target: &Target) -> Result<String> {
     Ok(table(&["NODE", "GPU", "MODEL", "TOTAL", "USED", "RESERVED", "FREE", "NODE STATUS"], &rows))
 }
 
-/// Sends `body` (if any) with `method` and the cluster cookie; returns the JSON answer or
-/// the API's error message.
+/// Sends `body` (if any) with `method` and the cluster cookie (or `MAAS_API_KEY`); returns
+/// the JSON answer or the API's error message.
 async fn send(
     target: &Target,
     method: reqwest::Method,
@@ -270,8 +274,7 @@ async fn send_within(
     timeout: std::time::Duration,
 ) -> Result<Value> {
     let url = format!("{}{path}", target.server.trim_end_matches('/'));
-    let mut request =
-        reqwest::Client::new().request(method, &url).header("x-maas-cluster-cookie", cookie).timeout(timeout);
+    let mut request = authorised(reqwest::Client::new().request(method, &url), cookie).timeout(timeout);
     if let Some(body) = body {
         request = request.json(body);
     }
@@ -700,9 +703,7 @@ async fn upload_blob(
             }
             chunk
         });
-    let response = client
-        .post(format!("{base}/v1/blobs"))
-        .header("x-maas-cluster-cookie", &args.cookie.cookie)
+    let response = authorised(client.post(format!("{base}/v1/blobs")), &args.cookie.cookie)
         .header(reqwest::header::CONTENT_LENGTH, size)
         .body(reqwest::Body::wrap_stream(stream))
         .send()
