@@ -682,6 +682,10 @@ async fn a_private_deployment_answers_only_its_owner() {
     let (status, refused) =
         send_as(&node, &erin, reqwest::Method::GET, "/v1/deployments/erin-chat/logs?limit=0", None).await;
     assert_eq!((status, refused["error"]["param"].as_str()), (400, Some("limit")), "{refused}");
+    let (status, refused) =
+        send_as(&node, &erin, reqwest::Method::GET, "/v1/deployments/erin-chat/logs?level=loud", None).await;
+    let message = refused["error"]["message"].as_str().unwrap_or_default();
+    assert!(status == 400 && message.contains("unknown variant `loud`"), "the query's problem is named: {refused}");
     let (status, errors) =
         send_as(&node, &erin, reqwest::Method::GET, "/v1/deployments/erin-chat/logs?level=error", None).await;
     assert_eq!((status, errors["lines"].as_array().map(Vec::len)), (200, Some(0)), "{errors}");

@@ -7,6 +7,17 @@ use warp::Filter;
 
 use crate::error::ApiError;
 
+/// Extracts the query string as `T` (an absent one as empty). A wrong type, a bad value or
+/// an unknown field (for types with `deny_unknown_fields`) becomes a 400 `invalid_query`
+/// that says which, where warp's own query filter says only "Invalid query string".
+pub fn query<T: DeserializeOwned + Send + 'static>() -> impl Filter<Extract = (T,), Error = warp::Rejection> + Clone {
+    warp::query::raw().or(warp::any().map(String::new)).unify().and_then(|raw: String| async move {
+        serde_urlencoded::from_str::<T>(&raw).map_err(|err| {
+            warp::reject::custom(ApiError::bad_request("invalid_query", format!("invalid query string: {err}")))
+        })
+    })
+}
+
 /// Extracts a JSON body of type `T` no larger than `limit_bytes`. Malformed JSON, a
 /// wrong type or an unknown field (for types with `deny_unknown_fields`) becomes a 400
 /// that names the field.

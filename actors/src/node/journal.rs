@@ -24,6 +24,17 @@ pub enum LogLevel {
     Error,
 }
 
+impl LogLevel {
+    /// The name the API uses: `info`, `warn`, `error`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        }
+    }
+}
+
 /// One line of a deployment's log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LogLine {

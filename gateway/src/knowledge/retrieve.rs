@@ -304,11 +304,8 @@ async fn hydrate(
     // Their parents, in one look too (a parent's id derives from its document and ordinal).
     let parent_ids: Vec<i64> =
         if include_parent { kept.iter().filter_map(|(_, chunk, _)| parent_id(chunk)).collect() } else { Vec::new() };
-    let parents: HashMap<i64, String> = if parent_ids.is_empty() {
-        HashMap::new()
-    } else {
-        db.chunks(&kb.id, &parent_ids).await?.into_iter().map(|p| (p.chunk_id, p.text)).collect()
-    };
+    let parents: HashMap<i64, String> =
+        db.chunks(&kb.id, &parent_ids).await?.into_iter().map(|p| (p.chunk_id, p.text)).collect();
     let mut out = Vec::with_capacity(kept.len());
     for (hit, chunk, document) in kept {
         let parent_text = parent_id(chunk).and_then(|id| parents.get(&id).cloned());

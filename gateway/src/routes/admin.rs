@@ -62,14 +62,14 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let audit = warp::path!("v1" / "admin" / "audit")
         .and(warp::get())
         .and(admin(state))
-        .and(warp::query::<AuditQuery>())
+        .and(crate::json::query::<AuditQuery>())
         .and_then(|s: Arc<AppState>, _c: Caller, query: AuditQuery| async move {
             list_audit(&s, query).await.map_err(warp::reject::custom)
         });
     let outbox = warp::path!("v1" / "admin" / "outbox")
         .and(warp::get())
         .and(admin(state))
-        .and(warp::query::<OutboxQuery>())
+        .and(crate::json::query::<OutboxQuery>())
         .and_then(|s: Arc<AppState>, _c: Caller, query: OutboxQuery| async move {
             list_outbox(&s, query).await.map_err(warp::reject::custom)
         });

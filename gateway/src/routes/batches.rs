@@ -171,7 +171,7 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_state(state))
         .and(caller(state, Access::Inference))
-        .and(warp::query::<ListQuery>())
+        .and(crate::json::query::<ListQuery>())
         .and_then(|s: Arc<AppState>, c: Caller, query: ListQuery| async move {
             list_batches(&s, &c, query).await.map_err(warp::reject::custom)
         });

@@ -18,7 +18,7 @@ const MAX_DELAY_MS: u64 = 120_000;
 pub fn routes() -> BoxedFilter<(Response,)> {
     let delay = warp::path!("debug" / "delay")
         .and(warp::get())
-        .and(warp::query::<DelayQuery>())
+        .and(crate::json::query::<DelayQuery>())
         .and_then(|query: DelayQuery| async move { delay(query).await.map_err(warp::reject::custom) });
     let echo =
         warp::path!("debug" / "echo").and(warp::post()).and(warp::body::bytes()).map(|body: bytes::Bytes| echo(&body));

@@ -124,7 +124,7 @@ fn monitoring(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_state(state))
         .and(caller(state, Access::Manage))
-        .and(warp::query::<MetricsQuery>())
+        .and(crate::json::query::<MetricsQuery>())
         .and_then(|id: String, s: Arc<AppState>, c: Caller, query: MetricsQuery| async move {
             deployment_metrics(&s, &c, &id, query).await.map_err(warp::reject::custom)
         });
@@ -132,7 +132,7 @@ fn monitoring(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_state(state))
         .and(warp::header::optional::<String>(super::cluster::COOKIE_HEADER))
-        .and(warp::query::<NodeMetricsQuery>())
+        .and(crate::json::query::<NodeMetricsQuery>())
         .and_then(|id: String, s: Arc<AppState>, cookie: Option<String>, query: NodeMetricsQuery| async move {
             super::cluster::check_cookie(&s, cookie.as_deref()).map_err(warp::reject::custom)?;
             Ok::<_, warp::Rejection>(warp::reply::json(&s.monitor.buckets(&id, query.since_ms)).into_response())
@@ -141,7 +141,7 @@ fn monitoring(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_state(state))
         .and(caller(state, Access::Manage))
-        .and(warp::query::<LogsQuery>())
+        .and(crate::json::query::<LogsQuery>())
         .and_then(|id: String, s: Arc<AppState>, c: Caller, query: LogsQuery| async move {
             deployment_logs(&s, &c, &id, query).await.map_err(warp::reject::custom)
         });
@@ -149,7 +149,7 @@ fn monitoring(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_state(state))
         .and(warp::header::optional::<String>(super::cluster::COOKIE_HEADER))
-        .and(warp::query::<NodeLogsQuery>())
+        .and(crate::json::query::<NodeLogsQuery>())
         .and_then(|id: String, s: Arc<AppState>, cookie: Option<String>, query: NodeLogsQuery| async move {
             super::cluster::check_cookie(&s, cookie.as_deref()).map_err(warp::reject::custom)?;
             let lines = local_log(&s, &id, query.level, query.limit.min(journal::LINES_PER_DEPLOYMENT));
@@ -594,10 +594,12 @@ pub async fn deployment_logs(
     }
     let level = query.level.unwrap_or(LogLevel::Info);
     let (own, peers) = visible_with_peers(state, caller, id)?;
-    let level_name = serde_json::to_value(level).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-    let (answers, nodes_missing) =
-        ask_peers::<Vec<LogLine>>(state, peers, &format!("/internal/journal/{id}?limit={limit}&level={level_name}"))
-            .await;
+    let (answers, nodes_missing) = ask_peers::<Vec<LogLine>>(
+        state,
+        peers,
+        &format!("/internal/journal/{id}?limit={limit}&level={}", level.as_str()),
+    )
+    .await;
     let mut nodes = vec![own];
     let mut lines = local_log(state, id, level, limit);
     for (node, theirs) in answers {

@@ -101,7 +101,7 @@ fn document_routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let chunks = warp::path!("v1" / "knowledge_bases" / String / "documents" / String / "chunks")
         .and(warp::get())
         .and(base())
-        .and(warp::query::<ChunkQuery>())
+        .and(crate::json::query::<ChunkQuery>())
         .and_then(|id: String, doc: String, s: Arc<AppState>, c: Caller, query: ChunkQuery| async move {
             list_chunks(&s, &c, &id, &doc, &query).await.map_err(warp::reject::custom)
         });
@@ -122,7 +122,7 @@ fn document_routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
     let graph = warp::path!("v1" / "knowledge_bases" / String / "graph")
         .and(warp::get())
         .and(base())
-        .and(warp::query::<GraphQuery>())
+        .and(crate::json::query::<GraphQuery>())
         .and_then(|id: String, s: Arc<AppState>, c: Caller, query: GraphQuery| async move {
             knowledge_graph(&s, &c, &id, &query).await.map_err(warp::reject::custom)
         });

@@ -48,7 +48,7 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_state(state))
         .and(warp::header::optional::<String>("host"))
-        .and(warp::query::<Query>())
+        .and(crate::json::query::<Query>())
         .and_then(|name: String, s: Arc<AppState>, host: Option<String>, query: Query| async move {
             start_sign_in(&s, &name, host.as_deref(), &query).await.map_err(warp::reject::custom)
         });
@@ -58,7 +58,7 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and(client_address())
         .and(warp::header::optional::<String>("user-agent"))
         .and(warp::header::optional::<String>("cookie"))
-        .and(warp::query::<Query>())
+        .and(crate::json::query::<Query>())
         .and_then(
             |name: String,
              s: Arc<AppState>,

@@ -23,7 +23,7 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_state(state))
         .and(caller(state, Access::Manage))
-        .and(warp::query::<UsageQuery>())
+        .and(crate::json::query::<UsageQuery>())
         .and_then(|s: Arc<AppState>, c: Caller, query: UsageQuery| async move {
             usage_summary(&s, &c, &query).await.map_err(warp::reject::custom)
         });
@@ -31,7 +31,7 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_state(state))
         .and(caller(state, Access::Manage))
-        .and(warp::query::<UsageQuery>())
+        .and(crate::json::query::<UsageQuery>())
         .and_then(|s: Arc<AppState>, c: Caller, query: UsageQuery| async move {
             usage_csv(&s, &c, &query).await.map_err(warp::reject::custom)
         });

@@ -318,12 +318,7 @@ impl Models<'_> {
 
     /// Every version of every platform model, by name then newest first.
     pub async fn list_platform(&self) -> Result<Vec<ModelVersionRecord>> {
-        let sql = format!(
-            "SELECT {VERSION_COLUMNS} FROM model_versions v JOIN models m ON m.id = v.model_id \
-             WHERE m.owner_kind = 'platform' ORDER BY m.name, v.created_at_ms DESC, v.id DESC"
-        );
-        let rows: Vec<VersionRow> = sqlx::query_as(trusted_sql(sql)).fetch_all(self.db.pool()).await?;
-        rows.into_iter().map(version_from_row).collect()
+        self.list_where("m.owner_kind = 'platform'", None).await
     }
 
     /// One version of a platform model; [`LATEST`] is the newest.
@@ -378,24 +373,27 @@ impl Models<'_> {
     /// The platform's models and those the scope's user may read (their own and their
     /// organisations'), by name, then owner, then newest first.
     pub async fn list_visible(&self, scope: &TenantScope) -> Result<Vec<ModelVersionRecord>> {
-        let sql = format!(
-            "SELECT {VERSION_COLUMNS} FROM model_versions v JOIN models m ON m.id = v.model_id \
-             WHERE m.owner_kind = 'platform' OR {} \
-             ORDER BY m.name, m.owner_kind, m.owner_id, v.created_at_ms DESC, v.id DESC",
-            TenantScope::readable_sql("m", 1)
-        );
-        let rows: Vec<VersionRow> =
-            sqlx::query_as(trusted_sql(sql)).bind(scope.user_id()).fetch_all(self.db.pool()).await?;
-        rows.into_iter().map(version_from_row).collect()
+        let filter = format!("m.owner_kind = 'platform' OR {}", TenantScope::readable_sql("m", 1));
+        self.list_where(&filter, Some(scope.user_id())).await
     }
 
     /// Every version of every model, whoever owns it (for platform administrators).
     pub async fn list_all(&self) -> Result<Vec<ModelVersionRecord>> {
+        self.list_where("TRUE", None).await
+    }
+
+    /// The versions of the models `filter` (constant SQL over `m`, with `$1` the user when
+    /// given) admits, by name, then owner, then newest first.
+    async fn list_where(&self, filter: &str, user_id: Option<&str>) -> Result<Vec<ModelVersionRecord>> {
         let sql = format!(
-            "SELECT {VERSION_COLUMNS} FROM model_versions v JOIN models m ON m.id = v.model_id \
+            "SELECT {VERSION_COLUMNS} FROM model_versions v JOIN models m ON m.id = v.model_id WHERE {filter} \
              ORDER BY m.name, m.owner_kind, m.owner_id, v.created_at_ms DESC, v.id DESC"
         );
-        let rows: Vec<VersionRow> = sqlx::query_as(trusted_sql(sql)).fetch_all(self.db.pool()).await?;
+        let mut query = sqlx::query_as::<_, VersionRow>(trusted_sql(sql));
+        if let Some(user_id) = user_id {
+            query = query.bind(user_id);
+        }
+        let rows = query.fetch_all(self.db.pool()).await?;
         rows.into_iter().map(version_from_row).collect()
     }
 }
