@@ -10,6 +10,7 @@
 //! The writes are node-label changes (`PATCH /v1/nodes/{id}/labels`), committed through raft.
 
 use std::collections::BTreeSet;
+use std::fmt::Write as _;
 use std::net::TcpListener;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -517,4 +518,179 @@ async fn any_node_serves_a_model_whose_replica_runs_on_another() {
             }
         }
     }
+}
+
+/// Sends `body` as JSON to `url` with the admin cookie.
+async fn post_json(url: &str, body: &Value) -> (u16, Value) {
+    let response = maas_chaos_tests::admin_client(COOKIE).post(url).json(body).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Uploads a text file into knowledge base `kb` through `url`.
+async fn upload_text(url: &str, kb: &str, filename: &str, text: &str) -> Value {
+    let boundary = "maas-cluster-test";
+    let form = format!(
+        "--{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n\
+         content-type: text/plain\r\n\r\n{text}\r\n--{boundary}--\r\n"
+    );
+    let response = maas_chaos_tests::admin_client(COOKIE)
+        .post(format!("{url}/v1/knowledge_bases/{kb}/documents"))
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+/// The best full-text hit of `query` in `kb`, asked of `url`, with the shards it missed.
+async fn best_hit(url: &str, kb: &str, query: &str, mode: &str) -> (String, Value) {
+    let (status, found) = post_json(
+        &format!("{url}/v1/knowledge_bases/{kb}/retrieve"),
+        &json!({"query": query, "mode": mode, "top_k": 1, "include_parent": false}),
+    )
+    .await;
+    assert_eq!(status, 200, "{found}");
+    (found["data"][0]["text"].as_str().unwrap_or_default().to_owned(), found["incomplete_shards"].clone())
+}
+
+/// Knowledge-base shards across the cluster (issue 7): a knowledge base of three shards is
+/// spread one per node; a document ingested through one node is found the same through
+/// every node (searches fan out to the three shards); `kill -9` a node: once it is
+/// declared dead its shard moves to a survivor, which rebuilds it from the chunks in SQL
+/// (texts indexed again, vectors embedded again), and every paragraph is found again.
+/// The nodes of a knowledge base's serving shards, sorted.
+fn shard_nodes(summary: &Value) -> Vec<u64> {
+    let mut nodes: Vec<u64> = summary["stats"]["shards"]
+        .as_array()
+        .map(|s| s.iter().filter(|s| s["state"] == "serving").filter_map(|s| s["node_id"].as_u64()).collect())
+        .unwrap_or_default();
+    nodes.sort_unstable();
+    nodes
+}
+
+/// A tiny BERT deployed on every node (CPU) and a knowledge base of three shards of small
+/// chunks on it, one shard per node; returns its id.
+async fn sharded_knowledge_base(cluster: &Cluster) -> String {
+    let first = cluster.members[0].api_url.clone();
+    let bert = cluster.dir.path().join("bert");
+    let made = Command::new(maas_binary()).args(["dev", "tiny-model", "--arch", "bert"]).arg(&bert).output().unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    for args in [
+        vec!["model", "import", bert.to_str().unwrap(), "--name", "bert", "--quiet"],
+        vec![
+            "deploy",
+            "bert",
+            "--name",
+            "bert",
+            "--gpus",
+            "0",
+            "--cpu-fallback",
+            "--replicas",
+            "3",
+            "--strategy",
+            "spread",
+        ],
+    ] {
+        let out =
+            Command::new(maas_binary()).args(&args).args(["--cookie", COOKIE, "--server", &first]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let (code, kb) = post_json(
+        &format!("{first}/v1/knowledge_bases"),
+        &json!({"name": "fleet", "embedding_model": "bert", "shards": 3,
+            "chunking": {"max_tokens": 32, "overlap_tokens": 4, "parent_max_tokens": 128}}),
+    )
+    .await;
+    assert_eq!(code, 200, "{kb}");
+    let kb_id = kb["id"].as_str().unwrap().to_owned();
+    maas_chaos_tests::wait_until("three shards serve, one per node", Duration::from_secs(30), || async {
+        let summary = get(&format!("{first}/v1/knowledge_bases/{kb_id}")).await.unwrap_or(Value::Null);
+        shard_nodes(&summary) == [1, 2, 3]
+    })
+    .await
+    .unwrap();
+
+    kb_id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn knowledge_base_shards_spread_over_the_nodes_and_move_off_a_dead_one() {
+    let mut cluster = start_three().await;
+    let first = cluster.members[0].api_url.clone();
+    let kb_id = sharded_knowledge_base(&cluster).await;
+    let summary = |url: String| {
+        let path = format!("{url}/v1/knowledge_bases/{kb_id}");
+        async move { get(&path).await.unwrap_or(Value::Null) }
+    };
+
+    let paragraphs = 40;
+    let text = (0..paragraphs).fold(String::new(), |mut text, i| {
+        let _ = write!(text, "Paragraph {i} records beacon number{i} and the tides at its harbour.\n\n");
+        text
+    });
+    let document = upload_text(&first, &kb_id, "beacons.txt", &text).await;
+    let document_path = format!("{first}/v1/knowledge_bases/{kb_id}/documents/{}", document["id"].as_str().unwrap());
+    maas_chaos_tests::wait_until("the document is indexed", Duration::from_secs(120), || async {
+        let now = get(&document_path).await.unwrap_or(Value::Null);
+        assert_ne!(now["state"], "failed", "{now}");
+        now["state"] == "indexed"
+    })
+    .await
+    .unwrap();
+    let chunks = summary(first.clone()).await["stats"]["chunks"].as_u64().unwrap();
+    assert!(chunks >= 3, "enough chunks to land on every shard: {chunks}");
+
+    // Every node answers the same, from all three shards.
+    for url in cluster.live_urls() {
+        let stats = summary(url.clone()).await["stats"].clone();
+        assert_eq!(
+            (stats["vectors"].as_u64(), stats["fulltext_entries"].as_u64()),
+            (Some(chunks), Some(chunks)),
+            "{stats}"
+        );
+        for i in [0, paragraphs / 2, paragraphs - 1] {
+            let (hit, incomplete) = best_hit(&url, &kb_id, &format!("number{i}"), "fulltext").await;
+            assert!(hit.contains(&format!("number{i} ")), "{url}: number{i} -> {hit}");
+            assert!(incomplete.is_null(), "{incomplete}");
+        }
+        let (hit, _) = best_hit(&url, &kb_id, "beacon tides harbour", "vector").await;
+        assert!(hit.contains("beacon"), "{hit}");
+    }
+
+    // Kill a node that is not the leader; its shard moves to a survivor and is rebuilt.
+    let leader = cluster.leader(3).await;
+    let victim_id = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+    let victim = cluster.members.iter_mut().find(|m| m.id == victim_id).unwrap();
+    victim.process.as_ref().unwrap().signal(Signal::SIGKILL).unwrap();
+    victim.process.take();
+    let killed = Instant::now();
+    let survivor = cluster.live_urls()[0].clone();
+    maas_chaos_tests::wait_until(
+        "the dead node's shard serves elsewhere, rebuilt",
+        Duration::from_secs(60),
+        || async {
+            let now = summary(survivor.clone()).await;
+            let nodes = shard_nodes(&now);
+            let stats = &now["stats"];
+            nodes.len() == 3
+                && !nodes.contains(&victim_id)
+                && stats["vectors"].as_u64() == Some(chunks)
+                && stats["fulltext_entries"].as_u64() == Some(chunks)
+        },
+    )
+    .await
+    .unwrap();
+    eprintln!("node {victim_id} killed; its knowledge-base shard served again, rebuilt, after {:?}", killed.elapsed());
+    for url in cluster.live_urls() {
+        for i in 0..paragraphs {
+            let (hit, incomplete) = best_hit(&url, &kb_id, &format!("number{i}"), "fulltext").await;
+            assert!(hit.contains(&format!("number{i} ")), "{url}: number{i} -> {hit}");
+            assert!(incomplete.is_null(), "{incomplete}");
+        }
+    }
+    let (hit, _) = best_hit(&survivor, &kb_id, "beacon tides harbour", "hybrid").await;
+    assert!(hit.contains("beacon"), "{hit}");
 }

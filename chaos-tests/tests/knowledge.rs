@@ -193,10 +193,18 @@ async fn create_knowledge_base(node: &MaasProcess) -> String {
     )
     .await;
     assert_eq!(status, 409, "names are unique per owner");
-    // Reading an empty knowledge base and searching it make nothing on disk.
+    // A new knowledge base's shards (2 by default) are placed on the node, opened and
+    // serving, empty.
+    wait_until("the shards serve", Duration::from_secs(20), || async {
+        let (_, read) = get(node, &format!("/v1/knowledge_bases/{kb_id}")).await;
+        read["stats"]["shards"].as_array().is_some_and(|s| s.len() == 2 && s.iter().all(|s| s["state"] == "serving"))
+    })
+    .await
+    .unwrap();
     let (status, read) = get(node, &format!("/v1/knowledge_bases/{kb_id}")).await;
     assert_eq!(status, 200, "{read}");
     assert_eq!(read["stats"]["fulltext_entries"], 0, "{read}");
+    assert_eq!(read["stats"]["shards"][0]["id"], format!("{kb_id}.0"), "{read}");
     let (status, found) = send(
         node,
         reqwest::Method::POST,
@@ -206,7 +214,7 @@ async fn create_knowledge_base(node: &MaasProcess) -> String {
     .await;
     assert_eq!(status, 200, "{found}");
     assert_eq!(found["data"], json!([]), "{found}");
-    assert!(!node.data_dir.join("knowledge/fulltext").join(&kb_id).exists(), "no index before a document");
+    assert!(node.data_dir.join("knowledge/shards").join(format!("{kb_id}.1")).join("fulltext").is_dir());
 
     kb_id
 }
@@ -513,7 +521,12 @@ async fn deletion_removes_documents_and_indexes(node: &MaasProcess, kb_id: &str,
     let (status, _) = send(node, reqwest::Method::DELETE, &format!("/v1/knowledge_bases/{kb_id}"), &Value::Null).await;
     assert_eq!(status, 200);
     assert_eq!(get(node, &format!("/v1/knowledge_bases/{kb_id}")).await.0, 404);
-    assert!(!node.data_dir.join("knowledge/fulltext").join(kb_id).exists());
+    let shards = node.data_dir.join("knowledge/shards");
+    wait_until("the shards' files are removed", Duration::from_secs(20), || async {
+        !shards.join(format!("{kb_id}.0")).exists() && !shards.join(format!("{kb_id}.1")).exists()
+    })
+    .await
+    .unwrap();
 }
 
 /// A node that embeds two chunks at a time (so a test can act between batches), with

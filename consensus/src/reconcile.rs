@@ -29,8 +29,8 @@ use maas_scheduler::{
 };
 
 use crate::state::{
-    ClusterState, Command, DeploymentRecord, NodeStatus, PlacementStrategy, ReplicaId, ReplicaPlacement, ReplicaRecord,
-    ReplicaState,
+    ClusterState, Command, DeploymentRecord, KbShardPlacement, KbShardState, NodeId, NodeStatus, PlacementStrategy,
+    ReplicaId, ReplicaPlacement, ReplicaRecord, ReplicaState,
 };
 
 /// Deployment id under which outgoing and stopping replicas enter the scheduler: they
@@ -219,7 +219,47 @@ pub fn reconcile(state: &ClusterState, settings: &ReconcileSettings, now_ms: u64
             commands.push(stop(replica_id));
         }
     }
+    commands.extend(shard_moves(state, now_ms));
     Reconciliation { commands, unplaceable: plan.unplaceable }
+}
+
+/// Knowledge-base shards on lost or draining nodes move to the nodes that take work,
+/// spread by [`maas_scheduler::place_shards`] (the new node rebuilds a moved shard from the
+/// chunks in SQL); a stopping shard on a lost node is removed, as nothing there can drop it.
+pub fn shard_moves(state: &ClusterState, now_ms: u64) -> Vec<Command> {
+    let mut holding: BTreeMap<u64, usize> =
+        state.nodes().values().filter(|node| node.status == NodeStatus::Alive).map(|node| (node.id.0, 0)).collect();
+    for shard in state.kb_shards().values() {
+        if let Some(held) = holding.get_mut(&shard.node_id.0) {
+            *held += 1;
+        }
+    }
+    let mut commands = Vec::new();
+    for shard in state.kb_shards().values() {
+        let status = state.node(shard.node_id).map(|node| node.status);
+        let lost = matches!(status, None | Some(NodeStatus::Dead | NodeStatus::Left));
+        if !lost && status != Some(NodeStatus::Draining) {
+            continue;
+        }
+        if shard.state == KbShardState::Stopping {
+            if lost {
+                commands.push(Command::RemoveKbShard { shard_id: shard.id.clone(), at_ms: now_ms });
+            }
+            continue;
+        }
+        let Some(&node) = maas_scheduler::place_shards(&holding, 1).first() else { continue };
+        *holding.entry(node).or_default() += 1;
+        commands.push(Command::PutKbShard {
+            placement: KbShardPlacement {
+                shard_id: shard.id.clone(),
+                knowledge_base_id: shard.knowledge_base_id.clone(),
+                hash_range: shard.hash_range,
+                node_id: NodeId(node),
+            },
+            at_ms: now_ms,
+        });
+    }
+    commands
 }
 
 /// The outgoing replicas of `deployment` that may stop now: every one that is not

@@ -289,3 +289,52 @@ fn a_drain_without_room_elsewhere_stops_nothing_and_says_why() {
     assert!(round.commands.is_empty(), "{:?}", round.commands);
     assert_eq!(round.unplaceable.len(), 1, "the missing replacement is explained");
 }
+
+#[test]
+fn knowledge_base_shards_leave_dead_and_draining_nodes_for_the_least_loaded() {
+    use maas_consensus::state::{HashRange, KbShardPlacement, KbShardState, ShardId};
+    let mut state = ClusterState::default();
+    let mut index = 0;
+    for id in 1..=3 {
+        index += 1;
+        state.apply(index, Command::RegisterNode { node: common::node_spec(id, 1), at_ms: 0 }).unwrap();
+    }
+    // Shards 0..4 on nodes 1, 2, 3, 1; shard 4 on node 3, stopping.
+    for (shard, node) in [(0, 1), (1, 2), (2, 3), (3, 1), (4, 3)] {
+        index += 1;
+        let placement = KbShardPlacement {
+            shard_id: ShardId(format!("kb.{shard}")),
+            knowledge_base_id: "kb".into(),
+            hash_range: HashRange { start: shard, end_inclusive: shard },
+            node_id: NodeId(node),
+        };
+        state.apply(index, Command::PutKbShard { placement, at_ms: 1 }).unwrap();
+    }
+    index += 1;
+    let stopping =
+        Command::SetKbShardState { shard_id: ShardId("kb.4".into()), state: KbShardState::Stopping, at_ms: 2 };
+    state.apply(index, stopping).unwrap();
+    assert_eq!(run_round(&mut state, &mut index), 0, "shards on live nodes stay");
+
+    // Node 1 dies: its two shards go to the node holding fewest (node 2 holds one, node 3
+    // two, its stopping shard counted: it still holds its files), Pending there.
+    index += 1;
+    state.apply(index, Command::SetNodeStatus { node_id: NodeId(1), status: NodeStatus::Dead, at_ms: 3 }).unwrap();
+    assert_eq!(run_round(&mut state, &mut index), 2);
+    let on = |shard: &str| state.kb_shard(&ShardId(shard.into())).map(|s| (s.node_id.0, s.state.clone()));
+    assert_eq!(on("kb.0"), Some((2, KbShardState::Pending)));
+    assert_eq!(on("kb.3"), Some((2, KbShardState::Pending)), "a tie goes to the lower node id");
+    assert_eq!(on("kb.1").unwrap().0, 2);
+    assert_eq!(run_round(&mut state, &mut index), 0);
+
+    // Node 3 drains: its live shard moves to node 2, the only node taking work; when node
+    // 3 then dies, its stopping shard is removed (nothing there can drop it).
+    index += 1;
+    state.apply(index, Command::SetNodeStatus { node_id: NodeId(3), status: NodeStatus::Draining, at_ms: 4 }).unwrap();
+    assert_eq!(run_round(&mut state, &mut index), 1);
+    assert!(state.kb_shards().values().filter(|s| s.state != KbShardState::Stopping).all(|s| s.node_id.0 == 2));
+    index += 1;
+    state.apply(index, Command::SetNodeStatus { node_id: NodeId(3), status: NodeStatus::Dead, at_ms: 5 }).unwrap();
+    assert_eq!(run_round(&mut state, &mut index), 1);
+    assert_eq!(state.kb_shards().len(), 4);
+}

@@ -134,6 +134,8 @@ pub struct AppState {
     pub serving: OnceLock<maas_actors::node::ServingTable>,
     /// The deployments' logs on this node (set with the node agent).
     pub journal: OnceLock<maas_actors::node::Journal>,
+    /// The knowledge-base shards open on this node (set with the node agent).
+    pub kb_shards: OnceLock<maas_actors::node::KbShardTable>,
     /// Requests this node has in flight to each replica (what routing balances).
     pub in_flight: crate::routes::openai::InFlight,
     /// For requests to peers (replicas on other nodes).
@@ -187,6 +189,7 @@ impl AppState {
             stores: OnceLock::new(),
             serving: OnceLock::new(),
             journal: OnceLock::new(),
+            kb_shards: OnceLock::new(),
             in_flight: crate::routes::openai::InFlight::default(),
             model_texts: crate::model_text::ModelTexts::default(),
             monitor: crate::monitor::Monitor::default(),

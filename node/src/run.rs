@@ -76,7 +76,7 @@ pub async fn run_node(mut config: Config, quick_start: bool) -> Result<ExitCode>
         });
         connect_limiter(&config, &state).await?;
         state.readiness.set("store", Check::Ready);
-        start_workers(&config, &state)?;
+        start_workers(&config, &state);
         let cluster = start_cluster(&config, &data_dir, &api_url).await.inspect_err(|err| {
             state.readiness.set("cluster", Check::Failed(format!("{err:#}")));
         })?;
@@ -418,9 +418,11 @@ async fn start_agent(
         cookie: config.cluster.cookie.clone(),
     };
     let agent_status = Arc::new(std::sync::RwLock::new(AgentStatus::default()));
-    let agent_config = AgentConfig::new(config.node.id, config.node.gpu_memory_reserve_mib);
+    let mut agent_config = AgentConfig::new(config.node.id, config.node.gpu_memory_reserve_mib);
+    agent_config.shard_root = Some(config.node.data_dir.join("knowledge").join("shards"));
     let serving = agent_config.serving.clone();
     let _ = state.journal.set(agent_config.journal.clone());
+    let _ = state.kb_shards.set(agent_config.kb_shards.clone());
     let (agent, _) = ractor::Actor::spawn(
         None,
         NodeAgent,
@@ -636,7 +638,7 @@ async fn connect_limiter(config: &Config, state: &AppState) -> Result<()> {
 /// The background workers of batches and of knowledge-base ingestion. They start working
 /// once the node is ready; the node id names this node in their leases, so a restarted
 /// node takes its own work back at once.
-fn start_workers(config: &Config, state: &Arc<AppState>) -> Result<()> {
+fn start_workers(config: &Config, state: &Arc<AppState>) {
     maas_gateway::routes::batches::spawn_worker(Arc::clone(state), format!("node-{}", config.node.id));
     let knowledge = &config.knowledge;
     let options = maas_gateway::knowledge::KnowledgeOptions {
@@ -652,13 +654,11 @@ fn start_workers(config: &Config, state: &Arc<AppState>) -> Result<()> {
         lease_ms: i64::try_from(knowledge.lease_secs.saturating_mul(1000)).unwrap_or(30_000),
         embed_batch: usize::try_from(knowledge.embed_batch).unwrap_or(64),
     };
-    let service = maas_gateway::knowledge::KnowledgeService::open(&config.node.data_dir, options)
-        .context("cannot open the knowledge-base indexes")?;
-    let _ = state.knowledge.set(Arc::new(service));
+    let _ = state.knowledge.set(Arc::new(maas_gateway::knowledge::KnowledgeService::new(options)));
+    maas_gateway::knowledge::shards::spawn_catch_up(Arc::clone(state));
     for worker in 0..knowledge.workers {
         maas_gateway::knowledge::ingest::spawn_worker(Arc::clone(state), format!("node-{}/{worker}", config.node.id));
     }
-    Ok(())
 }
 
 /// The node's periodic work: peers' load, storage samples, blob garbage collection.

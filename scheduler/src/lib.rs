@@ -16,12 +16,14 @@ mod error;
 pub mod estimate;
 mod invariants;
 mod planner;
+mod shards;
 mod types;
 
 pub use error::{Result, ScheduleError};
 pub use estimate::{EstimateError, GgufValue, VramEstimate, estimate_from_gguf_metadata, estimate_from_hf_config};
 pub use invariants::{apply, sch1_holds, sch2_holds};
 pub use planner::{plan, validate};
+pub use shards::place_shards;
 pub use types::{
     Action, Closest, ClusterSnapshot, Demand, DeploymentDemand, GpuView, NodeView, PlacedReplica, Plan, ReplicaRequest,
     Strategy, Unplaceable,

@@ -12,18 +12,26 @@
 //!   state no longer holds (its node was declared dead and it was placed elsewhere, REC-1).
 //!   A replica that fails to load is started again after a back-off, at most `max_restarts`
 //!   times per `restart_window`; then it stays `failed`.
+//! - a `KbShardActor` per knowledge-base shard placed on the node (see [`super::kb_shard`]).
+//!   The agent commits `loading` once the shard is open and `serving` once the gateway has
+//!   caught it up with SQL; a shard the state no longer places here (moved after this node
+//!   was declared dead, or drained) is retired and its files removed; a `stopping` shard
+//!   (its knowledge base was deleted) is retired and then removed from the state.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use maas_consensus::RaftHandle;
-use maas_consensus::state::{ClusterState, Command, DeploymentOwner, NodeId, ReplicaId, ReplicaState};
+use maas_consensus::state::{
+    ClusterState, Command, DeploymentOwner, KbShardRecord, KbShardState, NodeId, ReplicaId, ReplicaState, ShardId,
+};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use ractor_cluster::RactorMessage;
 use serde::Serialize;
 
 use super::gpu::{GpuActor, GpuMsg, GpuSpec};
+use super::kb_shard::{KbShardActor, KbShardArgs, KbShardMsg, KbShardTable, kb_shard_actor_name};
 use super::replica::{
     LocalReplicaState, ReplicaActor, ReplicaArgs, ReplicaMsg, ReplicaRuntime, ReplicaSpec, replica_actor_name,
 };
@@ -42,6 +50,11 @@ pub struct AgentConfig {
     pub serving: super::ServingTable,
     /// The deployments' logs on this node.
     pub journal: super::Journal,
+    /// Where shard actors put their open indexes for the gateway.
+    pub kb_shards: KbShardTable,
+    /// The folder of this node's knowledge-base shards (`<data>/knowledge/shards`);
+    /// `None`: this agent runs no shards.
+    pub shard_root: Option<std::path::PathBuf>,
 }
 
 impl AgentConfig {
@@ -55,6 +68,8 @@ impl AgentConfig {
             replica_backoff: Duration::from_secs(1),
             serving: super::ServingTable::default(),
             journal: super::Journal::new(node_id),
+            kb_shards: KbShardTable::default(),
+            shard_root: None,
         }
     }
 }
@@ -110,6 +125,11 @@ pub enum AgentMsg {
         replica_id: String,
         state: LocalReplicaState,
     },
+    /// A shard actor opened its shard, or could not (`failed`).
+    ShardReport {
+        shard_id: String,
+        failed: Option<String>,
+    },
 }
 
 pub struct NodeAgent;
@@ -131,8 +151,15 @@ pub struct AgentState {
     replica_starts: BTreeMap<String, Vec<Instant>>,
     /// Replicas whose restart budget is spent.
     given_up: BTreeSet<String>,
-    /// When a change of each replica was last proposed, so a slow commit is not flooded.
+    /// When a change of each replica or shard was last proposed, so a slow commit is not
+    /// flooded.
     proposed_at: BTreeMap<String, Instant>,
+    shards: BTreeMap<String, ActorRef<KbShardMsg>>,
+    shard_by_actor: HashMap<ActorId, String>,
+    /// Shards that failed to open or whose actor failed: why, and when (a retry waits).
+    shard_failed: BTreeMap<String, (String, Instant)>,
+    /// Whether the shard folders left from before a restart were looked through.
+    shards_swept: bool,
 }
 
 impl Actor for NodeAgent {
@@ -162,6 +189,10 @@ impl Actor for NodeAgent {
             replica_starts: BTreeMap::new(),
             given_up: BTreeSet::new(),
             proposed_at: BTreeMap::new(),
+            shards: BTreeMap::new(),
+            shard_by_actor: HashMap::new(),
+            shard_failed: BTreeMap::new(),
+            shards_swept: false,
         })
     }
 
@@ -181,6 +212,12 @@ impl Actor for NodeAgent {
                     state.reconcile(&myself).await;
                 }
             }
+            AgentMsg::ShardReport { shard_id, failed } => {
+                if let Some(reason) = failed {
+                    state.shard_failed.insert(shard_id, (reason, Instant::now()));
+                }
+                state.reconcile_shards(&myself).await;
+            }
         }
         Ok(())
     }
@@ -198,6 +235,14 @@ impl Actor for NodeAgent {
             }
             _ => return Ok(()),
         };
+        if let Some(shard_id) = state.shard_by_actor.remove(&cell.get_id()) {
+            state.shards.remove(&shard_id);
+            if how.starts_with("failed") {
+                tracing::error!(shard = %shard_id, "the shard actor {how}");
+                state.shard_failed.insert(shard_id, (format!("the shard actor {how}"), Instant::now()));
+            }
+            return Ok(());
+        }
         if let Some((replica_id, deployment_id)) = state.replica_by_actor.remove(&cell.get_id()) {
             state.replicas.remove(&replica_id);
             if !matches!(state.local.get(&replica_id), Some(LocalReplicaState::Failed(_))) && how.starts_with("failed")
@@ -233,6 +278,7 @@ impl AgentState {
     async fn reconcile(&mut self, myself: &ActorRef<AgentMsg>) {
         let (desired, holders, placed) = self.committed();
         self.reconcile_replicas(myself, &placed).await;
+        self.reconcile_shards(myself).await;
 
         // Stop actors of GPUs the node no longer has.
         let gone: Vec<u32> = self.gpus.keys().copied().filter(|index| !desired.contains_key(index)).collect();
@@ -377,7 +423,7 @@ impl AgentState {
         self.local.retain(|id, _| placed.contains_key(id));
         self.replica_starts.retain(|id, _| placed.contains_key(id));
         self.given_up.retain(|id| placed.contains_key(id));
-        self.proposed_at.retain(|id, _| placed.contains_key(id));
+        self.proposed_at.retain(|id, _| placed.contains_key(id) || id.starts_with(SHARD_KEY));
 
         let now = Instant::now();
         for (replica_id, (spec, committed)) in placed {
@@ -402,6 +448,83 @@ impl AgentState {
                     replica_id,
                     Command::SetReplicaState { replica_id: id, state: wanted, at_ms: wall_clock_ms() },
                 );
+            }
+        }
+    }
+
+    /// Starts, retires and reports the shard actors of this node.
+    async fn reconcile_shards(&mut self, myself: &ActorRef<AgentMsg>) {
+        let Some(root) = self.config.shard_root.clone() else { return };
+        let node_id = NodeId(self.config.node_id);
+        let placed: BTreeMap<String, KbShardRecord> = self.control.read_local(|cluster| {
+            cluster.kb_shards_on_node(node_id).map(|shard| (shard.id.0.clone(), shard.clone())).collect()
+        });
+        if !self.shards_swept {
+            self.shards_swept = true;
+            let elsewhere: BTreeSet<String> = self.control.read_local(|cluster| {
+                cluster.kb_shards().values().filter(|s| s.node_id != node_id).map(|s| s.id.0.clone()).collect()
+            });
+            sweep_shard_folders(&root, &elsewhere).await;
+        }
+        // Shards moved away or gone are retired: their files go with them.
+        let gone: Vec<String> = self.shards.keys().filter(|id| !placed.contains_key(*id)).cloned().collect();
+        for shard_id in gone {
+            if let Some(actor) = self.shards.remove(&shard_id) {
+                let _ = actor.cast(KbShardMsg::Retire);
+            }
+        }
+        self.shard_failed.retain(|id, _| placed.contains_key(id));
+        self.proposed_at.retain(|key, _| key.strip_prefix(SHARD_KEY).is_none_or(|id| placed.contains_key(id)));
+        let now = Instant::now();
+        for (shard_id, shard) in &placed {
+            if shard.state == KbShardState::Stopping {
+                if let Some(actor) = self.shards.remove(shard_id) {
+                    let _ = actor.cast(KbShardMsg::Retire);
+                } else {
+                    let id = ShardId(shard_id.clone());
+                    self.propose(&shard_key(shard_id), Command::RemoveKbShard { shard_id: id, at_ms: wall_clock_ms() });
+                }
+                continue;
+            }
+            let waiting = self.shard_failed.get(shard_id).is_some_and(|(_, at)| now.duration_since(*at) < SHARD_RETRY);
+            if !self.shards.contains_key(shard_id) && !waiting {
+                self.start_shard(myself, &root, shard).await;
+            }
+            let open = self.config.kb_shards.get(shard_id);
+            let wanted = match (&open, self.shard_failed.get(shard_id)) {
+                (Some(local), _) if local.caught_up() => KbShardState::Serving,
+                (Some(_), _) => KbShardState::Loading,
+                (None, Some((reason, _))) => KbShardState::Failed { reason: reason.clone() },
+                (None, None) => continue,
+            };
+            if shard.state != wanted {
+                let id = ShardId(shard_id.clone());
+                let change = Command::SetKbShardState { shard_id: id, state: wanted, at_ms: wall_clock_ms() };
+                self.propose(&shard_key(shard_id), change);
+            }
+        }
+    }
+
+    async fn start_shard(&mut self, myself: &ActorRef<AgentMsg>, root: &std::path::Path, shard: &KbShardRecord) {
+        let range = shard.hash_range.start..=shard.hash_range.end_inclusive;
+        let arguments = KbShardArgs {
+            shard_id: shard.id.0.clone(),
+            knowledge_base_id: shard.knowledge_base_id.clone(),
+            hash_range: range,
+            dir: root.join(&shard.id.0),
+            table: self.config.kb_shards.clone(),
+            agent: myself.clone(),
+        };
+        let name = kb_shard_actor_name(self.config.node_id, &shard.id.0);
+        match Actor::spawn_linked(Some(name), KbShardActor, arguments, myself.get_cell()).await {
+            Ok((actor, _)) => {
+                self.shard_by_actor.insert(actor.get_id(), shard.id.0.clone());
+                self.shards.insert(shard.id.0.clone(), actor);
+            }
+            Err(err) => {
+                let reason = format!("cannot start the shard actor: {err}");
+                tracing::error!(shard = %shard.id, "{reason}");
+                self.shard_failed.insert(shard.id.0.clone(), (reason, Instant::now()));
             }
         }
     }
@@ -478,14 +601,14 @@ impl AgentState {
         }
     }
 
-    /// Proposes a change of one replica in the background, at most once a second per
-    /// replica; the next reconciliation proposes again what did not commit.
-    fn propose(&mut self, replica_id: &str, command: Command) {
+    /// Proposes a change of one replica or shard in the background, at most once a second
+    /// per replica or shard; the next reconciliation proposes again what did not commit.
+    fn propose(&mut self, what: &str, command: Command) {
         let now = Instant::now();
-        if self.proposed_at.get(replica_id).is_some_and(|at| now.duration_since(*at) < Duration::from_secs(1)) {
+        if self.proposed_at.get(what).is_some_and(|at| now.duration_since(*at) < Duration::from_secs(1)) {
             return;
         }
-        self.proposed_at.insert(replica_id.to_owned(), now);
+        self.proposed_at.insert(what.to_owned(), now);
         let control = self.control.clone();
         let agent_name = self.config.node_id;
         tokio::spawn(async move {
@@ -502,6 +625,33 @@ impl AgentState {
         });
     }
 }
+
+/// Removes, once after a start, the folders of shards that moved to another node while
+/// this one was down (declared dead). Only a placement elsewhere counts: the state right
+/// after a start may lag behind the log, so a shard it does not know yet is left alone.
+async fn sweep_shard_folders(root: &std::path::Path, elsewhere: &BTreeSet<String>) {
+    let Ok(mut entries) = tokio::fs::read_dir(root).await else { return };
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !elsewhere.contains(&name) {
+            continue;
+        }
+        match tokio::fs::remove_dir_all(entry.path()).await {
+            Ok(()) => tracing::info!(shard = %name, "removed a shard no longer placed on this node"),
+            Err(err) => tracing::warn!(shard = %name, error = %err, "cannot remove a shard no longer placed here"),
+        }
+    }
+}
+
+/// Shards' keys in `proposed_at` start with this (replica ids cannot).
+const SHARD_KEY: &str = "kb_shard/";
+
+fn shard_key(shard_id: &str) -> String {
+    format!("{SHARD_KEY}{shard_id}")
+}
+
+/// The wait before a shard that failed to open is tried again.
+const SHARD_RETRY: Duration = Duration::from_secs(5);
 
 fn wall_clock_ms() -> u64 {
     let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();

@@ -1632,7 +1632,8 @@ export interface components {
             vector_backend?: string | null;
             /**
              * Format: int32
-             * @description Shards of the embedded index (1 to 64).
+             * @description Shards the knowledge base's indexes are split into, spread over the nodes (1 to 64;
+             *     default `knowledge.default_shards`).
              */
             shards?: number | null;
             /** @description How documents are cut (defaults fit all-MiniLM-L6-v2). */
@@ -1971,8 +1972,35 @@ export interface components {
             created_at: number;
             /** Format: int64 */
             updated_at: number;
-            /** @description Documents by ingestion state, chunks and vectors (on `GET /v1/knowledge_bases/{id}`). */
-            stats?: Record<string, never>;
+            stats?: null | components["schemas"]["KnowledgeBaseStats"];
+        };
+        /** @description What a knowledge base holds and where its shards are. */
+        KnowledgeBaseStats: {
+            /** @description Document versions, in every state. */
+            documents: number;
+            /** @description Document versions by ingestion state (`queued`, ..., `indexed`, `failed`). */
+            documents_by_state: {
+                [key: string]: number;
+            };
+            /**
+             * Format: int64
+             * @description Chunks of indexed documents.
+             */
+            chunks: number;
+            /**
+             * Format: int64
+             * @description Vectors in the index; null when Milvus could not be asked.
+             */
+            vectors?: number | null;
+            /**
+             * Format: int64
+             * @description Chunks in the BM25 index.
+             */
+            fulltext_entries: number;
+            /** @description The knowledge base's shards: where each is and its state. */
+            shards: components["schemas"]["ShardPlacementView"][];
+            /** @description Shards that did not answer (their node is down): the counts miss what they hold. */
+            shards_unavailable: string[];
         };
         /** @description Labels to set and to remove on a node, in one atomic change. */
         LabelChange: {
@@ -2229,6 +2257,11 @@ export interface components {
             mode: components["schemas"]["RetrievalMode"];
             query: string;
             data: components["schemas"]["RetrievedChunk"][];
+            /**
+             * @description Shards of the knowledge base that did not answer or are still rebuilding (their
+             *     node died and they moved): the results may miss chunks they hold.
+             */
+            incomplete_shards?: string[];
         };
         /** @description One retrieved chunk, where it came from, and how it scored. */
         RetrievedChunk: {
@@ -2299,6 +2332,14 @@ export interface components {
             updated_at_ms: number;
             /** @description The messages, in order (only when one session is shown). */
             messages?: Record<string, never>[] | null;
+        };
+        /** @description A shard as a knowledge base's view shows it. */
+        ShardPlacementView: {
+            id: string;
+            /** Format: int64 */
+            node_id: number;
+            /** @description `pending`, `loading` (opening or catching up), `serving` or `failed`. */
+            state: string;
         };
         /** @description Why some replicas are not placed, and what came closest. */
         Shortfall: {

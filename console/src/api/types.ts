@@ -229,13 +229,14 @@ export interface Identity {
 }
 
 // ---- knowledge bases (gateway/src/routes/knowledge.rs) -----------------------------------
-// From the OpenAPI document, but for what it types as free JSON (`settings`, `stats`,
+// From the OpenAPI document, but for what it types as free JSON (`settings`,
 // `chunking`) or as a plain string (a document's `state`): those shapes are here.
 
-export type KnowledgeBase = Omit<Schemas['KnowledgeBaseObject'], 'settings' | 'stats'> & {
+export type KnowledgeBase = Omit<Schemas['KnowledgeBaseObject'], 'settings'> & {
   settings: KnowledgeBaseSettings
-  stats?: KnowledgeBaseStats
 }
+export type KnowledgeBaseStats = Schemas['KnowledgeBaseStats']
+export type KnowledgeShard = Schemas['ShardPlacementView']
 export type KnowledgeDocument = Omit<Schemas['DocumentObject'], 'state'> & { state: DocumentState }
 export type RetrievalMode = Schemas['RetrievalMode']
 export type RetrieveBody = Schemas['RetrieveRequest']
@@ -252,14 +253,6 @@ export interface ChunkingSettings {
 export interface KnowledgeBaseSettings {
   chunking?: Partial<ChunkingSettings>
   retrieval?: { multilingual?: boolean }
-}
-
-export interface KnowledgeBaseStats {
-  documents: number
-  documents_by_state: Record<string, number>
-  chunks: number
-  vectors: number | null
-  fulltext_entries: number
 }
 
 export interface CreateKnowledgeBaseBody {

@@ -282,6 +282,8 @@ const en = {
     streaming: 'Streaming…',
   },
   knowledge: {
+    shardOn: 'node {node}: {state}',
+    shardState: { pending: 'pending', loading: 'rebuilding', serving: 'serving', failed: 'failed', stopping: 'stopping' },
     title: 'Knowledge bases',
     create: 'New knowledge base',
     name: 'Name',
@@ -290,7 +292,7 @@ const en = {
     embeddingHint: 'A served embedding model (a BERT-family deployment).',
     noEmbeddingModels: 'No model is served: deploy an embedding model first.',
     vectorBackend: 'Vector store',
-    embedded: 'Embedded (HNSW on this node)',
+    embedded: 'Embedded (HNSW shards on the nodes)',
     milvus: 'Milvus',
     shards: 'Shards',
     chunking: 'Chunking',

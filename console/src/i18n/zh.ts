@@ -284,6 +284,8 @@ const zh: Messages = {
     streaming: '正在生成…',
   },
   knowledge: {
+    shardOn: '节点 {node}：{state}',
+    shardState: { pending: '待调度', loading: '重建中', serving: '服务中', failed: '失败', stopping: '停止中' },
     title: '知识库',
     create: '新建知识库',
     name: '名称',
@@ -292,7 +294,7 @@ const zh: Messages = {
     embeddingHint: '已部署的向量模型（BERT 系列）。',
     noEmbeddingModels: '没有在服务的模型：请先部署一个向量模型。',
     vectorBackend: '向量存储',
-    embedded: '内置（本节点 HNSW）',
+    embedded: '内置（各节点上的 HNSW 分片）',
     milvus: 'Milvus 向量库',
     shards: '分片数',
     chunking: '分块',

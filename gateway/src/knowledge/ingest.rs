@@ -170,7 +170,7 @@ async fn run_steps(
 ) -> Result<(), StepError> {
     let kb = stores.db.knowledge_bases().get_unscoped(&document.kb_id).await?;
     match document.state {
-        DocumentState::Deleting => return remove(stores, service, &kb, &document).await,
+        DocumentState::Deleting => return remove(state, stores, service, &kb, &document).await,
         DocumentState::Queued | DocumentState::Parsing | DocumentState::Chunking => {
             parse_and_chunk(state, stores, service, &kb, &document).await?;
         }
@@ -188,7 +188,7 @@ async fn run_steps(
     // Retrieval already ignores the retired versions (their state says so); their
     // vectors go now. A failure here leaves only unreachable entries behind.
     for old in retired {
-        if let Err(err) = remove_indexed(service, &kb, &old).await {
+        if let Err(err) = remove_indexed(state, service, &kb, &old).await {
             tracing::warn!(document = %old, error = %err.message, "cannot drop a retired version's vectors");
         }
     }
@@ -327,6 +327,23 @@ pub fn indexed_text(chunk: &StoredChunk) -> String {
     }
 }
 
+/// A chunk's entry in a vector index.
+pub fn vector_record(chunk: &StoredChunk, document: &Document, vector: Vec<f32>) -> VectorRecord {
+    VectorRecord {
+        chunk_id: chunk.chunk_id.cast_unsigned(),
+        vector,
+        document_id: document.id.clone(),
+        version: document.version,
+        tags: document.tags.clone(),
+    }
+}
+
+/// A chunk's entry in a full-text index (`text` is its [`indexed_text`]).
+pub fn text_record(chunk: &StoredChunk, document: &Document, text: String) -> FullTextRecord {
+    FullTextRecord::new(chunk.chunk_id.cast_unsigned(), document.id.clone(), document.version, text)
+        .with_tags(document.tags.clone())
+}
+
 /// Embeds and indexes the document's chunks not yet embedded, a batch at a time.
 async fn embed_all(
     state: &Arc<AppState>,
@@ -337,20 +354,27 @@ async fn embed_all(
     lost: &AtomicBool,
 ) -> Result<(), StepError> {
     let db = stores.db.knowledge_bases();
-    let vectors = service.vectors(&kb.vector_backend).await.map_err(transient("the vector store is unavailable"))?;
-    let fulltext = service.fulltext(&kb.id).await.map_err(transient("the full-text index cannot open"))?;
-    let dimensions = state
-        .model_texts
-        .embedding(state, CalledFor::owner(&kb.owner), &kb.embedding_model)
-        .await
-        .map_err(transient(&format!("waiting for the embedding model `{}`", kb.embedding_model)))?
-        .dimensions;
-    let spec = CollectionSpec::new(kb.id.clone(), dimensions, Metric::Cosine)
-        .with_shards(u32::try_from(kb.shard_count).unwrap_or(1).max(1));
-    vectors.ensure_collection(&spec).await.map_err(|e| match knowledge_error(&e) {
-        err if err.status.is_client_error() => StepError::Permanent(err.message),
-        err => StepError::Transient(err.message),
-    })?;
+    let shards =
+        super::shards::ensure(state, kb).await.map_err(transient("the knowledge base's shards are not placed"))?;
+    let waiting = format!("waiting for the embedding model `{}`", kb.embedding_model);
+    let spec = super::shards::vector_spec(state, kb).await.map_err(transient(&waiting))?;
+    let milvus = if kb.vector_backend == "milvus" {
+        let milvus = service.milvus().await.map_err(transient("the vector store is unavailable"))?;
+        let dimensions = state
+            .model_texts
+            .embedding(state, CalledFor::owner(&kb.owner), &kb.embedding_model)
+            .await
+            .map_err(transient(&waiting))?
+            .dimensions;
+        let collection = CollectionSpec::new(kb.id.clone(), dimensions, Metric::Cosine);
+        milvus.ensure_collection(&collection).await.map_err(|e| match knowledge_error(&e) {
+            err if err.status.is_client_error() => StepError::Permanent(err.message),
+            err => StepError::Transient(err.message),
+        })?;
+        Some(milvus)
+    } else {
+        None
+    };
     let batch = i64::try_from(service.options.embed_batch.max(1)).unwrap_or(64);
     loop {
         if lost.load(Ordering::SeqCst) {
@@ -369,37 +393,24 @@ async fn embed_all(
                     _ => StepError::Transient(format!("embedding on `{}` failed: {}", kb.embedding_model, err.message)),
                 })?;
         let ids: Vec<i64> = chunks.iter().map(|c| c.chunk_id).collect();
-        let records: Vec<VectorRecord> = chunks
-            .iter()
-            .zip(embedded)
-            .map(|(chunk, vector)| VectorRecord {
-                chunk_id: chunk.chunk_id.cast_unsigned(),
-                vector,
-                document_id: document.id.clone(),
-                version: document.version,
-                tags: document.tags.clone(),
-            })
-            .collect();
-        let full: Vec<FullTextRecord> = chunks
-            .iter()
-            .zip(texts)
-            .map(|(chunk, text)| {
-                FullTextRecord::new(chunk.chunk_id.cast_unsigned(), document.id.clone(), document.version, text)
-                    .with_tags(document.tags.clone())
-            })
-            .collect();
-        vectors.upsert(&kb.id, records).await.map_err(|e| StepError::Transient(knowledge_error(&e).message))?;
-        let index = Arc::clone(&fulltext);
-        tokio::task::spawn_blocking(move || index.upsert(&full))
-            .await
-            .map_err(|e| StepError::Transient(format!("the indexing thread failed: {e}")))?
-            .map_err(|e| StepError::Transient(e.to_string()))?;
+        let records: Vec<VectorRecord> =
+            chunks.iter().zip(embedded).map(|(chunk, vector)| vector_record(chunk, document, vector)).collect();
+        let full: Vec<FullTextRecord> =
+            chunks.iter().zip(texts).map(|(chunk, text)| text_record(chunk, document, text)).collect();
+        let records = match &milvus {
+            Some(milvus) => {
+                milvus.upsert(&kb.id, records).await.map_err(|e| StepError::Transient(knowledge_error(&e).message))?;
+                Vec::new()
+            }
+            None => records,
+        };
+        shards.write(state, spec, records, full).await.map_err(|e| StepError::Transient(e.message))?;
         let marked = db.mark_embedded(&document.id, &ids).await;
         // Deleted while this batch was written: the deletion may have dropped the
         // document's entries before this batch reached the indexes, so they are dropped
         // again here (a deletion after this look drops them itself).
         if deleted(&db, &document.id).await? {
-            if let Err(err) = remove_indexed(service, kb, &document.id).await {
+            if let Err(err) = remove_indexed(state, service, kb, &document.id).await {
                 tracing::warn!(document = %document.id, error = %err.message, "cannot drop a deleted document's last batch");
             }
             return Err(StepError::Lost);
@@ -449,27 +460,32 @@ async fn save_graph(stores: &Stores, document: &Document) -> Result<(), StepErro
 }
 
 /// Drops a document's vectors and full-text entries (every version of its id).
-async fn remove_indexed(service: &KnowledgeService, kb: &KnowledgeBase, document_id: &str) -> Result<(), ApiError> {
-    let vectors = service.vectors(&kb.vector_backend).await?;
-    if vectors.has_collection(&kb.id).await.map_err(|e| knowledge_error(&e))? {
-        vectors.delete_document(&kb.id, document_id, None).await.map_err(|e| knowledge_error(&e))?;
+async fn remove_indexed(
+    state: &AppState,
+    service: &KnowledgeService,
+    kb: &KnowledgeBase,
+    document_id: &str,
+) -> Result<(), ApiError> {
+    if kb.vector_backend == "milvus" {
+        let milvus = service.milvus().await?;
+        if milvus.has_collection(&kb.id).await.map_err(|e| knowledge_error(&e))? {
+            milvus.delete_document(&kb.id, document_id, None).await.map_err(|e| knowledge_error(&e))?;
+        }
     }
-    let index = service.fulltext(&kb.id).await?;
-    let id = document_id.to_owned();
-    tokio::task::spawn_blocking(move || index.delete_document(&id, None))
-        .await
-        .map_err(|e| ApiError::internal(format!("the indexing thread failed: {e}")))?
-        .map_err(|e| knowledge_error(&e))
+    super::shards::KbShards::of(state, &kb.id).delete_document(state, document_id, None).await
 }
 
 /// A deleted document: its vectors go, then its rows.
 async fn remove(
+    state: &AppState,
     stores: &Stores,
     service: &KnowledgeService,
     kb: &KnowledgeBase,
     document: &Document,
 ) -> Result<(), StepError> {
-    remove_indexed(service, kb, &document.id).await.map_err(transient("cannot remove the document's vectors"))?;
+    remove_indexed(state, service, kb, &document.id)
+        .await
+        .map_err(transient("cannot remove the document's vectors"))?;
     stores.db.knowledge_bases().purge_document(&document.id).await?;
     tracing::info!(document = %document.id, filename = %document.filename, "document deleted");
     Ok(())

@@ -1,26 +1,25 @@
 //! Knowledge bases on a node: where their vectors and full-text indexes live, the
-//! ingestion worker ([`ingest`]) and retrieval ([`retrieve`]).
+//! ingestion worker ([`ingest`]), retrieval ([`retrieve`]) and the shards ([`shards`]).
 //!
 //! A knowledge base's rows (the base, its documents with their ingestion state, its
-//! chunks) are in SQL; its vectors are in the vector store its `vector_backend` names (the
-//! embedded sharded HNSW store under `<data>/knowledge/vectors`, or Milvus) as the
-//! collection named by its id; its BM25 index is a tantivy folder
-//! `<data>/knowledge/fulltext/<id>`. The embedding model is a deployment: chunking counts
-//! tokens with that deployment's own tokenizer, embedding runs on its replicas like any
-//! `/v1/embeddings` request.
+//! chunks) are in SQL, the source of truth. Its indexes are split into `shard_count`
+//! shards placed across the cluster by the control plane: each shard holds the BM25 index
+//! of its chunks and, on the embedded backend, their HNSW vectors; on the Milvus backend
+//! the vectors are in one Milvus collection named by the knowledge base's id. The
+//! embedding model is a deployment: chunking counts tokens with that deployment's own
+//! tokenizer, embedding runs on its replicas like any `/v1/embeddings` request.
 
 pub mod ingest;
 pub mod rag;
 pub mod retrieve;
+pub mod shards;
 
-use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use maas_knowledge::KnowledgeError;
-use maas_knowledge::fulltext::FullTextIndex;
 use maas_knowledge::parse::ParseLimits;
-use maas_knowledge::vector::{EmbeddedOptions, EmbeddedStore, MilvusOptions, MilvusStore, VectorStore};
+use maas_knowledge::vector::{MilvusOptions, MilvusStore, VectorStore};
+use maas_store::repo::knowledge::KnowledgeBase;
 
 use crate::error::ApiError;
 
@@ -63,12 +62,7 @@ impl Default for KnowledgeOptions {
 /// The node's handles on knowledge-base storage.
 pub struct KnowledgeService {
     pub options: KnowledgeOptions,
-    embedded: Arc<EmbeddedStore>,
     milvus: tokio::sync::OnceCell<Arc<MilvusStore>>,
-    fulltext_root: PathBuf,
-    /// Open full-text indexes. An async lock, held while one opens: tantivy allows one
-    /// writer per index folder, so two workers must not open the same one at once.
-    fulltext: tokio::sync::Mutex<HashMap<String, Arc<FullTextIndex>>>,
     /// Woken when a document is queued, so the worker starts at once.
     pub wake: tokio::sync::Notify,
 }
@@ -80,24 +74,8 @@ impl std::fmt::Debug for KnowledgeService {
 }
 
 impl KnowledgeService {
-    /// Opens the embedded vector store and the full-text folder under `data_dir/knowledge`.
-    pub fn open(data_dir: &std::path::Path, options: KnowledgeOptions) -> Result<Self, KnowledgeError> {
-        let root = data_dir.join("knowledge");
-        let embedded = EmbeddedStore::open(&root.join("vectors"), EmbeddedOptions::default())?;
-        let fulltext_root = root.join("fulltext");
-        std::fs::create_dir_all(&fulltext_root).map_err(|source| KnowledgeError::Io {
-            action: "create",
-            path: fulltext_root.clone(),
-            source,
-        })?;
-        Ok(KnowledgeService {
-            options,
-            embedded: Arc::new(embedded),
-            milvus: tokio::sync::OnceCell::new(),
-            fulltext_root,
-            fulltext: tokio::sync::Mutex::new(HashMap::new()),
-            wake: tokio::sync::Notify::new(),
-        })
+    pub fn new(options: KnowledgeOptions) -> Self {
+        KnowledgeService { options, milvus: tokio::sync::OnceCell::new(), wake: tokio::sync::Notify::new() }
     }
 
     /// Checks a backend name for a new knowledge base.
@@ -118,12 +96,9 @@ impl KnowledgeService {
         }
     }
 
-    /// The vector store of `backend` (Milvus is connected on first use).
-    pub async fn vectors(&self, backend: &str) -> Result<Arc<dyn VectorStore>, ApiError> {
-        if backend != "milvus" {
-            return Ok(Arc::clone(&self.embedded) as Arc<dyn VectorStore>);
-        }
-        self.check_backend(backend)?;
+    /// Milvus, connected on first use (for knowledge bases on the `milvus` backend).
+    pub async fn milvus(&self) -> Result<Arc<dyn VectorStore>, ApiError> {
+        self.check_backend("milvus")?;
         let url = self.options.milvus_url.clone();
         let store = self
             .milvus
@@ -137,41 +112,17 @@ impl KnowledgeService {
         Ok(Arc::clone(store) as Arc<dyn VectorStore>)
     }
 
-    /// The full-text index of knowledge base `kb_id`, opened (or created) on first use.
-    pub async fn fulltext(&self, kb_id: &str) -> Result<Arc<FullTextIndex>, ApiError> {
-        let mut open = self.fulltext.lock().await;
-        if let Some(index) = open.get(kb_id) {
-            return Ok(Arc::clone(index));
+    /// Removes a deleted knowledge base's indexes: its Milvus collection, and its shards
+    /// (their nodes drop them).
+    pub async fn drop_knowledge_base(
+        &self,
+        state: &crate::state::AppState,
+        kb: &KnowledgeBase,
+    ) -> Result<(), ApiError> {
+        if kb.vector_backend == "milvus" {
+            self.milvus().await?.drop_collection(&kb.id).await.map_err(|e| knowledge_error(&e))?;
         }
-        let dir = self.fulltext_root.join(kb_id);
-        let index = tokio::task::spawn_blocking(move || FullTextIndex::open(dir))
-            .await
-            .map_err(|e| ApiError::internal(format!("the index thread failed: {e}")))?
-            .map_err(|e| knowledge_error(&e))?;
-        let index = Arc::new(index);
-        open.insert(kb_id.to_owned(), Arc::clone(&index));
-        Ok(index)
-    }
-
-    /// The full-text index of a knowledge base that has one; `None` before its first
-    /// document is indexed (reading a knowledge base makes no folder).
-    pub async fn existing_fulltext(&self, kb_id: &str) -> Result<Option<Arc<FullTextIndex>>, ApiError> {
-        let exists = self.fulltext.lock().await.contains_key(kb_id)
-            || tokio::fs::try_exists(self.fulltext_root.join(kb_id)).await.unwrap_or(false);
-        if exists { self.fulltext(kb_id).await.map(Some) } else { Ok(None) }
-    }
-
-    /// Removes a deleted knowledge base's vectors and full-text index.
-    pub async fn drop_knowledge_base(&self, kb_id: &str, backend: &str) -> Result<(), ApiError> {
-        self.vectors(backend).await?.drop_collection(kb_id).await.map_err(|e| knowledge_error(&e))?;
-        let index = self.fulltext.lock().await.remove(kb_id);
-        drop(index);
-        let dir = self.fulltext_root.join(kb_id);
-        match tokio::fs::remove_dir_all(&dir).await {
-            Ok(()) => Ok(()),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(err) => Err(ApiError::internal(format!("cannot remove {}: {err}", dir.display()))),
-        }
+        shards::retire(state, &kb.id).await
     }
 }
 

@@ -14,6 +14,7 @@ use maas_store::repo::knowledge::{Document, DocumentState, KnowledgeBase, Stored
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::shards::{KbShards, ShardOp};
 use super::{KnowledgeService, knowledge_error};
 use crate::error::ApiError;
 use crate::state::{AppState, Stores};
@@ -101,6 +102,10 @@ pub struct RetrieveResponse {
     pub mode: RetrievalMode,
     pub query: String,
     pub data: Vec<RetrievedChunk>,
+    /// Shards of the knowledge base that did not answer or are still rebuilding (their
+    /// node died and they moved): the results may miss chunks they hold.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub incomplete_shards: Vec<String>,
 }
 
 fn bad(param: &str, message: impl Into<String>) -> ApiError {
@@ -149,21 +154,23 @@ pub async fn retrieve(
     // A hybrid query whose vector ranking would count for nothing (a Chinese query on an
     // English-only model) is not embedded at all.
     let skip_vectors = mode == RetrievalMode::Fulltext || (mode == RetrievalMode::Hybrid && weights.vector <= 0.0);
+    let shards = super::shards::KbShards::of(state, &kb.id);
+    let mut incomplete = Vec::new();
     let vector_hits = if skip_vectors {
         Vec::new()
     } else {
-        vector_search(state, service, kb, &request.query, fetch, &filter).await?
+        vector_search(state, service, &shards, kb, &request.query, fetch, &filter, &mut incomplete).await?
     };
-    let index = if mode == RetrievalMode::Vector { None } else { service.existing_fulltext(&kb.id).await? };
-    let fulltext_hits = if let Some(index) = index {
-        let (query, filter) = (request.query.clone(), filter.clone());
-        tokio::task::spawn_blocking(move || index.search(&query, fetch, &filter))
-            .await
-            .map_err(|e| ApiError::internal(format!("the search thread failed: {e}")))?
-            .map_err(|e| knowledge_error(&e))?
-    } else {
+    let fulltext_hits = if mode == RetrievalMode::Vector {
         Vec::new()
+    } else {
+        let op = ShardOp::SearchText { query: request.query.clone(), k: fetch, filter: filter.clone() };
+        let gathered = shards.search(state, op, fetch).await;
+        incomplete.extend(gathered.incomplete);
+        gathered.hits
     };
+    incomplete.sort_unstable();
+    incomplete.dedup();
     let graph_hits = if request.graph.unwrap_or(false) {
         graph_search(stores, kb, &request.query, fetch).await?
     } else {
@@ -190,6 +197,7 @@ pub async fn retrieve(
         mode,
         query: request.query.clone(),
         data,
+        incomplete_shards: incomplete,
     })
 }
 
@@ -237,19 +245,31 @@ async fn graph_search(stores: &Stores, kb: &KnowledgeBase, query: &str, k: usize
         .collect())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn vector_search(
     state: &Arc<AppState>,
     service: &KnowledgeService,
+    shards: &KbShards,
     kb: &KnowledgeBase,
     query: &str,
     k: usize,
     filter: &SearchFilter,
+    incomplete: &mut Vec<String>,
 ) -> Result<Vec<SearchHit>, ApiError> {
-    let vectors = service.vectors(&kb.vector_backend).await?;
     // Nothing was ever indexed: nothing to find (and no model needed to say so).
-    if !vectors.has_collection(&kb.id).await.map_err(|e| knowledge_error(&e))? {
-        return Ok(Vec::new());
-    }
+    let milvus = if kb.vector_backend == "milvus" {
+        let milvus = service.milvus().await?;
+        if !milvus.has_collection(&kb.id).await.map_err(|e| knowledge_error(&e))? {
+            return Ok(Vec::new());
+        }
+        Some(milvus)
+    } else {
+        let (counts, missing) = shards.counts(state).await;
+        if counts.vectors == 0 && missing.is_empty() {
+            return Ok(Vec::new());
+        }
+        None
+    };
     let (mut embedded, _) = crate::routes::openai::embed_texts(
         state,
         crate::routes::openai::CalledFor::owner(&kb.owner),
@@ -259,7 +279,12 @@ async fn vector_search(
     .await?;
     let vector = embedded.pop().ok_or_else(|| ApiError::internal("the embedding model answered no vector"))?;
     let request = SearchRequest::new(vector, k).filter(filter.clone());
-    vectors.search(&kb.id, &request).await.map_err(|e| knowledge_error(&e))
+    if let Some(milvus) = milvus {
+        return milvus.search(&kb.id, &request).await.map_err(|e| knowledge_error(&e));
+    }
+    let gathered = shards.search(state, ShardOp::SearchVectors { request }, k).await;
+    incomplete.extend(gathered.incomplete);
+    Ok(gathered.hits)
 }
 
 /// Reads the ranked chunks back from SQL, keeps those of indexed documents, and makes

@@ -126,7 +126,20 @@ fn document_routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and_then(|id: String, s: Arc<AppState>, c: Caller, query: GraphQuery| async move {
             knowledge_graph(&s, &c, &id, &query).await.map_err(warp::reject::custom)
         });
+    // A shard of this node, for the node that routes a knowledge base's call to it.
+    let shard = warp::path!("internal" / "kb_shards" / String)
+        .and(warp::post())
+        .and(with_state(state))
+        .and(super::cluster::cookie_checked(state))
+        .and(crate::json::json_body::<crate::knowledge::shards::ShardOp>(64 * 1024 * 1024))
+        .and_then(|id: String, s: Arc<AppState>, _cookie: Option<String>, op| async move {
+            let shard = crate::knowledge::shards::local(&s, &id).map_err(warp::reject::custom)?;
+            let answer = crate::knowledge::shards::execute(shard, op).await.map_err(warp::reject::custom)?;
+            Ok::<_, warp::Rejection>(warp::reply::json(&answer).into_response())
+        });
     upload
+        .or(shard)
+        .unify()
         .or(documents)
         .unify()
         .or(document)
@@ -181,7 +194,8 @@ pub struct CreateKnowledgeBase {
     /// `embedded` (default) or `milvus`.
     #[serde(default)]
     pub vector_backend: Option<String>,
-    /// Shards of the embedded index (1 to 64).
+    /// Shards the knowledge base's indexes are split into, spread over the nodes (1 to 64;
+    /// default `knowledge.default_shards`).
     #[serde(default)]
     pub shards: Option<u32>,
     /// How documents are cut (defaults fit all-MiniLM-L6-v2).
@@ -223,10 +237,29 @@ pub struct KnowledgeBaseObject {
     /// Unix seconds.
     pub created_at: i64,
     pub updated_at: i64,
-    /// Documents by ingestion state, chunks and vectors (on `GET /v1/knowledge_bases/{id}`).
+    /// Documents by ingestion state, chunks, vectors and shards (on `GET
+    /// /v1/knowledge_bases/{id}`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Object)]
-    pub stats: Option<Value>,
+    pub stats: Option<KnowledgeBaseStats>,
+}
+
+/// What a knowledge base holds and where its shards are.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KnowledgeBaseStats {
+    /// Document versions, in every state.
+    pub documents: usize,
+    /// Document versions by ingestion state (`queued`, ..., `indexed`, `failed`).
+    pub documents_by_state: std::collections::BTreeMap<String, u64>,
+    /// Chunks of indexed documents.
+    pub chunks: i64,
+    /// Vectors in the index; null when Milvus could not be asked.
+    pub vectors: Option<u64>,
+    /// Chunks in the BM25 index.
+    pub fulltext_entries: u64,
+    /// The knowledge base's shards: where each is and its state.
+    pub shards: Vec<crate::knowledge::shards::ShardPlacementView>,
+    /// Shards that did not answer (their node is down): the counts miss what they hold.
+    pub shards_unavailable: Vec<String>,
 }
 
 impl From<KnowledgeBase> for KnowledgeBaseObject {
@@ -295,6 +328,10 @@ pub async fn create_knowledge_base(
             },
         )
         .await?;
+    // Ingestion places them too if this fails (the cluster lost its leader just now).
+    if let Err(err) = crate::knowledge::shards::ensure(state, &record).await {
+        tracing::warn!(knowledge_base = %record.id, error = %err.message, "cannot place the knowledge base's shards yet");
+    }
     let detail = json!({"name": record.name, "embedding_model": record.embedding_model});
     super::auth::audit(state, caller.audit_entry("knowledge_base.create", &record.id, detail)).await?;
     Ok(warp::reply::json(&KnowledgeBaseObject::from(record)).into_response())
@@ -317,28 +354,34 @@ pub async fn get_knowledge_base(state: &AppState, caller: &Caller, id: &str) -> 
     let db = stores.db.knowledge_bases();
     let record = db.get(&caller.scope, id).await?;
     let documents = db.documents(&caller.scope, id).await?;
-    let mut by_state = serde_json::Map::new();
+    let mut by_state = std::collections::BTreeMap::new();
     for document in &documents {
-        let count = by_state.entry(document.state.as_str()).or_insert(json!(0));
-        *count = json!(count.as_u64().unwrap_or(0) + 1);
+        *by_state.entry(document.state.as_str().to_owned()).or_insert(0) += 1;
     }
     let indexed = documents.iter().filter(|d| d.state == maas_store::repo::knowledge::DocumentState::Indexed);
     let chunks: i64 = indexed.map(|d| d.chunks_total).sum();
-    let vectors = service.vectors(&record.vector_backend).await?;
-    let vector_count = if vectors.has_collection(&record.id).await.unwrap_or(false) {
-        vectors.count(&record.id).await.ok()
+    let shards = crate::knowledge::shards::KbShards::of(state, &record.id);
+    let (counts, shards_unavailable) = shards.counts(state).await;
+    let vector_count = if record.vector_backend == "milvus" {
+        let milvus = service.milvus().await?;
+        if milvus.has_collection(&record.id).await.unwrap_or(false) {
+            milvus.count(&record.id).await.ok()
+        } else {
+            Some(0)
+        }
     } else {
-        Some(0)
+        Some(counts.vectors)
     };
-    let fulltext_count = service.existing_fulltext(&record.id).await?.map_or(0, |index| index.len());
     let mut object = KnowledgeBaseObject::from(record);
-    object.stats = Some(json!({
-        "documents": documents.len(),
-        "documents_by_state": by_state,
-        "chunks": chunks,
-        "vectors": vector_count,
-        "fulltext_entries": fulltext_count,
-    }));
+    object.stats = Some(KnowledgeBaseStats {
+        documents: documents.len(),
+        documents_by_state: by_state,
+        chunks,
+        vectors: vector_count,
+        fulltext_entries: counts.fulltext,
+        shards: shards.placements(),
+        shards_unavailable,
+    });
     Ok(warp::reply::json(&object).into_response())
 }
 
@@ -377,7 +420,7 @@ pub async fn delete_knowledge_base(state: &AppState, caller: &Caller, id: &str) 
     let stores = super::registry::stores(state)?;
     let service = service(state)?;
     let record = stores.db.knowledge_bases().delete(&caller.scope, id).await?;
-    service.drop_knowledge_base(&record.id, &record.vector_backend).await?;
+    service.drop_knowledge_base(state, &record).await?;
     let detail = json!({"name": record.name});
     super::auth::audit(state, caller.audit_entry("knowledge_base.delete", &record.id, detail)).await?;
     Ok(warp::reply::json(&json!({"id": record.id, "object": "knowledge_base", "deleted": true})).into_response())

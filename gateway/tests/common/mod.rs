@@ -16,8 +16,7 @@ pub async fn open_stores(state: &AppState, url: String, dir: &std::path::Path) {
     let blobs = maas_store::BlobStore::open(dir.join("blobs")).await.unwrap();
     let _ = state.stores.set(maas_gateway::state::Stores { db, blobs, data_dir: dir.to_owned() });
     let knowledge =
-        maas_gateway::knowledge::KnowledgeService::open(dir, maas_gateway::knowledge::KnowledgeOptions::default())
-            .unwrap();
+        maas_gateway::knowledge::KnowledgeService::new(maas_gateway::knowledge::KnowledgeOptions::default());
     let _ = state.knowledge.set(Arc::new(knowledge));
 }
 

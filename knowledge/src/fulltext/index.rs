@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
-use tantivy::collector::TopDocs;
+use tantivy::collector::{Count, TopDocs};
 use tantivy::directory::MmapDirectory;
 use tantivy::query::{BooleanQuery, ConstScoreQuery, Occur, Query, TermQuery, TermSetQuery};
 use tantivy::schema::{
@@ -221,6 +221,17 @@ impl FullTextIndex {
         let searcher = self.reader.searcher();
         let top = searcher.search(&query, &collector).map_err(|err| tantivy_error(&self.location, "search", &err))?;
         Ok(top.into_iter().map(|((score, Reverse(chunk_id)), _)| SearchHit { chunk_id, score }).collect())
+    }
+
+    /// Whether the index holds chunk `chunk_id`.
+    pub fn contains(&self, chunk_id: u64) -> Result<bool> {
+        let query = term_query(Term::from_field_u64(self.fields.chunk_id, chunk_id));
+        let found = self
+            .reader
+            .searcher()
+            .search(&query, &Count)
+            .map_err(|err| tantivy_error(&self.location, "look a chunk up", &err))?;
+        Ok(found > 0)
     }
 
     /// How many chunks the index holds.

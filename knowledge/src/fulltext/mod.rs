@@ -42,7 +42,7 @@ pub const MAX_TEXT_BYTES: usize = 1 << 20;
 pub use crate::vector::{MAX_TOP_K, SearchFilter, SearchHit};
 
 /// One chunk to index: its text and the metadata searches filter on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FullTextRecord {
     pub chunk_id: u64,
     pub document_id: String,

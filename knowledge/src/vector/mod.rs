@@ -100,7 +100,7 @@ impl CollectionSpec {
 }
 
 /// One chunk's vector and the metadata search filters on.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VectorRecord {
     pub chunk_id: u64,
     pub vector: Vec<f32>,
@@ -113,7 +113,7 @@ pub struct VectorRecord {
 
 /// Which chunks a search may return. Every field that is `Some` must hold; `None` places no
 /// condition, and `Some(vec![])` matches nothing.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SearchFilter {
     /// The chunk belongs to one of these documents.
     pub document_ids: Option<Vec<String>>,
@@ -156,7 +156,7 @@ impl SearchFilter {
 }
 
 /// A nearest-neighbour query.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SearchRequest {
     pub vector: Vec<f32>,
     /// How many hits to return at most (at most [`MAX_TOP_K`]).
@@ -177,7 +177,7 @@ impl SearchRequest {
 }
 
 /// One search result.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct SearchHit {
     pub chunk_id: u64,
     /// The similarity to the query (higher is better; see [`Metric`]).
@@ -296,7 +296,7 @@ pub(crate) fn check_dimension(collection: &str, expected: usize, actual: usize) 
 }
 
 /// Sorts hits best first, ties by chunk id, and keeps the first `k`.
-pub(crate) fn sort_and_truncate(hits: &mut Vec<SearchHit>, k: usize) {
+pub fn sort_and_truncate(hits: &mut Vec<SearchHit>, k: usize) {
     hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.chunk_id.cmp(&b.chunk_id)));
     hits.truncate(k);
 }

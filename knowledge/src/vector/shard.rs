@@ -124,6 +124,11 @@ struct Memory {
 }
 
 impl ShardIndex {
+    /// Whether `dir` holds a shard (its manifest is there).
+    pub fn exists(dir: &Path) -> bool {
+        dir.join(MANIFEST_FILE).exists()
+    }
+
     /// Opens the shard in `dir`, or creates it there with `spec`. An existing shard must
     /// have the same dimension and metric (its own HNSW parameters are kept).
     pub fn open_or_create(dir: &Path, spec: ShardSpec) -> Result<Self> {

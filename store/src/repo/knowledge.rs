@@ -640,6 +640,20 @@ impl KnowledgeBases<'_> {
         Ok(rows.into_iter().map(chunk_from_row).collect())
     }
 
+    /// The child chunks of knowledge base `kb_id` that its indexes hold (embedded, of a
+    /// document being embedded or indexed), by chunk id after `after`, at most `limit`:
+    /// what a knowledge-base shard is rebuilt from.
+    pub async fn indexed_chunks(&self, kb_id: &str, after: i64, limit: i64) -> Result<Vec<StoredChunk>> {
+        let sql = format!(
+            "SELECT {CHUNK_COLUMNS} FROM kb_chunks c JOIN kb_documents d ON d.id = c.document_id \
+             WHERE c.kb_id = $1 AND c.level = 'child' AND c.embedded = 1 \
+             AND d.state IN ('embedding', 'indexed') AND c.chunk_id > $2 ORDER BY c.chunk_id LIMIT $3"
+        );
+        let rows: Vec<ChunkRow> =
+            sqlx::query_as(trusted_sql(sql)).bind(kb_id).bind(after).bind(limit).fetch_all(self.db.pool()).await?;
+        Ok(rows.into_iter().map(chunk_from_row).collect())
+    }
+
     /// Records that these chunks' vectors are in the index (after the index acknowledged
     /// them), and the document's progress.
     pub async fn mark_embedded(&self, document_id: &str, chunk_ids: &[i64]) -> Result<()> {
