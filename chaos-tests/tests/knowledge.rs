@@ -152,6 +152,7 @@ async fn documents_are_ingested_retrieved_versioned_and_deleted() {
     the_graph_relates_entities(&node, &kb_id).await;
     a_new_version_retires_the_old(&node, &kb_id, &documents).await;
     chat_cites_its_sources(&node, dir.path(), &kb_id).await;
+    the_graph_asks_its_extraction_model(&node, &kb_id).await;
     deletion_removes_documents_and_indexes(&node, &kb_id, &documents).await;
 }
 
@@ -398,6 +399,32 @@ async fn a_new_version_retires_the_old(node: &MaasProcess, kb_id: &str, document
         summary["stats"]["vectors"], summary["stats"]["chunks"],
         "the retired version's vectors went: {summary}"
     );
+}
+
+/// With `graph.extraction_model` set, ingestion asks that chat model for each chunk's
+/// graph; the tiny random model answers noise, so every chunk falls back to the
+/// deterministic extractor, and the graph is still there.
+async fn the_graph_asks_its_extraction_model(node: &MaasProcess, kb_id: &str) {
+    let path = format!("/v1/knowledge_bases/{kb_id}");
+    let (status, refused) =
+        send(node, reqwest::Method::PATCH, &path, &json!({"graph": {"extraction_model": "chat", "depth": 2}})).await;
+    assert_eq!(status, 400, "{refused}");
+    assert!(refused.to_string().contains("depth"), "{refused}");
+    let (status, updated) =
+        send(node, reqwest::Method::PATCH, &path, &json!({"graph": {"extraction_model": "chat"}})).await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["settings"]["graph"]["extraction_model"], "chat", "{updated}");
+    assert!(updated["settings"]["chunking"].is_object(), "other settings are kept: {updated}");
+    let _ = node.stderr_so_far();
+    let text = "Ada Lovelace wrote the first program for the Analytical Engine in London.";
+    let (status, document) = upload(node, kb_id, "ada.txt", text.as_bytes(), &[]).await;
+    assert_eq!(status, 200, "{document}");
+    let done = settled(node, kb_id, document["id"].as_str().unwrap()).await;
+    assert_eq!(done["state"], "indexed", "{done}");
+    let log = node.stderr_so_far().join("\n");
+    assert!(log.contains("graph extraction model asked") && log.contains("asked=1"), "{log}");
+    let (status, ada) = get(node, &format!("{path}/graph?entity=Ada%20Lovelace")).await;
+    assert_eq!(status, 200, "{ada}");
 }
 
 async fn chat_cites_its_sources(node: &MaasProcess, dir: &Path, kb_id: &str) {

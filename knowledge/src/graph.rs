@@ -17,6 +17,10 @@
 //! Every entity has a `key` (lowercase, spaces collapsed) under which mentions in different
 //! chunks and documents meet. The output is in order of appearance, without repeats, so
 //! the same text always gives the same graph.
+//!
+//! A knowledge base may name a chat model to extract with instead: it is asked, per chunk,
+//! with [`MODEL_INSTRUCTIONS`], and [`parse_model_answer`] turns its JSON answer into the
+//! same [`Extracted`] under the same bounds (a model's answer is untrusted input).
 
 use std::collections::BTreeSet;
 
@@ -115,6 +119,86 @@ pub fn extract(text: &str) -> Extracted {
         }
     }
     out
+}
+
+/// What a chat model is told when it extracts a chunk's graph.
+pub const MODEL_INSTRUCTIONS: &str = "Extract the named entities and the relations between them from the user's text. \
+Answer with one JSON object and nothing else, of this shape: \
+{\"entities\": [{\"name\": \"...\", \"kind\": \"person|place|organization|acronym|term|name\"}], \
+\"relations\": [{\"source\": \"entity name\", \"target\": \"entity name\", \"evidence\": \"the words of the text that relate them\"}]}. \
+Use names as the text writes them; relate only entities you listed.";
+
+/// Entities and relations taken from one model answer, at most.
+const MAX_MODEL_ENTITIES: usize = 32;
+const MAX_MODEL_RELATIONS: usize = 64;
+
+#[derive(Deserialize)]
+struct ModelAnswer {
+    #[serde(default)]
+    entities: Vec<ModelEntity>,
+    #[serde(default)]
+    relations: Vec<ModelRelation>,
+}
+
+#[derive(Deserialize)]
+struct ModelEntity {
+    name: String,
+    #[serde(default)]
+    kind: String,
+}
+
+#[derive(Deserialize)]
+struct ModelRelation {
+    source: String,
+    target: String,
+    #[serde(default)]
+    evidence: String,
+}
+
+/// The graph in a chat model's answer to [`MODEL_INSTRUCTIONS`]: the first JSON object in
+/// it (text around it, a code fence, is ignored). Names are trimmed and bounded like the
+/// deterministic extractor's, unknown kinds become `name`, repeats are dropped, and a
+/// relation counts only between two listed entities (`source` < `target` by key, as
+/// relations are undirected). `None` when the answer holds no such object, or no entity.
+pub fn parse_model_answer(answer: &str) -> Option<Extracted> {
+    let start = answer.find('{')?;
+    let mut stream = serde_json::Deserializer::from_str(&answer[start..]).into_iter::<ModelAnswer>();
+    let parsed = stream.next()?.ok()?;
+    let mut out = Extracted::default();
+    for entity in parsed.entities.into_iter().take(MAX_MODEL_ENTITIES) {
+        push(&mut out.entities, &entity.name, model_kind(&entity.kind));
+    }
+    if out.entities.is_empty() {
+        return None;
+    }
+    let mut related = BTreeSet::new();
+    for relation in parsed.relations {
+        let (a, b) = (entity_key(relation.source.trim()), entity_key(relation.target.trim()));
+        let known = |key: &str| out.entities.iter().any(|e| e.key == key);
+        if a == b || !known(&a) || !known(&b) {
+            continue;
+        }
+        let (source, target) = if a < b { (a, b) } else { (b, a) };
+        if related.insert((source.clone(), target.clone())) {
+            let evidence: String = relation.evidence.trim().chars().take(MAX_EVIDENCE_CHARS).collect();
+            out.relations.push(Relation { source, target, evidence });
+        }
+        if out.relations.len() == MAX_MODEL_RELATIONS {
+            break;
+        }
+    }
+    Some(out)
+}
+
+fn model_kind(kind: &str) -> EntityKind {
+    match kind.trim().to_ascii_lowercase().as_str() {
+        "person" | "people" | "per" => EntityKind::Person,
+        "place" | "location" | "loc" | "gpe" | "country" | "city" => EntityKind::Place,
+        "organization" | "organisation" | "org" | "company" | "institution" => EntityKind::Organization,
+        "acronym" | "abbreviation" => EntityKind::Acronym,
+        "term" | "concept" | "thing" | "object" => EntityKind::Term,
+        _ => EntityKind::Name,
+    }
 }
 
 /// Sentences: split after `.`, `!`, `?` followed by a space, after Chinese full stops,
@@ -282,6 +366,44 @@ mod tests {
             [("ada lovelace", "charles babbage"), ("ada lovelace", "london"), ("charles babbage", "london")]
         );
         assert!(extracted.relations[0].evidence.starts_with("Ada Lovelace worked"));
+    }
+
+    #[test]
+    fn a_models_answer_becomes_a_bounded_graph() {
+        let answer = "Here is the graph:\n```json\n{\"entities\": [\
+            {\"name\": \" Ada Lovelace \", \"kind\": \"PERSON\"}, {\"name\": \"Analytical Engine\", \"kind\": \"machine\"},\
+            {\"name\": \"ada  lovelace\", \"kind\": \"person\"}, {\"name\": \"\"}, {\"name\": \"London\", \"kind\": \"city\"}],\
+            \"relations\": [{\"source\": \"Analytical Engine\", \"target\": \"Ada Lovelace\", \"evidence\": \"she wrote its first program\"},\
+            {\"source\": \"Ada Lovelace\", \"target\": \"analytical engine\"}, {\"source\": \"Ada Lovelace\", \"target\": \"Paris\"},\
+            {\"source\": \"London\", \"target\": \"London\"}], \"extra\": 1}\n```\nDone.";
+        let graph = parse_model_answer(answer).unwrap();
+        let entities: Vec<(&str, &str, EntityKind)> =
+            graph.entities.iter().map(|e| (e.key.as_str(), e.name.as_str(), e.kind)).collect();
+        assert_eq!(
+            entities,
+            [
+                ("ada lovelace", "Ada Lovelace", EntityKind::Person),
+                ("analytical engine", "Analytical Engine", EntityKind::Name),
+                ("london", "London", EntityKind::Place),
+            ]
+        );
+        // One relation: the repeat, the unknown entity and the loop are dropped.
+        assert_eq!(
+            graph.relations,
+            [Relation {
+                source: "ada lovelace".into(),
+                target: "analytical engine".into(),
+                evidence: "she wrote its first program".into()
+            }]
+        );
+        for useless in ["", "no graph here", "{\"entities\": []}", "{\"entities\": [{\"name\": 3}]}", "{broken"] {
+            assert_eq!(parse_model_answer(useless), None, "{useless}");
+        }
+        let many = format!(
+            "{{\"entities\": [{}]}}",
+            (0..100).map(|i| format!("{{\"name\": \"E{i}\"}}")).collect::<Vec<_>>().join(",")
+        );
+        assert_eq!(parse_model_answer(&many).unwrap().entities.len(), MAX_MODEL_ENTITIES);
     }
 
     #[test]

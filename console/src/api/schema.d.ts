@@ -1639,6 +1639,7 @@ export interface components {
             /** @description How documents are cut (defaults fit all-MiniLM-L6-v2). */
             chunking?: Record<string, never>;
             retrieval?: null | components["schemas"]["RetrievalSettings"];
+            graph?: null | components["schemas"]["GraphSettings"];
         };
         CreateOrg: {
             /** @description Lowercase letters, digits and dashes. */
@@ -1936,6 +1937,15 @@ export interface components {
             /** Format: int64 */
             memory_total_mib: number;
             simulated: boolean;
+        };
+        /** @description How a knowledge base's graph is extracted. */
+        GraphSettings: {
+            /**
+             * @description A chat deployment that extracts each chunk's entities and relations (asked for
+             *     JSON); empty or absent: the deterministic extractor. A chunk whose answer holds no
+             *     usable graph, or a model that cannot be reached, falls back to the extractor.
+             */
+            extraction_model?: string | null;
         };
         /** @description The node process is up and serving. */
         Health: {
@@ -2376,6 +2386,7 @@ export interface components {
             /** @description New chunking settings apply to documents uploaded from now on. */
             chunking?: Record<string, never>;
             retrieval?: null | components["schemas"]["RetrievalSettings"];
+            graph?: null | components["schemas"]["GraphSettings"];
         };
         /** @description A change to an account: its platform role and/or status. */
         UserChange: {

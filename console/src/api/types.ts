@@ -252,7 +252,8 @@ export interface ChunkingSettings {
 
 export interface KnowledgeBaseSettings {
   chunking?: Partial<ChunkingSettings>
-  retrieval?: { multilingual?: boolean }
+  retrieval?: Partial<Schemas['RetrievalSettings']>
+  graph?: Schemas['GraphSettings']
 }
 
 export interface CreateKnowledgeBaseBody {

@@ -282,6 +282,8 @@ const en = {
     streaming: 'Streaming…',
   },
   knowledge: {
+    extractionModel: 'Graph extraction model',
+    extractionModelHint: 'A chat deployment that extracts entities and relations; empty: the built-in extractor',
     shardOn: 'node {node}: {state}',
     shardState: { pending: 'pending', loading: 'rebuilding', serving: 'serving', failed: 'failed', stopping: 'stopping' },
     title: 'Knowledge bases',

@@ -284,6 +284,8 @@ const zh: Messages = {
     streaming: '正在生成…',
   },
   knowledge: {
+    extractionModel: '图谱抽取模型',
+    extractionModelHint: '用于抽取实体与关系的对话模型部署；留空则使用内置抽取器',
     shardOn: '节点 {node}：{state}',
     shardState: { pending: '待调度', loading: '重建中', serving: '服务中', failed: '失败', stopping: '停止中' },
     title: '知识库',

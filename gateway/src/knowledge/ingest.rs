@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use maas_knowledge::chunk::{ChunkConfig, Chunks, chunk_document};
 use maas_knowledge::fulltext::FullTextRecord;
+use maas_knowledge::graph::Extracted;
 use maas_knowledge::parse::{DocumentKind, parse};
 use maas_knowledge::vector::{CollectionSpec, Metric, VectorRecord};
 use maas_store::repo::knowledge::{Document, DocumentState, GraphMention, GraphRelation, KnowledgeBase, StoredChunk};
@@ -178,7 +179,7 @@ async fn run_steps(
         DocumentState::Indexed | DocumentState::Failed | DocumentState::Retired => return Ok(()),
     }
     embed_all(state, stores, service, &kb, &document, lost).await?;
-    save_graph(stores, &document).await?;
+    save_graph(state, stores, &kb, &document).await?;
     let retired = stores.db.knowledge_bases().finish_indexed(&document.id).await?;
     let finished = stores.db.knowledge_bases().document(&document.id).await?;
     tracing::info!(
@@ -429,15 +430,42 @@ async fn deleted(db: &maas_store::repo::knowledge::KnowledgeBases<'_>, id: &str)
 }
 
 /// Extracts the document's part of the knowledge graph from its chunks and saves it
-/// (replacing what an interrupted run saved).
-async fn save_graph(stores: &Stores, document: &Document) -> Result<(), StepError> {
+/// (replacing what an interrupted run saved): with the knowledge base's extraction model
+/// when it names one (each chunk's answer parsed by `graph::parse_model_answer`), else, and
+/// for every chunk the model gives no usable graph for, with the deterministic extractor.
+async fn save_graph(
+    state: &Arc<AppState>,
+    stores: &Stores,
+    kb: &KnowledgeBase,
+    document: &Document,
+) -> Result<(), StepError> {
     let db = stores.db.knowledge_bases();
     let chunks = db.document_chunks(&document.id, "child", 0, i64::MAX).await?;
+    let mut by_model: Vec<Option<Extracted>> = chunks.iter().map(|_| None).collect();
+    if let Some(model) = crate::routes::knowledge::graph_settings(kb).model() {
+        let mut asked = 0;
+        for (chunk, slot) in chunks.iter().zip(&mut by_model) {
+            asked += 1;
+            match extract_with_model(state, kb, model, &chunk.text).await {
+                Ok(extracted) => *slot = extracted,
+                // Too long for the model's context, or refused: this chunk only.
+                Err(err) if err.status.is_client_error() && err.status != http::StatusCode::NOT_FOUND => {}
+                Err(err) => {
+                    tracing::warn!(document = %document.id, model, error = %err.message,
+                        "the graph extraction model cannot be reached; the extractor does the rest");
+                    break;
+                }
+            }
+        }
+        let answered = by_model.iter().filter(|g| g.is_some()).count();
+        tracing::info!(document = %document.id, model, asked, answered, chunks = chunks.len(),
+            "graph extraction model asked; chunks without a usable answer use the extractor");
+    }
     let (mentions, relations) = tokio::task::spawn_blocking(move || {
         let mut mentions = Vec::new();
         let mut relations = Vec::new();
-        for chunk in &chunks {
-            let extracted = maas_knowledge::graph::extract(&chunk.text);
+        for (chunk, extracted) in chunks.iter().zip(by_model) {
+            let extracted = extracted.unwrap_or_else(|| maas_knowledge::graph::extract(&chunk.text));
             mentions.extend(extracted.entities.into_iter().map(|entity| GraphMention {
                 chunk_id: chunk.chunk_id,
                 key: entity.key,
@@ -457,6 +485,32 @@ async fn save_graph(stores: &Stores, document: &Document) -> Result<(), StepErro
     .map_err(|e| StepError::Transient(format!("the graph thread failed: {e}")))?;
     db.save_graph(&document.id, &mentions, &relations).await?;
     Ok(())
+}
+
+/// The most tokens an extraction answer may take.
+const EXTRACTION_MAX_TOKENS: usize = 384;
+
+/// One chunk's graph as chat `model` extracts it; `None` when its answer holds none.
+async fn extract_with_model(
+    state: &Arc<AppState>,
+    kb: &KnowledgeBase,
+    model: &str,
+    text: &str,
+) -> Result<Option<Extracted>, ApiError> {
+    let messages = vec![
+        maas_engine::ChatMessage { role: "system".into(), content: maas_knowledge::graph::MODEL_INSTRUCTIONS.into() },
+        maas_engine::ChatMessage { role: "user".into(), content: text.to_owned() },
+    ];
+    let answer = crate::routes::openai::complete_chat(
+        state,
+        CalledFor::owner(&kb.owner),
+        None,
+        model,
+        messages,
+        EXTRACTION_MAX_TOKENS,
+    )
+    .await?;
+    Ok(maas_knowledge::graph::parse_model_answer(&answer))
 }
 
 /// Drops a document's vectors and full-text entries (every version of its id).

@@ -8,7 +8,7 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use maas_engine::{ChatMessage, GenerationEvent, GenerationRequest, SamplingParams};
+use maas_engine::ChatMessage;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -303,21 +303,15 @@ async fn condense(
         },
         ChatMessage { role: "user".into(), content: format!("Conversation:\n{conversation}\nLast question: {question}") },
     ];
-    let request = GenerationRequest {
-        max_tokens: CONDENSE_MAX_TOKENS,
-        sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
-        ..GenerationRequest::default()
-    };
-    let (mut events, _) =
-        crate::routes::openai::start_generation(state, &caller.scope, model, request, Some(render)).await?;
-    let mut text = String::new();
-    while let Some(event) = events.recv().await {
-        match event {
-            GenerationEvent::Token { text: piece, .. } => text.push_str(&piece),
-            GenerationEvent::Failed(message) => return Err(ApiError::unavailable(message)),
-            GenerationEvent::Done { .. } => break,
-        }
-    }
+    let text = crate::routes::openai::complete_chat(
+        state,
+        CalledFor::scope(&caller.scope),
+        Some(&caller.scope),
+        model,
+        render,
+        CONDENSE_MAX_TOKENS,
+    )
+    .await?;
     let condensed = text.lines().map(str::trim).find(|line| !line.is_empty()).unwrap_or_default();
     Ok(if condensed.is_empty() { question.to_owned() } else { condensed.to_owned() })
 }

@@ -181,6 +181,24 @@ pub struct RetrievalSettings {
     pub multilingual: bool,
 }
 
+/// How a knowledge base's graph is extracted.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GraphSettings {
+    /// A chat deployment that extracts each chunk's entities and relations (asked for
+    /// JSON); empty or absent: the deterministic extractor. A chunk whose answer holds no
+    /// usable graph, or a model that cannot be reached, falls back to the extractor.
+    #[serde(default)]
+    pub extraction_model: Option<String>,
+}
+
+impl GraphSettings {
+    /// The extraction model, if one is set.
+    pub fn model(&self) -> Option<&str> {
+        self.extraction_model.as_deref().map(str::trim).filter(|m| !m.is_empty())
+    }
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKnowledgeBase {
@@ -204,6 +222,8 @@ pub struct CreateKnowledgeBase {
     pub chunking: Option<ChunkConfig>,
     #[serde(default)]
     pub retrieval: Option<RetrievalSettings>,
+    #[serde(default)]
+    pub graph: Option<GraphSettings>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -217,6 +237,9 @@ pub struct UpdateKnowledgeBase {
     pub chunking: Option<ChunkConfig>,
     #[serde(default)]
     pub retrieval: Option<RetrievalSettings>,
+    /// New graph settings apply to documents ingested from now on.
+    #[serde(default)]
+    pub graph: Option<GraphSettings>,
 }
 
 /// A knowledge base as the API shows it.
@@ -282,9 +305,21 @@ impl From<KnowledgeBase> for KnowledgeBaseObject {
     }
 }
 
-fn settings_json(chunking: &ChunkConfig, retrieval: &RetrievalSettings) -> Result<Value, ApiError> {
+fn settings_json(
+    chunking: &ChunkConfig,
+    retrieval: &RetrievalSettings,
+    graph: &GraphSettings,
+) -> Result<Value, ApiError> {
     chunking.validate().map_err(|e| bad("chunking", e.to_string()))?;
-    Ok(json!({"chunking": chunking, "retrieval": retrieval}))
+    if graph.extraction_model.as_ref().is_some_and(|m| m.len() > 256) {
+        return Err(bad("graph.extraction_model", "graph.extraction_model is longer than 256 bytes"));
+    }
+    Ok(json!({"chunking": chunking, "retrieval": retrieval, "graph": graph}))
+}
+
+/// A knowledge base's graph settings (the default for one made before they existed).
+pub fn graph_settings(kb: &KnowledgeBase) -> GraphSettings {
+    kb.settings.get("graph").and_then(|g| serde_json::from_value(g.clone()).ok()).unwrap_or_default()
 }
 
 /// Creates a knowledge base owned by the caller (or the organisation it acts for).
@@ -312,7 +347,11 @@ pub async fn create_knowledge_base(
     if !(1..=64).contains(&shards) {
         return Err(bad("shards", "shards must be 1 to 64"));
     }
-    let settings = settings_json(&body.chunking.unwrap_or_default(), &body.retrieval.unwrap_or_default())?;
+    let settings = settings_json(
+        &body.chunking.unwrap_or_default(),
+        &body.retrieval.unwrap_or_default(),
+        &body.graph.unwrap_or_default(),
+    )?;
     let record = super::registry::stores(state)?
         .db
         .knowledge_bases()
@@ -408,7 +447,8 @@ pub async fn update_knowledge_base(
             current.settings.get("retrieval").and_then(|r| serde_json::from_value(r.clone()).ok()).unwrap_or_default()
         }
     };
-    let settings = settings_json(&chunking, &retrieval)?;
+    let graph = body.graph.unwrap_or_else(|| graph_settings(&current));
+    let settings = settings_json(&chunking, &retrieval, &graph)?;
     let record = db.update(&caller.scope, id, body.description.as_deref(), Some(&settings)).await?;
     Ok(warp::reply::json(&KnowledgeBaseObject::from(record)).into_response())
 }

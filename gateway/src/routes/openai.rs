@@ -344,7 +344,20 @@ pub(crate) async fn start_generation(
     request: GenerationRequest,
     render: Option<Vec<maas_engine::ChatMessage>>,
 ) -> Result<(mpsc::Receiver<GenerationEvent>, String), ApiError> {
-    let targets = candidates(state, CalledFor::scope(scope), model)?;
+    start_generation_for(state, CalledFor::scope(scope), Some(scope), model, request, render).await
+}
+
+/// [`start_generation`] for whoever `called_for` names; `scope`, when there is a caller,
+/// picks the safety rules (the platform's without one).
+async fn start_generation_for(
+    state: &Arc<AppState>,
+    called_for: CalledFor<'_>,
+    scope: Option<&TenantScope>,
+    model: &str,
+    request: GenerationRequest,
+    render: Option<Vec<maas_engine::ChatMessage>>,
+) -> Result<(mpsc::Receiver<GenerationEvent>, String), ApiError> {
+    let targets = candidates(state, called_for, model)?;
     let mut request = request;
     apply_safety(state, scope, &mut request, render.as_deref()).await?;
     let mut last_error = None;
@@ -1095,13 +1108,40 @@ enum Source {
 
 /// The output filter of the caller's safety rules on `request`, after its text passed
 /// their input rules.
+/// A whole greedy answer of chat `model` to `messages`, at most `max_tokens` tokens, for
+/// the platform's own use (condensing a question, extracting a graph).
+pub(crate) async fn complete_chat(
+    state: &Arc<AppState>,
+    called_for: CalledFor<'_>,
+    scope: Option<&TenantScope>,
+    model: &str,
+    messages: Vec<maas_engine::ChatMessage>,
+    max_tokens: usize,
+) -> Result<String, ApiError> {
+    let request = GenerationRequest {
+        max_tokens,
+        sampling: maas_engine::SamplingParams { temperature: 0.0, ..maas_engine::SamplingParams::default() },
+        ..GenerationRequest::default()
+    };
+    let (mut events, _) = start_generation_for(state, called_for, scope, model, request, Some(messages)).await?;
+    let mut text = String::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            GenerationEvent::Token { text: piece, .. } => text.push_str(&piece),
+            GenerationEvent::Failed(message) => return Err(ApiError::unavailable(message)),
+            GenerationEvent::Done { .. } => break,
+        }
+    }
+    Ok(text)
+}
+
 async fn apply_safety(
     state: &AppState,
-    scope: &TenantScope,
+    scope: Option<&TenantScope>,
     request: &mut GenerationRequest,
     render: Option<&[maas_engine::ChatMessage]>,
 ) -> Result<(), ApiError> {
-    let policy = crate::safety::policy(state, Some(scope)).await?;
+    let policy = crate::safety::policy(state, scope).await?;
     policy.check_input(
         std::iter::once(request.prompt.as_str()).chain(render.into_iter().flatten().map(|m| m.content.as_str())),
     )?;
@@ -1162,7 +1202,7 @@ async fn answer_source(
 ) -> Result<Source, ApiError> {
     let mut cache_key = None;
     if state.response_cache.enabled() && crate::response_cache::is_deterministic(&request) {
-        apply_safety(state, scope, &mut request, render.as_deref()).await?;
+        apply_safety(state, Some(scope), &mut request, render.as_deref()).await?;
         if let Some(deployment) = deployment_version(state, model) {
             cache_key = crate::response_cache::key(scope.user_id(), endpoint, &deployment, &request, render.as_deref());
         }
