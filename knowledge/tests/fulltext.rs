@@ -270,3 +270,29 @@ fn a_corrupt_marker_is_reported_as_corrupt() {
     let err = FullTextIndex::open(dir.path()).unwrap_err();
     assert!(matches!(err, KnowledgeError::Corrupt { .. }), "{err}");
 }
+
+#[test]
+fn split_indexes_scored_with_summed_statistics_rank_like_one_index() {
+    use maas_knowledge::fulltext::TextStatistics;
+    let whole = indexed_corpus();
+    // The corpus split unevenly over two indexes (as a knowledge base's shards).
+    let (left, right) = (FullTextIndex::in_memory().unwrap(), FullTextIndex::in_memory().unwrap());
+    let records = corpus();
+    left.upsert(&records[..2]).unwrap();
+    right.upsert(&records[2..]).unwrap();
+    for query in ["rust memory tasks", "检索 索引 向量", "search graph GPU 模型"] {
+        let mut sum = TextStatistics::default();
+        sum.add(&left.statistics(query).unwrap());
+        sum.add(&right.statistics(query).unwrap());
+        assert_eq!(sum.documents, records.len() as u64);
+        let filter = SearchFilter::default();
+        let mut merged: Vec<SearchHit> = left.search_with(query, 10, &filter, Some(&sum)).unwrap();
+        merged.extend(right.search_with(query, 10, &filter, Some(&sum)).unwrap());
+        merged.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.chunk_id.cmp(&b.chunk_id)));
+        let expected = whole.search(query, 10, &filter).unwrap();
+        assert_eq!(ids(&merged), ids(&expected), "{query}");
+        for (got, want) in merged.iter().zip(&expected) {
+            assert!((got.score - want.score).abs() < 1e-4, "{query}: {got:?} vs {want:?}");
+        }
+    }
+}

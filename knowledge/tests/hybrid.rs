@@ -1,7 +1,9 @@
 //! Fusion of ranked lists: worked examples, the language policy, and the properties every
 //! fusion keeps (deterministic, ties by chunk id, zero weight is neutral, top_k respected).
 
-use maas_knowledge::hybrid::{DEFAULT_RRF_K, HybridWeights, cjk_share, fuse, rrf, score_fusion, weights_for};
+use maas_knowledge::hybrid::{
+    DEFAULT_RRF_K, HybridWeights, cjk_share, fuse, max_fusion, rrf, score_fusion, weights_for,
+};
 use maas_knowledge::vector::SearchHit;
 use proptest::prelude::*;
 
@@ -84,6 +86,25 @@ fn score_fusion_of_equal_or_single_scores_counts_each_as_one() {
 }
 
 #[test]
+fn max_fusion_divides_each_list_by_its_best() {
+    let vector = hits(&[(1, 0.80), (2, 0.76), (3, 0.40)]);
+    let fulltext = hits(&[(3, 30.0), (2, 20.0), (4, 10.0)]);
+    let fused = max_fusion(&[(1.0, &vector), (0.5, &fulltext)], 10);
+    // 1: 1.0; 2: 0.95 + 0.5 * 2/3; 3: 0.5 + 0.5; 4: 0.5 * 1/3.
+    assert_eq!(ids(&fused), [2, 1, 3, 4]);
+    let expected = [0.95 + 1.0 / 3.0, 1.0, 1.0, 1.0 / 6.0];
+    for (hit, score) in fused.iter().zip(expected) {
+        assert!((hit.score - score).abs() < 1e-6, "{fused:?}");
+    }
+    // A list with no positive best, and non-finite scores, add nothing.
+    let negative = hits(&[(5, -0.1), (6, -0.2)]);
+    let with_nan = hits(&[(7, f32::NAN), (8, 2.0)]);
+    let fused = max_fusion(&[(1.0, &negative), (1.0, &with_nan)], 10);
+    assert_eq!(ids(&fused), [8, 5, 6, 7]);
+    assert_eq!(fused.iter().map(|hit| hit.score).collect::<Vec<_>>(), [1.0, 0.0, 0.0, 0.0]);
+}
+
+#[test]
 fn cjk_share_counts_letters_and_digits_only() {
     let cases: &[(&str, f32)] = &[
         ("", 0.0),
@@ -106,7 +127,7 @@ fn weights_follow_the_query_language_when_the_embedding_model_is_english_only() 
     let cases: &[(&str, bool, HybridWeights)] = &[
         ("what is retrieval augmented generation", false, HybridWeights::CALIBRATED),
         ("什么是检索增强生成", false, HybridWeights { vector: 0.0, fulltext: 1.0 }),
-        ("ab知识", false, HybridWeights { vector: 0.5, fulltext: 0.75 }),
+        ("ab知识", false, HybridWeights { vector: 0.5, fulltext: 0.6 }),
         ("什么是检索增强生成", true, HybridWeights::CALIBRATED),
         ("", false, HybridWeights::CALIBRATED),
     ];

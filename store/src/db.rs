@@ -132,6 +132,17 @@ impl Db {
         &self.pool
     }
 
+    /// Starts a transaction that writes. On SQLite it takes the write lock at once (`BEGIN
+    /// IMMEDIATE`): a deferred transaction that reads first and writes later fails with
+    /// `SQLITE_BUSY_SNAPSHOT` (517) when another connection committed in between, which no
+    /// busy timeout waits out; an immediate one waits its turn (`busy_timeout`) instead.
+    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        })
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use maas_knowledge::KnowledgeError;
-use maas_knowledge::fulltext::{FullTextIndex, FullTextRecord};
+use maas_knowledge::fulltext::{FullTextIndex, FullTextRecord, TextStatistics};
 use maas_knowledge::vector::{SearchFilter, SearchHit, SearchRequest, ShardIndex, ShardSpec, VectorRecord, shard_hash};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
@@ -128,9 +128,21 @@ impl LocalShard {
         }
     }
 
-    /// The best BM25 matches of `query`.
-    pub fn search_text(&self, query: &str, k: usize, filter: &SearchFilter) -> Result<Vec<SearchHit>> {
-        self.fulltext.search(query, k, filter)
+    /// The best BM25 matches of `query`, scored with the whole knowledge base's
+    /// `statistics` when given (see [`TextStatistics`]).
+    pub fn search_text(
+        &self,
+        query: &str,
+        k: usize,
+        filter: &SearchFilter,
+        statistics: Option<&TextStatistics>,
+    ) -> Result<Vec<SearchHit>> {
+        self.fulltext.search_with(query, k, filter, statistics)
+    }
+
+    /// This shard's BM25 statistics for `query`.
+    pub fn text_statistics(&self, query: &str) -> Result<TextStatistics> {
+        self.fulltext.statistics(query)
     }
 
     pub fn counts(&self) -> ShardCounts {
@@ -341,7 +353,7 @@ mod tests {
             .unwrap();
         assert_eq!(shard.counts(), ShardCounts { vectors: 2, fulltext: 2 });
         assert_eq!(shard.missing(&ids, true).unwrap(), vec![ids[2]]);
-        let hits = shard.search_text(&format!("number{}", ids[1]), 5, &SearchFilter::default()).unwrap();
+        let hits = shard.search_text(&format!("number{}", ids[1]), 5, &SearchFilter::default(), None).unwrap();
         assert_eq!(hits.iter().map(|h| h.chunk_id).collect::<Vec<_>>(), vec![ids[1]]);
         drop(shard);
 

@@ -1,6 +1,6 @@
 //! Retrieval from a knowledge base: vector search (the query embedded by the knowledge
 //! base's embedding deployment), BM25 full-text search, or both fused by weighted
-//! normalised score ([`maas_knowledge::hybrid::fuse`]), with filters on documents, tags and
+//! score divided by each list's best ([`maas_knowledge::hybrid::fuse`]), with filters on documents, tags and
 //! versions. Hits are read back from SQL, so only chunks of documents in state `indexed`
 //! are returned, each with where it came from (document, version, pages, headings) and,
 //! on request, the larger parent chunk it stands for.
@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use maas_knowledge::hybrid::{score_fusion, weights_for};
+use maas_knowledge::hybrid::{max_fusion, weights_for};
 use maas_knowledge::vector::{SearchFilter, SearchHit, SearchRequest};
 use maas_store::repo::knowledge::{Document, DocumentState, KnowledgeBase, StoredChunk};
 use serde::{Deserialize, Serialize};
@@ -164,8 +164,7 @@ pub async fn retrieve(
     let fulltext_hits = if mode == RetrievalMode::Vector {
         Vec::new()
     } else {
-        let op = ShardOp::SearchText { query: request.query.clone(), k: fetch, filter: filter.clone() };
-        let gathered = shards.search(state, op, fetch).await;
+        let gathered = shards.search_text(state, &request.query, fetch, &filter).await;
         incomplete.extend(gathered.incomplete);
         gathered.hits
     };
@@ -179,15 +178,15 @@ pub async fn retrieve(
     let ranked = match mode {
         RetrievalMode::Vector if graph_hits.is_empty() => vector_hits.clone(),
         RetrievalMode::Fulltext if graph_hits.is_empty() => fulltext_hits.clone(),
-        RetrievalMode::Vector => score_fusion(&[(1.0, &vector_hits), (GRAPH_WEIGHT, &graph_hits)], fetch),
-        RetrievalMode::Fulltext => score_fusion(&[(1.0, &fulltext_hits), (GRAPH_WEIGHT, &graph_hits)], fetch),
+        RetrievalMode::Vector => max_fusion(&[(1.0, &vector_hits), (GRAPH_WEIGHT, &graph_hits)], fetch),
+        RetrievalMode::Fulltext => max_fusion(&[(1.0, &fulltext_hits), (GRAPH_WEIGHT, &graph_hits)], fetch),
         RetrievalMode::Hybrid => {
             let lists = [
                 (weights.vector, &vector_hits[..]),
                 (weights.fulltext, &fulltext_hits[..]),
                 (GRAPH_WEIGHT, &graph_hits[..]),
             ];
-            score_fusion(&lists, fetch)
+            max_fusion(&lists, fetch)
         }
     };
     let data = hydrate(stores, kb, &ranked, (&vector_hits, &fulltext_hits), &filter, top_k, include_parent).await?;

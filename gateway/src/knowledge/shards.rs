@@ -23,7 +23,7 @@ use std::time::Duration;
 use maas_actors::node::{LocalShard, ShardCounts};
 use maas_consensus::state::{Command, HashRange, KbShardPlacement, KbShardState, NodeId, NodeStatus, ShardId};
 use maas_knowledge::KnowledgeError;
-use maas_knowledge::fulltext::FullTextRecord;
+use maas_knowledge::fulltext::{FullTextRecord, TextStatistics};
 use maas_knowledge::vector::{
     HnswParams, Metric, SearchFilter, SearchHit, SearchRequest, ShardSpec, VectorRecord, shard_hash, shard_hash_range,
     sort_and_truncate,
@@ -45,7 +45,8 @@ pub enum ShardOp {
     Write { spec: Option<ShardSpec>, vectors: Vec<VectorRecord>, texts: Vec<FullTextRecord> },
     DeleteDocument { document_id: String, keep_version: Option<i64> },
     SearchVectors { request: SearchRequest },
-    SearchText { query: String, k: usize, filter: SearchFilter },
+    SearchText { query: String, k: usize, filter: SearchFilter, statistics: Option<TextStatistics> },
+    TextStatistics { query: String },
     Counts,
 }
 
@@ -56,6 +57,7 @@ pub enum ShardAnswer {
     Done,
     Hits(Vec<SearchHit>),
     Counts(ShardCounts),
+    Statistics(TextStatistics),
 }
 
 /// Runs `op` on a shard of this node, on a blocking thread.
@@ -71,7 +73,10 @@ pub async fn execute(shard: Arc<LocalShard>, op: ShardOp) -> Result<ShardAnswer,
                 ShardAnswer::Done
             }
             ShardOp::SearchVectors { request } => ShardAnswer::Hits(shard.search_vectors(&request)?),
-            ShardOp::SearchText { query, k, filter } => ShardAnswer::Hits(shard.search_text(&query, k, &filter)?),
+            ShardOp::SearchText { query, k, filter, statistics } => {
+                ShardAnswer::Hits(shard.search_text(&query, k, &filter, statistics.as_ref())?)
+            }
+            ShardOp::TextStatistics { query } => ShardAnswer::Statistics(shard.text_statistics(&query)?),
             ShardOp::Counts => ShardAnswer::Counts(shard.counts()),
         })
     })
@@ -147,6 +152,26 @@ impl KbShards {
 
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
+    }
+
+    /// Whether every shard is open on its node (`loading` or `serving`: it takes writes).
+    fn all_open(&self) -> bool {
+        self.routes.iter().all(|route| matches!(route.state, KbShardState::Loading | KbShardState::Serving))
+    }
+
+    /// Waits, at most `within`, until every shard of the knowledge base is open (a shard
+    /// just placed, or moved, opens within a reconciliation or two), and returns them as
+    /// they are then. A write to a shard not open yet fails, and its ingestion step would
+    /// wait for its lease to run out before trying again.
+    pub async fn wait_open(state: &AppState, kb_id: &str, within: Duration) -> Self {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let shards = KbShards::of(state, kb_id);
+            if shards.all_open() || tokio::time::Instant::now() >= deadline {
+                return shards;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Each shard's id, node and state (for the knowledge base's view).
@@ -225,6 +250,27 @@ impl KbShards {
         }
         sort_and_truncate(&mut gathered.hits, k);
         gathered
+    }
+
+    /// The best `k` BM25 hits of `query` over all shards. With more than one shard, their
+    /// statistics for the query are summed first and every shard scores with the sum, so
+    /// the ranking is the one a single index would give, whatever landed in which shard.
+    pub async fn search_text(&self, state: &AppState, query: &str, k: usize, filter: &SearchFilter) -> Gathered {
+        let statistics = if self.routes.len() > 1 {
+            let op = ShardOp::TextStatistics { query: query.to_owned() };
+            let calls = self.routes.iter().map(|route| self.call(state, route, op.clone()));
+            let mut sum = TextStatistics::default();
+            for answer in futures_util::future::join_all(calls).await {
+                if let Ok(ShardAnswer::Statistics(statistics)) = answer {
+                    sum.add(&statistics);
+                }
+            }
+            Some(sum)
+        } else {
+            None
+        };
+        let op = ShardOp::SearchText { query: query.to_owned(), k, filter: filter.clone(), statistics };
+        self.search(state, op, k).await
     }
 
     /// What the shards hold, summed over those that answer.
@@ -309,11 +355,12 @@ pub struct ShardPlacementView {
 }
 
 /// Places knowledge base `kb`'s shards if they are not placed yet: `shard_count` slices of
-/// the hash range, spread over the nodes that take work. Returns them.
+/// the hash range, spread over the nodes that take work. Returns them once they are open
+/// (or after [`OPEN_WAIT`], as they are then).
 pub async fn ensure(state: &AppState, kb: &KnowledgeBase) -> Result<KbShards, ApiError> {
     let shards = KbShards::of(state, &kb.id);
     if !shards.is_empty() {
-        return Ok(shards);
+        return Ok(KbShards::wait_open(state, &kb.id, OPEN_WAIT).await);
     }
     let count = u32::try_from(kb.shard_count).unwrap_or(1).clamp(1, maas_knowledge::vector::MAX_SHARDS);
     let handle = control_plane(state)?;
@@ -347,8 +394,11 @@ pub async fn ensure(state: &AppState, kb: &KnowledgeBase) -> Result<KbShards, Ap
             return Err(ApiError::unavailable(format!("cannot place shard {shard} of {}: {rejection}", kb.id)));
         }
     }
-    Ok(KbShards::of(state, &kb.id))
+    Ok(KbShards::wait_open(state, &kb.id, OPEN_WAIT).await)
 }
+
+/// How long [`ensure`] waits for a knowledge base's shards to open.
+const OPEN_WAIT: Duration = Duration::from_secs(10);
 
 /// Retires a deleted knowledge base's shards: their nodes drop them and their files.
 pub async fn retire(state: &AppState, kb_id: &str) -> Result<(), ApiError> {

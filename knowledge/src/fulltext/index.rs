@@ -1,7 +1,7 @@
 //! [`FullTextIndex`]: the tantivy index, its schema and its writer.
 
 use std::cmp::Reverse;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Write as _;
 use std::path::Path;
@@ -189,6 +189,35 @@ impl FullTextIndex {
     /// ties by chunk id. A query with no terms (empty, or only punctuation) finds nothing;
     /// no query text is an error. `k` is at most [`MAX_TOP_K`].
     pub fn search(&self, query: &str, k: usize, filter: &SearchFilter) -> Result<Vec<SearchHit>> {
+        self.search_with(query, k, filter, None)
+    }
+
+    /// This index's BM25 statistics for `query` (see [`TextStatistics`]).
+    pub fn statistics(&self, query: &str) -> Result<TextStatistics> {
+        let searcher = self.reader.searcher();
+        let error = |err: tantivy::TantivyError| tantivy_error(&self.location, "read statistics", &err);
+        let mut term_documents = Vec::new();
+        for term in query_terms(self.fields.text, query) {
+            term_documents.push(searcher.doc_freq(&term).map_err(error)?);
+        }
+        Ok(TextStatistics {
+            documents: searcher.num_docs(),
+            tokens: tantivy::query::Bm25StatisticsProvider::total_num_tokens(&searcher, self.fields.text)
+                .map_err(error)?,
+            term_documents,
+        })
+    }
+
+    /// [`Self::search`], scored with `statistics` (several indexes' summed) instead of this
+    /// index's own when given.
+    pub fn search_with(
+        &self,
+        query: &str,
+        k: usize,
+        filter: &SearchFilter,
+        statistics: Option<&TextStatistics>,
+    ) -> Result<Vec<SearchHit>> {
+        let query_text = query;
         if k > MAX_TOP_K {
             return Err(KnowledgeError::InvalidRequest { reason: format!("k = {k} is over {MAX_TOP_K}") });
         }
@@ -219,7 +248,16 @@ impl FullTextIndex {
             move |doc: DocId, score: Score| (score, Reverse(chunk_ids.as_ref().map_or(0, |ids| ids.get_val(doc))))
         });
         let searcher = self.reader.searcher();
-        let top = searcher.search(&query, &collector).map_err(|err| tantivy_error(&self.location, "search", &err))?;
+        let top = match statistics {
+            None => searcher.search(&query, &collector),
+            Some(given) => {
+                let terms = query_terms(fields.text, query_text).into_iter().zip(given.term_documents.iter().copied());
+                let provider =
+                    GivenStatistics { searcher: &searcher, text: fields.text, given, terms: terms.collect() };
+                searcher.search_with_statistics_provider(&query, &collector, &provider)
+            }
+        }
+        .map_err(|err| tantivy_error(&self.location, "search", &err))?;
         Ok(top.into_iter().map(|((score, Reverse(chunk_id)), _)| SearchHit { chunk_id, score }).collect())
     }
 
@@ -294,19 +332,81 @@ fn filter_query(terms: impl Iterator<Item = Term>) -> Box<dyn Query> {
 
 /// The query's distinct terms (the first [`MAX_QUERY_TERMS`]) as a disjunction of BM25
 /// term queries; `None` when the query has no terms.
-fn text_query(field: Field, query: &str) -> Option<Box<dyn Query>> {
+/// The distinct terms of a query, in order, at most [`MAX_QUERY_TERMS`].
+fn query_terms(field: Field, query: &str) -> Vec<Term> {
     let mut seen = HashSet::new();
-    let clauses: Vec<(Occur, Box<dyn Query>)> = analyze(query)
+    analyze(query)
         .into_iter()
         .filter(|term| seen.insert(term.clone()))
         .take(MAX_QUERY_TERMS)
+        .map(|term| Term::from_field_text(field, &term))
+        .collect()
+}
+
+fn text_query(field: Field, query: &str) -> Option<Box<dyn Query>> {
+    let clauses: Vec<(Occur, Box<dyn Query>)> = query_terms(field, query)
+        .into_iter()
         .map(|term| {
-            let query: Box<dyn Query> =
-                Box::new(TermQuery::new(Term::from_field_text(field, &term), IndexRecordOption::WithFreqs));
+            let query: Box<dyn Query> = Box::new(TermQuery::new(term, IndexRecordOption::WithFreqs));
             (Occur::Should, query)
         })
         .collect();
     (!clauses.is_empty()).then(|| Box::new(BooleanQuery::new(clauses)) as Box<dyn Query>)
+}
+
+/// BM25's corpus statistics for one query over several indexes (a knowledge base's
+/// shards): each index's [`FullTextIndex::statistics`], summed with [`Self::add`], then
+/// given to every index's [`FullTextIndex::search_with`], so that a chunk scores as it
+/// would in one index holding them all (the shards' own statistics differ with what
+/// happened to land in each).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TextStatistics {
+    /// Chunks indexed.
+    pub documents: u64,
+    /// Tokens of their text.
+    pub tokens: u64,
+    /// For each of the query's terms, in order: the chunks holding it.
+    pub term_documents: Vec<u64>,
+}
+
+impl TextStatistics {
+    /// Adds another index's statistics for the same query.
+    pub fn add(&mut self, other: &TextStatistics) {
+        self.documents += other.documents;
+        self.tokens += other.tokens;
+        if self.term_documents.len() < other.term_documents.len() {
+            self.term_documents.resize(other.term_documents.len(), 0);
+        }
+        for (sum, count) in self.term_documents.iter_mut().zip(&other.term_documents) {
+            *sum += count;
+        }
+    }
+}
+
+/// [`TextStatistics`] as tantivy asks for them; a term outside the query (none is
+/// scored) falls back to this index's own count.
+struct GivenStatistics<'a> {
+    searcher: &'a tantivy::Searcher,
+    text: Field,
+    given: &'a TextStatistics,
+    terms: HashMap<Term, u64>,
+}
+
+impl tantivy::query::Bm25StatisticsProvider for GivenStatistics<'_> {
+    fn total_num_tokens(&self, field: Field) -> tantivy::Result<u64> {
+        if field == self.text { Ok(self.given.tokens) } else { self.searcher.total_num_tokens(field) }
+    }
+
+    fn total_num_docs(&self) -> tantivy::Result<u64> {
+        Ok(self.given.documents)
+    }
+
+    fn doc_freq(&self, term: &Term) -> tantivy::Result<u64> {
+        match self.terms.get(term) {
+            Some(count) => Ok(*count),
+            None => self.searcher.doc_freq(term),
+        }
+    }
 }
 
 fn validate_record(record: &FullTextRecord) -> Result<()> {

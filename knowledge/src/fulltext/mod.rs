@@ -22,7 +22,7 @@ pub mod analyzer;
 mod index;
 
 pub use analyzer::{MixedTokenizer, analyze};
-pub use index::FullTextIndex;
+pub use index::{FullTextIndex, TextStatistics};
 
 /// The version of the on-disk layout: tantivy's own files, with our schema and analyzer
 /// ([`analyzer::ANALYZER_NAME`]). Written beside the index in [`MARKER_FILE`]; an index of

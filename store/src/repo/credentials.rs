@@ -158,7 +158,7 @@ impl Credentials<'_> {
     /// Issues a code for `purpose`; earlier unused codes of that purpose stop working.
     pub async fn create_code(&self, user_id: &str, purpose: CodePurpose, code_sha256: &str, ttl_ms: i64) -> Result<()> {
         let now = now_ms();
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         sqlx::query(
             "UPDATE one_time_codes SET used_at_ms = $1 WHERE user_id = $2 AND purpose = $3 AND used_at_ms IS NULL",
         )

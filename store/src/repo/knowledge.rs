@@ -591,7 +591,7 @@ impl KnowledgeBases<'_> {
     /// `embedding`, in one transaction.
     pub async fn save_chunks(&self, document_id: &str, page_count: i64, chunks: &[StoredChunk]) -> Result<()> {
         let document = self.document(document_id).await?;
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         sqlx::query("DELETE FROM kb_chunks WHERE document_id = $1").bind(document_id).execute(&mut *tx).await?;
         for chunk in chunks {
             sqlx::query(
@@ -657,7 +657,7 @@ impl KnowledgeBases<'_> {
     /// Records that these chunks' vectors are in the index (after the index acknowledged
     /// them), and the document's progress.
     pub async fn mark_embedded(&self, document_id: &str, chunk_ids: &[i64]) -> Result<()> {
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         for id in chunk_ids {
             sqlx::query("UPDATE kb_chunks SET embedded = 1 WHERE chunk_id = $1 AND document_id = $2")
                 .bind(id)
@@ -681,7 +681,7 @@ impl KnowledgeBases<'_> {
     /// retired documents' ids (their vectors are to be deleted).
     pub async fn finish_indexed(&self, document_id: &str) -> Result<Vec<String>> {
         let document = self.document(document_id).await?;
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let retired: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM kb_documents WHERE kb_id = $1 AND filename = $2 AND version < $3 \
              AND state NOT IN ('retired', 'deleting')",
@@ -772,7 +772,7 @@ impl KnowledgeBases<'_> {
         relations: &[GraphRelation],
     ) -> Result<()> {
         let document = self.document(document_id).await?;
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         sqlx::query("DELETE FROM kb_graph_mentions WHERE document_id = $1").bind(document_id).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM kb_graph_relations WHERE document_id = $1")
             .bind(document_id)

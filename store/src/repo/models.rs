@@ -235,7 +235,7 @@ impl Models<'_> {
             i64::try_from(value).map_err(|_| StoreError::InvalidInput(format!("{what} {value} is too large")))
         };
         let now = now_ms();
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let existing: Option<(String, String)> =
             sqlx::query_as("SELECT id, description FROM models WHERE owner_kind = $1 AND owner_id = $2 AND name = $3")
                 .bind(owner_kind)

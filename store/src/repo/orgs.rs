@@ -69,7 +69,7 @@ impl Orgs<'_> {
         validate_org_name(name)?;
         let id = new_id("org");
         let now = now_ms();
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         sqlx::query("INSERT INTO orgs (id, name, display_name, created_at_ms) VALUES ($1, $2, $3, $4)")
             .bind(&id)
             .bind(name)

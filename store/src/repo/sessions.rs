@@ -246,7 +246,7 @@ impl Sessions<'_> {
         }
         let session = self.get(scope, id).await?;
         let now = now_ms();
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let title = session
             .title
             .clone()
@@ -315,7 +315,7 @@ impl Sessions<'_> {
     /// session.
     pub async fn delete(&self, scope: &TenantScope, id: &str) -> Result<ChatSession> {
         let session = self.get(scope, id).await?;
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         // The foreign key cascades as well; deleting the messages explicitly keeps the
         // outcome independent of that setting. A refusal below rolls both back.
         let sql =

@@ -116,7 +116,7 @@ impl Usage<'_> {
 
     /// Records events in one transaction (one commit, one fsync, however many rows).
     pub async fn record_many(&self, records: &[NewUsage]) -> Result<()> {
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         for usage in records {
             sqlx::query(
                 "INSERT INTO usage_records (id, owner_kind, owner_id, user_id, key_id, kind, model, endpoint, \
