@@ -5,7 +5,7 @@ import { json, stubFetch } from './test/helpers'
 
 const user = (role: string) => ({
   user: { id: 'u1', email: 'a@example.com', phone: null, display_name: 'A', role, status: 'active', created_at_ms: 1 },
-  acting_as: null,
+  acting_as: { kind: 'user', id: 'u1' },
   orgs: [],
   credential: { kind: 'session', session_id: 's1' },
 })

@@ -53,7 +53,7 @@ pub const PERMIT_TTL_MS: i64 = 10 * 60 * 1000;
 pub const FAILURES_KEPT: u32 = 1000;
 
 /// Limits of one subject (a user, an org or an API key); 0 means unlimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct QuotaLimits {
     pub requests_per_minute: u64,
@@ -86,7 +86,7 @@ impl QuotaCheck {
 }
 
 /// A subject's counters at one instant, as a "my usage" page shows them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct QuotaUsage {
     pub requests_this_minute: u64,
     pub requests_today: u64,

@@ -8,7 +8,7 @@ use crate::db::Db;
 use crate::error::{Result, StoreError};
 
 /// Who owns a resource: a user or an organisation.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", content = "id", rename_all = "lowercase")]
 pub enum Owner {
     User(String),

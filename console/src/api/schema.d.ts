@@ -1465,6 +1465,20 @@ export interface components {
             /** @description `owner`, `admin` or `member` (the default). */
             role?: string | null;
         };
+        /** @description One audit-log entry. */
+        AuditEntry: {
+            id: string;
+            /** Format: int64 */
+            at_ms: number;
+            actor_user_id?: string | null;
+            actor_key_id?: string | null;
+            address: string;
+            /** @description A dotted name: `auth.sign_in`, `key.create`, `user.role`, `deployment.delete`. */
+            action: string;
+            /** @description What the action was on (an id or a name). */
+            target: string;
+            detail: unknown;
+        };
         BatchList: {
             object: string;
             data: components["schemas"]["BatchObject"][];
@@ -1606,7 +1620,7 @@ export interface components {
         CreateKey: {
             name: string;
             /** @description `inference` (the default), `read_only` and/or `admin`. */
-            scopes?: string[];
+            scopes?: components["schemas"]["KeyScope"][] | null;
             /** @description Models the key may call; empty or absent: every model. */
             allowed_models?: string[];
             /**
@@ -1614,11 +1628,7 @@ export interface components {
              * @description Days until the key stops working; absent: never.
              */
             expires_in_days?: number | null;
-            /**
-             * @description The key's own limits (0 or absent: unlimited by the key; the owner's quota still
-             *     applies).
-             */
-            quota?: Record<string, never>;
+            quota?: null | components["schemas"]["QuotaLimits"];
         };
         CreateKnowledgeBase: {
             name: string;
@@ -1682,6 +1692,34 @@ export interface components {
             display_name?: string | null;
             /** @description `admin`, `enterprise` or `user`. */
             role?: string | null;
+        };
+        /** @description The credential a request came with. */
+        CredentialView: {
+            session_id: string;
+            /** @enum {string} */
+            kind: "session";
+        } | {
+            key_id: string;
+            prefix: string;
+            scopes: components["schemas"]["KeyScope"][];
+            /** @enum {string} */
+            kind: "api_key";
+        } | {
+            /** @enum {string} */
+            kind: "cluster_cookie";
+        } | {
+            /** @enum {string} */
+            kind: "internal";
+        };
+        /** @description The most bytes stored on one day (sampled hourly). */
+        DayStorage: {
+            day: string;
+            /** Format: int64 */
+            max_bytes: number;
+        };
+        DayUsage: components["schemas"]["UsageSums"] & {
+            /** @description `YYYY-MM-DD`, UTC. */
+            day: string;
         };
         Delayed: {
             /** Format: int64 */
@@ -1961,6 +1999,43 @@ export interface components {
             members: components["schemas"]["MemberAddresses"][];
             voters: number[];
         };
+        /** @description An API key as the API shows it: the secret only in the answer to creating it. */
+        KeyObject: {
+            id: string;
+            /** @description Always `api_key`. */
+            object: string;
+            name: string;
+            /** @description The key's first characters (`sk-maas-AbCd1234`). */
+            prefix: string;
+            owner: components["schemas"]["Owner"];
+            /** @description The user who made it. */
+            created_by: string;
+            scopes: components["schemas"]["KeyScope"][];
+            /** @description Models the key may call; empty: every model. */
+            allowed_models: string[];
+            /** @description The key's own limits. */
+            quota: components["schemas"]["QuotaLimits"];
+            /**
+             * Format: int64
+             * @description Unix seconds.
+             */
+            created_at: number;
+            /** Format: int64 */
+            expires_at?: number | null;
+            /** Format: int64 */
+            last_used_at?: number | null;
+            /** Format: int64 */
+            revoked_at?: number | null;
+            /** @description `active`, `revoked` or `expired`. */
+            status: string;
+            /** @description The secret, shown this once (creating the key). */
+            key?: string | null;
+        };
+        /**
+         * @description What a key may do.
+         * @enum {string}
+         */
+        KeyScope: "inference" | "read_only" | "admin";
         /** @description A knowledge base as the API shows it. */
         KnowledgeBaseObject: {
             id: string;
@@ -2019,6 +2094,143 @@ export interface components {
             };
             remove?: string[];
         };
+        /** @description A list as OpenAI's API shapes one: `{"object": "list", "data": [...]}`. */
+        ListOf_AuditEntry: {
+            /** @description Always `list`. */
+            object: string;
+            data: {
+                id: string;
+                /** Format: int64 */
+                at_ms: number;
+                actor_user_id?: string | null;
+                actor_key_id?: string | null;
+                address: string;
+                /** @description A dotted name: `auth.sign_in`, `key.create`, `user.role`, `deployment.delete`. */
+                action: string;
+                /** @description What the action was on (an id or a name). */
+                target: string;
+                detail: unknown;
+            }[];
+        };
+        /** @description A list as OpenAI's API shapes one: `{"object": "list", "data": [...]}`. */
+        ListOf_KeyObject: {
+            /** @description Always `list`. */
+            object: string;
+            data: {
+                id: string;
+                /** @description Always `api_key`. */
+                object: string;
+                name: string;
+                /** @description The key's first characters (`sk-maas-AbCd1234`). */
+                prefix: string;
+                owner: components["schemas"]["Owner"];
+                /** @description The user who made it. */
+                created_by: string;
+                scopes: components["schemas"]["KeyScope"][];
+                /** @description Models the key may call; empty: every model. */
+                allowed_models: string[];
+                /** @description The key's own limits. */
+                quota: components["schemas"]["QuotaLimits"];
+                /**
+                 * Format: int64
+                 * @description Unix seconds.
+                 */
+                created_at: number;
+                /** Format: int64 */
+                expires_at?: number | null;
+                /** Format: int64 */
+                last_used_at?: number | null;
+                /** Format: int64 */
+                revoked_at?: number | null;
+                /** @description `active`, `revoked` or `expired`. */
+                status: string;
+                /** @description The secret, shown this once (creating the key). */
+                key?: string | null;
+            }[];
+        };
+        /** @description A list as OpenAI's API shapes one: `{"object": "list", "data": [...]}`. */
+        ListOf_Member: {
+            /** @description Always `list`. */
+            object: string;
+            data: {
+                user_id: string;
+                display_name: string;
+                email?: string | null;
+                org_role: components["schemas"]["OrgRole"];
+                /** Format: int64 */
+                joined_at_ms: number;
+            }[];
+        };
+        /** @description A list as OpenAI's API shapes one: `{"object": "list", "data": [...]}`. */
+        ListOf_ModelPrice: {
+            /** @description Always `list`. */
+            object: string;
+            data: {
+                model: string;
+                price: components["schemas"]["Price"];
+            }[];
+        };
+        /** @description A list as OpenAI's API shapes one: `{"object": "list", "data": [...]}`. */
+        ListOf_Org: {
+            /** @description Always `list`. */
+            object: string;
+            data: {
+                id: string;
+                name: string;
+                display_name: string;
+                /** Format: int64 */
+                created_at_ms: number;
+            }[];
+        };
+        /** @description A list as OpenAI's API shapes one: `{"object": "list", "data": [...]}`. */
+        ListOf_OutboxMessage: {
+            /** @description Always `list`. */
+            object: string;
+            data: {
+                id: string;
+                /** @description `email` or `sms`. */
+                channel: string;
+                recipient: string;
+                subject: string;
+                body: string;
+                /** Format: int64 */
+                created_at_ms: number;
+                /** Format: int64 */
+                sent_at_ms?: number | null;
+                error?: string | null;
+            }[];
+        };
+        /** @description A list as OpenAI's API shapes one: `{"object": "list", "data": [...]}`. */
+        ListOf_SessionInfo: {
+            /** @description Always `list`. */
+            object: string;
+            data: {
+                id: string;
+                address: string;
+                user_agent: string;
+                /** Format: int64 */
+                created_at_ms: number;
+                /** Format: int64 */
+                expires_at_ms: number;
+                revoked: boolean;
+            }[];
+        };
+        /** @description A list as OpenAI's API shapes one: `{"object": "list", "data": [...]}`. */
+        ListOf_User: {
+            /** @description Always `list`. */
+            object: string;
+            data: {
+                id: string;
+                email?: string | null;
+                phone?: string | null;
+                display_name: string;
+                role: components["schemas"]["Role"];
+                /** @description `active`, `pending` (not verified yet) or `disabled`. */
+                status: string;
+                /** Format: int64 */
+                created_at_ms: number;
+            }[];
+        };
         /** @enum {string} */
         LogLevel: "info" | "warn" | "error";
         /** @description One line of a deployment's log. */
@@ -2042,29 +2254,22 @@ export interface components {
             level: components["schemas"]["LogLevel"];
             message: string;
         };
-        /** @description One member: a raft voter or a registered node, or both. */
+        /** @description Who the caller is. */
+        Me: {
+            user: components["schemas"]["User"];
+            /** @description The user itself, or the organisation it acts for. */
+            acting_as: components["schemas"]["Owner"];
+            orgs: components["schemas"]["Org"][];
+            credential: components["schemas"]["CredentialView"];
+        };
+        /** @description A member as the organisation's member list shows it. */
         Member: {
+            user_id: string;
+            display_name: string;
+            email?: string | null;
+            org_role: components["schemas"]["OrgRole"];
             /** Format: int64 */
-            id: number;
-            name?: string | null;
-            api_addr?: string | null;
-            voter: boolean;
-            /**
-             * @description The committed liveness status (`alive`, `suspect`, `dead`, `draining`, `left`), or
-             *     `unregistered` for a voter that has not registered yet.
-             */
-            status: string;
-            leader: boolean;
-            /**
-             * Format: int64
-             * @description How far behind the leader's log the member is, in entries; known on the leader only.
-             */
-            lag?: number | null;
-            /**
-             * @description This node's connection to the member (`connected`, `connecting`, `unreachable`,
-             *     `cookie_mismatch`), or none for the answering node itself.
-             */
-            connection?: string | null;
+            joined_at_ms: number;
         };
         /** @description Where each member can be reached, returned to a node that joins. */
         MemberAddresses: {
@@ -2132,6 +2337,14 @@ export interface components {
             created: number;
             owned_by: string;
         };
+        /** @description A model's prices (`*`: the default). */
+        ModelPrice: {
+            model: string;
+            price: components["schemas"]["Price"];
+        };
+        ModelUsage: components["schemas"]["UsageSums"] & {
+            model: string;
+        };
         NodeList: {
             nodes: components["schemas"]["NodeView"][];
         };
@@ -2155,6 +2368,121 @@ export interface components {
             joined_at_ms: number;
             /** Format: int64 */
             status_since_ms: number;
+        };
+        /** @description An organisation. */
+        Org: {
+            id: string;
+            name: string;
+            display_name: string;
+            /** Format: int64 */
+            created_at_ms: number;
+        };
+        /**
+         * @description A member's role inside one organisation.
+         * @enum {string}
+         */
+        OrgRole: "owner" | "admin" | "member";
+        /** @description A message to a user (a verification or reset code), sent or waiting. */
+        OutboxMessage: {
+            id: string;
+            /** @description `email` or `sms`. */
+            channel: string;
+            recipient: string;
+            subject: string;
+            body: string;
+            /** Format: int64 */
+            created_at_ms: number;
+            /** Format: int64 */
+            sent_at_ms?: number | null;
+            error?: string | null;
+        };
+        /** @description Who owns a resource: a user or an organisation. */
+        Owner: {
+            id: string;
+            /** @enum {string} */
+            kind: "user";
+        } | {
+            id: string;
+            /** @enum {string} */
+            kind: "org";
+        };
+        /** @description Prices of one model (or `*`, the default). */
+        Price: {
+            /** Format: int64 */
+            input_per_1k_micros: number;
+            /** Format: int64 */
+            output_per_1k_micros: number;
+            /** Format: int64 */
+            gpu_hour_micros: number;
+        };
+        /** @description Limits of one subject (a user, an org or an API key); 0 means unlimited. */
+        QuotaLimits: {
+            /**
+             * Format: int64
+             * @default 0
+             */
+            requests_per_minute: number;
+            /**
+             * Format: int64
+             * @default 0
+             */
+            requests_per_day: number;
+            /**
+             * Format: int64
+             * @default 0
+             */
+            tokens_per_day: number;
+            /**
+             * Format: int64
+             * @default 0
+             */
+            tokens_per_month: number;
+            /**
+             * Format: int64
+             * @description Not checked by the limiter: the caller checks it against the bytes stored.
+             * @default 0
+             */
+            storage_bytes: number;
+            /**
+             * Format: int64
+             * @default 0
+             */
+            concurrent_requests: number;
+            /**
+             * Format: int64
+             * @description Not checked by the limiter: the caller checks it against the GPU hours used.
+             * @default 0
+             */
+            gpu_hours_per_month: number;
+            /**
+             * Format: int64
+             * @description GPU memory (MiB) the subject's private deployments may reserve in all: replicas x
+             *     GPUs per replica x memory per GPU. Not checked by the limiter: creating, changing
+             *     and scaling a deployment check it.
+             * @default 0
+             */
+            deployment_gpu_mib: number;
+        };
+        /** @description The quotas the caller's requests count against, and the bytes its owner stores. */
+        QuotaStatus: {
+            /** @description Always `list`. */
+            object: string;
+            data: components["schemas"]["SubjectQuota"][];
+            /** Format: int64 */
+            stored_bytes: number;
+        };
+        /** @description A subject's counters at one instant, as a "my usage" page shows them. */
+        QuotaUsage: {
+            /** Format: int64 */
+            requests_this_minute: number;
+            /** Format: int64 */
+            requests_today: number;
+            /** Format: int64 */
+            tokens_today: number;
+            /** Format: int64 */
+            tokens_this_month: number;
+            /** Format: int64 */
+            concurrent_requests: number;
         };
         /** @description Whether the node can serve traffic, with the state of each check. */
         ReadinessReport: {
@@ -2313,6 +2641,11 @@ export interface components {
             parent_text?: string | null;
             tags: string[];
         };
+        /**
+         * @description A platform-wide role.
+         * @enum {string}
+         */
+        Role: "admin" | "enterprise" | "user";
         /** @description A new rule. */
         RuleRequest: {
             /** @description `input` (the request's text), `output` (the answer) or `both`. */
@@ -2326,6 +2659,17 @@ export interface components {
         ScaleRequest: {
             /** Format: int32 */
             replicas: number;
+        };
+        /** @description A session as its owner sees it in a list. */
+        SessionInfo: {
+            id: string;
+            address: string;
+            user_agent: string;
+            /** Format: int64 */
+            created_at_ms: number;
+            /** Format: int64 */
+            expires_at_ms: number;
+            revoked: boolean;
         };
         /** @description A session as the API shows it. */
         SessionObject: {
@@ -2369,6 +2713,18 @@ export interface components {
             login: string;
             password: string;
         };
+        /** @description A session opened by signing in. */
+        SignInReply: {
+            /** @description The session token (`Authorization: Bearer maas_st_...`); the console gets it as a cookie. */
+            token: string;
+            session_id: string;
+            /**
+             * Format: int64
+             * @description Unix seconds.
+             */
+            expires_at: number;
+            user: components["schemas"]["User"];
+        };
         /** @description A new account. */
         SignUp: {
             email?: string | null;
@@ -2377,16 +2733,87 @@ export interface components {
             password: string;
             display_name?: string | null;
         };
+        /** @description A new account. */
+        SignUpReply: {
+            user: components["schemas"]["User"];
+            /** @description Whether the account waits for its code (`POST /v1/auth/verify`). */
+            verification_required: boolean;
+            /** @description What to do next. */
+            next: string;
+        };
         /** @description `stop` as OpenAI takes it: one sequence or a list. */
         Stop: string | string[];
         /** @enum {string} */
         StrategyName: "binpack" | "spread";
+        /** @description One quota a request counts against: whose, its limits (0: unlimited) and its counters. */
+        SubjectQuota: {
+            /** @description `key:<id>`, `user:<id>` or `org:<id>`. */
+            subject: string;
+            limits: components["schemas"]["QuotaLimits"];
+            used: components["schemas"]["QuotaUsage"];
+        };
         UpdateKnowledgeBase: {
             description?: string | null;
             /** @description New chunking settings apply to documents uploaded from now on. */
             chunking?: Record<string, never>;
             retrieval?: null | components["schemas"]["RetrievalSettings"];
             graph?: null | components["schemas"]["GraphSettings"];
+        };
+        /** @description Usage summed over one day, model and key. */
+        UsageRow: {
+            /** @description `YYYY-MM-DD`, UTC. */
+            day: string;
+            model: string;
+            key_id?: string | null;
+            /** Format: int64 */
+            requests: number;
+            /** Format: int64 */
+            errors: number;
+            /** Format: int64 */
+            prompt_tokens: number;
+            /** Format: int64 */
+            completion_tokens: number;
+            /** Format: int64 */
+            gpu_seconds: number;
+            /** Format: int64 */
+            cost_micros: number;
+        };
+        /** @description Usage of the caller (or the organisation it acts for) over a period. */
+        UsageSummary: {
+            owner: components["schemas"]["Owner"];
+            /** @description By day, model and key. */
+            data: components["schemas"]["UsageRow"][];
+            by_model: components["schemas"]["ModelUsage"][];
+            /** @description The trend. */
+            by_day: components["schemas"]["DayUsage"][];
+            total: components["schemas"]["UsageSums"];
+            storage_by_day: components["schemas"]["DayStorage"][];
+        };
+        /** @description Requests, tokens and cost summed. */
+        UsageSums: {
+            /** Format: int64 */
+            requests: number;
+            /** Format: int64 */
+            prompt_tokens: number;
+            /** Format: int64 */
+            completion_tokens: number;
+            /**
+             * Format: int64
+             * @description Millionths of the currency unit.
+             */
+            cost_micros: number;
+        };
+        /** @description An account as the API shows it. */
+        User: {
+            id: string;
+            email?: string | null;
+            phone?: string | null;
+            display_name: string;
+            role: components["schemas"]["Role"];
+            /** @description `active`, `pending` (not verified yet) or `disabled`. */
+            status: string;
+            /** Format: int64 */
+            created_at_ms: number;
         };
         /** @description A change to an account: its platform role and/or status. */
         UserChange: {
@@ -2604,7 +3031,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["ListOf_AuditEntry"];
                 };
             };
             403: {
@@ -2637,7 +3064,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["ListOf_OutboxMessage"];
                 };
             };
             403: {
@@ -2665,7 +3092,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["ListOf_ModelPrice"];
                 };
             };
             403: {
@@ -2701,7 +3128,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["ModelPrice"];
                 };
             };
             400: {
@@ -2798,7 +3225,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["ListOf_User"];
                 };
             };
             403: {
@@ -2830,7 +3257,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["User"];
                 };
             };
             400: {
@@ -2873,7 +3300,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["User"];
                 };
             };
             400: {
@@ -2973,7 +3400,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["SignInReply"];
                 };
             };
             401: {
@@ -3045,7 +3472,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["Me"];
                 };
             };
             401: {
@@ -3265,7 +3692,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["ListOf_SessionInfo"];
                 };
             };
             401: {
@@ -3328,7 +3755,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["SignUpReply"];
                 };
             };
             400: {
@@ -4559,7 +4986,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["ListOf_KeyObject"];
                 };
             };
             401: {
@@ -4591,7 +5018,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["KeyObject"];
                 };
             };
             400: {
@@ -4630,7 +5057,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["KeyObject"];
                 };
             };
             404: {
@@ -4661,7 +5088,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["KeyObject"];
                 };
             };
             404: {
@@ -5442,7 +5869,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["ListOf_Org"];
                 };
             };
             401: {
@@ -5474,7 +5901,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["Org"];
                 };
             };
             400: {
@@ -5513,7 +5940,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["ListOf_Member"];
                 };
             };
             404: {
@@ -5625,7 +6052,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["QuotaStatus"];
                 };
             };
             401: {
@@ -6017,7 +6444,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["UsageSummary"];
                 };
             };
             400: {

@@ -36,51 +36,13 @@ export interface List<T> {
   data: T[]
 }
 
-export interface User {
-  id: string
-  email: string | null
-  phone: string | null
-  display_name: string
-  role: 'admin' | 'enterprise' | 'user'
-  status: 'active' | 'pending' | 'disabled'
-  created_at_ms: number
-}
-
-export interface Org {
-  id: string
-  name: string
-  display_name: string
-  created_at_ms: number
-}
-
-export interface Me {
-  user: User
-  acting_as: unknown
-  orgs: Org[]
-  credential: { kind: string; session_id?: string }
-}
-
-export interface SignUpReply {
-  user: User
-  verification_required: boolean
-  next: string
-}
-
-export interface SignInReply {
-  token: string
-  session_id: string
-  expires_at: number
-  user: User
-}
-
-export interface SessionInfo {
-  id: string
-  address: string
-  user_agent: string
-  created_at_ms: number
-  expires_at_ms: number
-  revoked: boolean
-}
+// ---- accounts, keys, usage and administration (from the OpenAPI document) ----------------
+export type User = Schemas['User']
+export type Org = Schemas['Org']
+export type Me = Schemas['Me']
+export type SignUpReply = Schemas['SignUpReply']
+export type SignInReply = Schemas['SignInReply']
+export type SessionInfo = Schemas['SessionInfo']
 
 export interface OAuthProvider {
   name: string
@@ -89,83 +51,24 @@ export interface OAuthProvider {
   start_url: string
 }
 
-export type KeyScope = 'inference' | 'read_only' | 'admin'
+export type KeyScope = Schemas['KeyScope']
+export type ApiKey = Schemas['KeyObject']
+export type UsageSums = Schemas['UsageSums']
+export type UsageSummary = Schemas['UsageSummary']
 
-export interface ApiKey {
-  id: string
-  object: 'api_key'
-  name: string
-  prefix: string
-  scopes: KeyScope[]
-  allowed_models: string[]
-  created_at: number
-  expires_at: number | null
-  last_used_at: number | null
-  revoked_at: number | null
-  status: 'active' | 'revoked' | 'expired'
-  /** Only in the answer to creating the key. */
-  key?: string
-}
+export type QuotaLimits = Schemas['QuotaLimits']
+export type QuotaUsage = Schemas['QuotaUsage']
+export type QuotaStatus = Schemas['QuotaStatus']
+export type SubjectQuota = Schemas['SubjectQuota']
 
-export interface UsageSums {
-  requests: number
-  prompt_tokens: number
-  completion_tokens: number
-  cost_micros: number
-}
-
-export interface UsageSummary {
-  data: Array<UsageSums & { day: string; model: string; key_id: string | null }>
-  by_model: Array<UsageSums & { model: string }>
-  by_day: Array<UsageSums & { day: string }>
-  total: UsageSums
-  storage_by_day: Array<{ day: string; max_bytes: number }>
-}
-
-export type QuotaLimits = Record<string, number>
-
-export interface QuotaStatus {
-  data: Array<{ subject: unknown; limits: QuotaLimits; used: Record<string, number> }>
-  stored_bytes: number
-}
-
-export interface Price {
-  input_per_1k_micros: number
-  output_per_1k_micros: number
-  gpu_hour_micros: number
-}
-
-export interface AuditEntry {
-  id: string
-  at_ms: number
-  actor_user_id: string | null
-  actor_key_id: string | null
-  address: string
-  action: string
-  target: string
-  detail: unknown
-}
-
-export interface OutboxMessage {
-  id: string
-  channel: string
-  recipient: string
-  subject: string
-  body: string
-  created_at_ms: number
-  sent_at_ms: number | null
-  error: string | null
-}
+export type Price = Schemas['Price']
+export type ModelPrice = Schemas['ModelPrice']
+export type AuditEntry = Schemas['AuditEntry']
+export type OutboxMessage = Schemas['OutboxMessage']
 
 export type OpenAiModel = Schemas['ModelObject']
 
-export interface OrgMember {
-  user_id: string
-  display_name: string
-  email: string | null
-  org_role: 'owner' | 'admin' | 'member'
-  joined_at_ms: number
-}
+export type OrgMember = Schemas['Member']
 
 export interface ChatMessage {
   role: 'system' | 'user' | 'assistant'

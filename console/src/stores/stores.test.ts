@@ -6,7 +6,7 @@ import { useChatStore } from './chat'
 import { json, sseResponse, stubFetch } from '../test/helpers'
 
 const user = { id: 'u1', email: 'a@example.com', phone: null, display_name: 'A', role: 'admin', status: 'active', created_at_ms: 1 }
-const me = { user, acting_as: { user: 'u1' }, orgs: [], credential: { kind: 'session', session_id: 's1' } }
+const me = { user, acting_as: { kind: 'user', id: 'u1' }, orgs: [], credential: { kind: 'session', session_id: 's1' } }
 const unauthorized = () => json({ error: { message: 'sign in first', type: 'authentication_error', param: null, code: 'missing_credentials' } }, 401)
 
 beforeEach(() => setActivePinia(createPinia()))

@@ -165,16 +165,16 @@ async fn record(
 
 /// Every account.
 #[utoipa::path(get, path = "/v1/admin/users", tag = "admin",
-    responses((status = 200, description = "the accounts", content_type = "application/json"), (status = 403, body = crate::error::ErrorBody)))]
+    responses((status = 200, description = "the accounts", body = super::ListOf<maas_store::repo::users::User>), (status = 403, body = crate::error::ErrorBody)))]
 pub async fn list_users(state: &AppState) -> Result<Response, ApiError> {
     let users = state.stores()?.db.users().list().await?;
-    Ok(warp::reply::json(&json!({"object": "list", "data": users})).into_response())
+    Ok(super::ListOf::reply(users))
 }
 
 /// Makes an account (active at once) with a role; the password must pass the same
 /// strength check as at sign-up.
 #[utoipa::path(post, path = "/v1/admin/users", tag = "admin", request_body = CreateUser,
-    responses((status = 201, description = "the account", content_type = "application/json"), (status = 400, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
+    responses((status = 201, description = "the account", body = maas_store::repo::users::User), (status = 400, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn create_user(state: &AppState, caller: &Caller, body: CreateUser) -> Result<Response, ApiError> {
     let role = Role::parse(body.role.as_deref().unwrap_or("user"))?;
     let user = super::auth::create_account(
@@ -195,7 +195,7 @@ pub async fn create_user(state: &AppState, caller: &Caller, body: CreateUser) ->
 /// Changes an account's role or status. The last active administrator cannot be demoted
 /// or disabled.
 #[utoipa::path(patch, path = "/v1/admin/users/{id}", tag = "admin", request_body = UserChange, params(("id" = String, Path, description = "the user's id")),
-    responses((status = 200, description = "the account", content_type = "application/json"), (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
+    responses((status = 200, description = "the account", body = maas_store::repo::users::User), (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn change_user(state: &AppState, caller: &Caller, id: &str, body: UserChange) -> Result<Response, ApiError> {
     let db = &state.stores()?.db;
     let user = db.users().get(id).await?;
@@ -258,7 +258,7 @@ pub async fn set_quota(
 #[utoipa::path(get, path = "/v1/admin/audit", tag = "admin",
     params(("actor" = Option<String>, Query, description = "a user id"), ("action" = Option<String>, Query, description = "an action or its prefix, e.g. key."),
         ("since" = Option<i64>, Query, description = "Unix seconds"), ("limit" = Option<u32>, Query, description = "at most this many (default 100)")),
-    responses((status = 200, description = "entries", content_type = "application/json"), (status = 403, body = crate::error::ErrorBody)))]
+    responses((status = 200, description = "entries", body = super::ListOf<maas_store::repo::audit::AuditEntry>), (status = 403, body = crate::error::ErrorBody)))]
 pub async fn list_audit(state: &AppState, query: AuditQuery) -> Result<Response, ApiError> {
     let filter = AuditFilter {
         actor_user_id: query.actor,
@@ -267,37 +267,42 @@ pub async fn list_audit(state: &AppState, query: AuditQuery) -> Result<Response,
         limit: query.limit.unwrap_or(100),
     };
     let entries = state.stores()?.db.audit().list(&filter).await?;
-    Ok(warp::reply::json(&json!({"object": "list", "data": entries})).into_response())
+    Ok(super::ListOf::reply(entries))
 }
 
 /// Messages to users (verification and reset codes), newest first.
 #[utoipa::path(get, path = "/v1/admin/outbox", tag = "admin",
     params(("recipient" = Option<String>, Query, description = "an email address or phone number"), ("limit" = Option<u32>, Query, description = "at most this many (default 50)")),
-    responses((status = 200, description = "messages", content_type = "application/json"), (status = 403, body = crate::error::ErrorBody)))]
+    responses((status = 200, description = "messages", body = super::ListOf<maas_store::repo::outbox::OutboxMessage>), (status = 403, body = crate::error::ErrorBody)))]
 pub async fn list_outbox(state: &AppState, query: OutboxQuery) -> Result<Response, ApiError> {
     let recipient = query.recipient.map(|r| r.trim().to_lowercase());
     let messages = state.stores()?.db.outbox().list(recipient.as_deref(), query.limit.unwrap_or(50)).await?;
-    Ok(warp::reply::json(&json!({"object": "list", "data": messages})).into_response())
+    Ok(super::ListOf::reply(messages))
 }
 
 /// The price table.
 #[utoipa::path(get, path = "/v1/admin/prices", tag = "admin",
-    responses((status = 200, description = "prices in millionths of the currency unit", content_type = "application/json"), (status = 403, body = crate::error::ErrorBody)))]
+    responses((status = 200, description = "prices in millionths of the currency unit", body = super::ListOf<ModelPrice>), (status = 403, body = crate::error::ErrorBody)))]
 pub async fn list_prices(state: &AppState) -> Result<Response, ApiError> {
     let prices = state.stores()?.db.usage().prices().await?;
-    let data: Vec<serde_json::Value> =
-        prices.into_iter().map(|(model, price)| json!({"model": model, "price": price})).collect();
-    Ok(warp::reply::json(&json!({"object": "list", "data": data})).into_response())
+    Ok(super::ListOf::reply(prices.into_iter().map(|(model, price)| ModelPrice { model, price }).collect()))
+}
+
+/// A model's prices (`*`: the default).
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct ModelPrice {
+    pub model: String,
+    pub price: Price,
 }
 
 /// Sets a model's prices (`*` is the default); records from now on are costed by them.
 #[utoipa::path(put, path = "/v1/admin/prices/{model}", tag = "admin", request_body(content = Object, description = "input_per_1k_micros, output_per_1k_micros, gpu_hour_micros"),
     params(("model" = String, Path, description = "a model (deployment) name, or *")),
-    responses((status = 200, description = "the price", content_type = "application/json"), (status = 400, body = crate::error::ErrorBody)))]
+    responses((status = 200, description = "the price", body = ModelPrice), (status = 400, body = crate::error::ErrorBody)))]
 pub async fn set_price(state: &AppState, caller: &Caller, model: &str, price: Price) -> Result<Response, ApiError> {
     state.stores()?.db.usage().set_price(model, price).await?;
     record(state, caller, "price.set", model, json!(price)).await?;
-    Ok(warp::reply::json(&json!({"model": model, "price": price})).into_response())
+    Ok(warp::reply::json(&ModelPrice { model: model.to_owned(), price }).into_response())
 }
 
 /// Removes a model's prices (the default `*` applies again).

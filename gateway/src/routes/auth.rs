@@ -12,7 +12,7 @@ use std::sync::Arc;
 use maas_store::repo::audit::NewAuditEntry;
 use maas_store::repo::credentials::CodePurpose;
 use maas_store::repo::users::{NewUser, Role, User};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 use warp::filters::BoxedFilter;
@@ -177,7 +177,7 @@ pub struct ResetPassword {
     pub new_password: String,
 }
 
-fn created(value: &serde_json::Value) -> Response {
+fn created(value: &impl serde::Serialize) -> Response {
     warp::reply::with_status(warp::reply::json(value), http::StatusCode::CREATED).into_response()
 }
 
@@ -272,7 +272,7 @@ pub(crate) fn anonymous_entry(address: &str, action: &str, target: &str, detail:
 /// Creates an account. The first account on the node becomes the administrator and is
 /// active at once; later ones are `pending` until verified when `auth.require_verification`.
 #[utoipa::path(post, path = "/v1/auth/signup", tag = "accounts", request_body = SignUp,
-    responses((status = 201, description = "the account", content_type = "application/json"), (status = 400, body = crate::error::ErrorBody),
+    responses((status = 201, description = "the account", body = SignUpReply), (status = 400, body = crate::error::ErrorBody),
         (status = 403, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn sign_up(state: &AppState, address: &str, body: SignUp) -> Result<Response, ApiError> {
     let db = &state.stores()?.db;
@@ -310,7 +310,48 @@ pub async fn sign_up(state: &AppState, address: &str, body: SignUp) -> Result<Re
     } else {
         "enter the code sent to you with POST /v1/auth/verify"
     };
-    Ok(created(&json!({"user": user, "verification_required": !active, "next": next})))
+    Ok(created(&SignUpReply { user, verification_required: !active, next }))
+}
+
+/// A new account.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SignUpReply {
+    pub user: User,
+    /// Whether the account waits for its code (`POST /v1/auth/verify`).
+    pub verification_required: bool,
+    /// What to do next.
+    pub next: &'static str,
+}
+
+/// A session opened by signing in.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SignInReply {
+    /// The session token (`Authorization: Bearer maas_st_...`); the console gets it as a cookie.
+    pub token: String,
+    pub session_id: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    pub user: User,
+}
+
+/// The credential a request came with.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CredentialView {
+    Session { session_id: String },
+    ApiKey { key_id: String, prefix: String, scopes: Vec<maas_store::repo::keys::KeyScope> },
+    ClusterCookie,
+    Internal,
+}
+
+/// Who the caller is.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Me {
+    pub user: User,
+    /// The user itself, or the organisation it acts for.
+    pub acting_as: maas_store::Owner,
+    pub orgs: Vec<maas_store::repo::orgs::Org>,
+    pub credential: CredentialView,
 }
 
 /// An active account with `role`, made by an administrator.
@@ -430,7 +471,7 @@ fn throttled(retry_after_secs: u64) -> ApiError {
 /// (for the console). Repeated failures for an account or from an address are refused
 /// with 429 for a while.
 #[utoipa::path(post, path = "/v1/auth/login", tag = "accounts", request_body = SignIn,
-    responses((status = 200, description = "the session", content_type = "application/json"), (status = 401, body = crate::error::ErrorBody),
+    responses((status = 200, description = "the session", body = SignInReply), (status = 401, body = crate::error::ErrorBody),
         (status = 403, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody)))]
 pub async fn sign_in(state: &AppState, address: &str, user_agent: &str, body: SignIn) -> Result<Response, ApiError> {
     let options = &state.options.auth;
@@ -501,7 +542,7 @@ pub(crate) async fn open_session(
     address: &str,
     user_agent: &str,
     detail: serde_json::Value,
-) -> Result<(serde_json::Value, String), ApiError> {
+) -> Result<(SignInReply, String), ApiError> {
     let db = &state.stores()?.db;
     let token = new_session_token();
     let ttl_secs = state.options.auth.session_ttl_secs;
@@ -522,7 +563,7 @@ pub(crate) async fn open_session(
     let secure = if state.options.auth.secure_cookies { "; Secure" } else { "" };
     let cookie = format!("{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={ttl_secs}{secure}");
     let body =
-        json!({"token": token, "session_id": session.id, "expires_at": session.expires_at_ms / 1000, "user": user});
+        SignInReply { token, session_id: session.id, expires_at: session.expires_at_ms / 1000, user: user.clone() };
     Ok((body, cookie))
 }
 
@@ -550,23 +591,21 @@ pub async fn sign_out(state: &AppState, caller: &Caller) -> Result<Response, Api
 
 /// Who the caller is: the account, the organisation acted for, and the credential.
 #[utoipa::path(get, path = "/v1/auth/me", tag = "accounts",
-    responses((status = 200, description = "the caller", content_type = "application/json"), (status = 401, body = crate::error::ErrorBody)))]
+    responses((status = 200, description = "the caller", body = Me), (status = 401, body = crate::error::ErrorBody)))]
 pub async fn whoami(state: &AppState, caller: &Caller) -> Result<Response, ApiError> {
     let db = &state.stores()?.db;
     let user = db.users().get(caller.user_id()).await?;
     let orgs = db.orgs().list_for_user(caller.user_id()).await?;
     let credential = match &caller.credential {
-        Credential::Session { session_id } => json!({"kind": "session", "session_id": session_id}),
+        Credential::Session { session_id } => CredentialView::Session { session_id: session_id.clone() },
         Credential::ApiKey(key) => {
-            json!({"kind": "api_key", "key_id": key.id, "prefix": key.prefix, "scopes": key.scopes})
+            CredentialView::ApiKey { key_id: key.id.clone(), prefix: key.prefix.clone(), scopes: key.scopes.clone() }
         }
-        Credential::ClusterCookie => json!({"kind": "cluster_cookie"}),
-        Credential::Internal => json!({"kind": "internal"}),
+        Credential::ClusterCookie => CredentialView::ClusterCookie,
+        Credential::Internal => CredentialView::Internal,
     };
-    Ok(warp::reply::json(
-        &json!({"user": user, "acting_as": caller.scope.acting_as(), "orgs": orgs, "credential": credential}),
-    )
-    .into_response())
+    let me = Me { user, acting_as: caller.scope.acting_as().clone(), orgs, credential };
+    Ok(warp::reply::json(&me).into_response())
 }
 
 async fn set_new_password(
@@ -636,10 +675,10 @@ pub async fn reset_password(state: &AppState, address: &str, body: ResetPassword
 
 /// The caller's sessions (sign-ins), newest first.
 #[utoipa::path(get, path = "/v1/auth/sessions", tag = "accounts",
-    responses((status = 200, description = "the sessions", content_type = "application/json"), (status = 401, body = crate::error::ErrorBody)))]
+    responses((status = 200, description = "the sessions", body = super::ListOf<maas_store::repo::credentials::SessionInfo>), (status = 401, body = crate::error::ErrorBody)))]
 pub async fn list_sign_ins(state: &AppState, caller: &Caller) -> Result<Response, ApiError> {
     let sessions = state.stores()?.db.credentials().list_sessions(caller.user_id()).await?;
-    Ok(warp::reply::json(&json!({"object": "list", "data": sessions})).into_response())
+    Ok(super::ListOf::reply(sessions))
 }
 
 /// Signs out one of the caller's sessions (another account's is not found).

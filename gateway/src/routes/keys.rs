@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use maas_store::quota::QuotaLimits;
 use maas_store::repo::keys::{ApiKey, KeyScope, NewKey};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 use warp::filters::BoxedFilter;
@@ -56,7 +56,6 @@ pub struct CreateKey {
     pub name: String,
     /// `inference` (the default), `read_only` and/or `admin`.
     #[serde(default)]
-    #[schema(value_type = Vec<String>)]
     pub scopes: Option<Vec<KeyScope>>,
     /// Models the key may call; empty or absent: every model.
     #[serde(default)]
@@ -67,36 +66,80 @@ pub struct CreateKey {
     /// The key's own limits (0 or absent: unlimited by the key; the owner's quota still
     /// applies).
     #[serde(default)]
-    #[schema(value_type = Object)]
     pub quota: Option<QuotaLimits>,
 }
 
-/// A key as lists show it: never the secret.
-pub fn key_json(key: &ApiKey) -> serde_json::Value {
-    json!({
-        "id": key.id, "object": "api_key", "name": key.name, "prefix": key.prefix, "owner": key.owner,
-        "created_by": key.created_by, "scopes": key.scopes, "allowed_models": key.allowed_models, "quota": key.quota,
-        "created_at": key.created_at_ms / 1000, "expires_at": key.expires_at_ms.map(|ms| ms / 1000),
-        "last_used_at": key.last_used_at_ms.map(|ms| ms / 1000), "revoked_at": key.revoked_at_ms.map(|ms| ms / 1000),
-        "status": if key.revoked_at_ms.is_some() { "revoked" }
-            else if key.expires_at_ms.is_some_and(|at| at <= maas_store::ids::now_ms()) { "expired" } else { "active" },
-    })
+/// An API key as the API shows it: the secret only in the answer to creating it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyObject {
+    pub id: String,
+    /// Always `api_key`.
+    pub object: &'static str,
+    pub name: String,
+    /// The key's first characters (`sk-maas-AbCd1234`).
+    pub prefix: String,
+    pub owner: maas_store::Owner,
+    /// The user who made it.
+    pub created_by: String,
+    pub scopes: Vec<KeyScope>,
+    /// Models the key may call; empty: every model.
+    pub allowed_models: Vec<String>,
+    /// The key's own limits.
+    pub quota: QuotaLimits,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub last_used_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    /// `active`, `revoked` or `expired`.
+    pub status: &'static str,
+    /// The secret, shown this once (creating the key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+impl From<&ApiKey> for KeyObject {
+    fn from(key: &ApiKey) -> Self {
+        let status = if key.revoked_at_ms.is_some() {
+            "revoked"
+        } else if key.expires_at_ms.is_some_and(|at| at <= maas_store::ids::now_ms()) {
+            "expired"
+        } else {
+            "active"
+        };
+        KeyObject {
+            id: key.id.clone(),
+            object: "api_key",
+            name: key.name.clone(),
+            prefix: key.prefix.clone(),
+            owner: key.owner.clone(),
+            created_by: key.created_by.clone(),
+            scopes: key.scopes.clone(),
+            allowed_models: key.allowed_models.clone(),
+            quota: key.quota,
+            created_at: key.created_at_ms / 1000,
+            expires_at: key.expires_at_ms.map(|ms| ms / 1000),
+            last_used_at: key.last_used_at_ms.map(|ms| ms / 1000),
+            revoked_at: key.revoked_at_ms.map(|ms| ms / 1000),
+            status,
+            key: None,
+        }
+    }
 }
 
 /// The keys of the caller (or of the organisation it acts for), newest first.
 #[utoipa::path(get, path = "/v1/keys", tag = "accounts",
-    responses((status = 200, description = "the keys, without their secrets", content_type = "application/json"), (status = 401, body = crate::error::ErrorBody)))]
+    responses((status = 200, description = "the keys, without their secrets", body = super::ListOf<KeyObject>), (status = 401, body = crate::error::ErrorBody)))]
 pub async fn list_keys(state: &AppState, caller: &Caller) -> Result<Response, ApiError> {
     let keys = state.stores()?.db.api_keys().list(&caller.scope).await?;
-    let data: Vec<serde_json::Value> = keys.iter().map(key_json).collect();
-    Ok(warp::reply::json(&json!({"object": "list", "data": data})).into_response())
+    Ok(super::ListOf::reply(keys.iter().map(KeyObject::from).collect()))
 }
 
 /// Creates a key; the answer's `key` is the only time the secret is shown. A key never
 /// has more power than its creator (`admin` is everything the creator may do), and a key
 /// cannot create a key with scopes it lacks.
 #[utoipa::path(post, path = "/v1/keys", tag = "accounts", request_body = CreateKey,
-    responses((status = 201, description = "the key, with its secret this once", content_type = "application/json"), (status = 400, body = crate::error::ErrorBody),
+    responses((status = 201, description = "the key, with its secret this once", body = KeyObject), (status = 400, body = crate::error::ErrorBody),
         (status = 403, body = crate::error::ErrorBody)))]
 pub async fn create_key(state: &AppState, caller: &Caller, body: CreateKey) -> Result<Response, ApiError> {
     let scopes = body.scopes.unwrap_or_else(|| vec![KeyScope::Inference]);
@@ -151,25 +194,25 @@ pub async fn create_key(state: &AppState, caller: &Caller, body: CreateKey) -> R
             json!({"name": key.name, "owner": key.owner, "scopes": key.scopes}),
         ))
         .await?;
-    let mut answer = key_json(&key);
-    answer["key"] = json!(secret);
+    let mut answer = KeyObject::from(&key);
+    answer.key = Some(secret);
     Ok(warp::reply::with_status(warp::reply::json(&answer), http::StatusCode::CREATED).into_response())
 }
 
 /// One key (another tenant's is not found).
 #[utoipa::path(get, path = "/v1/keys/{id}", tag = "accounts", params(("id" = String, Path, description = "the key's id")),
-    responses((status = 200, description = "the key, without its secret", content_type = "application/json"), (status = 404, body = crate::error::ErrorBody)))]
+    responses((status = 200, description = "the key, without its secret", body = KeyObject), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn get_key(state: &AppState, caller: &Caller, id: &str) -> Result<Response, ApiError> {
     let key = state.stores()?.db.api_keys().get(&caller.scope, id).await?;
-    Ok(warp::reply::json(&key_json(&key)).into_response())
+    Ok(warp::reply::json(&KeyObject::from(&key)).into_response())
 }
 
 /// Revokes a key: it stops working on this node at once, on others within seconds.
 #[utoipa::path(delete, path = "/v1/keys/{id}", tag = "accounts", params(("id" = String, Path, description = "the key's id")),
-    responses((status = 200, description = "the revoked key", content_type = "application/json"), (status = 404, body = crate::error::ErrorBody)))]
+    responses((status = 200, description = "the revoked key", body = KeyObject), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn revoke_key(state: &AppState, caller: &Caller, id: &str) -> Result<Response, ApiError> {
     let key = state.stores()?.db.api_keys().revoke(&caller.scope, id).await?;
     state.auth_cache.clear();
     state.stores()?.db.audit().append(caller.audit_entry("key.revoke", &key.id, json!({"name": key.name}))).await?;
-    Ok(warp::reply::json(&key_json(&key)).into_response())
+    Ok(warp::reply::json(&KeyObject::from(&key)).into_response())
 }

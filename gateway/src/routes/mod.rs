@@ -79,3 +79,19 @@ pub(crate) fn with_state(
     let state = Arc::clone(state);
     warp::any().map(move || Arc::clone(&state))
 }
+
+/// A list as OpenAI's API shapes one: `{"object": "list", "data": [...]}`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ListOf<T: utoipa::ToSchema> {
+    /// Always `list`.
+    pub object: &'static str,
+    pub data: Vec<T>,
+}
+
+impl<T: utoipa::ToSchema + serde::Serialize> ListOf<T> {
+    /// The list of `data` as a JSON response.
+    pub fn reply(data: Vec<T>) -> Response {
+        use warp::Reply as _;
+        warp::reply::json(&ListOf { object: "list", data }).into_response()
+    }
+}

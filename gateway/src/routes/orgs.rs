@@ -98,15 +98,15 @@ async fn managing(state: &AppState, caller: &Caller, org_id: &str) -> Result<(),
 
 /// The caller's organisations.
 #[utoipa::path(get, path = "/v1/orgs", tag = "accounts",
-    responses((status = 200, description = "organisations", content_type = "application/json"), (status = 401, body = crate::error::ErrorBody)))]
+    responses((status = 200, description = "organisations", body = super::ListOf<maas_store::repo::orgs::Org>), (status = 401, body = crate::error::ErrorBody)))]
 pub async fn list_orgs(state: &AppState, caller: &Caller) -> Result<Response, ApiError> {
     let orgs = state.stores()?.db.orgs().list_for_user(caller.user_id()).await?;
-    Ok(warp::reply::json(&json!({"object": "list", "data": orgs})).into_response())
+    Ok(super::ListOf::reply(orgs))
 }
 
 /// Creates an organisation with the caller as its owner.
 #[utoipa::path(post, path = "/v1/orgs", tag = "accounts", request_body = CreateOrg,
-    responses((status = 201, description = "the organisation", content_type = "application/json"), (status = 400, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
+    responses((status = 201, description = "the organisation", body = maas_store::repo::orgs::Org), (status = 400, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn create_org(state: &AppState, caller: &Caller, body: CreateOrg) -> Result<Response, ApiError> {
     let display = body.display_name.unwrap_or_else(|| body.name.clone());
     let org = state.stores()?.db.orgs().create(&body.name, display.trim(), caller.user_id()).await?;
@@ -116,11 +116,11 @@ pub async fn create_org(state: &AppState, caller: &Caller, body: CreateOrg) -> R
 
 /// The organisation's members (members only).
 #[utoipa::path(get, path = "/v1/orgs/{id}/members", tag = "accounts", params(("id" = String, Path, description = "the organisation's id")),
-    responses((status = 200, description = "members", content_type = "application/json"), (status = 404, body = crate::error::ErrorBody)))]
+    responses((status = 200, description = "members", body = super::ListOf<maas_store::repo::orgs::Member>), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn list_members(state: &AppState, caller: &Caller, org_id: &str) -> Result<Response, ApiError> {
     membership(state, caller, org_id).await?;
     let members = state.stores()?.db.orgs().members(org_id).await?;
-    Ok(warp::reply::json(&json!({"object": "list", "data": members})).into_response())
+    Ok(super::ListOf::reply(members))
 }
 
 /// Adds an account to the organisation (owners and admins; only an owner adds owners).

@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use maas_store::repo::usage::UsageRow;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use warp::filters::BoxedFilter;
 use warp::reply::Response;
 use warp::{Filter, Reply};
@@ -80,36 +80,82 @@ async fn rows(state: &AppState, caller: &Caller, query: &UsageQuery) -> Result<V
 /// Usage by day, model and key, with totals by model and by day (the trend).
 #[utoipa::path(get, path = "/v1/usage", tag = "usage",
     params(("days" = Option<u32>, Query, description = "days back from today (default 30)"), ("since" = Option<i64>, Query, description = "Unix seconds"), ("until" = Option<i64>, Query, description = "Unix seconds")),
-    responses((status = 200, description = "the usage", content_type = "application/json"), (status = 400, body = crate::error::ErrorBody)))]
+    responses((status = 200, description = "the usage", body = UsageSummary), (status = 400, body = crate::error::ErrorBody)))]
 pub async fn usage_summary(state: &AppState, caller: &Caller, query: &UsageQuery) -> Result<Response, ApiError> {
     let rows = rows(state, caller, query).await?;
     let (since, until) = period(query)?;
     let storage = state.stores()?.db.usage().storage_by_day(&caller.scope, since, until).await?;
-    let mut by_model = std::collections::BTreeMap::<String, [i64; 4]>::new();
-    let mut by_day = std::collections::BTreeMap::<String, [i64; 4]>::new();
-    let mut total = [0i64; 4];
+    let mut by_model = std::collections::BTreeMap::<String, UsageSums>::new();
+    let mut by_day = std::collections::BTreeMap::<String, UsageSums>::new();
+    let mut total = UsageSums::default();
     for row in &rows {
-        let add = |sums: &mut [i64; 4]| {
-            sums[0] += row.requests;
-            sums[1] += row.prompt_tokens;
-            sums[2] += row.completion_tokens;
-            sums[3] += row.cost_micros;
-        };
-        add(by_model.entry(row.model.clone()).or_default());
-        add(by_day.entry(row.day.clone()).or_default());
-        add(&mut total);
+        by_model.entry(row.model.clone()).or_default().add(row);
+        by_day.entry(row.day.clone()).or_default().add(row);
+        total.add(row);
     }
-    let sums =
-        |s: &[i64; 4]| json!({"requests": s[0], "prompt_tokens": s[1], "completion_tokens": s[2], "cost_micros": s[3]});
-    let body = json!({
-        "owner": caller.scope.acting_as(),
-        "data": rows,
-        "by_model": by_model.iter().map(|(model, s)| { let mut v = sums(s); v["model"] = json!(model); v }).collect::<Vec<_>>(),
-        "by_day": by_day.iter().map(|(day, s)| { let mut v = sums(s); v["day"] = json!(day); v }).collect::<Vec<_>>(),
-        "total": sums(&total),
-        "storage_by_day": storage.iter().map(|(day, bytes)| json!({"day": day, "max_bytes": bytes})).collect::<Vec<_>>(),
-    });
+    let body = UsageSummary {
+        owner: caller.scope.acting_as().clone(),
+        by_model: by_model.into_iter().map(|(model, sums)| ModelUsage { model, sums }).collect(),
+        by_day: by_day.into_iter().map(|(day, sums)| DayUsage { day, sums }).collect(),
+        data: rows,
+        total,
+        storage_by_day: storage.into_iter().map(|(day, max_bytes)| DayStorage { day, max_bytes }).collect(),
+    };
     Ok(warp::reply::json(&body).into_response())
+}
+
+/// Requests, tokens and cost summed.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct UsageSums {
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    /// Millionths of the currency unit.
+    pub cost_micros: i64,
+}
+
+impl UsageSums {
+    fn add(&mut self, row: &UsageRow) {
+        self.requests += row.requests;
+        self.prompt_tokens += row.prompt_tokens;
+        self.completion_tokens += row.completion_tokens;
+        self.cost_micros += row.cost_micros;
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelUsage {
+    pub model: String,
+    #[serde(flatten)]
+    pub sums: UsageSums,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DayUsage {
+    /// `YYYY-MM-DD`, UTC.
+    pub day: String,
+    #[serde(flatten)]
+    pub sums: UsageSums,
+}
+
+/// The most bytes stored on one day (sampled hourly).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DayStorage {
+    pub day: String,
+    pub max_bytes: i64,
+}
+
+/// Usage of the caller (or the organisation it acts for) over a period.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageSummary {
+    pub owner: maas_store::Owner,
+    /// By day, model and key.
+    pub data: Vec<UsageRow>,
+    pub by_model: Vec<ModelUsage>,
+    /// The trend.
+    pub by_day: Vec<DayUsage>,
+    pub total: UsageSums,
+    pub storage_by_day: Vec<DayStorage>,
 }
 
 fn csv_field(text: &str) -> String {
@@ -144,14 +190,32 @@ pub async fn usage_csv(state: &AppState, caller: &Caller, query: &UsageQuery) ->
 
 /// The quotas the caller's requests count against, and what each has used.
 #[utoipa::path(get, path = "/v1/quota", tag = "usage",
-    responses((status = 200, description = "limits and counters", content_type = "application/json"), (status = 401, body = crate::error::ErrorBody)))]
+    responses((status = 200, description = "limits and counters", body = QuotaStatus), (status = 401, body = crate::error::ErrorBody)))]
 pub async fn quota_status(state: &AppState, caller: &Caller) -> Result<Response, ApiError> {
     let now = maas_store::ids::now_ms();
     let mut data = Vec::new();
     for check in &caller.quotas {
         let used = state.limiter().usage(&check.subject, now).await?;
-        data.push(json!({"subject": check.subject, "limits": check.limits, "used": used}));
+        data.push(SubjectQuota { subject: check.subject.clone(), limits: check.limits, used });
     }
-    let stored = state.stores()?.db.usage().stored_bytes(caller.scope.acting_as()).await?;
-    Ok(warp::reply::json(&json!({"object": "list", "data": data, "stored_bytes": stored})).into_response())
+    let stored_bytes = state.stores()?.db.usage().stored_bytes(caller.scope.acting_as()).await?;
+    Ok(warp::reply::json(&QuotaStatus { object: "list", data, stored_bytes }).into_response())
+}
+
+/// One quota a request counts against: whose, its limits (0: unlimited) and its counters.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SubjectQuota {
+    /// `key:<id>`, `user:<id>` or `org:<id>`.
+    pub subject: String,
+    pub limits: maas_store::quota::QuotaLimits,
+    pub used: maas_store::quota::QuotaUsage,
+}
+
+/// The quotas the caller's requests count against, and the bytes its owner stores.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct QuotaStatus {
+    /// Always `list`.
+    pub object: &'static str,
+    pub data: Vec<SubjectQuota>,
+    pub stored_bytes: u64,
 }

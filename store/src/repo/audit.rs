@@ -7,7 +7,8 @@ use crate::db::Db;
 use crate::error::Result;
 use crate::ids::{new_id, now_ms};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One audit-log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     pub id: String,
     pub at_ms: i64,

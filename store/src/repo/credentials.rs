@@ -19,7 +19,7 @@ pub struct SessionIdentity {
 }
 
 /// A session as its owner sees it in a list.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct SessionInfo {
     pub id: String,
     pub address: String,

@@ -25,7 +25,7 @@ pub struct PendingSignIn {
 }
 
 /// A provider account linked to a user.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Identity {
     pub provider: String,
     pub subject: String,

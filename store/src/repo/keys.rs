@@ -12,7 +12,7 @@ use crate::repo::users::Role;
 use crate::tenant::{Owner, TenantScope, trusted_sql};
 
 /// What a key may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum KeyScope {
     /// The inference API: models, chat, completions, embeddings, files, batches, sessions.

@@ -7,7 +7,7 @@ use crate::error::{Result, StoreError};
 use crate::ids::{new_id, now_ms};
 
 /// A member's role inside one organisation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OrgRole {
     Owner,
@@ -42,7 +42,7 @@ impl OrgRole {
 }
 
 /// A member as the organisation's member list shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Member {
     pub user_id: String,
     pub display_name: String,
@@ -51,7 +51,8 @@ pub struct Member {
     pub joined_at_ms: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// An organisation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Org {
     pub id: String,
     pub name: String,

@@ -8,7 +8,8 @@ use crate::db::Db;
 use crate::error::{Result, StoreError};
 use crate::ids::{new_id, now_ms};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// A message to a user (a verification or reset code), sent or waiting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct OutboxMessage {
     pub id: String,
     /// `email` or `sms`.

@@ -50,7 +50,7 @@ pub struct NewUsage {
 }
 
 /// Usage summed over one day, model and key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct UsageRow {
     /// `YYYY-MM-DD`, UTC.
     pub day: String,
@@ -65,7 +65,7 @@ pub struct UsageRow {
 }
 
 /// Prices of one model (or `*`, the default).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Price {
     pub input_per_1k_micros: i64,

@@ -10,7 +10,7 @@ use crate::ids::{new_id, now_ms};
 pub const LOCAL_USER_ID: &str = "user_local";
 
 /// A platform-wide role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Admin,
@@ -37,13 +37,15 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// An account as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct User {
     pub id: String,
     pub email: Option<String>,
     pub phone: Option<String>,
     pub display_name: String,
     pub role: Role,
+    /// `active`, `pending` (not verified yet) or `disabled`.
     pub status: String,
     pub created_at_ms: i64,
 }

@@ -334,9 +334,9 @@ describe('the model upload', () => {
 describe('the models page', () => {
   const me = (role: 'admin' | 'enterprise' | 'user'): Me => ({
     user: { id: 'u1', email: 'a@b.c', phone: null, display_name: 'A', role, status: 'active', created_at_ms: 1 },
-    acting_as: null,
+    acting_as: { kind: 'user', id: 'u1' },
     orgs: [],
-    credential: { kind: 'session' },
+    credential: { kind: 'session', session_id: 's1' },
   })
 
   async function mountPage(role: 'admin' | 'enterprise' | 'user', versions: ModelVersion[] = []) {
