@@ -1994,6 +1994,17 @@ export interface components {
             /** Format: int64 */
             uptime_secs: number;
         };
+        /** @description A provider account linked to a user. */
+        Identity: {
+            provider: string;
+            subject: string;
+            user_id: string;
+            email?: string | null;
+            /** Format: int64 */
+            created_at_ms: number;
+            /** Format: int64 */
+            last_sign_in_at_ms: number;
+        };
         JoinReply: {
             /** @description Every member that has not left, the new one included. */
             members: components["schemas"]["MemberAddresses"][];
@@ -2113,6 +2124,21 @@ export interface components {
             }[];
         };
         /** @description A list as OpenAI's API shapes one: `{"object": "list", "data": [...]}`. */
+        ListOf_Identity: {
+            /** @description Always `list`. */
+            object: string;
+            data: {
+                provider: string;
+                subject: string;
+                user_id: string;
+                email?: string | null;
+                /** Format: int64 */
+                created_at_ms: number;
+                /** Format: int64 */
+                last_sign_in_at_ms: number;
+            }[];
+        };
+        /** @description A list as OpenAI's API shapes one: `{"object": "list", "data": [...]}`. */
         ListOf_KeyObject: {
             /** @description Always `list`. */
             object: string;
@@ -2198,6 +2224,18 @@ export interface components {
                 /** Format: int64 */
                 sent_at_ms?: number | null;
                 error?: string | null;
+            }[];
+        };
+        /** @description A list as OpenAI's API shapes one: `{"object": "list", "data": [...]}`. */
+        ListOf_ProviderView: {
+            /** @description Always `list`. */
+            object: string;
+            data: {
+                name: string;
+                kind: components["schemas"]["ProviderKind"];
+                display_name: string;
+                /** @description Where the browser starts signing in. */
+                start_url: string;
             }[];
         };
         /** @description A list as OpenAI's API shapes one: `{"object": "list", "data": [...]}`. */
@@ -2326,9 +2364,40 @@ export interface components {
              */
             gpu_utilization_percent?: number | null;
         };
+        /** @description One file of a model version, relative to the model's root. */
+        ModelFile: {
+            path: string;
+            sha256: string;
+            /** Format: int64 */
+            size_bytes: number;
+        };
         ModelList: {
             object: string;
             data: components["schemas"]["ModelObject"][];
+        };
+        /** @description What a version's files say about the model. */
+        ModelMetadata: {
+            /** @description `safetensors` or `gguf`. */
+            format: string;
+            architecture: string;
+            /**
+             * Format: int64
+             * @description 0 when unknown.
+             */
+            parameters: number;
+            /**
+             * Format: int64
+             * @description 0 when unknown.
+             */
+            context_length: number;
+            /** @description `float32`, `bfloat16`, ... (`mixed` or empty when unknown). */
+            dtype: string;
+            /** @description `none`, or the GGUF quantisation (`Q4_K_M`, ...). */
+            quantization: string;
+            /** @description `chat`, `completion`, `embedding`. */
+            tasks: string[];
+            /** @description The model's own description: `config.json`, or a GGUF file's scalar metadata. */
+            config: unknown;
         };
         ModelObject: {
             id: string;
@@ -2344,6 +2413,22 @@ export interface components {
         };
         ModelUsage: components["schemas"]["UsageSums"] & {
             model: string;
+        };
+        /** @description A model version as the repository shows it. */
+        ModelVersionRecord: components["schemas"]["ModelMetadata"] & {
+            id: string;
+            model_id: string;
+            name: string;
+            /** @description `platform`, `user` or `org`. */
+            owner_kind: string;
+            owner_id: string;
+            description: string;
+            version: string;
+            files: components["schemas"]["ModelFile"][];
+            /** Format: int64 */
+            total_bytes: number;
+            /** Format: int64 */
+            created_at_ms: number;
         };
         NodeList: {
             nodes: components["schemas"]["NodeView"][];
@@ -2414,6 +2499,19 @@ export interface components {
             output_per_1k_micros: number;
             /** Format: int64 */
             gpu_hour_micros: number;
+        };
+        /**
+         * @description What kind of provider a `[[auth.oauth]]` entry is.
+         * @enum {string}
+         */
+        ProviderKind: "oidc" | "google" | "github";
+        /** @description A sign-in provider, for the console's buttons. */
+        ProviderView: {
+            name: string;
+            kind: components["schemas"]["ProviderKind"];
+            display_name: string;
+            /** @description Where the browser starts signing in. */
+            start_url: string;
         };
         /** @description Limits of one subject (a user, an org or an API key); 0 means unlimited. */
         QuotaLimits: {
@@ -2509,7 +2607,7 @@ export interface components {
              */
             tasks?: string[] | null;
             /** @description The uploaded files (`POST /v1/blobs`) with their paths in the model. */
-            files?: Record<string, never>[];
+            files?: components["schemas"]["ModelFile"][];
             /**
              * @description Instead of `files`: an uploaded .tar, .tar.gz or .zip of the model folder (or of a
              *     .gguf file), unpacked on the node into one blob per file.
@@ -2517,7 +2615,7 @@ export interface components {
             archive_sha256?: string | null;
         };
         RegistryList: {
-            versions: Record<string, never>[];
+            versions: components["schemas"]["ModelVersionRecord"][];
         };
         /** @description One replica of a deployment, from the committed state. */
         ReplicaView: {
@@ -3368,7 +3466,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["ListOf_Identity"];
                 };
             };
             401: {
@@ -3500,7 +3598,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["ListOf_ProviderView"];
                 };
             };
         };

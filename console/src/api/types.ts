@@ -44,12 +44,7 @@ export type SignUpReply = Schemas['SignUpReply']
 export type SignInReply = Schemas['SignInReply']
 export type SessionInfo = Schemas['SessionInfo']
 
-export interface OAuthProvider {
-  name: string
-  kind: string
-  display_name: string
-  start_url: string
-}
+export type OAuthProvider = Schemas['ProviderView']
 
 export type KeyScope = Schemas['KeyScope']
 export type ApiKey = Schemas['KeyObject']
@@ -75,37 +70,13 @@ export interface ChatMessage {
   content: string
 }
 
-export interface ModelVersion {
-  id: string
-  model_id: string
-  name: string
-  owner_kind: string
-  owner_id: string
-  description: string
-  version: string
-  format: string
-  architecture: string
-  parameters: number
-  context_length: number
-  dtype: string
-  quantization: string
-  tasks: string[]
-  total_bytes: number
-  created_at_ms: number
-}
+export type ModelVersion = Schemas['ModelVersionRecord']
 
 /** A file of a model version: an uploaded blob and its path in the model folder. */
-export interface ModelFileRef {
-  path: string
-  sha256: string
-  size_bytes: number
-}
+export type ModelFileRef = Schemas['ModelFile']
 
-/**
- * POST /v1/registry/models: a version from uploaded blobs (`files`) or from one uploaded
- * archive (`archive_sha256`). The OpenAPI document types `files` as free objects.
- */
-export type RegisterModelBody = Omit<Schemas['RegisterRequest'], 'files'> & { files?: ModelFileRef[] }
+/** POST /v1/registry/models: a version from uploaded blobs (`files`) or from one uploaded archive (`archive_sha256`). */
+export type RegisterModelBody = Schemas['RegisterRequest']
 
 export interface CatalogModel {
   name: string
@@ -123,13 +94,7 @@ export interface CatalogModel {
   imported_versions: string[]
 }
 
-export interface Identity {
-  provider: string
-  subject: string
-  email: string | null
-  created_at_ms: number
-  last_sign_in_at_ms: number
-}
+export type Identity = Schemas['Identity']
 
 // ---- knowledge bases (gateway/src/routes/knowledge.rs) -----------------------------------
 // From the OpenAPI document, but for what it types as free JSON (`settings`,

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 const DISCOVERY_TTL: Duration = Duration::from_secs(300);
 
 /// What kind of provider a `[[auth.oauth]]` entry is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ProviderKind {
     /// Any OpenID Connect issuer (`issuer_url`), found through its discovery document.

@@ -154,7 +154,13 @@ pub async fn retrieve(
     // A hybrid query whose vector ranking would count for nothing (a Chinese query on an
     // English-only model) is not embedded at all.
     let skip_vectors = mode == RetrievalMode::Fulltext || (mode == RetrievalMode::Hybrid && weights.vector <= 0.0);
-    let shards = super::shards::KbShards::of(state, &kb.id);
+    let mut shards = KbShards::of(state, &kb.id);
+    if shards.is_empty() {
+        // A knowledge base made before shards existed gets them now; they fill from SQL.
+        if let Ok(placed) = super::shards::ensure(state, kb).await {
+            shards = placed;
+        }
+    }
     let mut incomplete = Vec::new();
     let vector_hits = if skip_vectors {
         Vec::new()

@@ -101,18 +101,30 @@ fn cookie_value(header: Option<&str>, name: &str) -> Option<String> {
 
 /// The sign-in providers, for the console's buttons.
 #[utoipa::path(get, path = "/v1/auth/oauth", tag = "accounts",
-    responses((status = 200, description = "the providers", content_type = "application/json")))]
+    responses((status = 200, description = "the providers", body = super::ListOf<ProviderView>)))]
 pub fn list_providers(state: &AppState) -> Response {
-    let data: Vec<_> = state
+    let data: Vec<ProviderView> = state
         .oauth
         .list()
         .iter()
-        .map(|p| {
-            json!({"name": p.name, "kind": p.kind, "display_name": p.label(),
-                "start_url": format!("/v1/auth/oauth/{}/start", p.name)})
+        .map(|p| ProviderView {
+            name: p.name.clone(),
+            kind: p.kind,
+            display_name: p.label().to_owned(),
+            start_url: format!("/v1/auth/oauth/{}/start", p.name),
         })
         .collect();
-    warp::reply::json(&json!({"object": "list", "data": data})).into_response()
+    super::ListOf::reply(data)
+}
+
+/// A sign-in provider, for the console's buttons.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ProviderView {
+    pub name: String,
+    pub kind: crate::auth::oauth::ProviderKind,
+    pub display_name: String,
+    /// Where the browser starts signing in.
+    pub start_url: String,
 }
 
 fn provider<'a>(state: &'a AppState, name: &str) -> Result<&'a OAuthProvider, ApiError> {
@@ -389,8 +401,8 @@ async fn new_account(
 
 /// The provider accounts linked to the caller.
 #[utoipa::path(get, path = "/v1/auth/identities", tag = "accounts",
-    responses((status = 200, description = "the linked provider accounts", content_type = "application/json"), (status = 401, body = crate::error::ErrorBody)))]
+    responses((status = 200, description = "the linked provider accounts", body = super::ListOf<maas_store::repo::identities::Identity>), (status = 401, body = crate::error::ErrorBody)))]
 pub async fn list_identities(state: &AppState, caller: &Caller) -> Result<Response, ApiError> {
     let data = state.stores()?.db.identities().for_user(caller.user_id()).await?;
-    Ok(warp::reply::json(&json!({"object": "list", "data": data})).into_response())
+    Ok(super::ListOf::reply(data))
 }

@@ -167,7 +167,6 @@ pub struct RegisterRequest {
     pub tasks: Option<Vec<String>>,
     /// The uploaded files (`POST /v1/blobs`) with their paths in the model.
     #[serde(default)]
-    #[schema(value_type = Vec<Object>)]
     pub files: Vec<ModelFile>,
     /// Instead of `files`: an uploaded .tar, .tar.gz or .zip of the model folder (or of a
     /// .gguf file), unpacked on the node into one blob per file.
@@ -365,7 +364,6 @@ pub async fn list_catalog(state: &AppState) -> Result<Response, ApiError> {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RegistryList {
-    #[schema(value_type = Vec<Object>)]
     pub versions: Vec<ModelVersionRecord>,
 }
 

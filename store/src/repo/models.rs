@@ -12,7 +12,7 @@ use crate::ids::{new_id, now_ms};
 use crate::tenant::{Owner, TenantScope, trusted_sql};
 
 /// One file of a model version, relative to the model's root.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelFile {
     pub path: String,
@@ -21,7 +21,7 @@ pub struct ModelFile {
 }
 
 /// What a version's files say about the model.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModelMetadata {
     /// `safetensors` or `gguf`.
     pub format: String,
@@ -50,7 +50,8 @@ pub struct NewModelVersion {
     pub files: Vec<ModelFile>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// A model version as the repository shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ModelVersionRecord {
     pub id: String,
     pub model_id: String,

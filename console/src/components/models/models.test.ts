@@ -167,6 +167,8 @@ function fullVersion(name: string, owner_kind: string, owner_id: string, version
     dtype: 'float32',
     quantization: 'none',
     tasks: ['chat'],
+    config: {},
+    files: [{ path: 'model.safetensors', sha256: 'ab'.repeat(32), size_bytes: 1000 }],
     total_bytes: 1000,
     created_at_ms: 1,
   }
