@@ -229,3 +229,37 @@ pub async fn admin_get(cookie: &str, url: impl reqwest::IntoUrl) -> reqwest::Res
 pub async fn admin_get_json(cookie: &str, url: impl reqwest::IntoUrl) -> serde_json::Value {
     admin_get(cookie, url).await.expect("the node answers").json().await.expect("the answer is JSON")
 }
+
+/// `POST url` with the cluster cookie and a multipart form: the `fields` (name, value),
+/// then one part `file` named `filename` of type `content_type` holding `bytes` (as the
+/// OpenAI SDK and the console send uploads).
+pub async fn post_multipart(
+    cookie: &str,
+    url: &str,
+    fields: &[(&str, &str)],
+    (filename, content_type, bytes): (&str, &str, &[u8]),
+) -> reqwest::Response {
+    let boundary = "maas-chaos-test-boundary";
+    let mut form = Vec::new();
+    for (name, value) in fields {
+        form.extend_from_slice(
+            format!("--{boundary}\r\ncontent-disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
+        );
+    }
+    form.extend_from_slice(
+        format!(
+            "--{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n\
+             content-type: {content_type}\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    form.extend_from_slice(bytes);
+    form.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    admin_client(cookie)
+        .post(url)
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .body(form)
+        .send()
+        .await
+        .expect("the node answers")
+}

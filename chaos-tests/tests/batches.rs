@@ -58,20 +58,10 @@ async fn a_batch_survives_a_killed_node_and_answers_every_line_once() {
         })
         .collect();
     // The form as the OpenAI SDK sends it: `purpose`, then `file`.
-    let boundary = "maas-batches-test";
-    let form = format!(
-        "--{boundary}\r\ncontent-disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
-         --{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"requests.jsonl\"\r\n\
-         content-type: application/jsonl\r\n\r\n{}\r\n--{boundary}--\r\n",
-        lines.join("\n")
-    );
-    let response = maas_chaos_tests::admin_client(COOKIE)
-        .post(format!("{}/v1/files", node.base_url))
-        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
-        .body(form)
-        .send()
-        .await
-        .unwrap();
+    let jsonl = lines.join("\n");
+    let url = format!("{}/v1/files", node.base_url);
+    let file_part = ("requests.jsonl", "application/jsonl", jsonl.as_bytes());
+    let response = maas_chaos_tests::post_multipart(COOKIE, &url, &[("purpose", "batch")], file_part).await;
     assert_eq!(response.status(), 200);
     let file: Value = response.json().await.unwrap();
     let response = maas_chaos_tests::admin_client(COOKIE)

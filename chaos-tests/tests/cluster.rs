@@ -136,6 +136,14 @@ impl Cluster {
         self.members.iter().filter(|m| m.process.is_some()).map(|m| m.api_url.clone()).collect()
     }
 
+    /// Kills (SIGKILL) a member of three that is not the leader; returns its id.
+    async fn kill_a_follower(&mut self) -> u64 {
+        let leader = self.leader(3).await;
+        let victim = self.members.iter_mut().find(|m| m.id != leader && m.process.is_some()).unwrap();
+        victim.process.take().unwrap().signal(Signal::SIGKILL).unwrap();
+        victim.id
+    }
+
     /// Waits until a live member reports being the leader of `voters` voters, and
     /// returns its id.
     async fn leader(&self, voters: usize) -> u64 {
@@ -393,11 +401,7 @@ async fn a_killed_nodes_replicas_are_ready_elsewhere_with_the_default_timing() {
 
     // Kill a node that is not the leader (the leader's loss adds an election; the raft
     // failover test measures that).
-    let leader = cluster.leader(3).await;
-    let victim_id = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
-    let victim = cluster.members.iter_mut().find(|m| m.id == victim_id).unwrap();
-    victim.process.as_ref().unwrap().signal(Signal::SIGKILL).unwrap();
-    victim.process.take();
+    let victim_id = cluster.kill_a_follower().await;
     let killed = Instant::now();
 
     let mut declared_dead = None;
@@ -529,18 +533,8 @@ async fn post_json(url: &str, body: &Value) -> (u16, Value) {
 
 /// Uploads a text file into knowledge base `kb` through `url`.
 async fn upload_text(url: &str, kb: &str, filename: &str, text: &str) -> Value {
-    let boundary = "maas-cluster-test";
-    let form = format!(
-        "--{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n\
-         content-type: text/plain\r\n\r\n{text}\r\n--{boundary}--\r\n"
-    );
-    let response = maas_chaos_tests::admin_client(COOKIE)
-        .post(format!("{url}/v1/knowledge_bases/{kb}/documents"))
-        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
-        .body(form)
-        .send()
-        .await
-        .unwrap();
+    let url = format!("{url}/v1/knowledge_bases/{kb}/documents");
+    let response = maas_chaos_tests::post_multipart(COOKIE, &url, &[], (filename, "text/plain", text.as_bytes())).await;
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
 }
@@ -661,11 +655,7 @@ async fn knowledge_base_shards_spread_over_the_nodes_and_move_off_a_dead_one() {
     }
 
     // Kill a node that is not the leader; its shard moves to a survivor and is rebuilt.
-    let leader = cluster.leader(3).await;
-    let victim_id = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
-    let victim = cluster.members.iter_mut().find(|m| m.id == victim_id).unwrap();
-    victim.process.as_ref().unwrap().signal(Signal::SIGKILL).unwrap();
-    victim.process.take();
+    let victim_id = cluster.kill_a_follower().await;
     let killed = Instant::now();
     let survivor = cluster.live_urls()[0].clone();
     maas_chaos_tests::wait_until(

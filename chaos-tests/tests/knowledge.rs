@@ -40,29 +40,9 @@ async fn send(node: &MaasProcess, method: reqwest::Method, path: &str, body: &Va
 
 /// Uploads `bytes` as `filename` into knowledge base `kb` with extra form fields.
 async fn upload(node: &MaasProcess, kb: &str, filename: &str, bytes: &[u8], fields: &[(&str, &str)]) -> (u16, Value) {
-    let boundary = "maas-knowledge-test";
-    let mut form = Vec::new();
-    for (name, value) in fields {
-        form.extend_from_slice(
-            format!("--{boundary}\r\ncontent-disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
-        );
-    }
-    form.extend_from_slice(
-        format!(
-            "--{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n\
-             content-type: application/octet-stream\r\n\r\n"
-        )
-        .as_bytes(),
-    );
-    form.extend_from_slice(bytes);
-    form.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    let response = maas_chaos_tests::admin_client(COOKIE)
-        .post(format!("{}/v1/knowledge_bases/{kb}/documents", node.base_url))
-        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
-        .body(form)
-        .send()
-        .await
-        .unwrap();
+    let url = format!("{}/v1/knowledge_bases/{kb}/documents", node.base_url);
+    let response =
+        maas_chaos_tests::post_multipart(COOKIE, &url, fields, (filename, "application/octet-stream", bytes)).await;
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }
