@@ -223,10 +223,9 @@ pub fn reconcile(state: &ClusterState, settings: &ReconcileSettings, now_ms: u64
     Reconciliation { commands, unplaceable: plan.unplaceable }
 }
 
-/// Knowledge-base shards on lost or draining nodes move to the nodes that take work,
-/// spread by [`maas_scheduler::place_shards`] (the new node rebuilds a moved shard from the
-/// chunks in SQL); a stopping shard on a lost node is removed, as nothing there can drop it.
-pub fn shard_moves(state: &ClusterState, now_ms: u64) -> Vec<Command> {
+/// The nodes that take new shards (alive ones), each with the shards it holds: what
+/// [`maas_scheduler::place_shards`] spreads new shards over.
+pub fn shard_holdings(state: &ClusterState) -> BTreeMap<u64, usize> {
     let mut holding: BTreeMap<u64, usize> =
         state.nodes().values().filter(|node| node.status == NodeStatus::Alive).map(|node| (node.id.0, 0)).collect();
     for shard in state.kb_shards().values() {
@@ -234,6 +233,14 @@ pub fn shard_moves(state: &ClusterState, now_ms: u64) -> Vec<Command> {
             *held += 1;
         }
     }
+    holding
+}
+
+/// Knowledge-base shards on lost or draining nodes move to the nodes that take work,
+/// spread by [`maas_scheduler::place_shards`] (the new node rebuilds a moved shard from the
+/// chunks in SQL); a stopping shard on a lost node is removed, as nothing there can drop it.
+pub fn shard_moves(state: &ClusterState, now_ms: u64) -> Vec<Command> {
+    let mut holding = shard_holdings(state);
     let mut commands = Vec::new();
     for shard in state.kb_shards().values() {
         let status = state.node(shard.node_id).map(|node| node.status);

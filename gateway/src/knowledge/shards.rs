@@ -364,20 +364,7 @@ pub async fn ensure(state: &AppState, kb: &KnowledgeBase) -> Result<KbShards, Ap
     }
     let count = u32::try_from(kb.shard_count).unwrap_or(1).clamp(1, maas_knowledge::vector::MAX_SHARDS);
     let handle = control_plane(state)?;
-    let holding: BTreeMap<u64, usize> = handle.read_local(|cluster| {
-        let mut holding: BTreeMap<u64, usize> = cluster
-            .nodes()
-            .values()
-            .filter(|node| node.status == NodeStatus::Alive)
-            .map(|node| (node.id.0, 0))
-            .collect();
-        for shard in cluster.kb_shards().values() {
-            if let Some(held) = holding.get_mut(&shard.node_id.0) {
-                *held += 1;
-            }
-        }
-        holding
-    });
+    let holding = handle.read_local(maas_consensus::reconcile::shard_holdings);
     let nodes = maas_scheduler::place_shards(&holding, count as usize);
     if nodes.is_empty() {
         return Err(ApiError::unavailable("no node takes work: the knowledge base's shards cannot be placed"));
@@ -471,6 +458,8 @@ async fn catch_up(state: &Arc<AppState>, shard: &Arc<LocalShard>) -> Result<usiz
         Err(err) => return Err(err.into()),
     };
     let with_vectors = kb.vector_backend != "milvus";
+    // The vector index's shape, asked of the embedding model once, when a vector is written.
+    let mut spec = None;
     let mut documents: HashMap<String, Document> = HashMap::new();
     let (mut after, mut written) = (0_i64, 0_usize);
     loop {
@@ -508,7 +497,10 @@ async fn catch_up(state: &Arc<AppState>, shard: &Arc<LocalShard>) -> Result<usiz
                     .zip(embedded)
                     .map(|(chunk, vector)| vector_record(chunk, &documents[&chunk.document_id], vector))
                     .collect();
-                (vector_spec(state, &kb).await?, vectors)
+                if spec.is_none() {
+                    spec = vector_spec(state, &kb).await?;
+                }
+                (spec, vectors)
             } else {
                 (None, Vec::new())
             };
