@@ -133,6 +133,7 @@ async fn documents_are_ingested_retrieved_versioned_and_deleted() {
     a_new_version_retires_the_old(&node, &kb_id, &documents).await;
     chat_cites_its_sources(&node, dir.path(), &kb_id).await;
     the_graph_asks_its_extraction_model(&node, &kb_id).await;
+    platform_work_is_metered(&node).await;
     deletion_removes_documents_and_indexes(&node, &kb_id, &documents).await;
 }
 
@@ -313,6 +314,20 @@ async fn retrieval_finds_sources(node: &MaasProcess, kb_id: &str, documents: &Up
     let listed = chunks["data"].as_array().unwrap();
     assert_eq!(Some(listed.len() as u64), chunks["total"].as_u64());
     assert!(listed.iter().enumerate().all(|(i, c)| c["ordinal"] == i && c["embedded"] == true), "{chunks}");
+    // The parents, a page of one at a time: `total` counts the level asked for.
+    let (status, parents) = get(
+        node,
+        &format!(
+            "/v1/knowledge_bases/{kb_id}/documents/{}/chunks?level=parent&limit=1",
+            handbook["id"].as_str().unwrap()
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{parents}");
+    assert_eq!(parents["data"].as_array().map(Vec::len), Some(1), "{parents}");
+    assert_eq!(parents["data"][0]["level"], "parent", "{parents}");
+    let total = parents["total"].as_u64().unwrap();
+    assert!(total >= 1 && total <= listed.len() as u64, "parents {total}, children {}", listed.len());
     let (status, summary) = get(node, &format!("/v1/knowledge_bases/{kb_id}")).await;
     assert_eq!(status, 200, "{summary}");
     assert_eq!(summary["stats"]["documents_by_state"], json!({"indexed": 5, "failed": 1}), "{summary}");
@@ -405,6 +420,33 @@ async fn the_graph_asks_its_extraction_model(node: &MaasProcess, kb_id: &str) {
     assert!(log.contains("graph extraction model asked") && log.contains("asked=1"), "{log}");
     let (status, ada) = get(node, &format!("{path}/graph?entity=Ada%20Lovelace")).await;
     assert_eq!(status, 200, "{ada}");
+}
+
+/// The model work done for the knowledge base (its documents' and questions' embeddings;
+/// the chat model's condensing and graph extraction) is the owner's usage: no request of
+/// this story called `/v1/embeddings`, yet the embedding model's tokens are there.
+async fn platform_work_is_metered(node: &MaasProcess) {
+    let sums = |usage: &Value, model: &str| {
+        usage["by_model"].as_array().and_then(|rows| rows.iter().find(|row| row["model"] == model)).cloned()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let usage = loop {
+        let (_, usage) = get(node, "/v1/usage").await;
+        let embedded = sums(&usage, "minilm").is_some_and(|row| {
+            row["requests"].as_i64().unwrap_or(0) > 5 && row["prompt_tokens"].as_i64().unwrap_or(0) > 100
+        });
+        if embedded || std::time::Instant::now() > deadline {
+            break usage;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let embedding = sums(&usage, "minilm");
+    assert!(
+        embedding.as_ref().is_some_and(|row| row["requests"].as_i64().unwrap_or(0) > 5),
+        "the embedding model's usage (documents and questions embedded): {usage}"
+    );
+    let chat = sums(&usage, "chat").expect("the chat model's usage");
+    assert!(chat["completion_tokens"].as_i64().unwrap() > 0, "{chat}");
 }
 
 async fn chat_cites_its_sources(node: &MaasProcess, dir: &Path, kb_id: &str) {

@@ -152,6 +152,24 @@ function assert(condition, message) {
 
 // ---- the walk ---------------------------------------------------------------------------
 
+/** The English words on `page` in what a person reads as the console's own (titles,
+ *  headings, labels, buttons, tabs, menus, tags, placeholders, accessible names), less `data`
+ *  (words of the data the page shows), and whether the document title is Chinese. */
+async function englishOn(page, data) {
+  return page.evaluate((data) => {
+    // Names, units and key names Chinese text writes in Latin letters too.
+    const same = /^(maas|GPU|GPUs|CPU|API|URL|JSON|SSE|OpenAI|GitHub|Google|OIDC|MiniLM|Top|MB|GB|KiB|MiB|GiB|ms|px|id|ID|v\d+|latest|ECharts|CSV|HTTPS|TLS|VRAM|token|tokens|Ctrl|Enter|BM)$/i
+    const chrome = 'h1, h2, h3, h4, label, th, button, [role="tab"], [role="menuitem"], .el-form-item__label, .el-empty__description, .el-table__empty-text, .el-tag, .el-statistic__head'
+    const texts = [...document.querySelectorAll(chrome)].filter((e) => e.offsetParent !== null).map((e) => e.innerText)
+    for (const e of document.querySelectorAll('[placeholder], [aria-label], [title]')) {
+      texts.push(e.getAttribute('placeholder') ?? '', e.getAttribute('aria-label') ?? '', e.getAttribute('title') ?? '')
+    }
+    texts.push(document.title)
+    const words = texts.flatMap((text) => text.match(/[A-Za-z][A-Za-z'-]+/g) ?? []).filter((w) => !same.test(w) && !data.includes(w))
+    return { words: [...new Set(words)], cjk: /[\u4e00-\u9fff]/.test(document.title) }
+  }, data)
+}
+
 async function main() {
   rmSync(shots, { recursive: true, force: true })
   mkdirSync(shots, { recursive: true })
@@ -541,6 +559,55 @@ async function main() {
       await admin.getByText('向量模型', { exact: true }).first().waitFor()
       await admin.waitForTimeout(400) // the dialog fades in
       await admin.screenshot({ path: join(shots, 'knowledge-create-desktop-zh.png'), fullPage: true })
+    })
+
+    await check('every page reads in Chinese: title, headings, labels, buttons, menus', async () => {
+      // The admin's console is in Chinese now. On every page, what a person reads as the
+      // console's own (not the data it shows) must hold no English word: a string left out
+      // of the translations, or one a component library brings in English.
+      const pages = ['/', '/playground', '/models', '/deployments', '/knowledge', '/keys', '/usage', '/orgs', '/profile',
+        '/admin/cluster', '/admin/users', '/admin/prices', '/admin/audit', '/admin/outbox']
+      const leaks = []
+      // What the pages show of this run's data: the accounts, models, node ids, and the
+      // audit filter's example (an action prefix, `key.`).
+      const dataWords = [ADMIN.email, USER.email, USER.name, 'tiny-llama bert embed node- key'].flatMap((text) => text.match(/[A-Za-z][A-Za-z'-]+/g) ?? [])
+      for (const path of pages) {
+        await admin.goto(`${base}${path}`)
+        await admin.waitForLoadState('networkidle')
+        await admin.locator('main').first().waitFor()
+        await admin.waitForTimeout(200)
+        const found = await englishOn(admin, dataWords)
+        if (!found.cjk) leaks.push(`${path}: the title is not Chinese`)
+        if (found.words.length > 0) leaks.push(`${path}: ${found.words.join(', ')}`)
+        await admin.screenshot({ path: join(shots, `zh${path === '/' ? '-home' : path.replaceAll('/', '-')}-desktop.png`), fullPage: true })
+      }
+      assert(leaks.length === 0, `English on Chinese pages:\n${leaks.join('\n')}`)
+    })
+
+    await check("a knowledge base's tabs read in Chinese too", async () => {
+      const page = await userContext.newPage()
+      openPages.push(page)
+      await page.goto(`${base}/knowledge`)
+      await page.evaluate(() => localStorage.setItem('maas.locale', 'zh'))
+      await page.reload()
+      await page.locator('[data-test="kb-table"]').getByText('handbook').click()
+      await page.getByRole('heading', { name: 'handbook' }).waitFor()
+      const tabs = page.getByRole('tab')
+      const dataWords = [USER.email, USER.name, DOC_NAME, DOC_TEXT, 'handbook manual e2e embed bert tiny-llama'].flatMap((text) => text.match(/[A-Za-z][A-Za-z'-]+/g) ?? [])
+      const leaks = []
+      for (let tab = 0; tab < (await tabs.count()); tab += 1) {
+        await tabs.nth(tab).click()
+        await page.waitForLoadState('networkidle')
+        await page.waitForTimeout(300)
+        const found = await englishOn(page, dataWords)
+        if (!found.cjk) leaks.push(`tab ${tab}: the title is not Chinese`)
+        if (found.words.length > 0) leaks.push(`tab ${tab} (${await tabs.nth(tab).innerText()}): ${found.words.join(', ')}`)
+        await page.screenshot({ path: join(shots, `zh-knowledge-tab-${tab}-desktop.png`), fullPage: true })
+      }
+      // The user's other page goes on in English.
+      await page.evaluate(() => localStorage.setItem('maas.locale', 'en'))
+      await page.close()
+      assert(leaks.length === 0, `English on a knowledge base's Chinese tabs:\n${leaks.join('\n')}`)
     })
 
     await check('pages fit a 375 px phone', async () => {

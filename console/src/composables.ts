@@ -2,6 +2,7 @@
 import { onBeforeUnmount, ref, type Ref } from 'vue'
 import { useI18n } from 'vue-i18n'
 import { ApiError } from './api/client'
+import type { Messages } from './i18n/en'
 
 export interface Loader<T> {
   data: Ref<T | null>
@@ -85,4 +86,20 @@ export function formatCount(n: number): string {
   if (n >= 1e6) return `${(n / 1e6).toFixed(1)}M`
   if (n >= 1e3) return `${(n / 1e3).toFixed(1)}k`
   return String(n)
+}
+
+/** The groups of values the API sends as words (states, statuses, roles, scopes). */
+export type EnumGroup = keyof Messages['enums']
+
+/**
+ * A value the API sends as a word, in the reader's language: the translation where there is
+ * one, else the word itself (a value newer than this console).
+ */
+export function useEnumLabel(): (group: EnumGroup, value: string | null | undefined) => string {
+  const { t, te } = useI18n()
+  return (group, value) => {
+    if (value === null || value === undefined || value === '') return '—'
+    const key = `enums.${group}.${value}`
+    return te(key) ? t(key) : value
+  }
 }

@@ -12,6 +12,7 @@
 //! informative.
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::model_files::{GgufMetadataValue, ModelFiles, ModelFormat, gguf_file_type_name};
 
@@ -37,7 +38,7 @@ const GLM_REASON: &str = "this build's engine runs llama, mistral and qwen2 deco
 
 /// The values that identify a model's shape, as `config.json` (or the GGUF metadata)
 /// gives them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 pub struct Dimensions {
     pub hidden_size: u64,
     pub num_hidden_layers: u64,
@@ -75,7 +76,7 @@ const fn gguf_dims(of: Dimensions) -> Dimensions {
 }
 
 /// One well-known model.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct CatalogEntry {
     /// The catalogue name, lowercase: `qwen2.5-0.5b-instruct`.
     pub name: &'static str,
@@ -96,10 +97,12 @@ pub struct CatalogEntry {
     pub parameters: u64,
     /// The context window the model was trained for, in tokens.
     pub context_length: u64,
+    #[schema(value_type = Vec<String>)]
     pub tasks: &'static [&'static str],
     /// GGUF quantisation (`general.file_type`), e.g. `Q8_0`.
     pub quantization: Option<&'static str>,
     /// File names an import needs; `*.ext` means at least one such file.
+    #[schema(value_type = Vec<String>)]
     pub expected_files: &'static [&'static str],
     /// Whether this build's engine can serve it.
     pub servable: bool,

@@ -35,7 +35,7 @@ pub enum ModelFilesError {
 
 pub type Result<T, E = ModelFilesError> = std::result::Result<T, E>;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelFormat {
     /// A Hugging Face folder with safetensors weights.

@@ -114,6 +114,101 @@ impl Meter {
     }
 }
 
+/// Model work the platform does for a tenant outside a metered request of theirs: the
+/// embeddings and graph extraction of a knowledge base's ingestion, and a retrieval's
+/// question embedding and condensing. It is recorded as the owner's usage (the caller's
+/// and their key's too where a request of theirs caused it), under its own endpoint name,
+/// and its tokens count against the same token quotas. It is not admitted against the
+/// call quotas: the upload or request that caused it already was.
+#[derive(Debug, Clone)]
+pub struct Work {
+    owner: Owner,
+    user_id: String,
+    key_id: Option<String>,
+    subjects: Vec<String>,
+    endpoint: &'static str,
+}
+
+impl Work {
+    /// Work a request of `caller` causes.
+    pub fn for_caller(caller: &Caller, endpoint: &'static str) -> Work {
+        Work {
+            owner: caller.scope.acting_as().clone(),
+            user_id: caller.user_id().to_owned(),
+            key_id: caller.key_id().map(str::to_owned),
+            subjects: caller.quotas.iter().map(|check| check.subject.clone()).collect(),
+            endpoint,
+        }
+    }
+
+    /// Work done in the background for what `owner` owns (a document's ingestion).
+    pub fn for_owner(owner: &Owner, endpoint: &'static str) -> Work {
+        Work {
+            owner: owner.clone(),
+            // An organisation's work is no one member's (as sampled storage).
+            user_id: if matches!(owner, Owner::User(_)) { owner.id().to_owned() } else { String::new() },
+            key_id: None,
+            subjects: vec![format!("{}:{}", owner.kind(), owner.id())],
+            endpoint,
+        }
+    }
+
+    /// The endpoint name the usage is recorded under.
+    pub fn endpoint(&self) -> &'static str {
+        self.endpoint
+    }
+
+    /// Records `tokens` (prompt, completion) of a call to `model` that began at `started`.
+    pub fn record(
+        &self,
+        state: &Arc<AppState>,
+        model: &str,
+        (prompt_tokens, completion_tokens): (usize, usize),
+        started: Instant,
+    ) {
+        let usage = NewUsage {
+            owner: self.owner.clone(),
+            user_id: self.user_id.clone(),
+            key_id: self.key_id.clone(),
+            kind: UsageKind::Inference,
+            model: model.to_owned(),
+            endpoint: self.endpoint.to_owned(),
+            prompt_tokens: prompt_tokens as u64,
+            completion_tokens: completion_tokens as u64,
+            gpu_seconds: 0,
+            storage_bytes: 0,
+            latency_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            status: 200,
+            at_ms: maas_store::ids::now_ms(),
+        };
+        state.monitor.record_request(
+            &usage.model,
+            u64::try_from(usage.at_ms).unwrap_or(0),
+            usage.status,
+            usage.latency_ms,
+            (usage.prompt_tokens, usage.completion_tokens),
+        );
+        metrics::counter!("maas_usage_tokens_total", "kind" => "prompt").increment(usage.prompt_tokens);
+        metrics::counter!("maas_usage_tokens_total", "kind" => "completion").increment(usage.completion_tokens);
+        add_tokens(state, self.subjects.clone(), usage.prompt_tokens + usage.completion_tokens, usage.at_ms);
+        state.usage_writer.record(state, usage);
+    }
+}
+
+/// Adds `tokens` to the subjects' token quotas, in the background.
+fn add_tokens(state: &Arc<AppState>, subjects: Vec<String>, tokens: u64, at_ms: i64) {
+    if tokens == 0 || subjects.is_empty() {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    let state = Arc::clone(state);
+    runtime.spawn(async move {
+        if let Err(err) = state.limiter().add_tokens(&subjects, tokens, at_ms).await {
+            tracing::error!(error = %err, "adding tokens to the quotas failed");
+        }
+    });
+}
+
 /// Writes usage records in batches: one transaction per batch (up to [`BATCH`] rows,
 /// gathered while the previous one commits), so a busy node does not pay a commit and an
 /// fsync per request. Records reach the database within one commit of their request
@@ -190,20 +285,7 @@ impl Drop for MeterInner {
         );
         metrics::counter!("maas_usage_tokens_total", "kind" => "prompt").increment(prompt_tokens);
         metrics::counter!("maas_usage_tokens_total", "kind" => "completion").increment(completion_tokens);
-        let tokens = prompt_tokens + completion_tokens;
-        let subjects = std::mem::take(&mut self.subjects);
-        if tokens > 0
-            && !subjects.is_empty()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            let state = Arc::clone(&self.state);
-            let at_ms = usage.at_ms;
-            runtime.spawn(async move {
-                if let Err(err) = state.limiter().add_tokens(&subjects, tokens, at_ms).await {
-                    tracing::error!(error = %err, "adding tokens to the quotas failed");
-                }
-            });
-        }
+        add_tokens(&self.state, std::mem::take(&mut self.subjects), prompt_tokens + completion_tokens, usage.at_ms);
         self.state.usage_writer.record(&self.state, usage);
     }
 }

@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::error::ApiError;
 
 /// The request's `response_format`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ResponseFormat {
     Text,
@@ -23,13 +23,15 @@ pub enum ResponseFormat {
     JsonSchema { json_schema: JsonSchemaSpec },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JsonSchemaSpec {
     pub name: String,
     #[serde(default)]
     pub description: Option<String>,
+    /// A JSON Schema the answer must satisfy.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub schema: Option<Value>,
     #[serde(default)]
     pub strict: Option<bool>,

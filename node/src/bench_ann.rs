@@ -57,6 +57,20 @@ pub struct AnnBench {
     /// milliseconds).
     #[arg(long, default_value_t = 100)]
     milvus_queries: usize,
+    /// Measure only Milvus (with `--milvus`): no embedded index is built.
+    #[arg(long, requires = "milvus")]
+    milvus_only: bool,
+}
+
+/// The longest one Milvus call of the bench may take before the bench gives up on it and
+/// says which call it was (rather than waiting for good on a server that stopped answering).
+const MILVUS_CALL_LIMIT: Duration = Duration::from_secs(120);
+
+/// `call` within [`MILVUS_CALL_LIMIT`], or an error naming `what`.
+async fn bounded<T>(what: &str, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(MILVUS_CALL_LIMIT, call)
+        .await
+        .map_err(|_| anyhow::anyhow!("milvus: {what} did not answer within {MILVUS_CALL_LIMIT:?}"))?
 }
 
 const TAG: &str = "tenth";
@@ -144,7 +158,7 @@ async fn measure(
     for query in queries {
         let request = SearchRequest::new(query.clone(), k).filter(filter.clone());
         let started = Instant::now();
-        answers.push(store.search(collection, &request).await?);
+        answers.push(bounded("a search", async { Ok(store.search(collection, &request).await?) }).await?);
         latencies.push(started.elapsed());
     }
     latencies.sort_unstable();
@@ -175,7 +189,7 @@ async fn load(store: &dyn VectorStore, collection: &str, vectors: &[Vec<f32>]) -
     let started = Instant::now();
     for (batch, first) in vectors.chunks(1000).zip((0u64..).step_by(1000)) {
         let records = batch.iter().zip(first..).map(|(vector, id)| record(id, vector)).collect();
-        store.upsert(collection, records).await?;
+        bounded("an upsert of 1,000 vectors", async { Ok(store.upsert(collection, records).await?) }).await?;
     }
     Ok(started.elapsed())
 }
@@ -205,12 +219,17 @@ impl Workload {
     ) -> Result<()> {
         let n = queries.min(self.queries.len());
         let queries = &self.queries[..n];
+        let mut row = |measured: &Measured, what: &str| {
+            let line = measured.row(&format!("{label}, {what}"));
+            eprintln!("{line}");
+            writeln!(out, "{line}")
+        };
         let all = measure(store, collection, queries, k, &SearchFilter::default(), &self.truth[..n]).await?;
-        writeln!(out, "{}", all.row(&format!("{label}, no filter")))?;
+        row(&all, "no filter")?;
         let tagged = measure(store, collection, queries, k, &Workload::tagged(), &self.tagged_truth[..n]).await?;
-        writeln!(out, "{}", tagged.row(&format!("{label}, tag on 10% of chunks")))?;
+        row(&tagged, "tag on 10% of chunks")?;
         let document = measure(store, collection, queries, k, &self.document, &self.document_truth[..n]).await?;
-        writeln!(out, "{}", document.row(&format!("{label}, one document ({CHUNKS_PER_DOCUMENT} chunks)")))?;
+        row(&document, &format!("one document ({CHUNKS_PER_DOCUMENT} chunks)"))?;
         Ok(())
     }
 }
@@ -249,7 +268,8 @@ pub async fn ann(args: &AnnBench) -> Result<String> {
     writeln!(out, "| index | recall@{} | p50 | p99 | max |", args.k)?;
     writeln!(out, "|---|---|---|---|---|")?;
     let mut builds = String::new();
-    for &shards in &args.shards {
+    let shard_counts: &[u32] = if args.milvus_only { &[] } else { &args.shards };
+    for &shards in shard_counts {
         embedded(args, &root, shards, &workload, &mut out, &mut builds).await?;
     }
     if let Some(url) = &args.milvus {
@@ -287,14 +307,18 @@ async fn embedded(
 async fn milvus(args: &AnnBench, url: &str, workload: &Workload, out: &mut String, builds: &mut String) -> Result<()> {
     let store = MilvusStore::connect(url, MilvusOptions::default()).await?;
     let collection = "maas_bench_ann";
-    store.drop_collection(collection).await?;
-    store.ensure_collection(&CollectionSpec::new(collection, args.dimension, Metric::Cosine)).await?;
+    bounded("dropping the last run's collection", async { Ok(store.drop_collection(collection).await?) }).await?;
+    let spec = CollectionSpec::new(collection, args.dimension, Metric::Cosine);
+    bounded("creating the collection", async { Ok(store.ensure_collection(&spec).await?) }).await?;
     let built = load(&store, collection, &workload.vectors).await?;
+    eprintln!("milvus: inserted {} vectors in {:.1} s", workload.vectors.len(), built.as_secs_f64());
     // Sealing the writes into indexed segments, which Milvus also does by itself as they
     // fill; the first query waits for the index where the server builds it lazily.
     let flushed = Instant::now();
-    store.flush(collection).await?;
-    store.search(collection, &SearchRequest::new(workload.queries[0].clone(), args.k)).await?;
+    bounded("the flush", async { Ok(store.flush(collection).await?) }).await?;
+    eprintln!("milvus: flushed in {:.1} s", flushed.elapsed().as_secs_f64());
+    let first = SearchRequest::new(workload.queries[0].clone(), args.k);
+    bounded("the first search", async { Ok(store.search(collection, &first).await?) }).await?;
     writeln!(
         builds,
         "milvus at {url}: inserted in {:.1} s, flushed and indexed in {:.1} s more",
@@ -303,7 +327,7 @@ async fn milvus(args: &AnnBench, url: &str, workload: &Workload, out: &mut Strin
     )?;
     let label = format!("milvus (first {} queries)", args.milvus_queries.min(args.queries));
     workload.rows(&store, collection, (args.k, args.milvus_queries), &label, out).await?;
-    store.drop_collection(collection).await?;
+    bounded("dropping the collection", async { Ok(store.drop_collection(collection).await?) }).await?;
     Ok(())
 }
 

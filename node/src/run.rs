@@ -99,9 +99,9 @@ pub async fn run_node(mut config: Config, quick_start: bool) -> Result<ExitCode>
     let _ = state.cluster_cookie.set(config.cluster.cookie.clone());
     let _ = state.gpu_reserve_mib.set(config.node.gpu_memory_reserve_mib);
     let transport = cluster.transport.clone();
-    let _ = state
-        .peer_health
-        .set(Arc::new(move || transport.peer_states().into_iter().map(|(id, peer)| (id, peer.to_string())).collect()));
+    let _ = state.peer_health.set(Arc::new(move || {
+        transport.peer_states().into_iter().map(|(id, peer)| (id, peer.name().to_owned())).collect()
+    }));
     tokio::spawn(register(cluster.control.handle().clone(), cluster.node.clone(), Arc::clone(&state)));
     spawn_housekeeping(&state);
     if quick_start && let Some(stores) = state.stores.get().cloned() {

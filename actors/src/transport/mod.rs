@@ -144,6 +144,19 @@ pub enum PeerState {
     CookieMismatch,
 }
 
+impl PeerState {
+    /// The state as the API names it: `connecting`, `connected`, `unreachable`,
+    /// `cookie_mismatch`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PeerState::Connecting => "connecting",
+            PeerState::Connected => "connected",
+            PeerState::Unreachable => "unreachable",
+            PeerState::CookieMismatch => "cookie_mismatch",
+        }
+    }
+}
+
 impl fmt::Display for PeerState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

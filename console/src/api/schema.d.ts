@@ -1528,12 +1528,135 @@ export interface components {
             /** Format: int64 */
             size_bytes: number;
         };
+        /** @description One well-known model. */
+        CatalogEntry: {
+            /** @description The catalogue name, lowercase: `qwen2.5-0.5b-instruct`. */
+            name: string;
+            display_name: string;
+            /** @description `llama`, `qwen2`, `mistral`, `phi`, `glm`, `bert`. */
+            family: string;
+            publisher: string;
+            /** @description The Hugging Face repository the files come from. */
+            source_repo: string;
+            /** @description For GGUF entries: the file of the repository this entry is. */
+            source_file?: string | null;
+            /** @description The licence identifier the repository declares (`apache-2.0`, `llama3.1`, ...). */
+            license: string;
+            format: components["schemas"]["ModelFormat"];
+            /** @description `config.json` `architectures[0]`, or GGUF `general.architecture`. */
+            architecture: string;
+            dimensions: components["schemas"]["Dimensions"];
+            /** Format: int64 */
+            parameters: number;
+            /**
+             * Format: int64
+             * @description The context window the model was trained for, in tokens.
+             */
+            context_length: number;
+            tasks: string[];
+            /** @description GGUF quantisation (`general.file_type`), e.g. `Q8_0`. */
+            quantization?: string | null;
+            /** @description File names an import needs; `*.ext` means at least one such file. */
+            expected_files: string[];
+            /** @description Whether this build's engine can serve it. */
+            servable: boolean;
+            /** @description Why not, when it cannot. */
+            not_servable_reason?: string | null;
+        };
         CatalogList: {
-            models: Record<string, never>[];
+            models: components["schemas"]["CatalogModel"][];
+        };
+        /** @description A catalogue entry and the versions of it in the repository. */
+        CatalogModel: components["schemas"]["CatalogEntry"] & {
+            description: string;
+            /** @description Versions registered under this catalogue name. */
+            imported_versions: string[];
         };
         ChangePassword: {
             current_password: string;
             new_password: string;
+        };
+        /** @description A message of a conversation. */
+        ChatMessageIn: {
+            /** @description `system`, `user`, `assistant` (or `developer`, `tool`). */
+            role: string;
+            content?: null | components["schemas"]["Content"];
+            name?: string | null;
+        };
+        /** @description How a knowledge base cuts its documents. */
+        ChunkConfig: {
+            /**
+             * @description The most tokens in a chunk, overlap included (special tokens excluded).
+             * @default 240
+             */
+            max_tokens: number;
+            /**
+             * @description The most tokens carried from the end of one chunk into the next.
+             * @default 32
+             */
+            overlap_tokens: number;
+            /**
+             * @description The most tokens in a parent chunk.
+             * @default 1024
+             */
+            parent_max_tokens: number;
+            /**
+             * @description Never let a chunk span two sections of the document.
+             * @default true
+             */
+            respect_headings: boolean;
+        };
+        /** @description A page of a document's chunks. */
+        ChunkList: {
+            /** @description Always `list`. */
+            object: string;
+            data: components["schemas"]["ChunkObject"][];
+            /**
+             * Format: int64
+             * @description The document's chunks at this level, on every page.
+             */
+            total: number;
+        };
+        /** @description A chunk as the chunk viewer shows it. */
+        ChunkObject: {
+            /** @description A decimal string (it does not fit JavaScript's numbers). */
+            chunk_id: string;
+            level: string;
+            /** Format: int64 */
+            ordinal: number;
+            /** Format: int64 */
+            parent_ordinal?: number | null;
+            text: string;
+            /** Format: int64 */
+            tokens: number;
+            /** Format: int64 */
+            page_start: number;
+            /** Format: int64 */
+            page_end: number;
+            heading_path: string[];
+            embedded: boolean;
+            /** @description The document the chunk is of (in an entity's neighbourhood, which spans documents). */
+            document_id?: string | null;
+        };
+        /** @description A source the answer may cite as `[index]`. */
+        Citation: {
+            /** @description The number the prompt gave the source, from 1. */
+            index: number;
+            knowledge_base_id: string;
+            document_id: string;
+            filename: string;
+            /** Format: int64 */
+            version: number;
+            /** Format: int64 */
+            page_start: number;
+            /** Format: int64 */
+            page_end: number;
+            heading_path: string[];
+            chunk_id: string;
+            /** Format: float */
+            score: number;
+            /** @description The chunk's text. */
+            text: string;
         };
         /** @description One GPU of the cluster, with the memory promised to replicas and jobs placed on it. */
         ClusterGpu: {
@@ -1601,6 +1724,15 @@ export interface components {
             login: string;
             purpose: string;
         };
+        /**
+         * @description A message's content: a string, or OpenAI's list of parts (text parts are joined).
+         *     A message's content: text, or a list of parts (of which text parts are read).
+         */
+        Content: string | components["schemas"]["ContentPart"][];
+        ContentPart: {
+            type: string;
+            text?: string | null;
+        };
         CreateBatch: {
             /** @description A file uploaded with purpose `batch`. */
             input_file_id: string;
@@ -1646,8 +1778,7 @@ export interface components {
              *     default `knowledge.default_shards`).
              */
             shards?: number | null;
-            /** @description How documents are cut (defaults fit all-MiniLM-L6-v2). */
-            chunking?: Record<string, never>;
+            chunking?: null | components["schemas"]["ChunkConfig"];
             retrieval?: null | components["schemas"]["RetrievalSettings"];
             graph?: null | components["schemas"]["GraphSettings"];
         };
@@ -1844,6 +1975,28 @@ export interface components {
             /** @description The estimate the memory came from, on create and update when it was estimated. */
             estimate?: Record<string, never> | null;
         };
+        /**
+         * @description The values that identify a model's shape, as `config.json` (or the GGUF metadata)
+         *     gives them.
+         */
+        Dimensions: {
+            /** Format: int64 */
+            hidden_size: number;
+            /** Format: int64 */
+            num_hidden_layers: number;
+            /** Format: int64 */
+            num_attention_heads: number;
+            /**
+             * Format: int64
+             * @description Key/value heads of grouped-query attention; `None` for encoders.
+             */
+            num_key_value_heads?: number | null;
+            /**
+             * Format: int64
+             * @description `None` where the files do not state it in a comparable way (GGUF).
+             */
+            vocab_size?: number | null;
+        };
         /** @description A document version as the API shows it, with its ingestion state and progress. */
         DocumentObject: {
             id: string;
@@ -1862,8 +2015,7 @@ export interface components {
             bytes: number;
             tags: string[];
             category: string;
-            /** @description queued, parsing, chunking, embedding, indexed, failed, retired or deleting. */
-            state: string;
+            state: components["schemas"]["DocumentState"];
             /** @description Why it failed, or what it waits for. */
             error?: string | null;
             /** Format: int64 */
@@ -1887,9 +2039,34 @@ export interface components {
             /** Format: int64 */
             updated_at: number;
         };
+        /**
+         * @description Where a document's ingestion has got to.
+         * @enum {string}
+         */
+        DocumentState: "queued" | "parsing" | "chunking" | "embedding" | "indexed" | "failed" | "retired" | "deleting";
         Echoed: {
             /** Format: int64 */
             received_bytes: number;
+        };
+        /** @description One text to embed, or several. */
+        EmbeddingInput: string | string[];
+        EmbeddingRequest: {
+            model: string;
+            input: components["schemas"]["EmbeddingInput"];
+            /** @description `float` (default) or `base64` (little-endian f32). */
+            encoding_format?: string | null;
+            dimensions?: number | null;
+            user?: string | null;
+        };
+        /** @description One entity's neighbourhood: its relations and the chunks that mention it. */
+        EntityNeighbourhood: {
+            /** @description Always `knowledge_base.graph.entity`. */
+            object: string;
+            /** @description The entity's key (its name, normalised). */
+            entity: string;
+            relations: components["schemas"]["GraphEdge"][];
+            /** @description With their `document_id`. */
+            chunks: components["schemas"]["ChunkObject"][];
         };
         /** @description The JSON body of every error response. */
         ErrorBody: {
@@ -1976,6 +2153,38 @@ export interface components {
             memory_total_mib: number;
             simulated: boolean;
         };
+        /**
+         * @description A relation of a knowledge base's graph: how many sentences relate the two, and one of
+         *     them.
+         */
+        GraphEdge: {
+            source: string;
+            target: string;
+            /** Format: int64 */
+            weight: number;
+            evidence: string;
+        };
+        /** @description An entity of a knowledge base's graph, over its indexed documents. */
+        GraphEntity: {
+            key: string;
+            name: string;
+            kind: string;
+            /**
+             * Format: int64
+             * @description Chunks that mention it.
+             */
+            mentions: number;
+            /**
+             * Format: int64
+             * @description Documents that mention it.
+             */
+            documents: number;
+        };
+        /**
+         * @description What `GET /v1/knowledge_bases/{id}/graph` answers: the graph, or with `entity` one
+         *     entity's neighbourhood.
+         */
+        GraphReply: components["schemas"]["KnowledgeGraph"] | components["schemas"]["EntityNeighbourhood"];
         /** @description How a knowledge base's graph is extracted. */
         GraphSettings: {
             /**
@@ -2005,10 +2214,68 @@ export interface components {
             /** Format: int64 */
             last_sign_in_at_ms: number;
         };
+        /**
+         * @description A chat or text completion request: OpenAI's fields of both (each endpoint refuses the
+         *     other's). One type, not two with the sampling fields flattened in: serde's `flatten`
+         *     would hide which field a type error is in.
+         */
+        InferenceRequest: {
+            model: string;
+            /** @description Chat completions. */
+            messages?: components["schemas"]["ChatMessageIn"][] | null;
+            top_logprobs?: number | null;
+            prompt?: null | components["schemas"]["Prompt"];
+            echo?: boolean;
+            logprobs?: null | components["schemas"]["Logprobs"];
+            /** Format: int64 */
+            max_tokens?: number | null;
+            /** Format: int64 */
+            max_completion_tokens?: number | null;
+            /** Format: float */
+            temperature?: number | null;
+            /** Format: float */
+            top_p?: number | null;
+            /**
+             * Format: int64
+             * @description An extension (vLLM's): sample among the k most likely tokens.
+             */
+            top_k?: number | null;
+            /** Format: float */
+            presence_penalty?: number | null;
+            /** Format: float */
+            frequency_penalty?: number | null;
+            /**
+             * Format: float
+             * @description An extension (vLLM's): divides the logits of tokens already seen.
+             */
+            repetition_penalty?: number | null;
+            /** Format: int64 */
+            seed?: number | null;
+            stop?: null | components["schemas"]["Stop"];
+            /** Format: int32 */
+            n?: number | null;
+            stream?: boolean;
+            stream_options?: null | components["schemas"]["StreamOptions"];
+            user?: string | null;
+            response_format?: null | components["schemas"]["ResponseFormat"];
+            /**
+             * @description A maas extension of chat completions: answer from these knowledge bases, with
+             *     citations.
+             */
+            knowledge_base_ids?: string[] | null;
+            retrieval?: null | components["schemas"]["RagOptions"];
+        };
         JoinReply: {
             /** @description Every member that has not left, the new one included. */
             members: components["schemas"]["MemberAddresses"][];
             voters: number[];
+        };
+        JsonSchemaSpec: {
+            name: string;
+            description?: string | null;
+            /** @description A JSON Schema the answer must satisfy. */
+            schema?: Record<string, never> | null;
+            strict?: boolean | null;
         };
         /** @description An API key as the API shows it: the secret only in the answer to creating it. */
         KeyObject: {
@@ -2060,7 +2327,7 @@ export interface components {
             vector_backend: string;
             /** Format: int64 */
             shards: number;
-            settings: Record<string, never>;
+            settings: components["schemas"]["KnowledgeBaseSettings"];
             /**
              * Format: int64
              * @description Unix seconds.
@@ -2069,6 +2336,12 @@ export interface components {
             /** Format: int64 */
             updated_at: number;
             stats?: null | components["schemas"]["KnowledgeBaseStats"];
+        };
+        /** @description A knowledge base's settings: how its documents are cut, searched and put in its graph. */
+        KnowledgeBaseSettings: {
+            chunking?: components["schemas"]["ChunkConfig"];
+            retrieval?: components["schemas"]["RetrievalSettings"];
+            graph?: components["schemas"]["GraphSettings"];
         };
         /** @description What a knowledge base holds and where its shards are. */
         KnowledgeBaseStats: {
@@ -2098,6 +2371,15 @@ export interface components {
             /** @description Shards that did not answer (their node is down): the counts miss what they hold. */
             shards_unavailable: string[];
         };
+        /** @description A knowledge base's graph: entities with the relations between them. */
+        KnowledgeGraph: {
+            /** @description Always `knowledge_base.graph`. */
+            object: string;
+            /** @description Most mentioned first. */
+            entities: components["schemas"]["GraphEntity"][];
+            /** @description Relations whose two ends are both among `entities`. */
+            relations: components["schemas"]["GraphEdge"][];
+        };
         /** @description Labels to set and to remove on a node, in one atomic change. */
         LabelChange: {
             set?: {
@@ -2121,6 +2403,52 @@ export interface components {
                 /** @description What the action was on (an id or a name). */
                 target: string;
                 detail: unknown;
+            }[];
+        };
+        /** @description A list as OpenAI's API shapes one: `{"object": "list", "data": [...]}`. */
+        ListOf_DocumentObject: {
+            /** @description Always `list`. */
+            object: string;
+            data: {
+                id: string;
+                object: string;
+                knowledge_base_id: string;
+                filename: string;
+                /**
+                 * Format: int64
+                 * @description 1 for the first upload of a file name, then 2, 3...
+                 */
+                version: number;
+                /** @description pdf, docx, text, markdown or html. */
+                kind: string;
+                sha256: string;
+                /** Format: int64 */
+                bytes: number;
+                tags: string[];
+                category: string;
+                state: components["schemas"]["DocumentState"];
+                /** @description Why it failed, or what it waits for. */
+                error?: string | null;
+                /** Format: int64 */
+                attempts: number;
+                /** Format: int64 */
+                pages: number;
+                /** Format: int64 */
+                chunks_total: number;
+                /** Format: int64 */
+                chunks_embedded: number;
+                /**
+                 * Format: double
+                 * @description From 0 to 1.
+                 */
+                progress: number;
+                /**
+                 * Format: int64
+                 * @description Unix seconds.
+                 */
+                created_at: number;
+                /** Format: int64 */
+                updated_at: number;
             }[];
         };
         /** @description A list as OpenAI's API shapes one: `{"object": "list", "data": [...]}`. */
@@ -2172,6 +2500,33 @@ export interface components {
                 status: string;
                 /** @description The secret, shown this once (creating the key). */
                 key?: string | null;
+            }[];
+        };
+        /** @description A list as OpenAI's API shapes one: `{"object": "list", "data": [...]}`. */
+        ListOf_KnowledgeBaseObject: {
+            /** @description Always `list`. */
+            object: string;
+            data: {
+                id: string;
+                object: string;
+                name: string;
+                description: string;
+                /** @description `user` or `org`, and its id. */
+                owner_kind: string;
+                owner_id: string;
+                embedding_model: string;
+                vector_backend: string;
+                /** Format: int64 */
+                shards: number;
+                settings: components["schemas"]["KnowledgeBaseSettings"];
+                /**
+                 * Format: int64
+                 * @description Unix seconds.
+                 */
+                created_at: number;
+                /** Format: int64 */
+                updated_at: number;
+                stats?: null | components["schemas"]["KnowledgeBaseStats"];
             }[];
         };
         /** @description A list as OpenAI's API shapes one: `{"object": "list", "data": [...]}`. */
@@ -2292,6 +2647,8 @@ export interface components {
             level: components["schemas"]["LogLevel"];
             message: string;
         };
+        /** @description `logprobs`: a flag in chat completions, a count of alternatives in text completions. */
+        Logprobs: boolean | number;
         /** @description Who the caller is. */
         Me: {
             user: components["schemas"]["User"];
@@ -2371,6 +2728,8 @@ export interface components {
             /** Format: int64 */
             size_bytes: number;
         };
+        /** @enum {string} */
+        ModelFormat: "safetensors" | "gguf";
         ModelList: {
             object: string;
             data: components["schemas"]["ModelObject"][];
@@ -2500,6 +2859,8 @@ export interface components {
             /** Format: int64 */
             gpu_hour_micros: number;
         };
+        /** @description A text completion's prompt: one text or several. */
+        Prompt: string | string[];
         /**
          * @description What kind of provider a `[[auth.oauth]]` entry is.
          * @enum {string}
@@ -2582,6 +2943,26 @@ export interface components {
             /** Format: int64 */
             concurrent_requests: number;
         };
+        /** @description How a RAG chat retrieves (the `retrieval` field of a chat request). */
+        RagOptions: {
+            /** @description Sources in the prompt (1 to 20, default 4). */
+            top_k?: number | null;
+            mode?: null | components["schemas"]["RetrievalMode"];
+            tags?: string[] | null;
+            document_ids?: string[] | null;
+            /**
+             * @description Whether a follow-up question is rewritten with the conversation before retrieval
+             *     (default true).
+             */
+            condense?: boolean | null;
+            /**
+             * @description Whether each source brings its larger parent chunk into the prompt (default
+             *     false: more context, more tokens).
+             */
+            include_parent?: boolean | null;
+            /** @description Widen retrieval to the knowledge graph's neighbours of the question's entities. */
+            graph?: boolean | null;
+        };
         /** @description Whether the node can serve traffic, with the state of each check. */
         ReadinessReport: {
             ready: boolean;
@@ -2648,6 +3029,18 @@ export interface components {
             login: string;
             code: string;
             new_password: string;
+        };
+        /** @description The request's `response_format`. */
+        ResponseFormat: {
+            /** @enum {string} */
+            type: "text";
+        } | {
+            /** @enum {string} */
+            type: "json_object";
+        } | {
+            json_schema: components["schemas"]["JsonSchemaSpec"];
+            /** @enum {string} */
+            type: "json_schema";
         };
         /**
          * @description How a knowledge base is searched.
@@ -2843,6 +3236,9 @@ export interface components {
         Stop: string | string[];
         /** @enum {string} */
         StrategyName: "binpack" | "spread";
+        StreamOptions: {
+            include_usage?: boolean;
+        };
         /** @description One quota a request counts against: whose, its limits (0: unlimited) and its counters. */
         SubjectQuota: {
             /** @description `key:<id>`, `user:<id>` or `org:<id>`. */
@@ -2852,8 +3248,7 @@ export interface components {
         };
         UpdateKnowledgeBase: {
             description?: string | null;
-            /** @description New chunking settings apply to documents uploaded from now on. */
-            chunking?: Record<string, never>;
+            chunking?: null | components["schemas"]["ChunkConfig"];
             retrieval?: null | components["schemas"]["RetrievalSettings"];
             graph?: null | components["schemas"]["GraphSettings"];
         };
@@ -4159,10 +4554,10 @@ export interface operations {
             path?: never;
             cookie?: never;
         };
-        /** @description OpenAI's chat completion request */
+        /** @description OpenAI's chat completion request (`messages`; `knowledge_base_ids` and `retrieval` answer from knowledge bases with citations) */
         requestBody: {
             content: {
-                "application/json": Record<string, never>;
+                "application/json": components["schemas"]["InferenceRequest"];
             };
         };
         responses: {
@@ -4351,10 +4746,10 @@ export interface operations {
             path?: never;
             cookie?: never;
         };
-        /** @description OpenAI's completion request */
+        /** @description OpenAI's completion request (`prompt`) */
         requestBody: {
             content: {
-                "application/json": Record<string, never>;
+                "application/json": components["schemas"]["InferenceRequest"];
             };
         };
         responses: {
@@ -4853,7 +5248,7 @@ export interface operations {
         /** @description OpenAI's embeddings request */
         requestBody: {
             content: {
-                "application/json": Record<string, never>;
+                "application/json": components["schemas"]["EmbeddingRequest"];
             };
         };
         responses: {
@@ -5213,7 +5608,9 @@ export interface operations {
                 headers: {
                     [name: string]: unknown;
                 };
-                content?: never;
+                content: {
+                    "application/json": components["schemas"]["ListOf_KnowledgeBaseObject"];
+                };
             };
         };
     };
@@ -5370,7 +5767,7 @@ export interface operations {
         /** @description a chat completion request; `retrieval` sets how sources are found */
         requestBody: {
             content: {
-                "application/json": Record<string, never>;
+                "application/json": components["schemas"]["InferenceRequest"];
             };
         };
         responses: {
@@ -5426,7 +5823,9 @@ export interface operations {
                 headers: {
                     [name: string]: unknown;
                 };
-                content?: never;
+                content: {
+                    "application/json": components["schemas"]["ListOf_DocumentObject"];
+                };
             };
             404: {
                 headers: {
@@ -5574,12 +5973,14 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description a list of chunks */
+            /** @description a page of chunks */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
-                content?: never;
+                content: {
+                    "application/json": components["schemas"]["ChunkList"];
+                };
             };
             400: {
                 headers: {
@@ -5618,12 +6019,14 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description entities and relations */
+            /** @description the graph (`knowledge_base.graph`), or with `entity` its neighbourhood (`knowledge_base.graph.entity`) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
-                content?: never;
+                content: {
+                    "application/json": components["schemas"]["GraphReply"];
+                };
             };
             400: {
                 headers: {

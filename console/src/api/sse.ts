@@ -1,18 +1,13 @@
 // Streaming chat completions: POST /v1/chat/completions with `stream: true`, read as
 // server-sent events (`data: {chunk}` lines, ending with `data: [DONE]`).
 import { ApiError, errorFrom } from './client'
-import type { ChatMessage, Citation, RetrievalMode } from './types'
+import type { ChatMessage, Citation, InferenceRequest } from './types'
 
-export interface ChatParams {
-  model: string
-  messages: ChatMessage[]
-  temperature: number
-  top_p: number
-  max_tokens: number
-  /** Answer from these knowledge bases (RAG): the first event then carries `citations`. */
-  knowledge_base_ids?: string[]
-  retrieval?: { top_k?: number; mode?: RetrievalMode; graph?: boolean }
-}
+/** What the playground sends: a chat completion request's fields that it sets. */
+export type ChatParams = Required<Pick<InferenceRequest, 'model' | 'temperature' | 'top_p' | 'max_tokens'>> &
+  Pick<InferenceRequest, 'knowledge_base_ids' | 'retrieval'> & {
+    messages: ChatMessage[]
+  }
 
 export interface StreamUsage {
   prompt_tokens: number

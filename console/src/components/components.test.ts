@@ -2,6 +2,9 @@ import { afterEach, describe, expect, it, vi } from 'vitest'
 import { flushPromises, mount } from '@vue/test-utils'
 import MemoryBar from './MemoryBar.vue'
 import ErrorAlert from './ErrorAlert.vue'
+import FilePicker from './FilePicker.vue'
+import { makeI18n } from '../i18n'
+import ElementPlus from 'element-plus'
 import Keys from '../views/Keys.vue'
 import { ApiError } from '../api/client'
 import { json, plugins, stubFetch } from '../test/helpers'
@@ -20,6 +23,30 @@ describe('MemoryBar', () => {
   it('copes with a GPU of unknown size', () => {
     const bar = mount(MemoryBar, { props: { usedMib: 0, totalMib: 0 }, global: { plugins: plugins() } })
     expect(bar.text()).toContain('(0%)')
+  })
+})
+
+describe('FilePicker', () => {
+  it("speaks the console's language, names the choice, passes the change on and forgets it", async () => {
+    const picker = mount(FilePicker, { props: { id: 'f', dataTest: 'pick' }, global: { plugins: [makeI18n('zh'), ElementPlus] } })
+    expect(picker.get('button').text()).toBe('选择文件')
+    expect(picker.get('#f-chosen').text()).toBe('未选择文件')
+    expect(picker.get('button').attributes('aria-describedby')).toBe('f-chosen')
+    const input = picker.get<HTMLInputElement>('[data-test="pick"]')
+    expect(input.attributes('type')).toBe('file')
+    Object.defineProperty(input.element, 'files', { value: [new File(['x'], 'notes.md')], configurable: true })
+    await input.trigger('change')
+    expect(picker.get('#f-chosen').text()).toBe('notes.md')
+    expect(picker.emitted('change')).toHaveLength(1)
+    ;(picker.vm as unknown as { clear: () => void }).clear()
+    await picker.vm.$nextTick()
+    expect(picker.get('#f-chosen').text()).toBe('未选择文件')
+  })
+
+  it('offers a folder where it takes one', () => {
+    const picker = mount(FilePicker, { props: { id: 'd', directory: true }, global: { plugins: plugins() } })
+    expect(picker.get('button').text()).toBe('Choose a folder')
+    expect(picker.get('input').attributes('webkitdirectory')).toBeDefined()
   })
 })
 

@@ -377,6 +377,7 @@ async fn embed_all(
         None
     };
     let batch = i64::try_from(service.options.embed_batch.max(1)).unwrap_or(64);
+    let work = crate::metering::Work::for_owner(&kb.owner, "knowledge.ingest");
     loop {
         if lost.load(Ordering::SeqCst) {
             return Err(StepError::Lost);
@@ -386,13 +387,15 @@ async fn embed_all(
             return Ok(());
         }
         let texts: Vec<String> = chunks.iter().map(indexed_text).collect();
-        let (embedded, _tokens) =
+        let started = std::time::Instant::now();
+        let (embedded, tokens) =
             crate::routes::openai::embed_texts(state, CalledFor::owner(&kb.owner), &kb.embedding_model, texts.clone())
                 .await
                 .map_err(|err| match err.status {
                     http::StatusCode::BAD_REQUEST => StepError::Permanent(err.message),
                     _ => StepError::Transient(format!("embedding on `{}` failed: {}", kb.embedding_model, err.message)),
                 })?;
+        work.record(state, &kb.embedding_model, (tokens, 0), started);
         let ids: Vec<i64> = chunks.iter().map(|c| c.chunk_id).collect();
         let records: Vec<VectorRecord> =
             chunks.iter().zip(embedded).map(|(chunk, vector)| vector_record(chunk, document, vector)).collect();
@@ -501,10 +504,11 @@ async fn extract_with_model(
         maas_engine::ChatMessage { role: "system".into(), content: maas_knowledge::graph::MODEL_INSTRUCTIONS.into() },
         maas_engine::ChatMessage { role: "user".into(), content: text.to_owned() },
     ];
+    let work = crate::metering::Work::for_owner(&kb.owner, "knowledge.graph");
     let answer = crate::routes::openai::complete_chat(
         state,
-        CalledFor::owner(&kb.owner),
-        None,
+        (CalledFor::owner(&kb.owner), None),
+        &work,
         model,
         messages,
         EXTRACTION_MAX_TOKENS,

@@ -149,8 +149,9 @@ pub async fn augment(
         graph: options.graph,
     };
     let mut found: Vec<(String, RetrievedChunk)> = Vec::new();
+    let work = crate::metering::Work::for_caller(caller, "knowledge.retrieve");
     for kb in &bases {
-        let answer = retrieve(state, stores, service, kb, &request).await?;
+        let answer = retrieve(state, stores, service, kb, &request, &work).await?;
         found.extend(answer.data.into_iter().map(|hit| (kb.id.clone(), hit)));
     }
     // The scores of one mode are comparable across knowledge bases (same fusion, same
@@ -303,10 +304,11 @@ async fn condense(
         },
         ChatMessage { role: "user".into(), content: format!("Conversation:\n{conversation}\nLast question: {question}") },
     ];
+    let work = crate::metering::Work::for_caller(caller, "knowledge.condense");
     let text = crate::routes::openai::complete_chat(
         state,
-        CalledFor::scope(&caller.scope),
-        Some(&caller.scope),
+        (CalledFor::scope(&caller.scope), Some(&caller.scope)),
+        &work,
         model,
         render,
         CONDENSE_MAX_TOKENS,

@@ -17,6 +17,7 @@ use utoipa::ToSchema;
 use super::shards::{KbShards, ShardOp};
 use super::{KnowledgeService, knowledge_error};
 use crate::error::ApiError;
+use crate::metering::Work;
 use crate::state::{AppState, Stores};
 
 /// The most chunks one retrieval returns.
@@ -135,7 +136,7 @@ fn checked(request: &RetrieveRequest) -> Result<(usize, RetrievalMode, SearchFil
 /// Whether a knowledge base's embedding model covers languages beyond English
 /// (`settings.retrieval.multilingual`, default false: all-MiniLM-L6-v2 does not).
 fn multilingual(kb: &KnowledgeBase) -> bool {
-    kb.settings.pointer("/retrieval/multilingual").and_then(serde_json::Value::as_bool).unwrap_or(false)
+    crate::routes::knowledge::KnowledgeBaseSettings::of(kb).retrieval.multilingual
 }
 
 /// Retrieves from `kb` (whose access the caller checked).
@@ -145,6 +146,7 @@ pub async fn retrieve(
     service: &KnowledgeService,
     kb: &KnowledgeBase,
     request: &RetrieveRequest,
+    work: &Work,
 ) -> Result<RetrieveResponse, ApiError> {
     let (top_k, mode, filter, include_parent) = checked(request)?;
     // Chunks of retired or deleted versions may still be in the indexes for a moment:
@@ -165,7 +167,8 @@ pub async fn retrieve(
     let vector_hits = if skip_vectors {
         Vec::new()
     } else {
-        vector_search(state, service, &shards, kb, &request.query, fetch, &filter, &mut incomplete).await?
+        let search = VectorSearch { query: &request.query, k: fetch, filter: &filter, work };
+        vector_search(state, service, &shards, kb, &search, &mut incomplete).await?
     };
     let fulltext_hits = if mode == RetrievalMode::Vector {
         Vec::new()
@@ -250,17 +253,23 @@ async fn graph_search(stores: &Stores, kb: &KnowledgeBase, query: &str, k: usize
         .collect())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What a vector search looks for, and whose work its query's embedding is.
+struct VectorSearch<'a> {
+    query: &'a str,
+    k: usize,
+    filter: &'a SearchFilter,
+    work: &'a Work,
+}
+
 async fn vector_search(
     state: &Arc<AppState>,
     service: &KnowledgeService,
     shards: &KbShards,
     kb: &KnowledgeBase,
-    query: &str,
-    k: usize,
-    filter: &SearchFilter,
+    search: &VectorSearch<'_>,
     incomplete: &mut Vec<String>,
 ) -> Result<Vec<SearchHit>, ApiError> {
+    let &VectorSearch { query, k, filter, work } = search;
     // Nothing was ever indexed: nothing to find (and no model needed to say so).
     let milvus = if kb.vector_backend == "milvus" {
         let milvus = service.milvus().await?;
@@ -275,13 +284,15 @@ async fn vector_search(
         }
         None
     };
-    let (mut embedded, _) = crate::routes::openai::embed_texts(
+    let started = std::time::Instant::now();
+    let (mut embedded, tokens) = crate::routes::openai::embed_texts(
         state,
         crate::routes::openai::CalledFor::owner(&kb.owner),
         &kb.embedding_model,
         vec![query.to_owned()],
     )
     .await?;
+    work.record(state, &kb.embedding_model, (tokens, 0), started);
     let vector = embedded.pop().ok_or_else(|| ApiError::internal("the embedding model answered no vector"))?;
     let request = SearchRequest::new(vector, k).filter(filter.clone());
     if let Some(milvus) = milvus {

@@ -11,7 +11,9 @@ use bytes::Bytes;
 use futures_util::{StreamExt as _, TryStreamExt as _};
 use maas_knowledge::chunk::ChunkConfig;
 use maas_knowledge::parse::DocumentKind;
-use maas_store::repo::knowledge::{Document, KnowledgeBase, NewDocument, NewKnowledgeBase, StoredChunk};
+use maas_store::repo::knowledge::{
+    Document, DocumentState, GraphEdge, GraphEntity, KnowledgeBase, NewDocument, NewKnowledgeBase, StoredChunk,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
@@ -23,7 +25,6 @@ use super::with_state;
 use crate::auth::{Access, Caller, caller};
 use crate::error::ApiError;
 use crate::knowledge::KnowledgeService;
-use crate::knowledge::ingest::chunk_config;
 use crate::knowledge::retrieve::{RetrieveRequest, RetrieveResponse, retrieve};
 use crate::state::AppState;
 
@@ -218,7 +219,6 @@ pub struct CreateKnowledgeBase {
     pub shards: Option<u32>,
     /// How documents are cut (defaults fit all-MiniLM-L6-v2).
     #[serde(default)]
-    #[schema(value_type = Object)]
     pub chunking: Option<ChunkConfig>,
     #[serde(default)]
     pub retrieval: Option<RetrievalSettings>,
@@ -233,7 +233,6 @@ pub struct UpdateKnowledgeBase {
     pub description: Option<String>,
     /// New chunking settings apply to documents uploaded from now on.
     #[serde(default)]
-    #[schema(value_type = Object)]
     pub chunking: Option<ChunkConfig>,
     #[serde(default)]
     pub retrieval: Option<RetrievalSettings>,
@@ -255,8 +254,7 @@ pub struct KnowledgeBaseObject {
     pub embedding_model: String,
     pub vector_backend: String,
     pub shards: i64,
-    #[schema(value_type = Object)]
-    pub settings: Value,
+    pub settings: KnowledgeBaseSettings,
     /// Unix seconds.
     pub created_at: i64,
     pub updated_at: i64,
@@ -287,6 +285,7 @@ pub struct KnowledgeBaseStats {
 
 impl From<KnowledgeBase> for KnowledgeBaseObject {
     fn from(kb: KnowledgeBase) -> Self {
+        let settings = KnowledgeBaseSettings::of(&kb);
         KnowledgeBaseObject {
             object: "knowledge_base",
             owner_kind: kb.owner.kind().to_owned(),
@@ -297,7 +296,7 @@ impl From<KnowledgeBase> for KnowledgeBaseObject {
             embedding_model: kb.embedding_model,
             vector_backend: kb.vector_backend,
             shards: kb.shard_count,
-            settings: kb.settings,
+            settings,
             created_at: kb.created_at_ms / 1000,
             updated_at: kb.updated_at_ms / 1000,
             stats: None,
@@ -305,21 +304,44 @@ impl From<KnowledgeBase> for KnowledgeBaseObject {
     }
 }
 
-fn settings_json(
-    chunking: &ChunkConfig,
-    retrieval: &RetrievalSettings,
-    graph: &GraphSettings,
-) -> Result<Value, ApiError> {
-    chunking.validate().map_err(|e| bad("chunking", e.to_string()))?;
-    if graph.extraction_model.as_ref().is_some_and(|m| m.len() > 256) {
-        return Err(bad("graph.extraction_model", "graph.extraction_model is longer than 256 bytes"));
+/// A knowledge base's settings: how its documents are cut, searched and put in its graph.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct KnowledgeBaseSettings {
+    #[serde(default)]
+    pub chunking: ChunkConfig,
+    #[serde(default)]
+    pub retrieval: RetrievalSettings,
+    #[serde(default)]
+    pub graph: GraphSettings,
+}
+
+impl KnowledgeBaseSettings {
+    /// A knowledge base's settings as stored; each part the default where it is absent (a
+    /// knowledge base made before the part existed).
+    pub fn of(kb: &KnowledgeBase) -> Self {
+        fn part<T: serde::de::DeserializeOwned + Default>(kb: &KnowledgeBase, name: &str) -> T {
+            kb.settings.get(name).and_then(|value| serde_json::from_value(value.clone()).ok()).unwrap_or_default()
+        }
+        KnowledgeBaseSettings {
+            chunking: part(kb, "chunking"),
+            retrieval: part(kb, "retrieval"),
+            graph: part(kb, "graph"),
+        }
     }
-    Ok(json!({"chunking": chunking, "retrieval": retrieval, "graph": graph}))
+
+    /// The settings checked, as the store keeps them.
+    fn to_json(&self) -> Result<Value, ApiError> {
+        self.chunking.validate().map_err(|e| bad("chunking", e.to_string()))?;
+        if self.graph.extraction_model.as_ref().is_some_and(|m| m.len() > 256) {
+            return Err(bad("graph.extraction_model", "graph.extraction_model is longer than 256 bytes"));
+        }
+        serde_json::to_value(self).map_err(|e| ApiError::internal(format!("the settings do not serialise: {e}")))
+    }
 }
 
 /// A knowledge base's graph settings (the default for one made before they existed).
 pub fn graph_settings(kb: &KnowledgeBase) -> GraphSettings {
-    kb.settings.get("graph").and_then(|g| serde_json::from_value(g.clone()).ok()).unwrap_or_default()
+    KnowledgeBaseSettings::of(kb).graph
 }
 
 /// Creates a knowledge base owned by the caller (or the organisation it acts for).
@@ -347,11 +369,12 @@ pub async fn create_knowledge_base(
     if !(1..=64).contains(&shards) {
         return Err(bad("shards", "shards must be 1 to 64"));
     }
-    let settings = settings_json(
-        &body.chunking.unwrap_or_default(),
-        &body.retrieval.unwrap_or_default(),
-        &body.graph.unwrap_or_default(),
-    )?;
+    let settings = KnowledgeBaseSettings {
+        chunking: body.chunking.unwrap_or_default(),
+        retrieval: body.retrieval.unwrap_or_default(),
+        graph: body.graph.unwrap_or_default(),
+    }
+    .to_json()?;
     let record = super::registry::stores(state)?
         .db
         .knowledge_bases()
@@ -377,11 +400,11 @@ pub async fn create_knowledge_base(
 }
 
 /// The knowledge bases of the caller (or the organisation it acts for).
-#[utoipa::path(get, path = "/v1/knowledge_bases", tag = "knowledge", responses((status = 200, description = "a list of knowledge bases")))]
+#[utoipa::path(get, path = "/v1/knowledge_bases", tag = "knowledge",
+    responses((status = 200, description = "a list of knowledge bases", body = super::ListOf<KnowledgeBaseObject>)))]
 pub async fn list_knowledge_bases(state: &AppState, caller: &Caller) -> Result<Response, ApiError> {
     let records = super::registry::stores(state)?.db.knowledge_bases().list(&caller.scope).await?;
-    let data: Vec<KnowledgeBaseObject> = records.into_iter().map(KnowledgeBaseObject::from).collect();
-    Ok(warp::reply::json(&json!({"object": "list", "data": data})).into_response())
+    Ok(super::ListOf::reply(records.into_iter().map(KnowledgeBaseObject::from).collect()))
 }
 
 /// A knowledge base, with its documents counted by state and its chunks and vectors.
@@ -397,7 +420,7 @@ pub async fn get_knowledge_base(state: &AppState, caller: &Caller, id: &str) -> 
     for document in &documents {
         *by_state.entry(document.state.as_str().to_owned()).or_insert(0) += 1;
     }
-    let indexed = documents.iter().filter(|d| d.state == maas_store::repo::knowledge::DocumentState::Indexed);
+    let indexed = documents.iter().filter(|d| d.state == DocumentState::Indexed);
     let chunks: i64 = indexed.map(|d| d.chunks_total).sum();
     let shards = crate::knowledge::shards::KbShards::of(state, &record.id);
     let (counts, shards_unavailable) = shards.counts(state).await;
@@ -437,18 +460,13 @@ pub async fn update_knowledge_base(
 ) -> Result<Response, ApiError> {
     let db = super::registry::stores(state)?.db.knowledge_bases();
     let current = db.get(&caller.scope, id).await?;
-    let chunking = match body.chunking {
-        Some(chunking) => chunking,
-        None => chunk_config(&current).unwrap_or_default(),
-    };
-    let retrieval = match body.retrieval {
-        Some(retrieval) => retrieval,
-        None => {
-            current.settings.get("retrieval").and_then(|r| serde_json::from_value(r.clone()).ok()).unwrap_or_default()
-        }
-    };
-    let graph = body.graph.unwrap_or_else(|| graph_settings(&current));
-    let settings = settings_json(&chunking, &retrieval, &graph)?;
+    let stored = KnowledgeBaseSettings::of(&current);
+    let settings = KnowledgeBaseSettings {
+        chunking: body.chunking.unwrap_or(stored.chunking),
+        retrieval: body.retrieval.unwrap_or(stored.retrieval),
+        graph: body.graph.unwrap_or(stored.graph),
+    }
+    .to_json()?;
     let record = db.update(&caller.scope, id, body.description.as_deref(), Some(&settings)).await?;
     Ok(warp::reply::json(&KnowledgeBaseObject::from(record)).into_response())
 }
@@ -483,8 +501,7 @@ pub struct DocumentObject {
     pub bytes: i64,
     pub tags: Vec<String>,
     pub category: String,
-    /// queued, parsing, chunking, embedding, indexed, failed, retired or deleting.
-    pub state: String,
+    pub state: DocumentState,
     /// Why it failed, or what it waits for.
     pub error: Option<String>,
     pub attempts: i64,
@@ -501,9 +518,8 @@ pub struct DocumentObject {
 impl From<Document> for DocumentObject {
     fn from(d: Document) -> Self {
         let progress = match d.state {
-            maas_store::repo::knowledge::DocumentState::Indexed
-            | maas_store::repo::knowledge::DocumentState::Retired => 1.0,
-            maas_store::repo::knowledge::DocumentState::Embedding if d.chunks_total > 0 => {
+            DocumentState::Indexed | DocumentState::Retired => 1.0,
+            DocumentState::Embedding if d.chunks_total > 0 => {
                 // Chunk counts are far below 2^52: exact in f64.
                 #[allow(clippy::cast_precision_loss)]
                 let share = d.chunks_embedded as f64 / d.chunks_total as f64;
@@ -521,7 +537,7 @@ impl From<Document> for DocumentObject {
             bytes: d.size_bytes,
             tags: d.tags,
             category: d.category,
-            state: d.state.as_str().to_owned(),
+            state: d.state,
             error: d.error,
             attempts: d.attempts,
             pages: d.page_count,
@@ -708,11 +724,10 @@ async fn read_head(stores: &crate::state::Stores, digest: &maas_store::Digest) -
 /// The documents of a knowledge base (every version), newest first.
 #[utoipa::path(get, path = "/v1/knowledge_bases/{id}/documents", tag = "knowledge",
     params(("id" = String, Path, description = "the knowledge base id")),
-    responses((status = 200, description = "a list of documents"), (status = 404, body = crate::error::ErrorBody)))]
+    responses((status = 200, description = "a list of documents", body = super::ListOf<DocumentObject>), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn list_documents(state: &AppState, caller: &Caller, kb_id: &str) -> Result<Response, ApiError> {
     let documents = super::registry::stores(state)?.db.knowledge_bases().documents(&caller.scope, kb_id).await?;
-    let data: Vec<DocumentObject> = documents.into_iter().map(DocumentObject::from).collect();
-    Ok(warp::reply::json(&json!({"object": "list", "data": data})).into_response())
+    Ok(super::ListOf::reply(documents.into_iter().map(DocumentObject::from).collect()))
 }
 
 /// A document with its ingestion state and progress.
@@ -776,6 +791,19 @@ pub struct ChunkObject {
     pub page_end: i64,
     pub heading_path: Vec<String>,
     pub embedded: bool,
+    /// The document the chunk is of (in an entity's neighbourhood, which spans documents).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub document_id: Option<String>,
+}
+
+/// A page of a document's chunks.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChunkList {
+    /// Always `list`.
+    pub object: &'static str,
+    pub data: Vec<ChunkObject>,
+    /// The document's chunks at this level, on every page.
+    pub total: i64,
 }
 
 impl From<StoredChunk> for ChunkObject {
@@ -791,6 +819,7 @@ impl From<StoredChunk> for ChunkObject {
             page_end: c.page_end,
             heading_path: c.heading_path,
             embedded: c.embedded,
+            document_id: None,
         }
     }
 }
@@ -800,7 +829,7 @@ impl From<StoredChunk> for ChunkObject {
     params(("id" = String, Path, description = "the knowledge base id"), ("document_id" = String, Path, description = "the document id"),
         ("level" = Option<String>, Query, description = "child (default) or parent"),
         ("offset" = Option<i64>, Query, description = "chunks to skip"), ("limit" = Option<i64>, Query, description = "1 to 500, default 100")),
-    responses((status = 200, description = "a list of chunks"), (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
+    responses((status = 200, description = "a page of chunks", body = ChunkList), (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn list_chunks(
     state: &AppState,
     caller: &Caller,
@@ -823,8 +852,9 @@ pub async fn list_chunks(
     let db = super::registry::stores(state)?.db.knowledge_bases();
     let document = db.scoped_document(&caller.scope, kb_id, document_id).await?;
     let chunks = db.document_chunks(&document.id, level, offset, limit).await?;
-    let data: Vec<ChunkObject> = chunks.into_iter().map(ChunkObject::from).collect();
-    Ok(warp::reply::json(&json!({"object": "list", "data": data, "total": document.chunks_total})).into_response())
+    let total = db.count_document_chunks(&document.id, level).await?;
+    let data = chunks.into_iter().map(ChunkObject::from).collect();
+    Ok(warp::reply::json(&ChunkList { object: "list", data, total }).into_response())
 }
 
 /// The retrieval test: the ranked chunks a query finds, with their scores.
@@ -841,7 +871,8 @@ pub async fn retrieve_test(
     let stores = super::registry::stores(state)?;
     let service = service(state)?;
     let kb = stores.db.knowledge_bases().get(&caller.scope, kb_id).await?;
-    let answer = retrieve(state, stores, service, &kb, request).await?;
+    let work = crate::metering::Work::for_caller(caller, "knowledge.retrieve");
+    let answer = retrieve(state, stores, service, &kb, request, &work).await?;
     Ok(warp::reply::json(&answer).into_response())
 }
 
@@ -849,7 +880,7 @@ pub async fn retrieve_test(
 /// that retrieves from this knowledge base and cites its sources.
 #[utoipa::path(post, path = "/v1/knowledge_bases/{id}/chat", tag = "knowledge",
     params(("id" = String, Path, description = "the knowledge base id")),
-    request_body(content = Object, description = "a chat completion request; `retrieval` sets how sources are found"),
+    request_body(content = super::openai::InferenceRequest, description = "a chat completion request; `retrieval` sets how sources are found"),
     responses((status = 200, description = "a chat.completion with `citations`, or an SSE stream whose first event carries them", content_type = "application/json"),
         (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn knowledge_chat(
@@ -879,6 +910,38 @@ pub struct GraphQuery {
     pub limit: Option<i64>,
 }
 
+/// A knowledge base's graph: entities with the relations between them.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KnowledgeGraph {
+    /// Always `knowledge_base.graph`.
+    pub object: &'static str,
+    /// Most mentioned first.
+    pub entities: Vec<GraphEntity>,
+    /// Relations whose two ends are both among `entities`.
+    pub relations: Vec<GraphEdge>,
+}
+
+/// One entity's neighbourhood: its relations and the chunks that mention it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EntityNeighbourhood {
+    /// Always `knowledge_base.graph.entity`.
+    pub object: &'static str,
+    /// The entity's key (its name, normalised).
+    pub entity: String,
+    pub relations: Vec<GraphEdge>,
+    /// With their `document_id`.
+    pub chunks: Vec<ChunkObject>,
+}
+
+/// What `GET /v1/knowledge_bases/{id}/graph` answers: the graph, or with `entity` one
+/// entity's neighbourhood.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum GraphReply {
+    Graph(KnowledgeGraph),
+    Entity(EntityNeighbourhood),
+}
+
 /// The knowledge graph: entities (most mentioned first) with the relations between them,
 /// or, with `entity`, one entity's relations and the chunks that mention it.
 #[utoipa::path(get, path = "/v1/knowledge_bases/{id}/graph", tag = "knowledge",
@@ -886,7 +949,8 @@ pub struct GraphQuery {
         ("q" = Option<String>, Query, description = "only entities whose name contains this"),
         ("entity" = Option<String>, Query, description = "one entity's neighbourhood"),
         ("limit" = Option<i64>, Query, description = "1 to 500, default 100")),
-    responses((status = 200, description = "entities and relations"), (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
+    responses((status = 200, description = "the graph (`knowledge_base.graph`), or with `entity` its neighbourhood (`knowledge_base.graph.entity`)", body = GraphReply),
+        (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn knowledge_graph(
     state: &AppState,
     caller: &Caller,
@@ -899,36 +963,38 @@ pub async fn knowledge_graph(
     }
     let db = super::registry::stores(state)?.db.knowledge_bases();
     let kb = db.get(&caller.scope, kb_id).await?;
-    if let Some(entity) = &query.entity {
+    let reply = if let Some(entity) = &query.entity {
         let key = maas_knowledge::graph::entity_key(entity);
         let relations = db.graph_edges(&kb.id, std::slice::from_ref(&key), limit).await?;
         let ids = db.graph_entity_chunks(&kb.id, &key, limit).await?;
-        let chunks: Vec<Value> = db
+        let chunks: Vec<ChunkObject> = db
             .chunks(&kb.id, &ids)
             .await?
             .into_iter()
             .map(|chunk| {
                 let document_id = chunk.document_id.clone();
-                let mut object = serde_json::to_value(ChunkObject::from(chunk)).unwrap_or_default();
-                object["document_id"] = json!(document_id);
-                object
+                ChunkObject { document_id: Some(document_id), ..ChunkObject::from(chunk) }
             })
             .collect();
         if relations.is_empty() && chunks.is_empty() {
             return Err(ApiError::not_found(format!("no entity `{entity}` in knowledge base `{kb_id}`")));
         }
-        return Ok(warp::reply::json(&json!({"object": "knowledge_base.graph.entity", "entity": key,
-            "relations": relations, "chunks": chunks}))
-        .into_response());
-    }
-    let entities = db.graph_entities(&kb.id, query.q.as_deref().unwrap_or_default(), limit).await?;
-    let keys: Vec<String> = entities.iter().map(|e| e.key.clone()).collect();
-    let relations: Vec<_> = db
-        .graph_edges(&kb.id, &keys, limit * 4)
-        .await?
-        .into_iter()
-        .filter(|edge| keys.contains(&edge.source) && keys.contains(&edge.target))
-        .collect();
-    Ok(warp::reply::json(&json!({"object": "knowledge_base.graph", "entities": entities, "relations": relations}))
-        .into_response())
+        GraphReply::Entity(EntityNeighbourhood {
+            object: "knowledge_base.graph.entity",
+            entity: key,
+            relations,
+            chunks,
+        })
+    } else {
+        let entities = db.graph_entities(&kb.id, query.q.as_deref().unwrap_or_default(), limit).await?;
+        let keys: Vec<String> = entities.iter().map(|e| e.key.clone()).collect();
+        let relations = db
+            .graph_edges(&kb.id, &keys, limit * 4)
+            .await?
+            .into_iter()
+            .filter(|edge| keys.contains(&edge.source) && keys.contains(&edge.target))
+            .collect();
+        GraphReply::Graph(KnowledgeGraph { object: "knowledge_base.graph", entities, relations })
+    };
+    Ok(warp::reply::json(&reply).into_response())
 }

@@ -636,14 +636,15 @@ async fn embed_local(
 // ---- the OpenAI requests ----
 
 /// A message's content: a string, or OpenAI's list of parts (text parts are joined).
-#[derive(Debug, Clone, Deserialize)]
+/// A message's content: text, or a list of parts (of which text parts are read).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContentPart {
     #[serde(rename = "type")]
@@ -652,9 +653,11 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// A message of a conversation.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatMessageIn {
+    /// `system`, `user`, `assistant` (or `developer`, `tool`).
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
@@ -670,7 +673,7 @@ pub enum Stop {
     Many(Vec<String>),
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     #[serde(default)]
@@ -678,14 +681,15 @@ pub struct StreamOptions {
 }
 
 /// `logprobs`: a flag in chat completions, a count of alternatives in text completions.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Logprobs {
     Flag(bool),
     Top(usize),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// A text completion's prompt: one text or several.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Prompt {
     One(String),
@@ -695,7 +699,7 @@ pub enum Prompt {
 /// A chat or text completion request: OpenAI's fields of both (each endpoint refuses the
 /// other's). One type, not two with the sampling fields flattened in: serde's `flatten`
 /// would hide which field a type error is in.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InferenceRequest {
     pub model: String,
@@ -895,7 +899,7 @@ fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
 }
 
 /// OpenAI's chat completions: the messages rendered with the model's chat template.
-#[utoipa::path(post, path = "/v1/chat/completions", tag = "inference", request_body(content = Object, description = "OpenAI's chat completion request"),
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "inference", request_body(content = InferenceRequest, description = "OpenAI's chat completion request (`messages`; `knowledge_base_ids` and `retrieval` answer from knowledge bases with citations)"),
     responses((status = 200, description = "a chat.completion, or an SSE stream of chat.completion.chunk ending in data: [DONE]", content_type = "application/json"),
         (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn chat_completions(
@@ -1000,7 +1004,7 @@ async fn chat_answer(
 }
 
 /// OpenAI's (legacy) text completions: the prompt as it is.
-#[utoipa::path(post, path = "/v1/completions", tag = "inference", request_body(content = Object, description = "OpenAI's completion request"),
+#[utoipa::path(post, path = "/v1/completions", tag = "inference", request_body(content = InferenceRequest, description = "OpenAI's completion request (`prompt`)"),
     responses((status = 200, description = "a text_completion, or an SSE stream ending in data: [DONE]", content_type = "application/json"),
         (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn completions(
@@ -1112,12 +1116,13 @@ enum Source {
 /// the platform's own use (condensing a question, extracting a graph).
 pub(crate) async fn complete_chat(
     state: &Arc<AppState>,
-    called_for: CalledFor<'_>,
-    scope: Option<&TenantScope>,
+    (called_for, scope): (CalledFor<'_>, Option<&TenantScope>),
+    work: &crate::metering::Work,
     model: &str,
     messages: Vec<maas_engine::ChatMessage>,
     max_tokens: usize,
 ) -> Result<String, ApiError> {
+    let started = std::time::Instant::now();
     let request = GenerationRequest {
         max_tokens,
         sampling: maas_engine::SamplingParams { temperature: 0.0, ..maas_engine::SamplingParams::default() },
@@ -1125,11 +1130,21 @@ pub(crate) async fn complete_chat(
     };
     let (mut events, _) = start_generation_for(state, called_for, scope, model, request, Some(messages)).await?;
     let mut text = String::new();
+    let mut generated = 0;
     while let Some(event) = events.recv().await {
         match event {
-            GenerationEvent::Token { text: piece, .. } => text.push_str(&piece),
-            GenerationEvent::Failed(message) => return Err(ApiError::unavailable(message)),
-            GenerationEvent::Done { .. } => break,
+            GenerationEvent::Token { text: piece, .. } => {
+                text.push_str(&piece);
+                generated += 1;
+            }
+            GenerationEvent::Failed(message) => {
+                work.record(state, model, (0, generated), started);
+                return Err(ApiError::unavailable(message));
+            }
+            GenerationEvent::Done { prompt_tokens, completion_tokens, .. } => {
+                work.record(state, model, (prompt_tokens, completion_tokens), started);
+                break;
+            }
         }
     }
     Ok(text)
@@ -1407,14 +1422,15 @@ fn sse(
     mark_cached(warp::sse::reply(stream).into_response(), hit)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// One text to embed, or several.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum EmbeddingInput {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddingRequest {
     pub model: String,
@@ -1432,7 +1448,7 @@ pub struct EmbeddingRequest {
 pub const MAX_EMBEDDING_INPUTS: usize = 2048;
 
 /// OpenAI's embeddings, from a BERT-family deployment (mean pooling, unit length).
-#[utoipa::path(post, path = "/v1/embeddings", tag = "inference", request_body(content = Object, description = "OpenAI's embeddings request"),
+#[utoipa::path(post, path = "/v1/embeddings", tag = "inference", request_body(content = EmbeddingRequest, description = "OpenAI's embeddings request"),
     responses((status = 200, description = "a list of embeddings", content_type = "application/json"),
         (status = 400, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn embeddings(state: Arc<AppState>, caller: Caller, request: EmbeddingRequest) -> Result<Response, ApiError> {

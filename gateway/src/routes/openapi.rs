@@ -113,7 +113,7 @@ use crate::state::AppState;
         super::debug::delay,
         super::debug::echo,
     ),
-    components(schemas(crate::error::ErrorBody, crate::error::ErrorDetail)),
+    components(schemas(crate::error::ErrorBody, crate::error::ErrorDetail, crate::knowledge::rag::Citation)),
     tags(
         (name = "operations", description = "Health, readiness, metrics and diagnostics"),
         (name = "cluster", description = "The control plane: raft status, members and nodes"),

@@ -324,9 +324,10 @@ async fn unpack_uploaded_archive(state: &AppState, stores: &Stores, sha256: &str
 }
 
 /// A catalogue entry and the versions of it in the repository.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct CatalogModel {
     #[serde(flatten)]
+    #[schema(value_type = catalog::CatalogEntry)]
     pub entry: &'static catalog::CatalogEntry,
     pub description: String,
     /// Versions registered under this catalogue name.
@@ -335,7 +336,6 @@ pub struct CatalogModel {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CatalogList {
-    #[schema(value_type = Vec<Object>)]
     pub models: Vec<CatalogModel>,
 }
 

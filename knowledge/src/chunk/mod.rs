@@ -43,7 +43,7 @@ use crate::parse::{BLOCK_SEPARATOR, BlockKind, ParsedDocument};
 pub const MIN_MAX_TOKENS: usize = 16;
 
 /// How a knowledge base cuts its documents.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ChunkConfig {
     /// The most tokens in a chunk, overlap included (special tokens excluded).

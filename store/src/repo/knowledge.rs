@@ -39,7 +39,7 @@ pub struct NewKnowledgeBase {
 }
 
 /// Where a document's ingestion has got to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DocumentState {
     Queued,
@@ -265,7 +265,7 @@ pub struct GraphRelation {
 }
 
 /// An entity of a knowledge base's graph, over its indexed documents.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct GraphEntity {
     pub key: String,
     pub name: String,
@@ -278,7 +278,7 @@ pub struct GraphEntity {
 
 /// A relation of a knowledge base's graph: how many sentences relate the two, and one of
 /// them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct GraphEdge {
     pub source: String,
     pub target: String,
@@ -762,6 +762,16 @@ impl KnowledgeBases<'_> {
             .fetch_all(self.db.pool())
             .await?;
         Ok(rows.into_iter().map(chunk_from_row).collect())
+    }
+
+    /// How many chunks of a level (`child` or `parent`) a document has.
+    pub async fn count_document_chunks(&self, document_id: &str, level: &str) -> Result<i64> {
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM kb_chunks WHERE document_id = $1 AND level = $2")
+            .bind(document_id)
+            .bind(level)
+            .fetch_one(self.db.pool())
+            .await?;
+        Ok(count)
     }
 
     /// Replaces a document's part of the knowledge graph, in one transaction.

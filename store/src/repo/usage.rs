@@ -37,7 +37,9 @@ pub struct NewUsage {
     pub key_id: Option<String>,
     pub kind: UsageKind,
     pub model: String,
-    /// `chat`, `completions`, `embeddings`, `batch`, `session`, `training`, `storage`.
+    /// `chat`, `completions`, `embeddings`, `batch`, `session`, `training`, `storage`; the
+    /// model work done for a knowledge base: `knowledge.ingest`, `knowledge.graph`,
+    /// `knowledge.retrieve`, `knowledge.condense`.
     pub endpoint: String,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,

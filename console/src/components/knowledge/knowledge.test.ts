@@ -180,6 +180,7 @@ describe('the knowledge graph', () => {
   it('maps entities to nodes sized by mentions and relations to edges between known entities', () => {
     const { nodes, links, kinds } = graphData(
       {
+        object: 'knowledge_base.graph',
         entities: [
           { key: 'acme', name: 'Acme', kind: 'org', mentions: 10, documents: 2 },
           { key: 'bob', name: 'Bob', kind: 'person', mentions: 1, documents: 1 },
