@@ -141,6 +141,22 @@ fn put_shard(shard: &str, knowledge_base: &str, start: u64, end_inclusive: u64, 
     }
 }
 
+fn place_shards(knowledge_base: &str, shards: &[(&str, u64, u64, u64)]) -> Command {
+    Command::PlaceKbShards {
+        knowledge_base_id: knowledge_base.to_owned(),
+        placements: shards
+            .iter()
+            .map(|&(shard, start, end_inclusive, node)| KbShardPlacement {
+                shard_id: ShardId::from(shard),
+                knowledge_base_id: knowledge_base.to_owned(),
+                hash_range: HashRange { start, end_inclusive },
+                node_id: NodeId(node),
+            })
+            .collect(),
+        at_ms: 8_000,
+    }
+}
+
 fn set_shard(shard: &str, state: KbShardState) -> Command {
     Command::SetKbShardState { shard_id: ShardId::from(shard), state, at_ms: 9_000 }
 }
@@ -740,6 +756,48 @@ fn cases() -> Vec<Case> {
             put_shard("kb1-0", "kb1", 0, u64::MAX, 2),
             Accepted(Effect::KbShardUpdated { shard_id: shard_id("kb1-0") }),
         ),
+        case(
+            "a new knowledge base's shards are placed at once",
+            place_shards("kb3", &[("kb3.0", 0, 9, 1), ("kb3.1", 10, u64::MAX, 2)]),
+            Accepted(Effect::KbShardsPlaced {
+                knowledge_base_id: "kb3".to_owned(),
+                shard_ids: vec![shard_id("kb3.0"), shard_id("kb3.1")],
+            }),
+        ),
+        case(
+            "a knowledge base placed already keeps its first placement",
+            place_shards("kb1", &[("kb1.9", 0, u64::MAX, 2)]),
+            Accepted(Effect::Unchanged),
+        ),
+        case(
+            "a placement needs a shard",
+            place_shards("kb3", &[]),
+            Rejected("knowledge base \"kb3\" must be placed with at least one shard"),
+        ),
+        case(
+            "a placement names each shard once",
+            place_shards("kb3", &[("kb3.0", 0, 9, 1), ("kb3.0", 10, 19, 2)]),
+            Rejected("kb shard kb3.0 is named twice in one placement"),
+        ),
+        case(
+            "a placement is of one knowledge base",
+            Command::PlaceKbShards {
+                knowledge_base_id: "kb3".to_owned(),
+                placements: vec![KbShardPlacement {
+                    shard_id: ShardId::from("kb4.0"),
+                    knowledge_base_id: "kb4".to_owned(),
+                    hash_range: HashRange { start: 0, end_inclusive: 1 },
+                    node_id: NodeId(1),
+                }],
+                at_ms: 8_000,
+            },
+            Rejected("kb shard kb4.0 belongs to knowledge base \"kb3\", not \"kb4\""),
+        ),
+        case(
+            "a placement is all or nothing: one bad shard places none",
+            place_shards("kb3", &[("kb3.0", 0, 9, 1), ("kb3.1", 20, 10, 2)]),
+            Rejected("kb shard kb3.1 has an empty hash range: start 0x14 is after end 0xa"),
+        ),
         case("a shard needs an id", put_shard("", "kb2", 0, 1, 1), Rejected("kb shard id must not be empty")),
         case(
             "a shard needs a knowledge base",
@@ -819,6 +877,7 @@ fn at_ms_mut(command: &mut Command) -> &mut u64 {
         | Command::SetTrainingJobState { at_ms, .. }
         | Command::RemoveTrainingJob { at_ms, .. }
         | Command::PutKbShard { at_ms, .. }
+        | Command::PlaceKbShards { at_ms, .. }
         | Command::SetKbShardState { at_ms, .. }
         | Command::RemoveKbShard { at_ms, .. } => at_ms,
     }
@@ -912,6 +971,8 @@ fn every_rejection_kind_has_a_table_case() {
         "belongs to knowledge base",
         "must name its knowledge base",
         "empty hash range",
+        "must be placed with at least one shard",
+        "is named twice in one placement",
     ];
     for fragment in fragments {
         assert!(rejected.iter().any(|message| message.contains(fragment)), "no table case rejects with {fragment:?}");
@@ -1549,7 +1610,14 @@ fn arb_kb_shard_command() -> impl Strategy<Value = Command> {
         KbShardState::Stopping,
     ]);
     prop_oneof![
-        3 => (placement, arb_at_ms()).prop_map(|(placement, at_ms)| Command::PutKbShard { placement, at_ms }),
+        3 => (placement.clone(), arb_at_ms()).prop_map(|(placement, at_ms)| Command::PutKbShard { placement, at_ms }),
+        1 => (prop::sample::select(vec!["kb0", "kb1"]), prop::collection::vec(placement, 0..3), arb_at_ms()).prop_map(
+            |(knowledge_base_id, placements, at_ms)| Command::PlaceKbShards {
+                knowledge_base_id: knowledge_base_id.to_owned(),
+                placements,
+                at_ms,
+            }
+        ),
         2 => (shard_id.clone(), state, arb_at_ms())
             .prop_map(|(shard_id, state, at_ms)| Command::SetKbShardState { shard_id, state, at_ms }),
         1 => (shard_id, arb_at_ms()).prop_map(|(shard_id, at_ms)| Command::RemoveKbShard { shard_id, at_ms }),
@@ -1628,7 +1696,7 @@ fn the_generated_sequences_reach_acceptance_and_rejection_of_every_op() {
         }
     }
     eprintln!("{outcomes:?}; {sch1_refusals} refused by SCH-1");
-    assert_eq!(outcomes.len(), 16, "ops generated: {outcomes:?}");
+    assert_eq!(outcomes.len(), 17, "ops generated: {outcomes:?}");
     assert!(sch1_refusals >= 50, "only {sch1_refusals} placements were refused for lack of gpu memory");
     for (op, (accepted, rejected)) in &outcomes {
         assert!(*accepted > 0 && *rejected > 0, "{op}: {accepted} accepted, {rejected} rejected");

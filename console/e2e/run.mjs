@@ -170,6 +170,39 @@ async function englishOn(page, data) {
   }, data)
 }
 
+/** The visible controls on `page` that a screen reader could not name (no label, no
+ *  aria-label or aria-labelledby, no title, no text): each as tag#id.class. */
+async function unnamedControls(page) {
+  return page.evaluate(() => {
+    const controls = 'input:not([type="hidden"]), select, textarea, button, a[href], [role="button"], [role="combobox"], [role="checkbox"], [role="radio"], [role="switch"], [role="slider"], [role="tab"], [role="menuitem"]'
+    const text = (e) => (e?.innerText ?? e?.textContent ?? '').trim()
+    const nameOf = (e) => {
+      const labelledBy = e.getAttribute('aria-labelledby')
+      if (labelledBy) {
+        const named = labelledBy.split(/\s+/).map((id) => text(document.getElementById(id))).join(' ').trim()
+        if (named) return named
+      }
+      const direct = e.getAttribute('aria-label') || e.getAttribute('title') || e.getAttribute('alt')
+      if (direct?.trim()) return direct.trim()
+      if (e.id) {
+        const label = document.querySelector(`label[for="${CSS.escape(e.id)}"]`)
+        if (label && text(label)) return text(label)
+      }
+      if (e.closest('label') && text(e.closest('label'))) return text(e.closest('label'))
+      if (['BUTTON', 'A'].includes(e.tagName) || e.getAttribute('role')) {
+        if (text(e)) return text(e)
+        const inner = e.querySelector('[aria-label], img[alt], svg title')
+        if (inner) return inner.getAttribute('aria-label') || inner.getAttribute('alt') || inner.textContent
+      }
+      return e.getAttribute('placeholder')?.trim() ?? ''
+    }
+    const visible = (e) => e.getClientRects().length > 0 && getComputedStyle(e).visibility !== 'hidden' && !e.closest('[aria-hidden="true"]')
+    return [...document.querySelectorAll(controls)]
+      .filter((e) => visible(e) && !e.disabled && e.getAttribute('tabindex') !== '-1' && !nameOf(e))
+      .map((e) => `${e.tagName.toLowerCase()}${e.id ? `#${e.id}` : ''}${[...e.classList].slice(0, 2).map((c) => `.${c}`).join('')}`)
+  })
+}
+
 async function main() {
   rmSync(shots, { recursive: true, force: true })
   mkdirSync(shots, { recursive: true })
@@ -561,7 +594,7 @@ async function main() {
       await admin.screenshot({ path: join(shots, 'knowledge-create-desktop-zh.png'), fullPage: true })
     })
 
-    await check('every page reads in Chinese: title, headings, labels, buttons, menus', async () => {
+    await check('every page reads in Chinese (title, headings, labels, buttons, menus) and names its controls', async () => {
       // The admin's console is in Chinese now. On every page, what a person reads as the
       // console's own (not the data it shows) must hold no English word: a string left out
       // of the translations, or one a component library brings in English.
@@ -579,6 +612,8 @@ async function main() {
         const found = await englishOn(admin, dataWords)
         if (!found.cjk) leaks.push(`${path}: the title is not Chinese`)
         if (found.words.length > 0) leaks.push(`${path}: ${found.words.join(', ')}`)
+        const unnamed = await unnamedControls(admin)
+        if (unnamed.length > 0) leaks.push(`${path}: controls without an accessible name: ${unnamed.join(', ')}`)
         await admin.screenshot({ path: join(shots, `zh${path === '/' ? '-home' : path.replaceAll('/', '-')}-desktop.png`), fullPage: true })
       }
       assert(leaks.length === 0, `English on Chinese pages:\n${leaks.join('\n')}`)
@@ -602,6 +637,8 @@ async function main() {
         const found = await englishOn(page, dataWords)
         if (!found.cjk) leaks.push(`tab ${tab}: the title is not Chinese`)
         if (found.words.length > 0) leaks.push(`tab ${tab} (${await tabs.nth(tab).innerText()}): ${found.words.join(', ')}`)
+        const unnamed = await unnamedControls(page)
+        if (unnamed.length > 0) leaks.push(`tab ${tab}: controls without an accessible name: ${unnamed.join(', ')}`)
         await page.screenshot({ path: join(shots, `zh-knowledge-tab-${tab}-desktop.png`), fullPage: true })
       }
       // The user's other page goes on in English.

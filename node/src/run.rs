@@ -58,7 +58,7 @@ pub async fn run_node(mut config: Config, quick_start: bool) -> Result<ExitCode>
         },
     );
     let api_addr = server.local_addr()?;
-    warn_about_unused_settings(&config);
+    log_outside_services(&config);
     let (trigger, shutdown) = maas_gateway::shutdown_channel();
     tokio::spawn(forward_stop_signals(trigger.clone()));
     let server = tokio::spawn(server.run(shutdown));
@@ -503,9 +503,9 @@ fn print_banner(config: &Config, base: &str, data_dir: &Path, node: &NodeSpec) {
     println!("Stop with Ctrl-C (twice to stop at once).");
 }
 
-/// Settings that this build accepts but no subsystem reads yet: say so, rather than let
-/// an operator believe they are in force.
-fn warn_about_unused_settings(config: &Config) {
+/// Says in the log which outside services the node uses, so an operator sees at start
+/// what its settings put in force.
+fn log_outside_services(config: &Config) {
     if !config.redis.url.is_empty() {
         tracing::info!("redis.url is set: quota counters and the response cache are kept in Redis");
     }

@@ -38,6 +38,9 @@ impl ClusterState {
             Command::SetTrainingJobState { job_id, state, at_ms } => self.set_training_job_state(&job_id, state, at_ms),
             Command::RemoveTrainingJob { job_id, at_ms: _ } => self.remove_training_job(job_id),
             Command::PutKbShard { placement, at_ms } => self.put_kb_shard(placement, at_ms),
+            Command::PlaceKbShards { knowledge_base_id, placements, at_ms } => {
+                self.place_kb_shards(knowledge_base_id, placements, at_ms)
+            }
             Command::SetKbShardState { shard_id, state, at_ms } => self.set_kb_shard_state(&shard_id, state, at_ms),
             Command::RemoveKbShard { shard_id, at_ms: _ } => self.remove_kb_shard(shard_id),
         }
@@ -511,6 +514,44 @@ impl ClusterState {
             }
         }
         Ok(Effect::KbShardUpdated { shard_id })
+    }
+
+    fn place_kb_shards(
+        &mut self,
+        knowledge_base_id: String,
+        placements: Vec<KbShardPlacement>,
+        at_ms: u64,
+    ) -> Result<Effect, Rejection> {
+        if placements.is_empty() {
+            return Err(Rejection::NoKbShards { knowledge_base_id });
+        }
+        if self.kb_shards.values().any(|shard| shard.knowledge_base_id == knowledge_base_id) {
+            return Ok(Effect::Unchanged);
+        }
+        let mut seen = BTreeSet::new();
+        for placement in &placements {
+            if !seen.insert(&placement.shard_id) {
+                return Err(Rejection::DuplicateKbShard(placement.shard_id.clone()));
+            }
+            if placement.knowledge_base_id != knowledge_base_id {
+                return Err(Rejection::KbShardOtherKnowledgeBase {
+                    shard_id: placement.shard_id.clone(),
+                    current: knowledge_base_id,
+                    asked: placement.knowledge_base_id.clone(),
+                });
+            }
+        }
+        // All or nothing: each is checked as a put of it would be, on the state as it was.
+        let before = self.kb_shards.clone();
+        let mut shard_ids = Vec::with_capacity(placements.len());
+        for placement in placements {
+            shard_ids.push(placement.shard_id.clone());
+            if let Err(rejection) = self.put_kb_shard(placement, at_ms) {
+                self.kb_shards = before;
+                return Err(rejection);
+            }
+        }
+        Ok(Effect::KbShardsPlaced { knowledge_base_id, shard_ids })
     }
 
     fn set_kb_shard_state(&mut self, shard_id: &ShardId, to: KbShardState, at_ms: u64) -> Result<Effect, Rejection> {

@@ -166,6 +166,14 @@ pub enum Command {
         placement: KbShardPlacement,
         at_ms: u64,
     },
+    /// Places a new knowledge base's shards, all of them at once, if it has none yet: the
+    /// first placement of a knowledge base wins, and a later one (another node placed it
+    /// meanwhile) changes nothing.
+    PlaceKbShards {
+        knowledge_base_id: String,
+        placements: Vec<KbShardPlacement>,
+        at_ms: u64,
+    },
     SetKbShardState {
         shard_id: ShardId,
         state: KbShardState,
@@ -195,6 +203,7 @@ impl Command {
             Command::SetTrainingJobState { .. } => "set_training_job_state",
             Command::RemoveTrainingJob { .. } => "remove_training_job",
             Command::PutKbShard { .. } => "put_kb_shard",
+            Command::PlaceKbShards { .. } => "place_kb_shards",
             Command::SetKbShardState { .. } => "set_kb_shard_state",
             Command::RemoveKbShard { .. } => "remove_kb_shard",
         }
@@ -330,6 +339,11 @@ pub enum Effect {
     },
     KbShardUpdated {
         shard_id: ShardId,
+    },
+    /// A knowledge base's first shards, in the order they were asked for.
+    KbShardsPlaced {
+        knowledge_base_id: String,
+        shard_ids: Vec<ShardId>,
     },
     KbShardStateChanged {
         shard_id: ShardId,

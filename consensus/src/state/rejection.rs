@@ -110,6 +110,10 @@ pub enum Rejection {
     KbShardOtherKnowledgeBase { shard_id: ShardId, current: String, asked: String },
     #[error("kb shard {shard_id} must name its knowledge base")]
     EmptyKnowledgeBase { shard_id: ShardId },
+    #[error("knowledge base {knowledge_base_id:?} must be placed with at least one shard")]
+    NoKbShards { knowledge_base_id: String },
+    #[error("kb shard {0} is named twice in one placement")]
+    DuplicateKbShard(ShardId),
     #[error("kb shard {shard_id} has an empty hash range: start {start:#x} is after end {end_inclusive:#x}")]
     EmptyHashRange { shard_id: ShardId, start: u64, end_inclusive: u64 },
 }

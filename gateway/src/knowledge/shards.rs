@@ -369,17 +369,23 @@ pub async fn ensure(state: &AppState, kb: &KnowledgeBase) -> Result<KbShards, Ap
     if nodes.is_empty() {
         return Err(ApiError::unavailable("no node takes work: the knowledge base's shards cannot be placed"));
     }
-    for (shard, node) in (0..count).zip(nodes) {
-        let range = shard_hash_range(shard, count);
-        let placement = KbShardPlacement {
-            shard_id: ShardId(format!("{}.{shard}", kb.id)),
-            knowledge_base_id: kb.id.clone(),
-            hash_range: HashRange { start: *range.start(), end_inclusive: *range.end() },
-            node_id: NodeId(node),
-        };
-        if let Err(rejection) = handle.propose(Command::PutKbShard { placement, at_ms: now_ms() }).await? {
-            return Err(ApiError::unavailable(format!("cannot place shard {shard} of {}: {rejection}", kb.id)));
-        }
+    let placements = (0..count)
+        .zip(nodes)
+        .map(|(shard, node)| {
+            let range = shard_hash_range(shard, count);
+            KbShardPlacement {
+                shard_id: ShardId(format!("{}.{shard}", kb.id)),
+                knowledge_base_id: kb.id.clone(),
+                hash_range: HashRange { start: *range.start(), end_inclusive: *range.end() },
+                node_id: NodeId(node),
+            }
+        })
+        .collect();
+    // One command for all of them: two nodes placing the same new knowledge base at once
+    // (an upload on one, a retrieval on another) agree on the first placement committed.
+    let command = Command::PlaceKbShards { knowledge_base_id: kb.id.clone(), placements, at_ms: now_ms() };
+    if let Err(rejection) = handle.propose(command).await? {
+        return Err(ApiError::unavailable(format!("cannot place the shards of {}: {rejection}", kb.id)));
     }
     Ok(KbShards::wait_open(state, &kb.id, OPEN_WAIT).await)
 }
