@@ -29,12 +29,9 @@ pub struct Meter {
 
 struct MeterInner {
     state: Arc<AppState>,
-    owner: Owner,
-    user_id: String,
-    key_id: Option<String>,
-    subjects: Vec<String>,
+    /// Whose usage it is, under which endpoint name.
+    work: Work,
     model: String,
-    endpoint: &'static str,
     started: Instant,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
@@ -44,7 +41,7 @@ struct MeterInner {
 
 impl std::fmt::Debug for Meter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Meter").field("model", &self.inner.model).field("endpoint", &self.inner.endpoint).finish()
+        f.debug_struct("Meter").field("model", &self.inner.model).field("endpoint", &self.inner.work.endpoint).finish()
     }
 }
 
@@ -81,12 +78,8 @@ impl Meter {
         Ok(Meter {
             inner: Arc::new(MeterInner {
                 state: Arc::clone(state),
-                owner: caller.scope.acting_as().clone(),
-                user_id: caller.user_id().to_owned(),
-                key_id: caller.key_id().map(str::to_owned),
-                subjects: caller.quotas.iter().map(|check| check.subject.clone()).collect(),
+                work: Work::for_caller(caller, endpoint),
                 model: model.to_owned(),
-                endpoint,
                 started: Instant::now(),
                 prompt_tokens: AtomicU64::new(0),
                 completion_tokens: AtomicU64::new(0),
@@ -159,49 +152,51 @@ impl Work {
     }
 
     /// Records `tokens` (prompt, completion) of a call to `model` that began at `started`.
-    pub fn record(
-        &self,
-        state: &Arc<AppState>,
-        model: &str,
-        (prompt_tokens, completion_tokens): (usize, usize),
-        started: Instant,
-    ) {
+    pub fn record(&self, state: &Arc<AppState>, model: &str, (prompt, completion): (usize, usize), started: Instant) {
+        self.record_call(state, model.to_owned(), (prompt as u64, completion as u64), 200, started);
+    }
+
+    /// One call's usage: a usage record (written in batches), the deployment's monitoring,
+    /// the token counters and the token quotas.
+    fn record_call(&self, state: &Arc<AppState>, model: String, tokens: (u64, u64), status: u16, started: Instant) {
+        let (prompt_tokens, completion_tokens) = tokens;
         let usage = NewUsage {
             owner: self.owner.clone(),
             user_id: self.user_id.clone(),
             key_id: self.key_id.clone(),
             kind: UsageKind::Inference,
-            model: model.to_owned(),
+            model,
             endpoint: self.endpoint.to_owned(),
-            prompt_tokens: prompt_tokens as u64,
-            completion_tokens: completion_tokens as u64,
+            prompt_tokens,
+            completion_tokens,
             gpu_seconds: 0,
             storage_bytes: 0,
             latency_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            status: 200,
+            status,
             at_ms: maas_store::ids::now_ms(),
         };
         state.monitor.record_request(
             &usage.model,
             u64::try_from(usage.at_ms).unwrap_or(0),
-            usage.status,
+            status,
             usage.latency_ms,
-            (usage.prompt_tokens, usage.completion_tokens),
+            tokens,
         );
-        metrics::counter!("maas_usage_tokens_total", "kind" => "prompt").increment(usage.prompt_tokens);
-        metrics::counter!("maas_usage_tokens_total", "kind" => "completion").increment(usage.completion_tokens);
-        add_tokens(state, self.subjects.clone(), usage.prompt_tokens + usage.completion_tokens, usage.at_ms);
+        metrics::counter!("maas_usage_tokens_total", "kind" => "prompt").increment(prompt_tokens);
+        metrics::counter!("maas_usage_tokens_total", "kind" => "completion").increment(completion_tokens);
+        add_tokens(state, &self.subjects, prompt_tokens + completion_tokens, usage.at_ms);
         state.usage_writer.record(state, usage);
     }
 }
 
 /// Adds `tokens` to the subjects' token quotas, in the background.
-fn add_tokens(state: &Arc<AppState>, subjects: Vec<String>, tokens: u64, at_ms: i64) {
+fn add_tokens(state: &Arc<AppState>, subjects: &[String], tokens: u64, at_ms: i64) {
     if tokens == 0 || subjects.is_empty() {
         return;
     }
     let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
     let state = Arc::clone(state);
+    let subjects = subjects.to_vec();
     runtime.spawn(async move {
         if let Err(err) = state.limiter().add_tokens(&subjects, tokens, at_ms).await {
             tracing::error!(error = %err, "adding tokens to the quotas failed");
@@ -261,32 +256,8 @@ impl Drop for MeterInner {
         let prompt_tokens = self.prompt_tokens.load(Ordering::Relaxed);
         let completion_tokens = self.completion_tokens.load(Ordering::Relaxed);
         let status = self.status.load(Ordering::Relaxed);
-        let usage = NewUsage {
-            owner: self.owner.clone(),
-            user_id: std::mem::take(&mut self.user_id),
-            key_id: self.key_id.take(),
-            kind: UsageKind::Inference,
-            model: std::mem::take(&mut self.model),
-            endpoint: self.endpoint.to_owned(),
-            prompt_tokens,
-            completion_tokens,
-            gpu_seconds: 0,
-            storage_bytes: 0,
-            latency_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            status,
-            at_ms: maas_store::ids::now_ms(),
-        };
-        self.state.monitor.record_request(
-            &usage.model,
-            u64::try_from(usage.at_ms).unwrap_or(0),
-            status,
-            usage.latency_ms,
-            (prompt_tokens, completion_tokens),
-        );
-        metrics::counter!("maas_usage_tokens_total", "kind" => "prompt").increment(prompt_tokens);
-        metrics::counter!("maas_usage_tokens_total", "kind" => "completion").increment(completion_tokens);
-        add_tokens(&self.state, std::mem::take(&mut self.subjects), prompt_tokens + completion_tokens, usage.at_ms);
-        self.state.usage_writer.record(&self.state, usage);
+        let model = std::mem::take(&mut self.model);
+        self.work.record_call(&self.state, model, (prompt_tokens, completion_tokens), status, self.started);
     }
 }
 
