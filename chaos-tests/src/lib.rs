@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use serde_json::{Value, json};
 
 /// The `maas` binary under test.
 pub fn maas_binary() -> PathBuf {
@@ -237,6 +238,24 @@ pub async fn post_multipart(
     cookie: &str,
     url: &str,
     fields: &[(&str, &str)],
+    file: (&str, &str, &[u8]),
+) -> reqwest::Response {
+    post_multipart_with(&admin_client(cookie), url, fields, file).await
+}
+
+/// A client that sends `token` as a bearer token on every request (a user's session or key).
+pub fn bearer_client(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).expect("a token is a header value");
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    reqwest::Client::builder().default_headers(headers).build().expect("a reqwest client")
+}
+
+/// [`post_multipart`] with any client.
+pub async fn post_multipart_with(
+    client: &reqwest::Client,
+    url: &str,
+    fields: &[(&str, &str)],
     (filename, content_type, bytes): (&str, &str, &[u8]),
 ) -> reqwest::Response {
     let boundary = "maas-chaos-test-boundary";
@@ -255,11 +274,49 @@ pub async fn post_multipart(
     );
     form.extend_from_slice(bytes);
     form.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    admin_client(cookie)
+    client
         .post(url)
         .header("content-type", format!("multipart/form-data; boundary={boundary}"))
         .body(form)
         .send()
         .await
         .expect("the node answers")
+}
+
+/// Signs up `email` (the node's first sign-up becomes its administrator), verifies it
+/// with the code from the outbox and signs it in: its session token and user id.
+pub async fn signed_up(base_url: &str, cookie: &str, email: &str) -> (String, String) {
+    let admin = admin_client(cookie);
+    let base = base_url;
+    let password = "plum-Harbour-sings-92-quietly";
+    let created = admin
+        .post(format!("{base}/v1/auth/signup"))
+        .json(&json!({"email": email, "password": password}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let outbox: Value =
+        admin.get(format!("{base}/v1/admin/outbox?recipient={email}")).send().await.unwrap().json().await.unwrap();
+    if let Some(message) = outbox["data"][0]["body"].as_str() {
+        let code: String = message.chars().filter(char::is_ascii_digit).take(6).collect();
+        let verified = admin
+            .post(format!("{base}/v1/auth/verify"))
+            .json(&json!({"login": email, "code": code}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(verified.status(), 200);
+    }
+    let signed_in: Value = admin
+        .post(format!("{base}/v1/auth/login"))
+        .json(&json!({"login": email, "password": password}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = signed_in["token"].as_str().unwrap_or_else(|| panic!("{email} signs in: {signed_in}")).to_owned();
+    (token, signed_in["user"]["id"].as_str().unwrap().to_owned())
 }

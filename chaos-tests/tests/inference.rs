@@ -158,7 +158,8 @@ async fn the_official_openai_python_package_works_unchanged() {
     // A real key, as a user would create one; the package sends it as a bearer token.
     let key: Value = maas_chaos_tests::admin_client(COOKIE)
         .post(format!("{base_url}/v1/keys"))
-        .json(&json!({"name": "openai sdk", "scopes": ["inference"]}))
+        // `admin`: fine-tuning adds a model to the key owner's part of the repository.
+        .json(&json!({"name": "openai sdk", "scopes": ["inference", "admin"]}))
         .send()
         .await
         .unwrap()
@@ -407,42 +408,8 @@ async fn get_as(node: &MaasProcess, token: &str, path: &str) -> (u16, String) {
     (response.status().as_u16(), response.text().await.unwrap())
 }
 
-/// Signs up `email` (the node's first sign-up becomes its administrator), verifies it
-/// with the code from the outbox and signs it in: its session token and user id.
 async fn signed_up(node: &MaasProcess, email: &str) -> (String, String) {
-    let admin = maas_chaos_tests::admin_client(COOKIE);
-    let base = node.base_url.clone();
-    let password = "plum-Harbour-sings-92-quietly";
-    let created = admin
-        .post(format!("{base}/v1/auth/signup"))
-        .json(&json!({"email": email, "password": password}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
-    let outbox: Value =
-        admin.get(format!("{base}/v1/admin/outbox?recipient={email}")).send().await.unwrap().json().await.unwrap();
-    if let Some(message) = outbox["data"][0]["body"].as_str() {
-        let code: String = message.chars().filter(char::is_ascii_digit).take(6).collect();
-        let verified = admin
-            .post(format!("{base}/v1/auth/verify"))
-            .json(&json!({"login": email, "code": code}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(verified.status(), 200);
-    }
-    let signed_in: Value = admin
-        .post(format!("{base}/v1/auth/login"))
-        .json(&json!({"login": email, "password": password}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = signed_in["token"].as_str().unwrap_or_else(|| panic!("{email} signs in: {signed_in}")).to_owned();
-    (token, signed_in["user"]["id"].as_str().unwrap().to_owned())
+    maas_chaos_tests::signed_up(&node.base_url, COOKIE, email).await
 }
 
 /// Signs up an administrator and a user (verified with the code from the outbox), gives

@@ -169,5 +169,40 @@ if embedding_model:
         all(abs(a - b) < 1e-6 for a, b in zip(as_floats.data[0].embedding, vectors[0])),
     )
 
+# Fine-tuning: a chat JSONL uploaded, a LoRA job created through the SDK and followed to
+# its end (`tuning` is maas's addition, sent in extra_body).
+example = {"messages": [{"role": "user", "content": "what is maas"}, {"role": "assistant", "content": "maas is the answer"}]}
+training = client.files.create(file=("train.jsonl", "\n".join([json.dumps(example)] * 4).encode()), purpose="fine-tune")
+job = client.fine_tuning.jobs.create(
+    model="tiny",
+    training_file=training.id,
+    suffix="sdk",
+    hyperparameters={"n_epochs": 2, "batch_size": 2},
+    extra_body={"tuning": {"type": "lora", "rank": 4}},
+)
+check("fine_tuning.jobs.create queues a job", job.status == "queued" and job.id.startswith("ftjob-"), job)
+deadline = time.time() + 120
+while job.status not in ("succeeded", "failed", "cancelled") and time.time() < deadline:
+    time.sleep(0.5)
+    job = client.fine_tuning.jobs.retrieve(job.id)
+check(
+    "the job succeeds with a model of its own",
+    job.status == "succeeded" and (job.fine_tuned_model or "").startswith("tiny-sdk:") and job.trained_tokens > 0,
+    job,
+)
+events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+check("list_events reports each step's loss", sum(1 for e in events if e.type == "metrics") == 4, events)
+check("jobs.list lists it", any(j.id == job.id for j in client.fine_tuning.jobs.list(limit=5)))
+try:
+    client.fine_tuning.jobs.cancel(job.id)
+    check("cancelling a finished job is an error", False)
+except openai.ConflictError as error:
+    check("cancelling a finished job is a 409", error.status_code == 409)
+try:
+    client.fine_tuning.jobs.create(model="tiny", training_file="file-missing")
+    check("a missing training file is an error", False)
+except openai.NotFoundError as error:
+    check("a missing training file is a 404 naming the file", "file-missing" in str(error), str(error))
+
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

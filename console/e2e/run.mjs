@@ -580,6 +580,30 @@ async function main() {
       }
     })
 
+    await check('the administrator fine-tunes a model and watches its loss curve to the end', async () => {
+      await admin.goto(`${base}/fine-tuning`)
+      await admin.locator('[data-test="new-job"]').click()
+      await admin.getByRole('dialog').waitFor()
+      const line = JSON.stringify({ messages: [{ role: 'user', content: 'what is maas' }, { role: 'assistant', content: 'maas is the answer' }] })
+      await admin.locator('[data-test="ft-file"]').setInputFiles({ name: 'train.jsonl', mimeType: 'application/jsonl', buffer: Buffer.from(`${line}\n`.repeat(6)) })
+      await admin.getByRole('dialog').getByText('train.jsonl').waitFor()
+      await admin.locator('[data-test="ft-epochs"] input').fill('4')
+      await admin.locator('[data-test="ft-lr"] input').fill('50')
+      await admin.locator('[data-test="create-job"]').click()
+      // The new job is selected: its curve fills in as steps finish, and it ends succeeded.
+      await admin.locator('[data-test="job-detail"]').waitFor()
+      await admin.locator('[data-test="job-status"]', { hasText: 'succeeded' }).first().waitFor({ timeout: 120_000 })
+      const model = await admin.locator('[data-test="job-model"]').first().innerText()
+      assert(/-ft:ftjob-/.test(model), `the trained model is named: ${model}`)
+      const jobs = await http(base, 'GET', '/v1/fine_tuning/jobs', undefined, adminToken)
+      const job = jobs.json?.data?.[0]
+      assert(job?.status === 'succeeded' && job.steps_done === job.total_steps && job.gpu_seconds >= 0, `the job: ${jobs.text.slice(0, 600)}`)
+      // The curve reaches the last step.
+      await admin.locator(`[data-test="loss-chart"][data-last-step="${job.total_steps}"]`).waitFor({ timeout: 20_000 })
+      await admin.screenshot({ path: join(shots, 'fine-tuning-desktop.png'), fullPage: true })
+      log(`     ${job.total_steps} steps of ${job.model} trained into ${model}`)
+    })
+
     await check('the console switches to Chinese', async () => {
       await admin.goto(`${base}/admin/cluster`)
       await admin.locator('.topbar .language').click()
@@ -598,12 +622,15 @@ async function main() {
       // The admin's console is in Chinese now. On every page, what a person reads as the
       // console's own (not the data it shows) must hold no English word: a string left out
       // of the translations, or one a component library brings in English.
-      const pages = ['/', '/playground', '/models', '/deployments', '/knowledge', '/keys', '/usage', '/orgs', '/profile',
+      const pages = ['/', '/playground', '/models', '/deployments', '/knowledge', '/fine-tuning', '/keys', '/usage', '/orgs', '/profile',
         '/admin/cluster', '/admin/users', '/admin/prices', '/admin/audit', '/admin/outbox']
       const leaks = []
       // What the pages show of this run's data: the accounts, models, node ids, and the
       // audit filter's example (an action prefix, `key.`).
-      const dataWords = [ADMIN.email, USER.email, USER.name, 'tiny-llama bert embed node- key'].flatMap((text) => text.match(/[A-Za-z][A-Za-z'-]+/g) ?? [])
+      // The fine-tuning jobs' ids (ftjob-<hex>) are data too.
+      const jobs = await http(base, 'GET', '/v1/fine_tuning/jobs', undefined, adminToken)
+      const jobIds = (jobs.json?.data ?? []).map((job) => job.id).join(' ')
+      const dataWords = [ADMIN.email, USER.email, USER.name, jobIds, 'tiny-llama bert embed node- key uploaded-tiny ft'].flatMap((text) => text.match(/[A-Za-z][A-Za-z'-]+/g) ?? [])
       for (const path of pages) {
         await admin.goto(`${base}${path}`)
         await admin.waitForLoadState('networkidle')

@@ -23,6 +23,7 @@ export const routes: RouteRecordRaw[] = [
   { path: '/deployments', name: 'deployments', component: () => import('./views/Deployments.vue'), meta: { title: 'nav.deployments' } },
   { path: '/knowledge', name: 'knowledge', component: () => import('./views/KnowledgeBases.vue'), meta: { title: 'nav.knowledge' } },
   { path: '/knowledge/:id', name: 'knowledge-base', component: () => import('./views/KnowledgeBase.vue'), meta: { title: 'nav.knowledge' } },
+  { path: '/fine-tuning', name: 'fine-tuning', component: () => import('./views/FineTuning.vue'), meta: { title: 'nav.fineTuning' } },
   { path: '/keys', name: 'keys', component: () => import('./views/Keys.vue'), meta: { title: 'nav.keys' } },
   { path: '/usage', name: 'usage', component: () => import('./views/Usage.vue'), meta: { title: 'nav.usage' } },
   { path: '/orgs', name: 'orgs', component: () => import('./views/Orgs.vue'), meta: { title: 'nav.orgs' } },

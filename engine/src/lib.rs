@@ -10,7 +10,7 @@
 //! - [`tokenizer`] and [`chat`]: tokenizers and chat templates.
 //! - [`embeddings`]: BERT-family sentence embeddings.
 //! - [`gpu`]: GPU discovery; [`model_files`]: model files checked on disk; [`tiny`]: tiny
-//!   random models in the real formats, for tests.
+//!   random models in the real formats, for tests; [`train`]: LoRA and full fine-tuning.
 //! - [`catalog`]: the built-in catalogue of well-known models and the check of files
 //!   against an entry; [`archive`]: model archives unpacked without trusting them.
 //!
@@ -32,7 +32,9 @@ pub mod sampling;
 pub mod stream;
 pub mod tiny;
 pub mod tokenizer;
+pub mod train;
 
+pub use candle_core::Device;
 pub use chat::ChatMessage;
 pub use embeddings::EmbeddingModel;
 pub use engine::{

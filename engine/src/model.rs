@@ -931,7 +931,7 @@ fn rotary_tables(config: &ModelConfig, device: &Device) -> Result<(Tensor, Tenso
 }
 
 /// The weight files of a folder: those a sharded index names, else every `*.safetensors`.
-fn safetensors_shards(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn safetensors_shards(dir: &Path) -> Result<Vec<PathBuf>> {
     let index_path = dir.join("model.safetensors.index.json");
     let mut shards: Vec<String> = if index_path.is_file() {
         let index = read_json(&index_path)?;

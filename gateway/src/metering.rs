@@ -146,6 +146,46 @@ impl Work {
         }
     }
 
+    /// The same work, done for `user_id` (and their key): a job they created.
+    #[must_use]
+    pub fn acting_for(mut self, user_id: &str, key_id: Option<&str>) -> Work {
+        user_id.clone_into(&mut self.user_id);
+        self.key_id = key_id.map(str::to_owned);
+        if let Some(key_id) = key_id {
+            self.subjects.push(format!("key:{key_id}"));
+        }
+        self
+    }
+
+    /// Records `gpu_seconds` of training on `model` (a usage record of kind `training`,
+    /// costed by the model's GPU-hour price), written at once: the GPU-hours quota reads
+    /// it next.
+    pub async fn record_gpu_seconds(
+        &self,
+        state: &AppState,
+        model: &str,
+        gpu_seconds: u64,
+    ) -> Result<(), maas_store::StoreError> {
+        let usage = NewUsage {
+            owner: self.owner.clone(),
+            user_id: self.user_id.clone(),
+            key_id: self.key_id.clone(),
+            kind: UsageKind::Training,
+            model: model.to_owned(),
+            endpoint: self.endpoint.to_owned(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            gpu_seconds,
+            storage_bytes: 0,
+            latency_ms: 0,
+            status: 200,
+            at_ms: maas_store::ids::now_ms(),
+        };
+        metrics::counter!("maas_usage_gpu_seconds_total", "kind" => "training").increment(gpu_seconds);
+        let stores = state.stores().map_err(|e| maas_store::StoreError::InvalidInput(e.message))?;
+        stores.db.usage().record(&usage).await
+    }
+
     /// The endpoint name the usage is recorded under.
     pub fn endpoint(&self) -> &'static str {
         self.endpoint

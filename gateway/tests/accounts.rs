@@ -196,6 +196,7 @@ fn fill(template: &str, ids: &BTreeMap<&str, String>) -> Option<String> {
         [
             ("/v1/files/", "file"),
             ("/v1/batches/", "batch"),
+            ("/v1/fine_tuning/jobs/", "ftjob"),
             ("/v1/sessions/", "session"),
             ("/v1/safety/rules/", "rule"),
             ("/v1/keys/", "key"),
@@ -245,6 +246,7 @@ fn body_for(
         "/v1/batches" => {
             json!({"input_file_id": ids["file"], "endpoint": "/v1/chat/completions", "completion_window": "24h"})
         }
+        "/v1/fine_tuning/jobs" => json!({"model": "m", "training_file": ids["file"]}),
         "/v1/orgs/{id}/members" => json!({"login": intruder_email, "role": "owner"}),
         "/v1/knowledge_bases" => json!({"name": "bobs", "embedding_model": "embed"}),
         "/v1/knowledge_bases/{id}" => json!({"description": "taken over"}),
@@ -294,23 +296,9 @@ async fn tenants_reach_nothing_of_each_other_on_any_route(backend: Backend) {
     ids.insert("org", org["id"].as_str().unwrap().to_owned());
     let (_, me) = setup.json(&alice, reqwest::Method::GET, "/v1/auth/me", None).await;
     ids.insert("user", me["user"]["id"].as_str().unwrap().to_owned());
-    // A chat session (its route needs the control plane, which this test does not run).
     let db = &setup.state.stores.get().unwrap().db;
     let alice_scope = maas_store::TenantScope::resolve(db, &ids["user"], None).await.unwrap();
-    let session = db
-        .sessions()
-        .create(
-            &alice_scope,
-            maas_store::repo::sessions::NewChatSession {
-                model: "m".into(),
-                system_prompt: None,
-                sampling: json!({}),
-                title: None,
-            },
-        )
-        .await
-        .unwrap();
-    ids.insert("session", session.id);
+    alice_rows(db, &alice_scope, &mut ids).await;
     ids.insert("sign_in", me["credential"]["session_id"].as_str().unwrap().to_owned());
     alice_knowledge_base(&setup, &alice, &alice_scope, &mut ids).await;
     ids.insert("deployment", "ghost".into());
@@ -361,9 +349,44 @@ async fn tenants_reach_nothing_of_each_other_on_any_route(backend: Backend) {
     let (_, members) =
         setup.json(&alice, reqwest::Method::GET, &format!("/v1/orgs/{}/members", ids["org"]), None).await;
     assert_eq!(members["data"].as_array().unwrap().len(), 1, "bob did not join alice's org: {members}");
+    let (_, job) =
+        setup.json(&alice, reqwest::Method::GET, &format!("/v1/fine_tuning/jobs/{}", ids["ftjob"]), None).await;
+    assert_eq!(job["status"], "queued", "bob did not cancel alice's job: {job}");
     let (_, me) = setup.json(&alice, reqwest::Method::GET, "/v1/auth/me", None).await;
     assert_eq!(me["user"]["status"], "active", "{me}");
     assert_eq!(me["user"]["role"], "user", "{me}");
+}
+
+/// Alice's chat session (its route needs the control plane, which this test does not run)
+/// and fine-tuning job (training needs a model): the rows are enough for the walk.
+async fn alice_rows(
+    db: &maas_store::Db,
+    alice_scope: &maas_store::TenantScope,
+    ids: &mut BTreeMap<&'static str, String>,
+) {
+    let session = db
+        .sessions()
+        .create(
+            alice_scope,
+            maas_store::repo::sessions::NewChatSession {
+                model: "m".into(),
+                system_prompt: None,
+                sampling: json!({}),
+                title: None,
+            },
+        )
+        .await
+        .unwrap();
+    ids.insert("session", session.id);
+    let job = maas_store::repo::fine_tuning::NewJob {
+        model: "m:v1".into(),
+        training_file: ids["file"].clone(),
+        validation_file: None,
+        settings: json!({}),
+        suffix: None,
+        total_steps: 1,
+    };
+    ids.insert("ftjob", db.fine_tuning_jobs().create(alice_scope, job).await.unwrap().id);
 }
 
 /// Alice's knowledge base with a document in it (ingestion needs a model; the rows are

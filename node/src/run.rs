@@ -635,11 +635,12 @@ async fn connect_limiter(config: &Config, state: &AppState) -> Result<()> {
     Ok(())
 }
 
-/// The background workers of batches and of knowledge-base ingestion. They start working
+/// The background workers of batches, fine-tuning and knowledge-base ingestion. They start working
 /// once the node is ready; the node id names this node in their leases, so a restarted
 /// node takes its own work back at once.
 fn start_workers(config: &Config, state: &Arc<AppState>) {
     maas_gateway::routes::batches::spawn_worker(Arc::clone(state), format!("node-{}", config.node.id));
+    maas_gateway::routes::fine_tuning::spawn_trainer(Arc::clone(state), format!("node-{}", config.node.id));
     let knowledge = &config.knowledge;
     let options = maas_gateway::knowledge::KnowledgeOptions {
         default_backend: knowledge.default_backend.clone(),

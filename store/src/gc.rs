@@ -1,5 +1,6 @@
-//! Blob garbage collection: blobs no row refers to (no file, model version or knowledge-base
-//! document) are removed once they are older than a grace period.
+//! Blob garbage collection: blobs no row refers to (no file, model version, knowledge-base
+//! document or fine-tuning job's checkpoint) are removed once they are older than a grace
+//! period. A job's older checkpoints are left to it.
 //!
 //! **Invariant:** a blob is removed only if it was last written before the cutoff and no row
 //! referred to it when it was checked. Every new reference to a blob is made after a write
@@ -33,6 +34,7 @@ impl Db {
         let count: i64 = sqlx::query_scalar(
             "SELECT CAST((SELECT COUNT(*) FROM files WHERE sha256 = $1) \
              + (SELECT COUNT(*) FROM kb_documents WHERE sha256 = $1) \
+             + (SELECT COUNT(*) FROM fine_tuning_jobs WHERE checkpoint_sha256 = $1) \
              + (SELECT COUNT(*) FROM model_versions WHERE files LIKE $2) AS BIGINT)",
         )
         .bind(sha256)

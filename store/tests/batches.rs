@@ -4,10 +4,9 @@
 
 mod common;
 
-use common::TestDb;
+use common::{TestDb, scope};
+use maas_store::StoreError;
 use maas_store::repo::batches::{BatchStatus, LineResult, NewBatch};
-use maas_store::repo::users::NewUser;
-use maas_store::{StoreError, TenantScope};
 use serde_json::json;
 
 on_both_backends!(
@@ -17,17 +16,6 @@ on_both_backends!(
     a_line_is_answered_at_most_once,
     finishing_sets_the_output_and_ends_the_lease,
 );
-
-async fn scope(t: &TestDb, email: &str) -> TenantScope {
-    let id = t
-        .db
-        .users()
-        .create(NewUser { email: Some(email.into()), display_name: email.into(), active: true, ..NewUser::default() })
-        .await
-        .unwrap()
-        .id;
-    TenantScope::resolve(&t.db, &id, None).await.unwrap()
-}
 
 fn new_batch(total_lines: u64) -> NewBatch {
     NewBatch {

@@ -36,7 +36,7 @@ fn new_file(name: &str) -> NewFile {
 
 async fn migrations_are_idempotent(t: &TestDb) {
     t.db.migrate().await.expect("second migration run is a no-op");
-    assert_eq!(t.db.latest_migration(), 10);
+    assert_eq!(t.db.latest_migration(), 11);
 }
 
 async fn users_are_created_and_unique(t: &TestDb) {

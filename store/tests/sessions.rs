@@ -3,10 +3,9 @@
 
 mod common;
 
-use common::TestDb;
+use common::{TestDb, scope};
 use maas_store::repo::orgs::OrgRole;
 use maas_store::repo::sessions::{MessageRole, NewChatSession, NewSessionMessage};
-use maas_store::repo::users::NewUser;
 use maas_store::{Owner, StoreError, TenantScope};
 use serde_json::json;
 
@@ -17,17 +16,6 @@ on_both_backends!(
     bad_sessions_and_messages_are_refused_and_change_nothing,
     deleting_a_session_deletes_its_messages,
 );
-
-async fn scope(t: &TestDb, email: &str) -> TenantScope {
-    let id = t
-        .db
-        .users()
-        .create(NewUser { email: Some(email.into()), display_name: email.into(), active: true, ..NewUser::default() })
-        .await
-        .expect("user is created")
-        .id;
-    TenantScope::resolve(&t.db, &id, None).await.unwrap()
-}
 
 fn new_session() -> NewChatSession {
     NewChatSession {

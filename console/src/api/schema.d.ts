@@ -887,6 +887,84 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/fine_tuning/jobs": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The caller's fine-tuning jobs, newest first. */
+        get: operations["list_jobs"];
+        put?: never;
+        /**
+         * Creates a fine-tuning job: the base model and the files are checked, the GPU-hours
+         *     quota must have room, and the job is `queued` until a node's trainer takes it.
+         */
+        post: operations["create_job"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/fine_tuning/jobs/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** One fine-tuning job, with its progress and GPU time. */
+        get: operations["get_job"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/fine_tuning/jobs/{id}/cancel": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Cancels a queued or running job; its trainer stops within a step. A job that ended
+         *     otherwise is a 409.
+         */
+        post: operations["cancel_job"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/fine_tuning/jobs/{id}/events": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * A job's events, oldest first (OpenAI lists newest first; this list is a log to follow:
+         *     pass the last id as `after` to get what came since).
+         */
+        get: operations["list_events"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/gpus": {
         parameters: {
             query?: never;
@@ -1479,6 +1557,8 @@ export interface components {
             target: string;
             detail: unknown;
         };
+        /** @enum {string} */
+        AutoWord: "auto";
         BatchList: {
             object: string;
             data: components["schemas"]["BatchObject"][];
@@ -1747,6 +1827,30 @@ export interface components {
              *     work, but files do not expire yet.
              */
             output_expires_after?: Record<string, never> | null;
+        };
+        CreateJob: {
+            /**
+             * @description The base model: `name` (its newest version) or `name:version`, a safetensors model
+             *     of the Llama family from the repository.
+             */
+            model: string;
+            /** @description A file uploaded with purpose `fine-tune`. */
+            training_file: string;
+            /** @description A `fine-tune` file whose loss is reported after each epoch. */
+            validation_file?: string | null;
+            hyperparameters?: null | components["schemas"]["Hyperparameters"];
+            /** @description Up to 40 letters, digits, `-` or `_`, in the trained model's name. */
+            suffix?: string | null;
+            /** Format: int64 */
+            seed?: number | null;
+            method?: null | components["schemas"]["MethodRequest"];
+            tuning?: null | components["schemas"]["Tuning"];
+            /** @description Accepted for SDK compatibility; only an empty list is. */
+            integrations?: Record<string, never>[] | null;
+            /** @description Accepted for SDK compatibility (OpenAI's string pairs); not stored yet. */
+            metadata?: {
+                [key: string]: string;
+            } | null;
         };
         /** @description A new key. */
         CreateKey: {
@@ -2114,6 +2218,36 @@ export interface components {
              */
             dtype_bytes?: number | null;
         };
+        EventList: {
+            object: string;
+            data: components["schemas"]["EventObject"][];
+            has_more: boolean;
+        };
+        /** @description A `metrics` event's figures. */
+        EventMetrics: {
+            /** Format: int64 */
+            step: number;
+            /** Format: int64 */
+            total_steps: number;
+            /** Format: double */
+            train_loss?: number | null;
+            /** Format: double */
+            valid_loss?: number | null;
+        };
+        /**
+         * @description OpenAI's fine-tuning event: `message` events for state changes, `metrics` events with
+         *     `data.step`, `data.train_loss` (and `data.valid_loss` after an epoch).
+         */
+        EventObject: {
+            id: string;
+            object: string;
+            /** Format: int64 */
+            created_at: number;
+            level: string;
+            message: string;
+            data?: null | components["schemas"]["EventMetrics"];
+            type: string;
+        };
         FileDeleted: {
             id: string;
             object: string;
@@ -2203,6 +2337,19 @@ export interface components {
             /** Format: int64 */
             uptime_secs: number;
         };
+        Hyperparameters: {
+            n_epochs?: null | components["schemas"]["NumberOrAuto"];
+            batch_size?: null | components["schemas"]["NumberOrAuto"];
+            learning_rate_multiplier?: null | components["schemas"]["NumberOrAuto"];
+        };
+        HyperparametersObject: {
+            /** Format: int32 */
+            n_epochs: number;
+            /** Format: int32 */
+            batch_size: number;
+            /** Format: double */
+            learning_rate_multiplier: number;
+        };
         /** @description A provider account linked to a user. */
         Identity: {
             provider: string;
@@ -2265,6 +2412,68 @@ export interface components {
             knowledge_base_ids?: string[] | null;
             retrieval?: null | components["schemas"]["RagOptions"];
         };
+        /** @description Why a job failed. */
+        JobError: {
+            /** @description `quota_exceeded`, `invalid_training_file`, `training_failed`, `model_not_found`... */
+            code: string;
+            message: string;
+            param?: string | null;
+        };
+        JobList: {
+            object: string;
+            data: components["schemas"]["JobObject"][];
+            has_more: boolean;
+        };
+        /**
+         * @description OpenAI's fine-tuning job object (times are Unix seconds), with maas's additions: the
+         *     tuning, progress, GPU time and the node.
+         */
+        JobObject: {
+            id: string;
+            object: string;
+            model: string;
+            /** Format: int64 */
+            created_at: number;
+            /** Format: int64 */
+            finished_at?: number | null;
+            fine_tuned_model?: string | null;
+            organization_id: string;
+            status: components["schemas"]["JobStatus"];
+            hyperparameters: components["schemas"]["HyperparametersObject"];
+            training_file: string;
+            validation_file?: string | null;
+            result_files: string[];
+            /** Format: int64 */
+            trained_tokens?: number | null;
+            error?: null | components["schemas"]["JobError"];
+            /** Format: int64 */
+            seed: number;
+            suffix?: string | null;
+            /** Format: int64 */
+            estimated_finish?: number | null;
+            integrations: string[];
+            method: components["schemas"]["MethodObject"];
+            tuning?: null | components["schemas"]["Tuning"];
+            /** Format: int64 */
+            total_steps: number;
+            /** Format: int64 */
+            steps_done: number;
+            /** Format: int64 */
+            gpus: number;
+            /**
+             * Format: double
+             * @description GPU time used so far, in seconds (GPUs held times wall time).
+             */
+            gpu_seconds: number;
+            node?: string | null;
+            /** Format: int64 */
+            started_at?: number | null;
+        };
+        /**
+         * @description Where a job is in its life, as OpenAI names it.
+         * @enum {string}
+         */
+        JobStatus: "validating_files" | "queued" | "running" | "succeeded" | "failed" | "cancelled";
         JoinReply: {
             /** @description Every member that has not left, the new one included. */
             members: components["schemas"]["MemberAddresses"][];
@@ -2673,6 +2882,16 @@ export interface components {
             cluster_addr: string;
             api_addr: string;
         };
+        /** @description OpenAI's `method` of a job: always `supervised`. */
+        MethodObject: {
+            type: string;
+            supervised: components["schemas"]["SupervisedObject"];
+        };
+        /** @description OpenAI's `method`: only `supervised` is offered. */
+        MethodRequest: {
+            type: string;
+            supervised?: null | components["schemas"]["SupervisedRequest"];
+        };
         /** @description A bucket as the API shows it. */
         MetricsPoint: {
             /**
@@ -2813,6 +3032,8 @@ export interface components {
             /** Format: int64 */
             status_since_ms: number;
         };
+        /** @description A hyperparameter's value as the document shows it: a number, or `"auto"`. */
+        NumberOrAuto: number | components["schemas"]["AutoWord"];
         /** @description An organisation. */
         Org: {
             id: string;
@@ -3245,6 +3466,30 @@ export interface components {
             subject: string;
             limits: components["schemas"]["QuotaLimits"];
             used: components["schemas"]["QuotaUsage"];
+        };
+        SupervisedObject: {
+            hyperparameters: components["schemas"]["HyperparametersObject"];
+        };
+        SupervisedRequest: {
+            hyperparameters?: null | components["schemas"]["Hyperparameters"];
+        };
+        /** @description What is trained (maas's extension): LoRA adapters (default) or every weight. */
+        Tuning: {
+            /**
+             * Format: int32
+             * @description Rank of the adapters (1 to 256; default 8).
+             */
+            rank?: number;
+            /**
+             * Format: double
+             * @description Scale numerator: updates are scaled by alpha / rank (default 16).
+             */
+            alpha?: number;
+            /** @enum {string} */
+            type: "lora";
+        } | {
+            /** @enum {string} */
+            type: "full";
         };
         UpdateKnowledgeBase: {
             description?: string | null;
@@ -5425,6 +5670,196 @@ export interface operations {
                 };
                 content: {
                     "application/octet-stream": unknown;
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    list_jobs: {
+        parameters: {
+            query?: {
+                /** @description 1 to 100, default 20 */
+                limit?: number;
+                /** @description a job id: list older jobs */
+                after?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobList"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    create_job: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["CreateJob"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobObject"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    get_job: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description the job id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobObject"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    cancel_job: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description the job id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobObject"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    list_events: {
+        parameters: {
+            query?: {
+                /** @description 1 to 1000, default 100 */
+                limit?: number;
+                /** @description an event id: list the events after it */
+                after?: string;
+            };
+            header?: never;
+            path: {
+                /** @description the job id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["EventList"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             404: {

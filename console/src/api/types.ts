@@ -30,6 +30,12 @@ export type NodeView = Schemas['NodeView']
 export type GpuList = Schemas['GpuList']
 export type ClusterGpu = Schemas['ClusterGpu']
 export type BlobReply = Schemas['BlobReply']
+export type FileObject = Schemas['FileObject']
+
+// ---- fine-tuning (gateway/src/routes/fine_tuning.rs) --------------------------------------
+export type FineTuningJob = Schemas['JobObject']
+export type FineTuningEvent = Schemas['EventObject']
+export type CreateFineTuningJob = Schemas['CreateJob']
 
 /** `{"object": "list", "data": [...]}`: the document's `ListOf_*` shapes, for any item type. */
 export interface List<T> {

@@ -258,7 +258,7 @@ async fn read_upload(state: &AppState, stores: &Stores, document: &Document) -> 
 }
 
 /// The other live nodes' API addresses.
-fn peer_apis(state: &AppState) -> Vec<String> {
+pub(crate) fn peer_apis(state: &AppState) -> Vec<String> {
     let Ok(handle) = crate::routes::cluster::control_plane(state) else { return Vec::new() };
     let own = handle.id();
     handle.read_local(|cluster| {

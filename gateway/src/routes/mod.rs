@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod debug;
 pub mod deployments;
 pub mod files;
+pub mod fine_tuning;
 pub mod health;
 pub mod index;
 pub mod keys;
@@ -48,6 +49,8 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .or(knowledge::routes(state))
         .unify()
         .or(batches::routes(state))
+        .unify()
+        .or(fine_tuning::routes(state))
         .unify()
         .or(sessions::routes(state))
         .unify()

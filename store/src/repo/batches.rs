@@ -14,6 +14,7 @@ use serde_json::Value;
 use crate::db::Db;
 use crate::error::{Result, StoreError};
 use crate::ids::{new_id, now_ms};
+use crate::repo::lease::Leases;
 use crate::tenant::{Owner, TenantScope, trusted_sql};
 
 /// Where a batch is in its life, as OpenAI names it.
@@ -66,6 +67,8 @@ impl BatchStatus {
 
 /// The statuses a worker claims: the batch still has work (lines or its output files).
 const ACTIVE_STATUSES: &str = "('validating', 'in_progress', 'finalizing', 'cancelling')";
+
+const LEASES: Leases = Leases { table: "batches", active: ACTIVE_STATUSES };
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BatchRecord {
@@ -310,62 +313,21 @@ impl Batches<'_> {
 
     // ---- the worker's side: the node's own queries ----
 
-    /// Claims one batch with work left for `worker` until `lease_until_ms`: a batch with
-    /// no lease, an expired lease, or a lease `worker` already holds (a restarted node
-    /// takes its own batches back at once). The claim is a compare-and-set on the lease,
-    /// so two nodes never hold the same batch. Returns the batch's id.
+    /// Claims one batch with work left for `worker` until `lease_until_ms` ([`Leases::claim`]);
+    /// returns the batch's id.
     pub async fn claim(&self, worker: &str, now_ms: i64, lease_until_ms: i64) -> Result<Option<String>> {
-        let sql = format!(
-            "SELECT id FROM batches WHERE status IN {ACTIVE_STATUSES} \
-             AND (lease_owner IS NULL OR lease_owner = $1 OR lease_expires_at_ms < $2) \
-             ORDER BY created_at_ms, id LIMIT 8"
-        );
-        let candidates: Vec<String> =
-            sqlx::query_scalar(trusted_sql(sql)).bind(worker).bind(now_ms).fetch_all(self.db.pool()).await?;
-        for id in candidates {
-            let sql = format!(
-                "UPDATE batches SET lease_owner = $1, lease_expires_at_ms = $3 WHERE id = $4 \
-                 AND status IN {ACTIVE_STATUSES} \
-                 AND (lease_owner IS NULL OR lease_owner = $1 OR lease_expires_at_ms < $2)"
-            );
-            let claimed = sqlx::query(trusted_sql(sql))
-                .bind(worker)
-                .bind(now_ms)
-                .bind(lease_until_ms)
-                .bind(&id)
-                .execute(self.db.pool())
-                .await?
-                .rows_affected();
-            if claimed == 1 {
-                return Ok(Some(id));
-            }
-        }
-        Ok(None)
+        LEASES.claim(self.db, worker, now_ms, lease_until_ms).await
     }
 
     /// Extends `worker`'s lease on a batch; false when the worker no longer holds it
     /// (it expired and another node took the batch), so the worker must stop.
     pub async fn renew(&self, id: &str, worker: &str, lease_until_ms: i64) -> Result<bool> {
-        let renewed = sqlx::query("UPDATE batches SET lease_expires_at_ms = $1 WHERE id = $2 AND lease_owner = $3")
-            .bind(lease_until_ms)
-            .bind(id)
-            .bind(worker)
-            .execute(self.db.pool())
-            .await?
-            .rows_affected();
-        Ok(renewed == 1)
+        LEASES.renew(self.db, id, worker, lease_until_ms).await
     }
 
     /// Gives a lease up (the worker finished with the batch or is stopping).
     pub async fn release(&self, id: &str, worker: &str) -> Result<()> {
-        sqlx::query(
-            "UPDATE batches SET lease_owner = NULL, lease_expires_at_ms = NULL WHERE id = $1 AND lease_owner = $2",
-        )
-        .bind(id)
-        .bind(worker)
-        .execute(self.db.pool())
-        .await?;
-        Ok(())
+        LEASES.release(self.db, id, worker).await
     }
 
     /// A batch by id, for the worker.

@@ -5,9 +5,11 @@ pub mod audit;
 pub mod batches;
 pub mod credentials;
 pub mod files;
+pub mod fine_tuning;
 pub mod identities;
 pub mod keys;
 pub mod knowledge;
+mod lease;
 pub mod models;
 pub mod orgs;
 pub mod outbox;
@@ -37,6 +39,10 @@ impl Db {
 
     pub fn batches(&self) -> batches::Batches<'_> {
         batches::Batches { db: self }
+    }
+
+    pub fn fine_tuning_jobs(&self) -> fine_tuning::FineTuningJobs<'_> {
+        fine_tuning::FineTuningJobs { db: self }
     }
 
     pub fn models(&self) -> models::Models<'_> {

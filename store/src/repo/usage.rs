@@ -37,7 +37,7 @@ pub struct NewUsage {
     pub key_id: Option<String>,
     pub kind: UsageKind,
     pub model: String,
-    /// `chat`, `completions`, `embeddings`, `batch`, `session`, `training`, `storage`; the
+    /// `chat`, `completions`, `embeddings`, `batch`, `session`, `fine_tuning`, `storage`; the
     /// model work done for a knowledge base: `knowledge.ingest`, `knowledge.graph`,
     /// `knowledge.retrieve`, `knowledge.condense`.
     pub endpoint: String,
@@ -265,6 +265,26 @@ impl Usage<'_> {
         .fetch_one(self.db.pool())
         .await?;
         Ok(u64::try_from(bytes.unwrap_or(0)).unwrap_or(0))
+    }
+
+    /// GPU seconds recorded since `since_ms` for a quota subject (`key:<id>`, `user:<id>`
+    /// or `org:<id>`, as the quota checks name them): what the GPU-hours quota counts.
+    pub async fn gpu_seconds_since(&self, subject: &str, since_ms: i64) -> Result<u64> {
+        let (kind, id) = subject
+            .split_once(':')
+            .ok_or_else(|| StoreError::InvalidInput(format!("quota subject `{subject}` has no kind")))?;
+        let filter = match kind {
+            "key" => "key_id = $1",
+            "user" => "owner_kind = 'user' AND owner_id = $1",
+            "org" => "owner_kind = 'org' AND owner_id = $1",
+            other => return Err(StoreError::InvalidInput(format!("unknown quota subject kind `{other}`"))),
+        };
+        let sql = format!(
+            "SELECT CAST(COALESCE(SUM(gpu_seconds), 0) AS BIGINT) FROM usage_records WHERE {filter} AND created_at_ms >= $2"
+        );
+        let seconds: i64 =
+            sqlx::query_scalar(trusted_sql(sql)).bind(id).bind(since_ms).fetch_one(self.db.pool()).await?;
+        Ok(u64::try_from(seconds).unwrap_or(0))
     }
 
     /// The price table, `*` first.

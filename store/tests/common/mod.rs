@@ -4,7 +4,8 @@
 
 #![allow(dead_code)]
 
-use maas_store::{Db, DbOptions};
+use maas_store::repo::users::NewUser;
+use maas_store::{Db, DbOptions, TenantScope};
 use sqlx::Connection;
 
 pub struct TestDb {
@@ -103,4 +104,16 @@ macro_rules! on_both_backends {
             )*
         }
     };
+}
+
+/// The scope of a new active user with `email`, acting for themselves.
+pub async fn scope(t: &TestDb, email: &str) -> TenantScope {
+    let id = t
+        .db
+        .users()
+        .create(NewUser { email: Some(email.into()), display_name: email.into(), active: true, ..NewUser::default() })
+        .await
+        .expect("user is created")
+        .id;
+    TenantScope::resolve(&t.db, &id, None).await.unwrap()
 }
