@@ -7,8 +7,8 @@
 //!
 //! Trains `--steps` steps (after one warm-up step) on batches of `--batch` random sequences
 //! of `--tokens` tokens, every token a target, and reports seconds per step, trained tokens
-//! per second, the achieved FLOP rate (a step is about 3x the forward's 2 x parameters x
-//! tokens), the process's peak resident memory, and `memory_estimate_mib`, which placement
+//! per second, the achieved FLOP rate (a step is about 2x (LoRA) or 3x (full) the forward's
+//! 2 x parameters x tokens), the process's peak resident memory, and `memory_estimate_mib`, which placement
 //! reserves on a GPU. Each method runs in its own process (`--method`), so peaks do not mix.
 
 use std::path::PathBuf;
@@ -86,8 +86,11 @@ fn run(model: &std::path::Path, method_name: &str, args: &Args) -> anyhow::Resul
     }
     let per_step = start.elapsed().as_secs_f64() / args.steps as f64;
     let tokens = (args.batch * args.tokens) as f64;
-    let flop = 6.0 * config.parameters() as f64 * tokens;
-    let estimate = memory_estimate_mib(&config, matches!(method, Method::Full), args.tokens, args.batch);
+    // Forward 2 x parameters x tokens; the backward pass as much again for the inputs'
+    // gradients, and once more for the weights' when they are trained.
+    let passes = if matches!(method, Method::Full) { 6.0 } else { 4.0 };
+    let flop = passes * config.parameters() as f64 * tokens;
+    let estimate = memory_estimate_mib(&config, matches!(method, Method::Full), args.tokens);
     println!(
         "| {method_name} | {} trained values | {loaded:.1} s | {per_step:.2} s | {:.0} | {:.0} GFLOP/s | {} MiB | {estimate} MiB | {loss:.3} |",
         trainer.trained_parameters(),

@@ -22,6 +22,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -105,6 +106,8 @@ pub struct Trainer {
     /// LoRA's `(A, B)` per adapted matrix name.
     adapters: HashMap<String, (Var, Var)>,
     lora_scale: f64,
+    /// What the optimiser updates (the adapters, or every weight).
+    variables: Vec<Var>,
     optimizer: AdamW,
     steps: u64,
 }
@@ -184,7 +187,7 @@ impl Trainer {
             return Err(EngineError::BadRequest("the learning rate must be a positive number".into()));
         }
         let optimizer = AdamW::new(
-            variables,
+            variables.clone(),
             ParamsAdamW { lr: settings.learning_rate, weight_decay: 0.0, ..ParamsAdamW::default() },
         )?;
         let trainer = Trainer {
@@ -194,6 +197,7 @@ impl Trainer {
             params,
             adapters,
             lora_scale,
+            variables,
             optimizer,
             steps: 0,
         };
@@ -252,7 +256,7 @@ impl Trainer {
 
     /// `x @ W^T (+ bias) (+ scale * x @ A^T @ B^T)` for the matrix `name` (`...weight`).
     fn linear(&self, x: &Tensor, name: &str) -> Result<Tensor> {
-        let mut y = x.matmul(&self.tensor(name)?.t()?)?;
+        let mut y = self.project(x, name)?;
         if let Some(bias) = self.params.get(&name.replace(".weight", ".bias")) {
             y = y.broadcast_add(bias.tensor())?;
         }
@@ -323,7 +327,18 @@ impl Trainer {
         let hidden = self.rms_norm(hidden, "model.norm.weight")?;
         let head =
             if self.params.contains_key("lm_head.weight") { "lm_head.weight" } else { "model.embed_tokens.weight" };
-        Ok(hidden.matmul(&self.tensor(head)?.t()?)?)
+        self.project(&hidden, head)
+    }
+
+    /// `x @ W^T` for the matrix `name`: a frozen matrix through [`FrozenProduct`] (whose
+    /// backward pass gives the input's gradient only), a trained one as a plain product.
+    fn project(&self, x: &Tensor, name: &str) -> Result<Tensor> {
+        match self.params.get(name) {
+            Some(Param::Frozen(weight)) if x.device().is_cpu() => {
+                Ok(x.contiguous()?.apply_op1(FrozenProduct { weight: weight.clone() })?)
+            }
+            _ => Ok(x.matmul(&self.tensor(name)?.t()?)?),
+        }
     }
 
     /// Logits `[tokens, vocab]` of every position of `tokens`, with the current weights.
@@ -375,19 +390,42 @@ impl Trainer {
         })
     }
 
-    /// One optimisation step over `batch`.
+    /// One optimisation step over `batch`: the mean loss over all its target tokens.
+    ///
+    /// Each example's graph is built, differentiated and dropped before the next one's
+    /// (its loss weighted by its share of the batch's targets, the gradients of the trained
+    /// tensors summed), so memory holds one example's activations at a time, not the
+    /// batch's.
     pub fn step(&mut self, batch: &[Example]) -> Result<StepReport> {
-        let Some((loss, tokens)) = self.batch_loss(batch)? else {
+        let tokens: usize = batch.iter().map(Example::target_count).sum();
+        if tokens == 0 {
             return Err(EngineError::BadRequest("a batch has no target tokens".into()));
-        };
-        let value = loss.to_scalar::<f32>()?;
+        }
+        let mut grads = GradStore::default();
+        let mut value = 0.0;
+        for example in batch {
+            let Some((sum, _)) = self.example_loss(example)? else { continue };
+            #[allow(clippy::cast_precision_loss)]
+            let share = (sum / tokens as f64)?;
+            value += share.to_scalar::<f32>()?;
+            let mut example_grads = share.backward()?;
+            for var in &self.variables {
+                if let Some(grad) = example_grads.remove(var.as_tensor()) {
+                    let total = match grads.remove(var.as_tensor()) {
+                        Some(before) => (before + grad)?.detach(),
+                        None => grad.detach(),
+                    };
+                    grads.insert(var.as_tensor(), total);
+                }
+            }
+        }
         if !value.is_finite() {
             return Err(EngineError::BadRequest(format!(
                 "the loss is {value} at step {}: lower the learning rate",
                 self.steps + 1
             )));
         }
-        self.optimizer.backward_step(&loss)?;
+        self.optimizer.step(&grads)?;
         self.steps += 1;
         Ok(StepReport { loss: value, tokens })
     }
@@ -515,6 +553,39 @@ impl Trainer {
     }
 }
 
+/// `x @ W^T` for a frozen `W` (`[out, in]`, `x` `[rows, in]`). candle's own product
+/// differentiates both operands whatever they are; with LoRA almost every matrix is frozen,
+/// and their gradients (as large as the model, as costly as the forward pass) would be
+/// computed at every step and thrown away. This op's backward pass gives `x`'s gradient
+/// only: `grad @ W`.
+struct FrozenProduct {
+    weight: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenProduct {
+    fn name(&self) -> &'static str {
+        "frozen-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-product needs a contiguous input")
+        };
+        let x = Tensor::from_slice(&storage.as_slice::<f32>()?[start..end], layout.shape(), &Device::Cpu)?;
+        let y = x.matmul(&self.weight.t()?)?;
+        let shape = y.shape().clone();
+        Ok((candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_res.matmul(&self.weight)?))
+    }
+}
+
 fn is_lora_target(name: &str) -> bool {
     LORA_TARGETS.iter().any(|target| name.ends_with(&format!("{target}.weight")))
 }
@@ -613,16 +684,44 @@ pub fn example_from_json(tokenizer: &ModelTokenizer, line: &Value, max_tokens: u
     Ok(example)
 }
 
-/// Memory (MiB) to train `config` on batches of `batch` sequences of up to `max_tokens`:
-/// the f32 weights (four times over for full fine-tuning: gradients and AdamW's two
-/// moments), the activations the backward pass keeps, the attention scores and the logits,
-/// and 256 MiB for the runtime. An estimate for placement, on the high side.
-pub fn memory_estimate_mib(config: &ModelConfig, full: bool, max_tokens: usize, batch: usize) -> u64 {
+/// Memory (MiB) to train `config` on examples of up to `max_tokens` (the trainer holds one
+/// example's graph at a time, whatever the batch size): the f32 weights (nine times over
+/// for full fine-tuning: gradients per example and summed, AdamW's two moments, the
+/// update's temporaries), the activations and gradients of one example (every layer's
+/// projections, attention scores and MLP, and the logits over the vocabulary), and 768 MiB
+/// for the runtime. Calibrated against the peaks `examples/train_bench.rs` measures
+/// (BENCHMARKS.md), with 3-13% to spare there.
+pub fn memory_estimate_mib(config: &ModelConfig, full: bool, max_tokens: usize) -> u64 {
     let weights = config.parameters().saturating_mul(4);
-    let weights = if full { weights.saturating_mul(4) } else { weights };
-    let tokens = max_tokens.saturating_mul(batch.max(1));
-    let per_layer = config.hidden * 12 + config.intermediate * 4 + config.heads * max_tokens * 2;
-    let per_token = (config.layers * per_layer + config.vocab * 2) * 4;
-    let activations = u64::try_from(per_token.saturating_mul(tokens)).unwrap_or(u64::MAX);
-    (weights.saturating_add(activations) >> 20) + 256
+    let weights = if full { weights.saturating_mul(9) } else { weights };
+    let per_layer = config.hidden * 40 + config.intermediate * 14 + config.heads * max_tokens * 6;
+    let per_token = (config.layers * per_layer + config.vocab * 6) * 4;
+    let activations = u64::try_from(per_token.saturating_mul(max_tokens)).unwrap_or(u64::MAX);
+    (weights.saturating_add(activations) >> 20) + 768
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The frozen product's value and input gradient equal candle's own product's.
+    #[test]
+    fn the_frozen_product_differentiates_like_a_product() {
+        let device = Device::Cpu;
+        let weight = Tensor::randn(0f32, 1.0, (5, 3), &device).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3), &device).unwrap()).unwrap();
+        let target = Tensor::randn(0f32, 1.0, (4, 5), &device).unwrap();
+        let loss = |y: Tensor| (y * &target).unwrap().sum_all().unwrap();
+        let plain = x.as_tensor().matmul(&weight.t().unwrap()).unwrap();
+        let frozen = x.as_tensor().apply_op1(FrozenProduct { weight: weight.clone() }).unwrap();
+        let difference = |a: &Tensor, b: &Tensor| {
+            (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        };
+        assert!(difference(&plain, &frozen) < 1e-6);
+        let plain_grads = loss(plain).backward().unwrap();
+        let frozen_grads = loss(frozen).backward().unwrap();
+        let (a, b) = (plain_grads.get(x.as_tensor()).unwrap(), frozen_grads.get(x.as_tensor()).unwrap());
+        assert!(difference(a, b) < 1e-5);
+        assert!(frozen_grads.get(&weight).is_none(), "no gradient for the frozen matrix");
+    }
 }

@@ -60,6 +60,9 @@ const MAX_EXAMPLES: usize = 100_000;
 /// The longest example trained, in tokens (shorter when the model's context is).
 const MAX_EXAMPLE_TOKENS: usize = 2048;
 
+/// The jobs this node has said it waits for GPU memory for.
+static WAITING_SAID: std::sync::Mutex<Option<std::collections::HashSet<String>>> = std::sync::Mutex::new(None);
+
 /// The base learning rates `learning_rate_multiplier` scales.
 const LORA_LEARNING_RATE: f64 = 2e-4;
 const FULL_LEARNING_RATE: f64 = 2e-5;
@@ -599,7 +602,8 @@ pub async fn create_job(state: &AppState, caller: &Caller, request: CreateJob) -
         batch_size,
         learning_rate_multiplier: multiplier,
         learning_rate: base_rate * multiplier,
-        seed: request.seed.unwrap_or_else(rand::random),
+        // Below 2^32, as OpenAI's seeds are: exact in every JSON reader.
+        seed: request.seed.unwrap_or_else(|| u64::from(rand::random::<u32>())),
         examples: examples.len() as u64,
         key_id: caller.key_id().map(str::to_owned),
         gpu_quotas,
@@ -1006,9 +1010,10 @@ async fn prepare(state: &AppState, stores: &Stores, scope: &TenantScope, job: &J
     Ok(Prepared { model_dir, work_dir, examples, validation, config, max_tokens })
 }
 
-/// Tokenises the training (and validation) lines with the model's tokenizer and template.
+/// The training examples, the validation examples, and the model's shape.
 type Tokenized = (Vec<Example>, Vec<Example>, maas_engine::config::ModelConfig);
 
+/// Tokenises the training (and validation) lines with the model's tokenizer and template.
 fn tokenize(model_dir: &Path, files: &[Vec<Value>]) -> Result<Tokenized, String> {
     let tokenizer = maas_engine::tokenizer::ModelTokenizer::load(model_dir).map_err(|e| e.to_string())?;
     let config = maas_engine::config::ModelConfig::from_hf(
@@ -1049,7 +1054,6 @@ async fn place(
         &prepared.config,
         matches!(settings.tuning, Tuning::Full),
         prepared.max_tokens,
-        settings.batch_size as usize,
     );
     let mut candidates: Vec<(u64, u32)> = handle.read_local(|cluster| {
         let Some(node) = cluster.node(node_id) else { return Vec::new() };
@@ -1094,8 +1098,13 @@ async fn place(
         }
     }
     let jobs = state.stores().map_err(|e| e.message)?.db.fine_tuning_jobs();
-    let message = format!("Waiting for {memory} MiB on a GPU of {}", state.node_name);
-    let _ = jobs.add_event(&job.id, "warn", &message, None).await;
+    // Said once per job and node, not at every try.
+    let first =
+        WAITING_SAID.lock().map_or(true, |mut said| said.get_or_insert_with(Default::default).insert(job.id.clone()));
+    if first {
+        let message = format!("Waiting for {memory} MiB on a GPU of {}", state.node_name);
+        let _ = jobs.add_event(&job.id, "warn", &message, None).await;
+    }
     Ok(None)
 }
 
