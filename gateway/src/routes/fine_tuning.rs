@@ -429,30 +429,65 @@ fn bad(param: &'static str, message: String) -> ApiError {
     ApiError::bad_request("invalid_input", message).with_param(param)
 }
 
-/// The examples of a `fine-tune` file the caller may read, checked line by line (JSON
-/// shape only; the tokenizer checks lengths when the job starts).
+/// Why a training file's lines could not be read.
+enum LinesError {
+    /// No such file in the scope.
+    NotFound,
+    /// Not a `fine-tune` file, or its lines are not examples: the reason.
+    Invalid(String),
+    /// Its bytes are on no reachable node right now.
+    Unavailable(String),
+}
+
+/// The examples of the `fine-tune` file `id` in `scope`, checked line by line (JSON shape
+/// only; the tokenizer checks lengths when the job starts); the bytes are fetched from a
+/// peer when the upload landed on another node. Creating a job and starting it both read
+/// files through this.
+async fn training_lines(
+    state: &AppState,
+    stores: &Stores,
+    scope: &TenantScope,
+    id: &str,
+) -> Result<Vec<Value>, LinesError> {
+    let file = stores.db.files().get(scope, id).await.map_err(|err| match err {
+        maas_store::StoreError::NotFound { .. } => LinesError::NotFound,
+        other => LinesError::Unavailable(other.to_string()),
+    })?;
+    if file.purpose != "fine-tune" {
+        return Err(LinesError::Invalid(format!(
+            "file `{id}` was uploaded with purpose `{}`: fine-tuning needs purpose `fine-tune`",
+            file.purpose
+        )));
+    }
+    let digest: Digest =
+        file.sha256.parse().map_err(|_| LinesError::Invalid(format!("file `{id}` has a bad digest")))?;
+    let size = u64::try_from(file.size_bytes).unwrap_or(0);
+    let peers = crate::knowledge::ingest::peer_apis(state);
+    let cookie = state.cluster_cookie.get().cloned().unwrap_or_default();
+    maas_actors::models::fetch_blob(&stores.blobs, &digest, size, &peers, &cookie)
+        .await
+        .map_err(LinesError::Unavailable)?;
+    let bytes = stores.blobs.read(&digest).await.map_err(|e| LinesError::Unavailable(e.to_string()))?;
+    parse_lines(&bytes).map_err(LinesError::Invalid)
+}
+
+/// [`training_lines`] for a request: 404, 400 or 503 naming the parameter.
 async fn read_training_file(
+    state: &AppState,
     stores: &Stores,
     scope: &TenantScope,
     id: &str,
     param: &'static str,
 ) -> Result<Vec<Value>, ApiError> {
-    let file = stores.db.files().get(scope, id).await.map_err(|err| match err {
-        maas_store::StoreError::NotFound { .. } => {
+    training_lines(state, stores, scope, id).await.map_err(|err| match err {
+        LinesError::NotFound => {
             ApiError::not_found(format!("file `{id}` not found: upload it with POST /v1/files")).with_param(param)
         }
-        other => other.into(),
-    })?;
-    if file.purpose != "fine-tune" {
-        return Err(ApiError::bad_request(
-            "invalid_training_file",
-            format!("file `{id}` was uploaded with purpose `{}`: fine-tuning needs purpose `fine-tune`", file.purpose),
-        )
-        .with_param(param));
-    }
-    let digest: Digest = file.sha256.parse().map_err(|_| ApiError::internal("a file has a bad digest"))?;
-    let bytes = stores.blobs.read(&digest).await?;
-    parse_lines(&bytes).map_err(|message| ApiError::bad_request("invalid_training_file", message).with_param(param))
+        LinesError::Invalid(message) => ApiError::bad_request("invalid_training_file", message).with_param(param),
+        LinesError::Unavailable(reason) => {
+            ApiError::unavailable(format!("file `{id}` cannot be read right now ({reason}); retry shortly"))
+        }
+    })
 }
 
 /// The JSON lines of a training file, each checked for OpenAI's shapes.
@@ -581,9 +616,9 @@ pub async fn create_job(state: &AppState, caller: &Caller, request: CreateJob) -
             ),
         ));
     }
-    let examples = read_training_file(stores, &caller.scope, &request.training_file, "training_file").await?;
+    let examples = read_training_file(state, stores, &caller.scope, &request.training_file, "training_file").await?;
     if let Some(validation) = &request.validation_file {
-        read_training_file(stores, &caller.scope, validation, "validation_file").await?;
+        read_training_file(state, stores, &caller.scope, validation, "validation_file").await?;
     }
     let gpu_quotas: Vec<(String, u64)> = caller
         .quotas
@@ -973,30 +1008,12 @@ async fn prepare(state: &AppState, stores: &Stores, scope: &TenantScope, job: &J
     for (file_id, param) in std::iter::once((&job.training_file, "training_file"))
         .chain(job.validation_file.as_ref().map(|f| (f, "validation_file")))
     {
-        let file = stores
-            .db
-            .files()
-            .get(scope, file_id)
-            .await
-            .map_err(|e| Prepare::Permanent("invalid_training_file", format!("{param} {file_id}: {e}")))?;
-        let digest: Digest =
-            file.sha256.parse().map_err(|_| Prepare::Permanent("invalid_training_file", "bad digest".into()))?;
-        if !stores.blobs.contains(&digest).await {
-            let peers = crate::knowledge::ingest::peer_apis(state);
-            maas_actors::models::fetch_blob(
-                &stores.blobs,
-                &digest,
-                u64::try_from(file.size_bytes).unwrap_or(0),
-                &peers,
-                &cookie,
-            )
-            .await
-            .map_err(Prepare::Transient)?;
-        }
-        let bytes = stores.blobs.read(&digest).await.map_err(|e| Prepare::Transient(e.to_string()))?;
-        files.push(
-            parse_lines(&bytes).map_err(|m| Prepare::Permanent("invalid_training_file", format!("{param}: {m}")))?,
-        );
+        let lines = training_lines(state, stores, scope, file_id).await.map_err(|err| match err {
+            LinesError::NotFound => Prepare::Permanent("invalid_training_file", format!("{param} {file_id} is gone")),
+            LinesError::Invalid(message) => Prepare::Permanent("invalid_training_file", format!("{param}: {message}")),
+            LinesError::Unavailable(reason) => Prepare::Transient(reason),
+        })?;
+        files.push(lines);
     }
     let dir = model_dir.clone();
     let tokenized = tokio::task::spawn_blocking(move || tokenize(&dir, &files))
