@@ -5,12 +5,18 @@
 //! cargo run --release -p maas-engine --example decode_bench -- --model DIR_OR_GGUF
 //! cargo run --release -p maas-engine --example decode_bench -- --write-model /tmp/q05   # keep the random model
 //! cargo run --release -p maas-engine --example decode_bench -- --gguf q8_0   # the layers as a Q8_0 GGUF
+//! cargo run --release -p maas-engine --example decode_bench -- --model /tmp/q05 --ttft-only
 //! ```
 //!
-//! Reports: the memory bandwidth (summing a 1 GiB buffer, one thread and all threads);
-//! single-stream decode tokens/s against the bound that bandwidth sets (bandwidth divided
-//! by the weight bytes one decode step reads); the total tokens/s of 16 concurrent
-//! streams; the time to the first token of a 512-token prompt.
+//! Reports: the memory bandwidth (summing a 1 GiB buffer, one thread and all threads), the
+//! rate of an f32 matrix product and the cores' peak FMA rate; single-stream decode tokens/s against the bound that
+//! bandwidth sets (bandwidth divided by the weight bytes one decode step reads); the total
+//! tokens/s of 16 concurrent streams; the time to the first token of a 512-token prompt
+//! beside the time its layer products take at that rate.
+
+// The `maas` binary's allocator, so the figures are the node's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -30,10 +36,20 @@ struct Args {
     tokens: usize,
     streams: usize,
     prompt_tokens: usize,
+    /// Measures only the time to first token (while tuning prefill).
+    ttft_only: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args { model: None, write_model: None, gguf: None, tokens: 64, streams: 16, prompt_tokens: 512 };
+    let mut args = Args {
+        model: None,
+        write_model: None,
+        gguf: None,
+        tokens: 64,
+        streams: 16,
+        prompt_tokens: 512,
+        ttft_only: false,
+    };
     let mut iter = std::env::args().skip(1);
     while let Some(arg) = iter.next() {
         let mut value = || iter.next().ok_or_else(|| anyhow::anyhow!("{arg} needs a value"));
@@ -51,8 +67,9 @@ fn parse_args() -> anyhow::Result<Args> {
             "--tokens" => args.tokens = value()?.parse()?,
             "--streams" => args.streams = value()?.parse()?,
             "--prompt-tokens" => args.prompt_tokens = value()?.parse()?,
+            "--ttft-only" => args.ttft_only = true,
             other => anyhow::bail!(
-                "unknown argument {other}: use --model, --write-model, --gguf, --tokens, --streams, --prompt-tokens"
+                "unknown argument {other}: use --model, --write-model, --gguf, --tokens, --streams, --prompt-tokens, --ttft-only"
             ),
         }
     }
@@ -92,6 +109,85 @@ fn read_bandwidth(buffer: &[f32], threads: usize) -> f64 {
 fn memory_bandwidth(threads: usize) -> f64 {
     let buffer: Vec<f32> = (0..GIB / 4).map(|i| (i % 7) as f32).collect();
     (0..5).map(|_| read_bandwidth(&buffer, threads)).fold(0.0, f64::max)
+}
+
+/// FLOP/s of an f32 2048 x 2048 matrix product through candle (best of 3): what this
+/// machine's cores do at their best, the bound of a prefill.
+#[allow(clippy::cast_precision_loss)]
+fn product_rate() -> anyhow::Result<f64> {
+    const SIDE: usize = 2048;
+    let a = candle_core::Tensor::randn(0f32, 1.0, (SIDE, SIDE), &candle_core::Device::Cpu)?;
+    let b = candle_core::Tensor::randn(0f32, 1.0, (SIDE, SIDE), &candle_core::Device::Cpu)?;
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let product = a.matmul(&b)?;
+        let seconds = start.elapsed().as_secs_f64();
+        drop(product);
+        best = best.max(2.0 * (SIDE * SIDE * SIDE) as f64 / seconds);
+    }
+    Ok(best)
+}
+
+/// The cores' peak f32 multiply-add rate, FLOP/s over `threads` threads: ten independent
+/// chains of 16-lane fused multiply-adds per thread (AVX-512; None on other CPUs), best
+/// of 3. No f32 product on this machine can go faster.
+#[allow(clippy::cast_precision_loss)]
+fn fma_peak(threads: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        const ITERATIONS: u64 = 100_000_000;
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return None;
+        }
+        let mut best = 0.0f64;
+        for _ in 0..3 {
+            let start = Instant::now();
+            std::thread::scope(|scope| {
+                for _ in 0..threads {
+                    // SAFETY: the CPU has AVX-512 (checked above).
+                    #[allow(unsafe_code)]
+                    scope.spawn(|| std::hint::black_box(unsafe { fma_chains(ITERATIONS) }));
+                }
+            });
+            let flop = (threads as u64 * ITERATIONS * 10 * 16 * 2) as f64;
+            best = best.max(flop / start.elapsed().as_secs_f64());
+        }
+        Some(best)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = threads;
+        None
+    }
+}
+
+/// `iterations` rounds of ten independent 16-lane fused multiply-adds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn fma_chains(iterations: u64) -> f32 {
+    use std::arch::x86_64::{__m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_reduce_add_ps, _mm512_set1_ps};
+    let x = _mm512_set1_ps(std::hint::black_box(1.000_000_1));
+    let y = _mm512_set1_ps(std::hint::black_box(-0.000_000_1));
+    let mut chains: [__m512; 10] =
+        std::array::from_fn(|index| _mm512_set1_ps(f32::from(u8::try_from(index).unwrap_or(0))));
+    for _ in 0..iterations {
+        // Separate registers: each chain waits only for itself.
+        let [c0, c1, c2, c3, c4, c5, c6, c7, c8, c9] = chains;
+        chains = [
+            _mm512_fmadd_ps(c0, x, y),
+            _mm512_fmadd_ps(c1, x, y),
+            _mm512_fmadd_ps(c2, x, y),
+            _mm512_fmadd_ps(c3, x, y),
+            _mm512_fmadd_ps(c4, x, y),
+            _mm512_fmadd_ps(c5, x, y),
+            _mm512_fmadd_ps(c6, x, y),
+            _mm512_fmadd_ps(c7, x, y),
+            _mm512_fmadd_ps(c8, x, y),
+            _mm512_fmadd_ps(c9, x, y),
+        ];
+    }
+    _mm512_reduce_add_ps(chains.into_iter().fold(_mm512_set1_ps(0.0), |sum, chain| _mm512_add_ps(sum, chain)))
 }
 
 fn request(prompt: &str, max_tokens: usize) -> GenerationRequest {
@@ -197,19 +293,27 @@ fn main() -> anyhow::Result<()> {
         all_threads / 1e9
     );
 
+    let rate = product_rate()?;
+    let peak = fma_peak(threads);
+    println!(
+        "f32: {:.0} GFLOP/s in a 2048 x 2048 product through candle (best of 3); the cores' FMA peak {}",
+        rate / 1e9,
+        peak.map_or_else(|| "unknown (no AVX-512)".to_owned(), |peak| format!("{:.0} GFLOP/s", peak / 1e9))
+    );
+
     let scratch = tempfile::tempdir()?;
     let shape = TinyShape { hidden: 896, layers: 24, heads: 14, kv_heads: 2, intermediate: 4864, context: 4096 };
-    let model = if let Some(path) = args.model {
+    let model = if let Some(path) = args.model.clone() {
         path
     } else if let Some(weights) = args.gguf {
-        let path = args.write_model.unwrap_or_else(|| scratch.path().join("qwen2.5-0.5b-layers.gguf"));
+        let path = args.write_model.clone().unwrap_or_else(|| scratch.path().join("qwen2.5-0.5b-layers.gguf"));
         if !path.is_file() {
             write_gguf_llama(&path, shape, 1, weights)?;
             println!("wrote the Qwen2.5-0.5B-shaped layers as a {weights:?} GGUF llama (a tiny vocabulary)");
         }
         path
     } else {
-        let dir = args.write_model.unwrap_or_else(|| scratch.path().join("qwen2.5-0.5b-shaped"));
+        let dir = args.write_model.clone().unwrap_or_else(|| scratch.path().join("qwen2.5-0.5b-shaped"));
         let start = Instant::now();
         if !dir.join("config.json").is_file() {
             write_qwen2_with_vocab(&dir, shape, 151_936, 1)?;
@@ -234,10 +338,53 @@ fn main() -> anyhow::Result<()> {
 
     // Warm up: first allocations, page faults of the weights.
     single_stream(&engine, 8)?;
+    if !args.ttft_only {
+        decode_rounds(&engine, &args, bound)?;
+    }
+    let prompt = prompt_of(&engine, args.prompt_tokens)?;
+    // An f32 model's layers are its decode bytes less the LM head; a prefill multiplies
+    // every prompt token through them (attention's products come on top).
+    let layer_parameters = info.decode_bytes_per_token as f64 / 4.0 - (info.vocab_size * info.hidden_size) as f64;
+    let prefill_flop = 2.0 * args.prompt_tokens as f64 * layer_parameters;
+    let dense = info.dtype == "f32" && info.quantization.is_none();
+    if dense {
+        println!(
+            "a {}-token prefill: {:.0} GFLOP of layer products: {:.2} s at candle's product rate{}",
+            args.prompt_tokens,
+            prefill_flop / 1e9,
+            prefill_flop / rate,
+            peak.map_or_else(String::new, |peak| format!(", {:.2} s at the FMA peak", prefill_flop / peak))
+        );
+    }
+    let mut firsts: Vec<Duration> =
+        (0..3).map(|_| time_to_first_token(&engine, &prompt)).collect::<anyhow::Result<_>>()?;
+    firsts.sort();
+    let median = firsts[1].as_secs_f64();
+    println!(
+        "time to first token, {}-token prompt: {median:.2} s (median of 3; best {:.2} s){}",
+        args.prompt_tokens,
+        firsts[0].as_secs_f64(),
+        match (dense, peak) {
+            (true, Some(peak)) => format!(
+                ", {:.0} GFLOP/s ({:.0}% of the FMA peak)",
+                prefill_flop / median / 1e9,
+                100.0 * prefill_flop / median / peak
+            ),
+            (true, None) => format!(", {:.0} GFLOP/s", prefill_flop / median / 1e9),
+            (false, _) => String::new(),
+        }
+    );
+    println!("load average at the end: {}", load_average());
+    Ok(())
+}
+
+/// Single-stream and concurrent decode rounds, printed beside the bandwidth bound.
+#[allow(clippy::cast_precision_loss)]
+fn decode_rounds(engine: &Engine, args: &Args, bound: f64) -> anyhow::Result<()> {
     // Best of a few rounds: other work on the machine only ever slows a round down.
     let mut single = 0.0f64;
     for _ in 0..3 {
-        single = single.max(single_stream(&engine, args.tokens)?);
+        single = single.max(single_stream(engine, args.tokens)?);
     }
     println!(
         "single stream: {single:.2} tokens/s ({:.0}% of the bound, {:.1} ms/token; best of 3)",
@@ -246,24 +393,13 @@ fn main() -> anyhow::Result<()> {
     );
     let mut concurrent = 0.0f64;
     for _ in 0..2 {
-        concurrent = concurrent.max(concurrent_streams(&engine, args.streams, args.tokens)?);
+        concurrent = concurrent.max(concurrent_streams(engine, args.streams, args.tokens)?);
     }
     println!(
         "{} concurrent streams: {concurrent:.2} tokens/s in total ({:.1}x single; best of 2)",
         args.streams,
         concurrent / single
     );
-    let prompt = prompt_of(&engine, args.prompt_tokens)?;
-    let mut firsts: Vec<Duration> =
-        (0..3).map(|_| time_to_first_token(&engine, &prompt)).collect::<anyhow::Result<_>>()?;
-    firsts.sort();
-    println!(
-        "time to first token, {}-token prompt: {:.2} s (median of 3; best {:.2} s)",
-        args.prompt_tokens,
-        firsts[1].as_secs_f64(),
-        firsts[0].as_secs_f64()
-    );
-    println!("load average at the end: {}", load_average());
     Ok(())
 }
 

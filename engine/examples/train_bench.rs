@@ -11,6 +11,10 @@
 //! 2 x parameters x tokens), the process's peak resident memory, and `memory_estimate_mib`, which placement
 //! reserves on a GPU. Each method runs in its own process (`--method`), so peaks do not mix.
 
+// The `maas` binary's allocator, so the peaks are the node's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::time::Instant;
 

@@ -14,8 +14,9 @@
 //! - [`catalog`]: the built-in catalogue of well-known models and the check of files
 //!   against an entry; [`archive`]: model archives unpacked without trusting them.
 //!
-//! **Boundary:** knows nothing about the cluster. `unsafe` is allowed only in [`gpu`] (the
-//! workspace denies it elsewhere).
+//! **Boundary:** knows nothing about the cluster. `unsafe` is allowed only in [`gpu`] and
+//! `kernels` (raw pointers for `gemm`, loops compiled for AVX2); the workspace denies it
+//! elsewhere.
 
 pub mod archive;
 pub mod catalog;
@@ -26,6 +27,7 @@ pub mod engine;
 pub mod error;
 pub mod fit;
 pub mod gpu;
+mod kernels;
 pub mod model;
 pub mod model_files;
 pub mod sampling;

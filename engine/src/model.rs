@@ -26,9 +26,10 @@ use rayon::prelude::*;
 
 use crate::config::{Architecture, ModelConfig, RopeScaling, inverse_frequencies};
 use crate::error::{EngineError, Result};
+use crate::kernels;
 
-/// Up to this many rows, the parts of a dense matrix run in parallel, one per thread;
-/// above it, one after another, each a gemm that candle parallelises itself.
+/// Above this many rows (a prefill), SwiGLU runs in one pass of `kernels`; up to it (a
+/// decode step), in pieces that stay off candle's element-wise pool.
 const PARALLEL_MAX_ROWS: usize = 64;
 /// Above this many rows, a quantised matrix is dequantised for the product.
 const QUANTIZED_DIRECT_MAX_ROWS: usize = 64;
@@ -66,10 +67,12 @@ impl RawWeight {
 /// A weight matrix ready for `x @ W^T`.
 ///
 /// Dense matrices are kept transposed, `[in, out]`, in contiguous column blocks, one per
-/// thread: a `[rows, in]` input times each block is a gemv (one row) or a skinny gemm
-/// that reads the block once, and the blocks run on different cores. Measured on the
-/// development machine against `x @ W.t()` on the `[out, in]` matrix: the same for one
-/// row, 2-3x faster for 2-16 rows (candle's gemm packs a transposed right-hand side).
+/// thread: a `[rows, in]` input times each block is a gemv (one row, through candle) or a
+/// gemm that reads the block once (more rows: `kernels::product_into_columns`, each
+/// block single-threaded beside the others, writing its columns of one output), and the
+/// blocks run on different cores. Measured on the development machine against
+/// `x @ W.t()` on the `[out, in]` matrix: the same for one row, 2-3x faster for 2-16 rows
+/// (candle's gemm packs a transposed right-hand side). BENCHMARKS.md has a prefill's.
 #[derive(Clone)]
 enum Weight {
     Dense { parts: Vec<Tensor>, starts: Vec<usize> },
@@ -124,12 +127,12 @@ impl Weight {
                 if parts.len() == 1 {
                     return Ok(x.matmul(&parts[0])?);
                 }
-                let outputs: Vec<Tensor> = if x.dim(0)? <= PARALLEL_MAX_ROWS {
-                    parts.par_iter().map(|part| x.matmul(part)).collect::<candle_core::Result<_>>()?
-                } else {
-                    parts.iter().map(|part| x.matmul(part)).collect::<candle_core::Result<_>>()?
-                };
-                Ok(Tensor::cat(&outputs, 1)?)
+                if x.dim(0)? == 1 {
+                    let outputs: Vec<Tensor> =
+                        parts.par_iter().map(|part| x.matmul(part)).collect::<candle_core::Result<_>>()?;
+                    return Ok(Tensor::cat(&outputs, 1)?);
+                }
+                kernels::product_into_columns(&x.contiguous()?, parts)
             }
             Weight::Quantized { tensor, matmul } => {
                 if x.dim(0)? > QUANTIZED_DIRECT_MAX_ROWS {
@@ -656,8 +659,8 @@ impl CausalLm {
         let cos = self.cos.narrow(0, start, count)?;
         let sin = self.sin.narrow(0, start, count)?;
         let (heads, kv_heads, head_dim) = (self.config.heads, self.config.kv_heads, self.config.head_dim);
-        let group = heads / kv_heads;
-        let mask = causal_mask(count, start, &self.device)?;
+        let on_cpu = self.device.is_cpu();
+        let mask = if on_cpu { None } else { causal_mask(count, start, &self.device)? };
         for (index, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attention_norm, self.eps())?;
             let qkv = layer.qkv.forward(&h)?;
@@ -670,27 +673,47 @@ impl CausalLm {
             let (k_cache, v_cache) = &cache.layers[index];
             k_cache.slice_set(&k, 1, start)?;
             v_cache.slice_set(&v, 1, start)?;
-            let keys = k_cache.narrow(1, 0, start + count)?;
-            let values = v_cache.narrow(1, 0, start + count)?;
-            // Heads that share a kv head are stacked: [kv_heads, group * count, head_dim].
-            let q = (q.squeeze(0)?.reshape((kv_heads, group * count, head_dim))? * self.scale())?;
-            let scores = q.matmul(&keys.t()?)?.reshape((kv_heads, group, count, start + count))?;
-            let scores = match &mask {
-                Some(mask) => scores.broadcast_add(mask)?,
-                None => scores,
+            #[allow(clippy::cast_possible_truncation)]
+            let attended = if on_cpu {
+                kernels::causal_attention(&q.squeeze(0)?, k_cache, v_cache, start, self.scale() as f32)?
+            } else {
+                self.attention(&q, (k_cache, v_cache), start, mask.as_ref())?
             };
-            let probabilities = candle_nn::ops::softmax_last_dim(&scores)?;
-            let attended = probabilities
-                .reshape((kv_heads, group * count, start + count))?
-                .matmul(&values)?
-                .reshape((heads, count, head_dim))?
-                .transpose(0, 1)?
-                .reshape((count, heads * head_dim))?;
             x = (x + layer.output.forward(&attended)?)?;
             x = (&x + self.mlp(layer, &x)?)?;
         }
         cache.len = start + count;
         Ok(x)
+    }
+
+    /// Attention of a chunk's `q` (`[1, heads, count, head_dim]`) against a layer's caches
+    /// through candle's ops (other devices than the CPU, which has
+    /// `kernels::causal_attention`): `[count, heads * head_dim]`.
+    fn attention(
+        &self,
+        q: &Tensor,
+        (k_cache, v_cache): (&Tensor, &Tensor),
+        start: usize,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (heads, kv_heads, head_dim) = (self.config.heads, self.config.kv_heads, self.config.head_dim);
+        let (group, count) = (heads / kv_heads, q.dim(2)?);
+        let keys = k_cache.narrow(1, 0, start + count)?;
+        let values = v_cache.narrow(1, 0, start + count)?;
+        // Heads that share a kv head are stacked: [kv_heads, group * count, head_dim].
+        let q = (q.squeeze(0)?.reshape((kv_heads, group * count, head_dim))? * self.scale())?;
+        let scores = q.matmul(&keys.t()?)?.reshape((kv_heads, group, count, start + count))?;
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        let probabilities = candle_nn::ops::softmax_last_dim(&scores)?;
+        Ok(probabilities
+            .reshape((kv_heads, group * count, start + count))?
+            .matmul(&values)?
+            .reshape((heads, count, head_dim))?
+            .transpose(0, 1)?
+            .reshape((count, heads * head_dim))?)
     }
 
     /// One decode step for several sequences: `tokens[i]` is the next token of the sequence
@@ -714,6 +737,9 @@ impl CausalLm {
         let mut x = self.embed(tokens, &ids)?;
         let (heads, kv_heads, head_dim) = (self.config.heads, self.config.kv_heads, self.config.head_dim);
         let group = heads / kv_heads;
+        let on_cpu = self.device.is_cpu();
+        // Each sequence's positions once this step's is in its cache.
+        let lengths: Vec<usize> = caches.iter().map(|cache| cache.len + 1).collect();
         for (index, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attention_norm, self.eps())?;
             let qkv = layer.qkv.forward(&h)?;
@@ -725,19 +751,27 @@ impl CausalLm {
             let v = qkv.narrow(1, (heads + kv_heads) * head_dim, kv_heads * head_dim)?.contiguous()?;
             let q = (self.rotate(&q, &cos, &sin)? * self.scale())?;
             let k = self.rotate(&k, &cos, &sin)?;
-            let mut attended = Vec::with_capacity(batch);
             for (sequence, cache) in caches.iter().enumerate() {
-                let position = cache.len;
                 let (k_cache, v_cache) = &cache.layers[index];
-                k_cache.slice_set(&k.get(sequence)?, 1, position)?;
-                v_cache.slice_set(&v.get(sequence)?.reshape((kv_heads, 1, head_dim))?, 1, position)?;
-                let keys = k_cache.narrow(1, 0, position + 1)?;
-                let values = v_cache.narrow(1, 0, position + 1)?;
-                let q = q.get(sequence)?.reshape((kv_heads, group, head_dim))?;
-                let probabilities = candle_nn::ops::softmax_last_dim(&q.matmul(&keys.t()?)?)?;
-                attended.push(probabilities.matmul(&values)?.reshape((1, heads * head_dim))?);
+                k_cache.slice_set(&k.get(sequence)?, 1, cache.len)?;
+                v_cache.slice_set(&v.get(sequence)?.reshape((kv_heads, 1, head_dim))?, 1, cache.len)?;
             }
-            let attended = Tensor::cat(&attended, 0)?;
+            let attended = if on_cpu {
+                let layers: Vec<(&Tensor, &Tensor)> =
+                    caches.iter().map(|cache| (&cache.layers[index].0, &cache.layers[index].1)).collect();
+                kernels::decode_attention(&q.reshape((batch, heads, head_dim))?, &layers, &lengths)?
+            } else {
+                let mut attended = Vec::with_capacity(batch);
+                for (sequence, cache) in caches.iter().enumerate() {
+                    let (k_cache, v_cache) = &cache.layers[index];
+                    let keys = k_cache.narrow(1, 0, cache.len + 1)?;
+                    let values = v_cache.narrow(1, 0, cache.len + 1)?;
+                    let q = q.get(sequence)?.reshape((kv_heads, group, head_dim))?;
+                    let probabilities = candle_nn::ops::softmax_last_dim(&q.matmul(&keys.t()?)?)?;
+                    attended.push(probabilities.matmul(&values)?.reshape((1, heads * head_dim))?);
+                }
+                Tensor::cat(&attended, 0)?
+            };
             x = (x + layer.output.forward(&attended)?)?;
             x = (&x + self.mlp(layer, &x)?)?;
         }
@@ -762,7 +796,9 @@ impl CausalLm {
         // candle hands element-wise ops of 64Ki elements or more to a pool whose worker
         // then spins for a while; on a small machine that spinning takes a core from the
         // next matmul. A decode step's few rows are cheap to do in pieces below that size.
-        let activated = if rows > 1 && rows <= PARALLEL_MAX_ROWS && rows * intermediate >= ELEMENTWISE_POOL_MIN {
+        let activated = if rows > PARALLEL_MAX_ROWS && gate_up.device().is_cpu() {
+            kernels::swiglu(&gate_up)?
+        } else if rows > 1 && rows <= PARALLEL_MAX_ROWS && rows * intermediate >= ELEMENTWISE_POOL_MIN {
             let chunk = ((ELEMENTWISE_POOL_MIN - 1) / intermediate.max(1)).max(1);
             let pieces = (0..rows)
                 .step_by(chunk)

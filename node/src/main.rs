@@ -17,6 +17,12 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, LogFormat};
 
+/// mimalloc keeps freed memory for reuse: with glibc's allocator every large activation of
+/// a prefill is a fresh mapping whose pages fault in, which cost a 512-token prefill about
+/// a fifth of its time (BENCHMARKS.md, inference engine).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "maas",
