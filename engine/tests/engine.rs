@@ -98,11 +98,12 @@ fn a_request_submitted_while_others_decode_joins_the_batch() {
     first_token(&mut long);
     let mut late = engine.submit(greedy("the answer", 4)).unwrap();
     first_token(&mut late);
-    assert_eq!(engine.stats().active_sequences, 2, "the late request decodes beside the long one");
     let rest = collect(late);
     assert_eq!(rest.completion_tokens, 4);
-    // The long request is still running after the late one finished.
-    assert_eq!(engine.stats().active_sequences, 1);
+    // The late request finished while the long one still runs: it decoded beside it rather
+    // than waiting for its 2,000 tokens. (Counting two active sequences at the late one's
+    // first token raced its end: the engine can finish 4 tokens before the count is read.)
+    assert_eq!(engine.stats().active_sequences, 1, "the long request still runs");
     assert!(matches!(long.blocking_recv(), Some(GenerationEvent::Token { .. })));
 }
 
