@@ -1,9 +1,8 @@
 //! CPU kernels for the engine's hot paths, where candle's general ops leave time on the
 //! table (BENCHMARKS.md, "Inference engine (CPU)"):
 //!
-//! - [`product_into_columns`]: `x @ W` for a matrix kept in column blocks, each block's
-//!   gemm on its own thread writing straight into its columns of one output (no
-//!   concatenation, no barrier inside a gemm);
+//! - [`PackedMatrix`] (in `packed`): dense weights packed at load and their products
+//!   `x @ W^T` for one row or many, with an AVX-512 kernel;
 //! - [`swiglu`]: `silu(gate) * up` from the side-by-side gate/up product in one pass;
 //! - [`causal_attention`]: every head's attention over the keys each position may see,
 //!   never computing the masked half, written straight into the output projection's input;
@@ -15,9 +14,9 @@
 //! for AVX2 and chosen at run time.
 //!
 //! This module may use `unsafe` (the workspace denies it elsewhere, except [`crate::gpu`]):
-//! `gemm` takes raw pointers, and functions compiled for AVX2 may only be called once the
-//! CPU is known to have it. Each block says why it holds. Sizes passed to `gemm` as
-//! `isize` strides come from live allocations, which Rust caps at `isize::MAX` bytes.
+//! the packed products' tiles write through raw pointers (several tasks into one
+//! output), and functions compiled for AVX2 or AVX-512 may only be called once the CPU is
+//! known to have it. Each block says why it holds.
 #![allow(unsafe_code)]
 // The loops' bodies are `#[inline(always)]` so that they are compiled inside the AVX2
 // wrappers (`*_avx2`), which is what vectorises them for AVX2.
@@ -27,6 +26,9 @@ use candle_core::{Device, Layout, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
+
+mod packed;
+pub(crate) use packed::PackedMatrix;
 
 /// The contiguous f32 data of a CPU tensor, handed to `with`.
 fn with_f32<R>(tensor: &Tensor, with: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
@@ -46,86 +48,27 @@ fn f32_data<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
     Ok(&data[start..end])
 }
 
-/// A pointer to the output that the blocks' threads share; each writes only its own
-/// columns.
+/// A pointer to an output that several tasks share, each writing only its own part.
 #[derive(Clone, Copy)]
 struct Output(*mut f32);
-// SAFETY: the threads holding it write disjoint columns of one live buffer (see
-// `product_into_columns`), and the buffer outlives them (rayon's scope joins them).
+// SAFETY: the tasks holding it write disjoint parts of one live buffer (see
+// `causal_attention` and `PackedMatrix::product`), and the buffer outlives them (rayon
+// joins them before it is read).
 unsafe impl Send for Output {}
 unsafe impl Sync for Output {}
 
-/// `x @ [W_0 | W_1 | ...]`: `x` is `[rows, in]`, each block `W_i` is `[in, n_i]` (the
-/// column block of a matrix kept transposed); returns `[rows, sum n_i]`.
-///
-/// With at least as many blocks as threads, each block's gemm runs single-threaded beside
-/// the others (equal blocks: the threads finish together); with fewer, each gemm is
-/// parallelised by `gemm` itself.
-pub(crate) fn product_into_columns(x: &Tensor, blocks: &[Tensor]) -> Result<Tensor> {
-    let (rows, inner) = x.dims2()?;
-    let mut starts = Vec::with_capacity(blocks.len());
-    let mut columns = 0;
-    for block in blocks {
-        let (block_inner, width) = block.dims2()?;
-        if block_inner != inner {
-            return Err(EngineError::BadRequest(format!(
-                "a product of [{rows}, {inner}] with a block of [{block_inner}, {width}]"
-            )));
-        }
-        starts.push(columns);
-        columns += width;
-    }
-    // Not zeroed: gemm writes every element (taken as initialised only once it has).
-    let mut out = Vec::<f32>::with_capacity(rows * columns);
-    let threads = rayon::current_num_threads();
-    let parallelism = if blocks.len() >= threads { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(threads) };
-    let target = Output(out.as_mut_ptr());
-    with_f32(x, |lhs| {
-        blocks.par_iter().zip(&starts).try_for_each(|(block, &start)| {
-            with_f32(block, |rhs| {
-                let width = rhs.len() / inner.max(1);
-                // Checked here so that every pointer below stays inside its buffer.
-                if lhs.len() != rows * inner || rhs.len() != inner * width || start + width > columns {
-                    return Err(EngineError::BadRequest("a product's operands do not match their shapes".into()));
-                }
-                let dst = target;
-                // SAFETY: `lhs` is `rows x inner` and `rhs` is `inner x width`, both
-                // row-major and contiguous (checked above); the destination is columns
-                // `start..start + width` of the `rows x columns` row-major `out`, which
-                // lives until the scope of `par_iter` has joined; the blocks' column
-                // ranges are disjoint, so no two threads write the same element.
-                // `read_dst` is false: gemm writes every element of its range.
-                unsafe {
-                    gemm::gemm(
-                        rows,
-                        width,
-                        inner,
-                        dst.0.add(start),
-                        1,
-                        columns.cast_signed(),
-                        false,
-                        lhs.as_ptr(),
-                        1,
-                        inner.cast_signed(),
-                        rhs.as_ptr(),
-                        1,
-                        width.cast_signed(),
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        parallelism,
-                    );
-                }
-                Ok(())
-            })
-        })
-    })?;
-    // SAFETY: the blocks' gemms have written columns `start..start + width` of every row,
-    // and those ranges tile `0..columns`, so all `rows * columns` elements are initialised.
-    unsafe { out.set_len(rows * columns) };
-    Ok(Tensor::from_vec(out, (rows, columns), &Device::Cpu)?)
+/// A dense `[out, in]` f32 CPU tensor packed for [`packed_product`].
+pub(crate) fn pack(weight: &Tensor) -> Result<PackedMatrix> {
+    let (out, inner) = weight.dims2()?;
+    let weight = weight.contiguous()?;
+    with_f32(&weight, |values| PackedMatrix::new(values, out, inner))
+}
+
+/// `x @ W^T` for `x` `[rows, in]` (f32, on the CPU): `[rows, out]`.
+pub(crate) fn packed_product(x: &Tensor, matrix: &PackedMatrix) -> Result<Tensor> {
+    let rows = x.dim(0)?;
+    let out = with_f32(x, |x| matrix.product(x, rows))?;
+    Ok(Tensor::from_vec(out, (rows, matrix.columns()), &Device::Cpu)?)
 }
 
 /// `silu(gate) * up` for a `[rows, 2 * width]` tensor holding gate then up side by side;
@@ -149,7 +92,7 @@ pub(crate) fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
 }
 
 /// Query rows per task of [`causal_attention`]: a block's keys end where its last row's
-/// do, so smaller blocks skip more of the masked half, larger ones call gemm less often.
+/// do, so smaller blocks skip more of the masked half, larger ones pack less often.
 const ATTENTION_BLOCK: usize = 64;
 
 /// Causal attention of `count` new positions after `start` cached ones, every head:
@@ -158,10 +101,11 @@ const ATTENTION_BLOCK: usize = 64;
 /// filled; heads share kv heads in groups of `heads / kv_heads`. Returns
 /// `[count, heads * head_dim]`, the heads side by side, ready for the output projection.
 ///
-/// Each task is one head and a block of query rows: its scores against the keys up to its
-/// last row only (the masked half of the square is never computed), a softmax over the
-/// keys each row may see, and the product with the values written straight into the
-/// head's columns of the output.
+/// Each kv head's keys and values are packed once (as [`PackedMatrix`]es), then each task
+/// is one head and a block of query rows: its scores against the keys up to its last row
+/// only (the masked half of the square is never computed), a softmax over the keys each
+/// row may see, and the product with the values written straight into the head's columns
+/// of the output.
 pub(crate) fn causal_attention(q: &Tensor, keys: &Tensor, values: &Tensor, start: usize, scale: f32) -> Result<Tensor> {
     let (heads, count, head_dim) = q.dims3()?;
     let (kv_heads, capacity, kv_dim) = keys.dims3()?;
@@ -180,88 +124,55 @@ pub(crate) fn causal_attention(q: &Tensor, keys: &Tensor, values: &Tensor, start
     }
     let group = heads / kv_heads;
     let width = heads * head_dim;
-    let blocks = count.div_ceil(ATTENTION_BLOCK);
-    // Not zeroed: the tasks' gemms write every element (taken as initialised only then).
+    let (blocks, total) = (count.div_ceil(ATTENTION_BLOCK), start + count);
+    // Each kv head's keys and values packed once for all the blocks of its heads.
+    let packed = with_f32(keys, |keys| {
+        with_f32(values, |values| {
+            (0..kv_heads)
+                .into_par_iter()
+                .map(|kv_head| {
+                    let cache = kv_head * capacity * head_dim;
+                    let (keys, values) = (&keys[cache..][..total * head_dim], &values[cache..][..total * head_dim]);
+                    Ok((
+                        PackedMatrix::new(keys, total, head_dim)?,
+                        PackedMatrix::from_transposed(values, total, head_dim)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+    })?;
+    // Not zeroed: every task writes its rows of its head's columns.
     let mut out = Vec::<f32>::with_capacity(count * width);
     let target = Output(out.as_mut_ptr());
     with_f32(q, |q| {
-        with_f32(keys, |keys| {
-            with_f32(values, |values| {
-                (0..heads * blocks).into_par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
-                    let (head, block) = (task / blocks, task % blocks);
-                    let first = block * ATTENTION_BLOCK;
-                    let rows = ATTENTION_BLOCK.min(count - first);
-                    // Keys seen by the block's last row, so by every row of it.
-                    let seen = start + first + rows;
-                    scores.clear();
-                    scores.resize(rows * seen, 0.0);
-                    let query = &q[(head * count + first) * head_dim..][..rows * head_dim];
-                    let cache = (head / group) * capacity * head_dim;
-                    let (keys, values) = (&keys[cache..][..seen * head_dim], &values[cache..][..seen * head_dim]);
-                    // SAFETY: `query` is `rows x head_dim`, `keys` and `values` are
-                    // `seen x head_dim` (sliced above, so in bounds), all row-major;
-                    // `scores` holds `rows x seen`. The keys are read as their transpose
-                    // (column stride `head_dim`, row stride 1).
-                    unsafe {
-                        gemm::gemm(
-                            rows,
-                            seen,
-                            head_dim,
-                            scores.as_mut_ptr(),
-                            1,
-                            seen.cast_signed(),
-                            false,
-                            query.as_ptr(),
-                            1,
-                            head_dim.cast_signed(),
-                            keys.as_ptr(),
-                            head_dim.cast_signed(),
-                            1,
-                            0.0,
-                            scale,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
-                    for (row, scores) in scores.chunks_exact_mut(seen).enumerate() {
-                        let (visible, hidden) = scores.split_at_mut(start + first + row + 1);
-                        softmax(visible);
-                        hidden.fill(0.0);
-                    }
-                    let dst = target;
-                    // SAFETY: the destination is rows `first..first + rows` and columns
-                    // `head * head_dim..(head + 1) * head_dim` of the `count x width`
-                    // row-major `out`, which lives until `into_par_iter` has joined its
-                    // tasks; no two tasks share a (head, block), so none write the same
-                    // element. `scores` is `rows x seen`, `values` `seen x head_dim`.
-                    unsafe {
-                        gemm::gemm(
-                            rows,
-                            head_dim,
-                            seen,
-                            dst.0.add(first * width + head * head_dim),
-                            1,
-                            width.cast_signed(),
-                            false,
-                            scores.as_ptr(),
-                            1,
-                            seen.cast_signed(),
-                            values.as_ptr(),
-                            1,
-                            head_dim.cast_signed(),
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
-                });
-                Ok(())
-            })
+        (0..heads * blocks).into_par_iter().try_for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
+            let (head, block) = (task / blocks, task % blocks);
+            let first = block * ATTENTION_BLOCK;
+            let rows = ATTENTION_BLOCK.min(count - first);
+            // Keys seen by the block's last row, so by every row of it.
+            let seen = start + first + rows;
+            let (keys, values) = &packed[head / group];
+            let query = &q[(head * count + first) * head_dim..][..rows * head_dim];
+            scores.clear();
+            scores.resize(rows * seen, 0.0);
+            // SAFETY: `scores` holds `rows x seen`, this task's own.
+            unsafe { keys.product_here(query, rows, head_dim, seen, (scores.as_mut_ptr(), seen))? };
+            for (row, scores) in scores.chunks_exact_mut(seen).enumerate() {
+                let (visible, hidden) = scores.split_at_mut(start + first + row + 1);
+                for score in visible.iter_mut() {
+                    *score *= scale;
+                }
+                softmax(visible);
+                hidden.fill(0.0);
+            }
+            let dst = target;
+            // SAFETY: the destination is rows `first..first + rows` and columns
+            // `head * head_dim..(head + 1) * head_dim` of the `count x width` row-major
+            // `out`, which lives until `into_par_iter` has joined its tasks; no two tasks
+            // share a (head, block), so none write the same element.
+            unsafe {
+                values.product_here(scores, rows, seen, head_dim, (dst.0.add(first * width + head * head_dim), width))
+            }
         })
     })?;
     // SAFETY: the tasks cover every (head, block of rows) pair, and each wrote its rows'
@@ -518,20 +429,6 @@ mod tests {
     #[test]
     fn kernels_match_candle_ops() -> anyhow::Result<()> {
         let device = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (37, 50), &device)?;
-        let blocks = [
-            Tensor::randn(0f32, 1.0, (50, 64), &device)?,
-            Tensor::randn(0f32, 1.0, (50, 64), &device)?,
-            Tensor::randn(0f32, 1.0, (50, 19), &device)?,
-        ];
-        let ours = product_into_columns(&x, &blocks)?;
-        let theirs = x.matmul(&Tensor::cat(&blocks, 1)?)?;
-        let difference = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(difference < 1e-4, "product differs by {difference}");
-        let single = product_into_columns(&x, &blocks[..1])?;
-        let difference = (single - x.matmul(&blocks[0])?)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(difference < 1e-4, "a one-block product differs by {difference}");
-
         let gate_up = (Tensor::randn(0f32, 4.0, (9, 2 * 70), &device)? - 1.0)?;
         let expected = (candle_nn::ops::silu(&gate_up.narrow(1, 0, 70)?)? * gate_up.narrow(1, 70, 70)?)?;
         let difference = (swiglu(&gate_up)? - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;

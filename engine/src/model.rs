@@ -22,7 +22,6 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
-use rayon::prelude::*;
 
 use crate::config::{Architecture, ModelConfig, RopeScaling, inverse_frequencies};
 use crate::error::{EngineError, Result};
@@ -33,8 +32,6 @@ use crate::kernels;
 const PARALLEL_MAX_ROWS: usize = 64;
 /// Above this many rows, a quantised matrix is dequantised for the product.
 const QUANTIZED_DIRECT_MAX_ROWS: usize = 64;
-/// Dense matrices are split on column boundaries that are multiples of this.
-const PART_ALIGN: usize = 64;
 /// KV caches grow in steps of this many positions.
 const CACHE_STEP: usize = 128;
 /// Element-wise ops on at least this many elements go to candle's thread pool
@@ -66,16 +63,16 @@ impl RawWeight {
 
 /// A weight matrix ready for `x @ W^T`.
 ///
-/// Dense matrices are kept transposed, `[in, out]`, in contiguous column blocks, one per
-/// thread: a `[rows, in]` input times each block is a gemv (one row, through candle) or a
-/// gemm that reads the block once (more rows: `kernels::product_into_columns`, each
-/// block single-threaded beside the others, writing its columns of one output), and the
-/// blocks run on different cores. Measured on the development machine against
-/// `x @ W.t()` on the `[out, in]` matrix: the same for one row, 2-3x faster for 2-16 rows
-/// (candle's gemm packs a transposed right-hand side). BENCHMARKS.md has a prefill's.
+/// On the CPU a dense matrix is packed once, at load, in the layout of the engine's own
+/// products (`kernels::PackedMatrix`: panels of 32 columns, an AVX-512 kernel; one row, a
+/// decode step, streams each thread's share of the matrix sequentially; many rows, a
+/// prefill, keep blocks of it in cache while every tile of rows passes). BENCHMARKS.md
+/// has what it measured against `gemm` and candle. On other devices it is kept transposed,
+/// `[in, out]`, for candle's matmul.
 #[derive(Clone)]
 enum Weight {
-    Dense { parts: Vec<Tensor>, starts: Vec<usize> },
+    Packed(Arc<kernels::PackedMatrix>),
+    Dense(Tensor),
     Quantized { tensor: Arc<QTensor>, matmul: QMatMul },
 }
 
@@ -93,29 +90,17 @@ impl Weight {
     /// From a dense `[out, in]` matrix.
     fn dense(weight: &Tensor) -> Result<Self> {
         let weight = weight.to_dtype(DType::F32)?;
-        let (out_features, _) = weight.dims2()?;
-        let threads = if weight.device().is_cpu() { rayon::current_num_threads() } else { 1 };
-        let part_count = threads.min(out_features / (2 * PART_ALIGN)).max(1);
-        let mut starts = Vec::with_capacity(part_count);
-        let mut parts = Vec::with_capacity(part_count);
-        let mut start = 0;
-        for index in 0..part_count {
-            let end = if index + 1 == part_count {
-                out_features
-            } else {
-                (out_features * (index + 1) / part_count).div_ceil(PART_ALIGN) * PART_ALIGN
-            };
-            starts.push(start);
-            parts.push(weight.narrow(0, start, end - start)?.t()?.contiguous()?);
-            start = end;
+        if weight.device().is_cpu() {
+            return Ok(Weight::Packed(Arc::new(kernels::pack(&weight)?)));
         }
-        Ok(Weight::Dense { parts, starts })
+        Ok(Weight::Dense(weight.t()?.contiguous()?))
     }
 
     /// Bytes a product with this matrix reads.
     fn bytes(&self) -> usize {
         match self {
-            Weight::Dense { parts, .. } => parts.iter().map(|part| part.elem_count() * 4).sum(),
+            Weight::Packed(matrix) => matrix.bytes(),
+            Weight::Dense(transposed) => transposed.elem_count() * 4,
             Weight::Quantized { tensor, .. } => tensor.storage_size_in_bytes(),
         }
     }
@@ -123,17 +108,8 @@ impl Weight {
     /// `x` is `[rows, in]`; returns `x @ W^T`, `[rows, out]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Weight::Dense { parts, .. } => {
-                if parts.len() == 1 {
-                    return Ok(x.matmul(&parts[0])?);
-                }
-                if x.dim(0)? == 1 {
-                    let outputs: Vec<Tensor> =
-                        parts.par_iter().map(|part| x.matmul(part)).collect::<candle_core::Result<_>>()?;
-                    return Ok(Tensor::cat(&outputs, 1)?);
-                }
-                kernels::product_into_columns(&x.contiguous()?, parts)
-            }
+            Weight::Packed(matrix) => kernels::packed_product(&x.contiguous()?, matrix),
+            Weight::Dense(transposed) => Ok(x.matmul(transposed)?),
             Weight::Quantized { tensor, matmul } => {
                 if x.dim(0)? > QUANTIZED_DIRECT_MAX_ROWS {
                     // Many rows (a prefill): dequantising once and one f32 gemm beat
@@ -150,37 +126,26 @@ impl Weight {
     /// Rows `ids` of the `[out, in]` matrix, as `[ids, in]`: embeddings looked up in a
     /// dense LM head that shares them (tied embeddings, stored once).
     fn rows(&self, ids: &[u32]) -> Result<Tensor> {
-        let Weight::Dense { parts, starts, .. } = self else {
-            return Err(EngineError::BadRequest("rows of a quantised matrix are not available".into()));
-        };
-        let device = parts[0].device();
-        let mut pieces = Vec::new();
-        let mut order = Vec::with_capacity(ids.len());
-        for (index, (part, start)) in parts.iter().zip(starts).enumerate() {
-            let end = starts.get(index + 1).copied().unwrap_or(usize::MAX);
-            let mut local = Vec::new();
-            for (position, &id) in ids.iter().enumerate() {
-                let id = id as usize;
-                if (*start..end).contains(&id) {
-                    local.push(u32::try_from(id - start).unwrap_or(u32::MAX));
-                    order.push(position);
+        let outside = || EngineError::BadRequest("a token id is outside the vocabulary".into());
+        match self {
+            Weight::Packed(matrix) => {
+                let mut values = Vec::with_capacity(ids.len() * matrix.inner());
+                for &id in ids {
+                    matrix.row_into(id as usize, &mut values).map_err(|_| outside())?;
                 }
+                Ok(Tensor::from_vec(values, (ids.len(), matrix.inner()), &Device::Cpu)?)
             }
-            if !local.is_empty() {
-                pieces.push(part.index_select(&Tensor::new(local.as_slice(), device)?, 1)?);
+            Weight::Dense(transposed) => {
+                if ids.iter().any(|&id| id as usize >= transposed.dim(1).unwrap_or(0)) {
+                    return Err(outside());
+                }
+                let ids = Tensor::new(ids, transposed.device())?;
+                Ok(transposed.index_select(&ids, 1)?.t()?.contiguous()?)
+            }
+            Weight::Quantized { .. } => {
+                Err(EngineError::BadRequest("rows of a quantised matrix are not available".into()))
             }
         }
-        if order.len() != ids.len() {
-            return Err(EngineError::BadRequest("a token id is outside the vocabulary".into()));
-        }
-        // Columns come grouped by part; put them back in the order of `ids`.
-        let grouped = Tensor::cat(&pieces, 1)?;
-        let mut inverse = vec![0u32; ids.len()];
-        for (column, &position) in order.iter().enumerate() {
-            inverse[position] = u32::try_from(column).unwrap_or(u32::MAX);
-        }
-        let columns = grouped.index_select(&Tensor::new(inverse.as_slice(), device)?, 1)?;
-        Ok(columns.t()?.contiguous()?)
     }
 
     /// Stacks matrices by output rows into one where their kinds allow (all dense, or all
@@ -632,16 +597,18 @@ impl CausalLm {
     /// its cache. Returns logits `[tokens, vocab]` for every position when `all_logits`,
     /// else `[1, vocab]` for the last.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, all_logits: bool) -> Result<Tensor> {
-        let hidden = self.run(tokens, cache)?;
-        let hidden = if all_logits { hidden } else { hidden.narrow(0, tokens.len() - 1, 1)? };
-        let hidden = candle_nn::ops::rms_norm(&hidden, &self.norm, self.eps())?;
-        self.lm_head.forward(&hidden)
+        on_pool(|| {
+            let hidden = self.run(tokens, cache)?;
+            let hidden = if all_logits { hidden } else { hidden.narrow(0, tokens.len() - 1, 1)? };
+            let hidden = candle_nn::ops::rms_norm(&hidden, &self.norm, self.eps())?;
+            self.lm_head.forward(&hidden)
+        })
     }
 
     /// Appends `tokens` to a sequence's cache without computing logits (a prefill chunk
     /// that is not the last).
     pub fn extend(&self, tokens: &[u32], cache: &mut KvCache) -> Result<()> {
-        self.run(tokens, cache).map(drop)
+        on_pool(|| self.run(tokens, cache).map(drop))
     }
 
     /// The layers over `tokens`: returns the last hidden states `[tokens, hidden]`.
@@ -718,8 +685,12 @@ impl CausalLm {
 
     /// One decode step for several sequences: `tokens[i]` is the next token of the sequence
     /// whose cache is `caches[i]`. Returns logits `[sequences, vocab]`.
-    #[allow(clippy::many_single_char_names)]
     pub fn decode(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        on_pool(|| self.decode_here(tokens, caches))
+    }
+
+    #[allow(clippy::many_single_char_names)]
+    fn decode_here(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
         let batch = tokens.len();
         if batch == 0 || batch != caches.len() {
             return Err(EngineError::BadRequest("a decode step needs one token per cache".into()));
@@ -859,6 +830,14 @@ impl CausalLm {
         cache.capacity = capacity;
         Ok(())
     }
+}
+
+/// Runs `work` on a thread of rayon's pool. A forward pass splits ~100 products and
+/// other ops across the pool; started from a thread outside it, each of them would be
+/// handed over and waited for (a sleep and a wake-up of the caller every time), where a
+/// pool thread runs one part itself and waits only for the others.
+fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| work())
 }
 
 fn check_vector(path: &Path, tensor: &Tensor, name: &str, dims: &[usize]) -> Result<()> {
