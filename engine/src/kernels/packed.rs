@@ -8,13 +8,12 @@
 //! aligned 16-lane vectors and multiplies them by [`TILE_ROWS`] activations broadcast one
 //! by one, keeping the `TILE_ROWS x PANEL` output tile in registers (24 of AVX-512's 32).
 //! (Measured on a Zen 5 VM against tiles of 12 x 32 and 8 x 48: the same or faster by up
-//! to a tenth, BENCHMARKS.md.)
-//! Nothing of the weights is packed per product (`gemm` packed its right-hand side on
+//! to a tenth.) Nothing of the weights is packed per product (`gemm` packed its right-hand side on
 //! every call), and a single row reads each thread's share of the matrix as one
 //! sequential stream, which is what makes a decode step run at memory bandwidth.
 //!
-//! Loops, outermost first, each thread owning a contiguous range of panels: blocks of
-//! [`DEPTH`] inner positions (for a prefill; a decode step's few rows take the whole
+//! Loops, outermost first, each thread owning a contiguous range of panels: blocks of up
+//! to [`DEPTH`] inner positions (for a prefill; a decode step's few rows take the whole
 //! depth at once); blocks of panels that fit [`BLOCK_BYTES`] (they stay in the core's L2
 //! cache while every tile of rows passes over them); tiles of [`TILE_ROWS`] rows (the
 //! activations' tile, packed `[depth][rows]`, stays in L1); the block's panels. The
@@ -32,15 +31,19 @@ pub(crate) const PANEL: usize = 64;
 /// Rows of the output tile a kernel call keeps in registers.
 const TILE_ROWS: usize = 6;
 const _: () = assert!(TILE_ROWS == 6, "`Tile::run` dispatches on 1 to 6 rows");
-/// Inner positions per block when more than [`WHOLE_DEPTH_MAX_ROWS`] rows are multiplied.
-const DEPTH: usize = 256;
+/// Most inner positions per block when more than [`WHOLE_DEPTH_MAX_ROWS`] rows are
+/// multiplied (the depth is cut into equal blocks of at most this). Long blocks visit the
+/// output fewer times (a prefill's gate/up output is 10 MB per thread, past L2): a 896-deep
+/// product takes one block, a 4864-deep one four; an activation tile of 1280 stays in a
+/// 48 KiB L1. On a Zen 5 VM, against 256: gate/up 0.93 → 1.05-1.14 of `gemm`'s rate,
+/// down 0.90 → 0.92-0.96 (`packed_product_rates`).
+const DEPTH: usize = 1280;
 /// Up to this many rows (a decode step's batch), each panel is multiplied over its whole
 /// depth, so that a thread reads its panels as one sequential stream from memory (the
 /// further tiles of rows find the panel in L2).
 const WHOLE_DEPTH_MAX_ROWS: usize = 64;
-/// Bytes of weights per block of panels (a share of a 1 MiB L2 cache, next to the
-/// activations' block).
-const BLOCK_BYTES: usize = 256 * 1024;
+/// Bytes of weights per block of panels (half of a 1 MiB L2 cache).
+const BLOCK_BYTES: usize = 512 * 1024;
 /// Rows at a time of the portable tile: 128 accumulators, sixteen 8-lane registers.
 const PORTABLE_ROWS: usize = 128 / PANEL;
 /// Below this many activation elements, packing them is not worth sending to the pool.
@@ -475,13 +478,20 @@ mod tests {
 
     #[test]
     fn packed_products_match_a_plain_product() -> anyhow::Result<()> {
-        // Columns that leave a partial panel, depths of one block and of several (with a
-        // short last block), rows of one tile, a partial tile, and many tiles.
-        for &(out, inner) in &[(70, 50), (64, 600), (33, 257), (1, 3)] {
+        // Columns that leave a partial panel; rows of one tile, a partial tile, many tiles.
+        // More than `WHOLE_DEPTH_MAX_ROWS` rows with a depth past `DEPTH` take the blocked
+        // path: three depth blocks, the later ones adding to the output.
+        for &(out, inner, rows) in &[
+            (70, 50, &[1, 2, 5, 12, 13, 40, 70][..]),
+            (64, 600, &[1, 6, 7, 65]),
+            (33, 257, &[3, 66]),
+            (1, 3, &[1, 2]),
+            (70, 2600, &[1, 70]),
+        ] {
             let weight = values(out * inner, 7);
             let matrix = PackedMatrix::new(&weight, out, inner)?;
             assert_eq!((matrix.columns(), matrix.inner()), (out, inner));
-            for rows in [1, 2, 5, 12, 13, 40] {
+            for &rows in rows {
                 let x = values(rows * inner, 11 + u32::try_from(rows)?);
                 let ours = matrix.product(&x, rows)?;
                 let expected = reference(&x, &weight, rows, out, inner);
@@ -563,10 +573,52 @@ mod rates {
                     result[row * out..][..out].iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
                 assert!(worst < 1e-3, "row {row} of [{rows}, {inner}] x [{inner}, {out}] differs by {worst}");
             }
+            // The same product through `gemm` (single-threaded halves side by side, as
+            // the engine ran it before), from `W^T` row-major.
+            let transposed: Vec<f32> = (0..inner * out).map(|i| weight[(i % out) * inner + i / out]).collect();
+            let half = out / 2;
+            let mut theirs = vec![0.0f32; rows * out];
+            let mut gemm_best = f64::MAX;
+            for _ in 0..7 {
+                let start = std::time::Instant::now();
+                let target = super::super::Output(theirs.as_mut_ptr());
+                [(0, half), (half, out - half)].into_par_iter().for_each(|(first, width)| {
+                    let dst = target;
+                    // SAFETY: columns `first..first + width` of the `rows x out` output, disjoint
+                    // between the two tasks; `x` is `rows x inner`, `transposed` `inner x out`.
+                    unsafe {
+                        gemm::gemm(
+                            rows,
+                            width,
+                            inner,
+                            dst.0.add(first),
+                            1,
+                            out.cast_signed(),
+                            false,
+                            x.as_ptr(),
+                            1,
+                            inner.cast_signed(),
+                            transposed.as_ptr().add(first),
+                            1,
+                            out.cast_signed(),
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                });
+                gemm_best = gemm_best.min(start.elapsed().as_secs_f64());
+            }
+            let flop = 2.0 * (rows * out * inner) as f64;
             println!(
-                "[{rows}, {inner}] x [{inner}, {out}]: {:.2} ms, {:.0} GFLOP/s",
+                "[{rows}, {inner}] x [{inner}, {out}]: {:.2} ms, {:.0} GFLOP/s (gemm: {:.2} ms, {:.0} GFLOP/s)",
                 best * 1e3,
-                2.0 * (rows * out * inner) as f64 / best / 1e9
+                flop / best / 1e9,
+                gemm_best * 1e3,
+                flop / gemm_best / 1e9
             );
         }
         Ok(())
