@@ -64,7 +64,7 @@ impl RawWeight {
 /// A weight matrix ready for `x @ W^T`.
 ///
 /// On the CPU a dense matrix is packed once, at load, in the layout of the engine's own
-/// products (`kernels::PackedMatrix`: panels of 32 columns, an AVX-512 kernel; one row, a
+/// products (`kernels::PackedMatrix`: panels of 64 columns, an AVX-512 kernel; one row, a
 /// decode step, streams each thread's share of the matrix sequentially; many rows, a
 /// prefill, keep blocks of it in cache while every tile of rows passes). BENCHMARKS.md
 /// has what it measured against `gemm` and candle. On other devices it is kept transposed,
@@ -136,7 +136,8 @@ impl Weight {
                 Ok(Tensor::from_vec(values, (ids.len(), matrix.inner()), &Device::Cpu)?)
             }
             Weight::Dense(transposed) => {
-                if ids.iter().any(|&id| id as usize >= transposed.dim(1).unwrap_or(0)) {
+                let vocabulary = transposed.dim(1)?;
+                if ids.iter().any(|&id| id as usize >= vocabulary) {
                     return Err(outside());
                 }
                 let ids = Tensor::new(ids, transposed.device())?;

@@ -164,7 +164,6 @@ impl PackedMatrix {
         let panels = columns.div_ceil(PANEL);
         let tasks = rayon::current_num_threads().min(panels).max(1);
         let block_panels = (BLOCK_BYTES / (depth * PANEL * size_of::<f32>())).max(1);
-        let weights = self.values();
         // Not zeroed: the first depth block writes every element of every tile.
         let mut out = Vec::<f32>::with_capacity(rows * columns);
         let target = Output(out.as_mut_ptr());
@@ -176,26 +175,19 @@ impl PackedMatrix {
                 let depth = depth.min(inner - start);
                 let block = &activations[start * rows..][..depth * rows];
                 for first in owned.clone().step_by(block_panels) {
-                    let last = (first + block_panels).min(owned.end);
-                    for (tile_index, tile) in block.chunks(TILE_ROWS * depth).enumerate() {
-                        for panel in first..last {
-                            let tile = Tile {
-                                rows: tile.len() / depth,
-                                depth,
-                                activations: tile,
-                                weights: &weights[(panel * inner + start) * PANEL..][..depth * PANEL],
-                                columns: PANEL.min(columns - panel * PANEL),
-                                accumulate: start > 0,
-                            };
-                            // SAFETY: the tile's output is rows `tile_index * TILE_ROWS..`
-                            // (`tile.rows` of them, within `rows`) and columns
-                            // `panel * PANEL..` (`tile.columns`, within `columns`) of the
-                            // `rows x columns` row-major `out`, which lives until
-                            // `into_par_iter` has joined; the tasks own disjoint panels, so
-                            // no two write the same element. Depth blocks after the first
-                            // read what the first wrote.
-                            unsafe { tile.run(dst.0.add(tile_index * TILE_ROWS * columns + panel * PANEL), columns) };
-                        }
+                    // SAFETY: rows `0..rows` and the columns of panels `first..` (within
+                    // `columns`) of the `rows x columns` row-major `out`, which lives until
+                    // `into_par_iter` has joined; the tasks own disjoint panels, so no two
+                    // write the same element. Depth blocks after the first read what the
+                    // first wrote.
+                    unsafe {
+                        self.run_tiles(
+                            block,
+                            (start, depth),
+                            first..(first + block_panels).min(owned.end),
+                            columns,
+                            (dst.0, columns),
+                        );
                     }
                 }
             }
@@ -233,23 +225,46 @@ impl PackedMatrix {
             )));
         }
         let activations = pack_rows(x, rows, depth, depth, false);
+        // SAFETY: the caller's region, `rows` rows of `columns` values.
+        unsafe { self.run_tiles(&activations, (0, depth), 0..columns.div_ceil(PANEL), columns, (out, stride)) };
+        Ok(())
+    }
+}
+
+impl PackedMatrix {
+    /// One depth block of activations (`block`, packed by [`pack_rows`]: its rows over
+    /// inner positions `start..start + depth`) times `panels`, tile of rows by tile, each
+    /// over the panels in turn: written at `out`, rows `stride` apart, the output's first
+    /// `columns` columns only; added to what is there when `start > 0`.
+    ///
+    /// # Safety
+    /// `out` must be valid for reads and writes of the block's rows of the panels' columns
+    /// (within `columns`), `stride` apart, that no other thread touches meanwhile.
+    unsafe fn run_tiles(
+        &self,
+        block: &[f32],
+        (start, depth): (usize, usize),
+        panels: std::ops::Range<usize>,
+        columns: usize,
+        (out, stride): (*mut f32, usize),
+    ) {
         let weights = self.values();
-        for panel in 0..columns.div_ceil(PANEL) {
-            for (tile_index, tile) in activations.chunks(TILE_ROWS * depth).enumerate() {
+        for (tile_index, tile) in block.chunks(TILE_ROWS * depth).enumerate() {
+            for panel in panels.clone() {
                 let tile = Tile {
                     rows: tile.len() / depth,
                     depth,
                     activations: tile,
-                    weights: &weights[panel * self.inner * PANEL..][..depth * PANEL],
+                    weights: &weights[(panel * self.inner + start) * PANEL..][..depth * PANEL],
                     columns: PANEL.min(columns - panel * PANEL),
-                    accumulate: false,
+                    accumulate: start > 0,
                 };
-                // SAFETY: rows `tile_index * TILE_ROWS..` (within `rows`) and columns
-                // `panel * PANEL..` (within `columns`) of the caller's region.
+                // SAFETY: rows `tile_index * TILE_ROWS..` (`tile.rows` of the block's) and
+                // columns `panel * PANEL..` (`tile.columns`, within `columns`): the
+                // caller's region.
                 unsafe { tile.run(out.add(tile_index * TILE_ROWS * stride + panel * PANEL), stride) };
             }
         }
-        Ok(())
     }
 }
 
