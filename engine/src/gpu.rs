@@ -64,11 +64,24 @@ impl GpuDiscovery {
 
 const MIB: usize = 1024 * 1024;
 
+/// Whether the CUDA driver library can be loaded. The default build loads it at run time
+/// and must check first: calling cudarc's driver functions without it would panic.
+#[cfg(not(feature = "cuda"))]
+fn driver_present() -> bool {
+    // SAFETY: only probes whether the driver library can be loaded.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// With the `cuda` feature, candle links cudarc to the driver library (its
+/// `dynamic-linking`), so a process of this build only starts where the library is.
+#[cfg(feature = "cuda")]
+fn driver_present() -> bool {
+    true
+}
+
 /// Finds this machine's GPUs. Never panics: without a driver it reports `Absent`.
 pub fn discover() -> GpuDiscovery {
-    // SAFETY: only probes whether the driver library can be loaded; calling cudarc's
-    // driver functions without it would panic, so this check comes first.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !driver_present() {
         return GpuDiscovery { driver: DriverStatus::Absent, gpus: Vec::new() };
     }
     let count = match cudarc::driver::CudaContext::device_count() {

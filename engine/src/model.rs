@@ -41,7 +41,8 @@ const ELEMENTWISE_POOL_MIN: usize = 64 * 1024;
 /// A matrix as stored: dense `[out, in]` (any float type) or quantised.
 enum RawWeight {
     Dense(Tensor),
-    Quantized(QTensor),
+    /// Behind an `Arc` as `Weight` keeps it (a `QTensor` with CUDA is 232 bytes).
+    Quantized(Arc<QTensor>),
 }
 
 impl RawWeight {
@@ -81,7 +82,6 @@ impl Weight {
         match raw {
             RawWeight::Dense(weight) => Self::dense(&weight),
             RawWeight::Quantized(tensor) => {
-                let tensor = Arc::new(tensor);
                 Ok(Weight::Quantized { matmul: QMatMul::from_arc(Arc::clone(&tensor))?, tensor })
             }
         }
@@ -183,7 +183,7 @@ impl Weight {
                 }
             }
             let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), &device, dtype)?;
-            return Ok(vec![Weight::new(RawWeight::Quantized(QTensor::new(storage, (rows, in_features))?))?]);
+            return Ok(vec![Weight::new(RawWeight::Quantized(Arc::new(QTensor::new(storage, (rows, in_features))?)))?]);
         }
         weights.into_iter().map(Weight::new).collect()
     }
@@ -417,7 +417,7 @@ impl TensorSource for GgufSource {
         let tensor = self.qtensor(name)?;
         Ok(match tensor.dtype() {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => RawWeight::Dense(tensor.dequantize(&self.device)?),
-            _ => RawWeight::Quantized(tensor),
+            _ => RawWeight::Quantized(Arc::new(tensor)),
         })
     }
 }
