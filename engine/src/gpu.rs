@@ -2,8 +2,8 @@
 //! (nvml-wrapper, also loaded at run time) for utilisation and temperature. A machine
 //! without the NVIDIA driver is CPU-only and says so; nothing here may panic on one.
 //!
-//! This is the one module of the workspace allowed `unsafe`: cudarc's check for the
-//! driver library is an `unsafe fn`.
+//! One of the two modules of the workspace allowed `unsafe` (with `kernels`): cudarc's
+//! check for the driver library is an `unsafe fn`.
 #![allow(unsafe_code)]
 
 use serde::Serialize;
