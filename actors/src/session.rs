@@ -4,7 +4,8 @@
 //!
 //! The actor owns the conversation: it loads the session and its messages from the store
 //! when it starts (so a session survives a node restart and can be resumed on any node
-//! that shares the database), hands out the messages to render for a new user turn,
+//! that shares the database), reads the messages again before each turn (a client that
+//! reconnected to another node may have taken turns there meanwhile), hands out the messages to render for a new user turn,
 //! refuses a second turn while one is answering, and writes the user's message and the
 //! assistant's reply to SQL together when the reply ends (a cancelled or failed reply is
 //! recorded with what was produced, marked by its finish reason). It stops after
@@ -139,6 +140,14 @@ impl Conversation {
         self.pending.is_some()
     }
 
+    /// Takes the stored messages as they are now (turns taken through another node's actor
+    /// included); ignored while a turn is answering, whose messages are not stored yet.
+    pub fn refresh(&mut self, messages: Vec<SessionMessage>) {
+        if self.pending.is_none() {
+            self.messages = messages;
+        }
+    }
+
     pub fn snapshot(&self) -> SessionSnapshot {
         SessionSnapshot { session: self.session.clone(), messages: self.messages.clone(), busy: self.busy() }
     }
@@ -262,6 +271,8 @@ pub struct SessionActorArgs {
 
 pub struct SessionActorState {
     db: Db,
+    /// Whose session it is, as it was opened: the messages are read again with it.
+    scope: TenantScope,
     conversation: Conversation,
     idle_timeout: Duration,
     /// Counts messages, so an idle check knows whether anything happened since it was set.
@@ -291,6 +302,7 @@ impl Actor for SessionActor {
         tracing::debug!(session = %args.session_id, messages = messages.len(), "session loaded");
         let mut state = SessionActorState {
             db: args.db,
+            scope: args.scope,
             conversation: Conversation::new(session, messages),
             idle_timeout: args.idle_timeout,
             activity: 0,
@@ -313,6 +325,16 @@ impl Actor for SessionActor {
                 let _ = reply.send(state.conversation.snapshot());
             }
             SessionMsg::BeginTurn { content, reply } => {
+                if !state.conversation.busy() {
+                    let session_id = state.conversation.session.id.clone();
+                    match state.db.sessions().messages(&state.scope, &session_id).await {
+                        Ok(messages) => state.conversation.refresh(messages),
+                        Err(err) => {
+                            // The turn goes on with the history this actor holds.
+                            tracing::warn!(session = %session_id, error = %err, "cannot read the session's messages again");
+                        }
+                    }
+                }
                 let _ = reply.send(state.conversation.begin_turn(content));
             }
             SessionMsg::FinishTurn { scope, turn_id, outcome, reply } => {
@@ -780,8 +802,15 @@ mod tests {
 
         // Another node (another supervisor over the same database) resumes the history.
         let elsewhere = Sessions::start(db.clone(), SessionConfig::new(2, Duration::from_secs(600))).await.unwrap();
-        let (_, next) = elsewhere.begin_turn(&scope, &session.id, "more").await.unwrap();
+        let (there, next) = elsewhere.begin_turn(&scope, &session.id, "more").await.unwrap();
         assert_eq!(next.messages.len(), 4, "system, the first turn and the new message: {:?}", next.messages);
+        finish_turn(&there, &scope, &session.id, next.turn_id, replied("sure", TurnFinish::Stop)).await.unwrap();
+
+        // Back on the first node, whose actor is still live: the turn taken elsewhere is
+        // part of the history it sends.
+        let (_, back) = sessions.begin_turn(&scope, &session.id, "and then").await.unwrap();
+        let contents: Vec<&str> = back.messages.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(contents, ["be brief", "hello", "hi", "more", "sure", "and then"]);
 
         let missing = sessions.open(&scope, "sess-missing").await;
         assert!(matches!(missing, Err(SessionError::NotFound { .. })));

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use maas_actors::node::agent::gpu_actor_name;
 use maas_actors::node::{
-    AgentConfig, AgentStatus, GpuMsg, LocalReplicaState, LogLevel, ModelPathRuntime, NodeAgent, ReplicaRuntime,
+    AgentConfig, AgentStatus, GpuMsg, LoadFuture, LoadedReplica, LocalReplicaState, LogLevel, ModelPathRuntime,
+    NodeAgent, ReplicaRuntime, ServingModel,
 };
 use maas_consensus::control::NoPeers;
 use maas_consensus::state::{
@@ -41,6 +42,7 @@ async fn control_plane(dir: &std::path::Path) -> RaftHandle<ClusterState> {
     };
     propose(&handle, Command::RegisterNode { node, at_ms: 1 }).await;
     let spec = DeploymentSpec {
+        serving: None,
         model_name: "llama".into(),
         model_version: "1".into(),
         model_path: None,
@@ -91,6 +93,7 @@ fn runtime() -> Arc<dyn ReplicaRuntime> {
 /// A deployment `id` of the model at `path`, one 30000 MiB GPU per replica.
 fn deployment(id: &str, path: &std::path::Path) -> Command {
     let spec = DeploymentSpec {
+        serving: None,
         model_name: "tiny".into(),
         model_version: "1".into(),
         model_path: Some(path.display().to_string()),
@@ -279,6 +282,104 @@ async fn replicas_load_their_model_files_report_ready_and_stop_when_told() {
     propose(&control, Command::RemoveReplica { replica_id: ReplicaId("b1".into()), at_ms: 9 }).await;
     until(&status, "b1 is gone from the agent", |s| s.replicas.is_empty()).await;
     assert!(ractor::registry::where_is("maas.replica.b1").is_none());
+
+    agent.stop(None);
+    control.stop();
+}
+
+/// Loads the model at the deployment's `model_path` into a real engine that serves, and
+/// keeps each engine it loads so that the test can break it.
+#[derive(Clone, Default)]
+struct EngineRuntime {
+    loaded: Arc<std::sync::Mutex<Vec<Arc<maas_engine::Engine>>>>,
+}
+
+impl ReplicaRuntime for EngineRuntime {
+    fn load(&self, spec: maas_actors::node::ReplicaSpec, _log: maas_actors::node::ReplicaLog) -> LoadFuture {
+        let runtime = self.clone();
+        Box::pin(async move {
+            let path = std::path::PathBuf::from(spec.model_path.expect("a model_path"));
+            let engine = tokio::task::spawn_blocking(move || {
+                maas_engine::Engine::load(&path, maas_engine::EngineOptions::default())
+            })
+            .await
+            .unwrap()
+            .map_err(|err| err.to_string())?;
+            let engine = Arc::new(engine);
+            runtime.loaded.lock().unwrap().push(Arc::clone(&engine));
+            Ok(LoadedReplica {
+                summary: "a tiny engine".into(),
+                serving: Some(ServingModel::Generator(engine)),
+                model: Box::new(()),
+            })
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_engine_dies_fails_visibly_and_is_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    maas_engine::tiny::write_llama(&model, maas_engine::tiny::TinyShape::default(), 7).unwrap();
+    let control = control_plane(&dir.path().join("raft")).await;
+    propose(&control, deployment("live", &model)).await;
+    let status = Arc::new(RwLock::new(AgentStatus::default()));
+    let config = AgentConfig {
+        reconcile_every: Duration::from_millis(20),
+        replica_backoff: Duration::from_millis(50),
+        ..AgentConfig::new(1, 1024)
+    };
+    let (journal, serving) = (config.journal.clone(), config.serving.clone());
+    let runtime = EngineRuntime::default();
+    let (agent, _) = Actor::spawn(
+        None,
+        NodeAgent,
+        (config, control.clone(), Arc::clone(&status), Arc::new(runtime.clone()) as Arc<dyn ReplicaRuntime>),
+    )
+    .await
+    .unwrap();
+    propose(&control, place_for("live", "e1", 0)).await;
+    until_committed(&control, "e1", "e1 is ready", |state| state == Some(ReplicaState::Ready)).await;
+    assert!(serving.get("e1").is_some(), "a ready replica serves");
+
+    // The engine's batching loop panics: requests are refused, and within a check the
+    // replica leaves the serving table, its failure is committed with the reason, and the
+    // agent loads it again.
+    let first = Arc::clone(&runtime.loaded.lock().unwrap()[0]);
+    first.fail_point_panic();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while first.failure().is_none() {
+        assert!(Instant::now() < deadline, "the engine reports its failure");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = first.submit(maas_engine::GenerationRequest { prompt: "hello".into(), ..Default::default() });
+    assert!(matches!(refused, Err(maas_engine::EngineError::Failed(ref reason)) if reason.contains("fail point")));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let problems = journal.lines("live", LogLevel::Warn, 100);
+        let failed = problems.iter().any(|l| {
+            l.level == LogLevel::Error && l.message.starts_with("stopped serving:") && l.message.contains("fail point")
+        });
+        let restarts = control.read_local(|s| s.replica(&ReplicaId("e1".into())).map_or(0, |r| r.restarts));
+        if failed && restarts > 0 && runtime.loaded.lock().unwrap().len() == 2 {
+            break;
+        }
+        let loads = runtime.loaded.lock().unwrap().len();
+        assert!(
+            Instant::now() < deadline,
+            "e1's failure is logged ({failed}), counted ({restarts}) and it is loaded again ({loads}): {problems:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    until_committed(&control, "e1", "e1 is ready again", |state| state == Some(ReplicaState::Ready)).await;
+    let second = Arc::clone(&runtime.loaded.lock().unwrap()[1]);
+    let mut events =
+        second.submit(maas_engine::GenerationRequest { prompt: "hello".into(), ..Default::default() }).unwrap();
+    let mut finished = false;
+    while let Some(event) = events.recv().await {
+        finished |= matches!(event, maas_engine::GenerationEvent::Done { .. });
+    }
+    assert!(finished, "the restarted replica's engine serves");
 
     agent.stop(None);
     control.stop();

@@ -21,6 +21,7 @@ fn deployment(replicas: u32, strategy: PlacementStrategy) -> Command {
     Command::PutDeployment {
         deployment_id: DeploymentId("llama".into()),
         spec: DeploymentSpec {
+            serving: None,
             model_name: "llama".into(),
             model_version: "1".into(),
             model_path: None,

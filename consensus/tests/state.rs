@@ -56,6 +56,7 @@ fn set_labels(node_id: u64, set: &[(&str, &str)], remove: &[&str]) -> Command {
 
 fn deployment_spec(gpus_per_replica: u32, memory_per_gpu_mib: u64, cpu_fallback_allowed: bool) -> DeploymentSpec {
     DeploymentSpec {
+        serving: None,
         model_name: "llama-3-8b".to_owned(),
         model_version: "v1".to_owned(),
         model_path: None,
@@ -1071,12 +1072,22 @@ fn a_deleted_deployment_leaves_stopping_replicas_that_a_new_one_of_its_name_does
 fn a_replica_counts_restarts_from_failure() {
     let mut state = base_state();
     let failed = ReplicaState::Failed { reason: "oom".to_owned() };
-    for next in [failed.clone(), ReplicaState::Loading, ReplicaState::Ready, failed.clone(), ReplicaState::Pending] {
+    // Failed → ready counts too: a quick load reaches ready before loading is committed.
+    for next in [
+        failed.clone(),
+        ReplicaState::Loading,
+        ReplicaState::Ready,
+        failed.clone(),
+        ReplicaState::Pending,
+        ReplicaState::Ready,
+        failed.clone(),
+        ReplicaState::Ready,
+    ] {
         apply_ok(&mut state, set_replica("chat-0", next));
     }
     apply_ok(&mut state, set_replica("chat-0", ReplicaState::Stopping));
     let replica = state.replica(&ReplicaId::from("chat-0")).unwrap();
-    assert_eq!((replica.restarts, &replica.state, replica.state_since_ms), (2, &ReplicaState::Stopping, 5_000));
+    assert_eq!((replica.restarts, &replica.state, replica.state_since_ms), (3, &ReplicaState::Stopping, 5_000));
 }
 
 #[test]

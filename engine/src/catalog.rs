@@ -27,14 +27,15 @@ const EMBEDDING: &[&str] = &["embedding"];
 /// `tokenizer_config.json`).
 const DECODER_FILES: &[&str] = &["config.json", "tokenizer.json", "tokenizer_config.json", "*.safetensors"];
 const BASE_FILES: &[&str] = &["config.json", "tokenizer.json", "*.safetensors"];
+/// A sentence-transformers encoder: its pooling (CLS for BGE, mean for MiniLM) is in
+/// `1_Pooling/config.json`, which the embedder reads, so the import must carry it.
+const ENCODER_FILES: &[&str] = &["config.json", "tokenizer.json", "*.safetensors", "1_Pooling/config.json"];
 const GGUF_FILES: &[&str] = &["*.gguf"];
-/// ChatGLM and GLM-4 ship a SentencePiece / tiktoken `tokenizer.model`, not `tokenizer.json`.
-const GLM_FILES: &[&str] = &["config.json", "tokenizer.model", "tokenizer_config.json", "*.safetensors"];
 
 const PHI_REASON: &str = "this build's engine runs llama, mistral and qwen2 decoders and BERT encoders; \
      Phi (partial rotary embeddings, its own layer layout) has no forward pass here yet";
 const GLM_REASON: &str = "this build's engine runs llama, mistral and qwen2 decoders and BERT encoders; \
-     ChatGLM (its own layer layout, 2D rotary embeddings) and its tokenizer.model have no loader here yet";
+     GLM (partial rotary embeddings, fused gate and up projections) has no forward pass here yet";
 
 /// The values that identify a model's shape, as `config.json` (or the GGUF metadata)
 /// gives them.
@@ -686,41 +687,26 @@ static CATALOG: &[CatalogEntry] = &[
         not_servable_reason: Some(PHI_REASON),
         ..HF
     },
-    // ChatGLM / GLM-4 (config.json names its values num_layers, multi_query_group_num and
-    // padded_vocab_size).
+    // GLM-4 in the Transformers layout (`GlmForCausalLM`), which ships `tokenizer.json`.
+    // THUDM/chatglm3-6b and THUDM/glm-4-9b-chat are not listed: they ship only a
+    // SentencePiece / tiktoken `tokenizer.model` and remote code, so a folder import (which
+    // needs `tokenizer.json`) could never take them.
     CatalogEntry {
-        name: "chatglm3-6b",
-        display_name: "ChatGLM3 6B",
-        family: "glm",
-        publisher: ZHIPU,
-        source_repo: "THUDM/chatglm3-6b",
-        license: "other (ChatGLM3-6B model license)",
-        architecture: "ChatGLMModel",
-        dimensions: dims(4096, 28, 32, 2, 65024),
-        parameters: 6_243_584_000,
-        context_length: 8192,
-        expected_files: GLM_FILES,
-        servable: false,
-        not_servable_reason: Some(GLM_REASON),
-        ..HF
-    },
-    CatalogEntry {
-        name: "glm-4-9b-chat",
+        name: "glm-4-9b-chat-hf",
         display_name: "GLM-4 9B Chat",
         family: "glm",
         publisher: ZHIPU,
-        source_repo: "THUDM/glm-4-9b-chat",
+        source_repo: "THUDM/glm-4-9b-chat-hf",
         license: "other (GLM-4 model license)",
-        architecture: "ChatGLMModel",
+        architecture: "GlmForCausalLM",
         dimensions: dims(4096, 40, 32, 2, 151_552),
         parameters: 9_399_951_360,
         context_length: 131_072,
-        expected_files: GLM_FILES,
         servable: false,
         not_servable_reason: Some(GLM_REASON),
         ..HF
     },
-    // Sentence embeddings (BERT encoders, mean pooling).
+    // Sentence embeddings (BERT encoders; the pooling is each one's 1_Pooling/config.json).
     CatalogEntry {
         name: "bge-small-en-v1.5",
         display_name: "BGE small EN v1.5",
@@ -733,7 +719,7 @@ static CATALOG: &[CatalogEntry] = &[
         parameters: 33_360_000,
         context_length: 512,
         tasks: EMBEDDING,
-        expected_files: BASE_FILES,
+        expected_files: ENCODER_FILES,
         ..HF
     },
     CatalogEntry {
@@ -748,7 +734,7 @@ static CATALOG: &[CatalogEntry] = &[
         parameters: 109_482_240,
         context_length: 512,
         tasks: EMBEDDING,
-        expected_files: BASE_FILES,
+        expected_files: ENCODER_FILES,
         ..HF
     },
     CatalogEntry {
@@ -763,7 +749,7 @@ static CATALOG: &[CatalogEntry] = &[
         parameters: 325_522_432,
         context_length: 512,
         tasks: EMBEDDING,
-        expected_files: BASE_FILES,
+        expected_files: ENCODER_FILES,
         ..HF
     },
     CatalogEntry {
@@ -778,7 +764,7 @@ static CATALOG: &[CatalogEntry] = &[
         parameters: 22_713_216,
         context_length: 512,
         tasks: EMBEDDING,
-        expected_files: BASE_FILES,
+        expected_files: ENCODER_FILES,
         ..HF
     },
 ];
@@ -794,8 +780,8 @@ pub fn find(name: &str) -> Option<&'static CatalogEntry> {
     CATALOG.iter().find(|entry| entry.name.eq_ignore_ascii_case(name))
 }
 
-/// The `config.json` keys that may hold each value, first found wins (ChatGLM and older
-/// configs name them differently).
+/// The `config.json` keys that may hold each value, first found wins (older and remote-code
+/// configs, ChatGLM's among them, name them differently).
 const HIDDEN_KEYS: &[&str] = &["hidden_size", "n_embd", "d_model"];
 const LAYER_KEYS: &[&str] = &["num_hidden_layers", "num_layers", "n_layer"];
 const HEAD_KEYS: &[&str] = &["num_attention_heads", "n_head"];

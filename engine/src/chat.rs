@@ -25,9 +25,10 @@ impl ChatMessage {
 
 const TEMPLATE_NAME: &str = "chat";
 
-/// The fallback when a model has no template: one `role: content` line per message, then
-/// `assistant:` when a reply is wanted.
-pub const PLAIN_TEMPLATE: &str = "{% for message in messages %}{{ message.role }}: {{ message.content }}\n{% endfor %}\
+/// The fallback when a model has no template: the model's BOS token (a rendered prompt is
+/// tokenised without adding special tokens, so a template must hold it, as real ones do),
+/// one `role: content` line per message, then `assistant:` when a reply is wanted.
+pub const PLAIN_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{{ message.role }}: {{ message.content }}\n{% endfor %}\
 {% if add_generation_prompt %}assistant:{% endif %}";
 
 /// A compiled chat template with the model's special tokens.

@@ -1,6 +1,8 @@
 //! Sentence embeddings from BERT-family encoders (all-MiniLM-L6-v2, bge, e5...) through
-//! candle-transformers' BERT: mean pooling over the attention mask, then L2
-//! normalisation, so a dot product is a cosine similarity.
+//! candle-transformers' BERT: pooled as the model's sentence-transformers configuration
+//! (`1_Pooling/config.json`) says, the mean over the attention mask (MiniLM, e5) or the
+//! `[CLS]` token's state (bge), mean when the folder has none; then L2 normalisation, so a
+//! dot product is a cosine similarity.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,6 +17,38 @@ use crate::model::read_json;
 /// Texts embedded in one forward pass at most.
 const BATCH: usize = 32;
 
+/// How token states become one sentence embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// The mean of the states the attention mask keeps.
+    Mean,
+    /// The first (`[CLS]`) token's state.
+    Cls,
+}
+
+impl Pooling {
+    /// The pooling a sentence-transformers `1_Pooling/config.json` asks for; a mode this
+    /// engine does not compute (max, weighted mean, last token) is named.
+    pub fn from_sentence_transformers(config: &serde_json::Value) -> std::result::Result<Pooling, String> {
+        let on = |key: &str| config.get(key).and_then(serde_json::Value::as_bool).unwrap_or(false);
+        let unsupported: Vec<&str> = [
+            "pooling_mode_max_tokens",
+            "pooling_mode_mean_sqrt_len_tokens",
+            "pooling_mode_weightedmean_tokens",
+            "pooling_mode_lasttoken",
+        ]
+        .into_iter()
+        .filter(|key| on(key))
+        .collect();
+        match (on("pooling_mode_cls_token"), on("pooling_mode_mean_tokens"), unsupported.as_slice()) {
+            (true, false, []) => Ok(Pooling::Cls),
+            (false, true | false, []) => Ok(Pooling::Mean),
+            (true, true, []) => Err("both CLS and mean pooling are on; only one is supported".into()),
+            (_, _, modes) => Err(format!("the pooling {} is not supported (only mean or CLS)", modes.join(", "))),
+        }
+    }
+}
+
 pub struct EmbeddingModel {
     model: BertModel,
     tokenizer: Tokenizer,
@@ -22,6 +56,7 @@ pub struct EmbeddingModel {
     dimensions: usize,
     max_tokens: usize,
     pad_id: u32,
+    pooling: Pooling,
 }
 
 impl std::fmt::Debug for EmbeddingModel {
@@ -29,6 +64,7 @@ impl std::fmt::Debug for EmbeddingModel {
         f.debug_struct("EmbeddingModel")
             .field("dimensions", &self.dimensions)
             .field("max_tokens", &self.max_tokens)
+            .field("pooling", &self.pooling)
             .finish_non_exhaustive()
     }
 }
@@ -48,6 +84,13 @@ impl EmbeddingModel {
             ));
         }
         let config_json = read_json(&path.join("config.json"))?;
+        let pooling_path = path.join("1_Pooling").join("config.json");
+        let pooling = if pooling_path.is_file() {
+            Pooling::from_sentence_transformers(&read_json(&pooling_path)?)
+                .map_err(|reason| EngineError::load(&pooling_path, reason))?
+        } else {
+            Pooling::Mean
+        };
         let config: Config = serde_json::from_value(config_json)
             .map_err(|e| EngineError::load(path, format!("config.json is not a BERT config: {e}")))?;
         let mut tensors = HashMap::new();
@@ -87,7 +130,13 @@ impl EmbeddingModel {
             dimensions: config.hidden_size,
             max_tokens,
             pad_id: u32::try_from(config.pad_token_id).unwrap_or(0),
+            pooling,
         })
+    }
+
+    /// How this model pools token states into a sentence embedding.
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
     }
 
     /// The length of each embedding.
@@ -147,11 +196,16 @@ impl EmbeddingModel {
         let mask = Tensor::from_vec(mask, shape, &self.device)?;
         let token_types = input.zeros_like()?;
         let hidden = self.model.forward(&input, &token_types, Some(&mask))?;
-        let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-        let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
-        let counts = mask.sum(1)?.clamp(1.0, f64::INFINITY)?;
-        let mean = summed.broadcast_div(&counts)?;
-        let norms = mean.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
-        Ok(mean.broadcast_div(&norms)?.to_vec2::<f32>()?)
+        let pooled = match self.pooling {
+            Pooling::Mean => {
+                let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+                let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+                let counts = mask.sum(1)?.clamp(1.0, f64::INFINITY)?;
+                summed.broadcast_div(&counts)?
+            }
+            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
+        };
+        let norms = pooled.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
+        Ok(pooled.broadcast_div(&norms)?.to_vec2::<f32>()?)
     }
 }

@@ -37,6 +37,9 @@ use crate::tokenizer::ModelTokenizer;
 pub const MAX_TOP_LOGPROBS: usize = 20;
 /// Tokens per second are averaged over this window.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
+/// How long a dropped engine's loop goes on finishing the requests it holds; what is
+/// unfinished then ends `Cancelled`.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -46,6 +49,12 @@ pub struct EngineOptions {
     pub max_queue: usize,
     /// Caps the model's context length (prompt and output tokens of one sequence).
     pub max_context_tokens: Option<usize>,
+    /// KV-cache positions the running sequences may hold together: the memory a replica's
+    /// placement reserved (a deployment's `context_tokens x concurrent_sequences`). A
+    /// request joins the batch when its prompt and `max_tokens` fit beside the others'
+    /// (one alone always does: the context is capped to this); until then it waits in the
+    /// queue. None: only `max_batch` bounds the batch.
+    pub max_kv_tokens: Option<usize>,
     /// Prompt tokens prefilled per turn of the loop, across sequences; a longer prompt is
     /// prefilled in chunks with decode steps between them.
     pub prefill_chunk_tokens: usize,
@@ -59,6 +68,7 @@ impl Default for EngineOptions {
             max_batch: 16,
             max_queue: 64,
             max_context_tokens: None,
+            max_kv_tokens: None,
             prefill_chunk_tokens: 512,
             cuda_device: None,
         }
@@ -197,6 +207,11 @@ struct Pending {
 struct Queue {
     waiting: VecDeque<Pending>,
     shutdown: bool,
+    /// Why the batching loop died (it panicked), when it did: the engine serves nothing more.
+    failure: Option<String>,
+    /// A test's request that the batching loop panic at its next turn (only ever set with
+    /// the `fail-points` feature).
+    panic_next_turn: bool,
 }
 
 #[derive(Default)]
@@ -214,6 +229,19 @@ struct Shared {
 impl Shared {
     fn queue(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The batching loop died: refuse new requests and fail the waiting ones.
+    fn fail_all(&self, reason: &str) {
+        let mut queue = self.queue();
+        queue.shutdown = true;
+        queue.failure = Some(reason.to_owned());
+        let waiting: Vec<Pending> = queue.waiting.drain(..).collect();
+        drop(queue);
+        for pending in waiting {
+            let _ = pending.events.try_send(GenerationEvent::Failed(format!("the engine stopped: {reason}")));
+        }
+        self.active.store(0, Ordering::Relaxed);
     }
 
     fn record_tokens(&self, count: usize) {
@@ -240,7 +268,10 @@ impl Shared {
 }
 
 /// A loaded model serving generation requests. `Send + Sync`; share it through an `Arc`.
-/// Dropping it stops the batching loop (unfinished requests end `Cancelled`).
+/// Dropping it (a replica stopped by a rolling update or a scale-down) drains: the
+/// batching loop finishes the requests it holds whose receivers are still there, for at
+/// most [`DRAIN_LIMIT`] (then they end `Cancelled`), and its thread frees the model when
+/// it ends.
 pub struct Engine {
     shared: Arc<Shared>,
     tokenizer: Arc<ModelTokenizer>,
@@ -282,10 +313,12 @@ impl Engine {
         let model = CausalLm::load(path, &device)?;
         let tokenizer = Arc::new(ModelTokenizer::load(path)?);
         let config = model.config();
-        let context_length =
-            options.max_context_tokens.map_or(config.context_length, |cap| cap.min(config.context_length));
+        let context_length = [options.max_context_tokens, options.max_kv_tokens]
+            .into_iter()
+            .flatten()
+            .fold(config.context_length, usize::min);
         if context_length < 2 {
-            return Err(EngineError::BadRequest("max_context_tokens must be at least 2".into()));
+            return Err(EngineError::BadRequest("max_context_tokens and max_kv_tokens must be at least 2".into()));
         }
         let summary = model.summary();
         let info = ModelInfo {
@@ -310,7 +343,24 @@ impl Engine {
             std::thread::Builder::new()
                 .name("maas-engine".into())
                 .spawn(move || {
-                    Batcher { model, tokenizer, shared, options, context_length, running: Vec::new() }.run();
+                    let batcher = Batcher {
+                        model,
+                        tokenizer,
+                        shared: Arc::clone(&shared),
+                        options,
+                        context_length,
+                        running: Vec::new(),
+                    };
+                    // A panic in the loop (a bug, or a device error candle panics on) must
+                    // not leave an engine that queues requests nobody serves: the running
+                    // sequences' channels close as the batch unwinds, waiting requests fail,
+                    // new ones are refused, and `failure` tells the replica to restart.
+                    if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || batcher.run()))
+                    {
+                        let reason = panic_message(payload.as_ref());
+                        tracing::error!(%reason, "the engine thread panicked");
+                        shared.fail_all(&reason);
+                    }
                 })
                 .map_err(|e| EngineError::load(path, format!("cannot start the engine thread: {e}")))?
         };
@@ -366,6 +416,9 @@ impl Engine {
         let capacity = request.max_tokens.min(context_length) + 2;
         let (sender, receiver) = mpsc::channel(capacity);
         let mut queue = self.shared.queue();
+        if let Some(reason) = &queue.failure {
+            return Err(EngineError::Failed(reason.clone()));
+        }
         if queue.shutdown {
             return Err(EngineError::Stopped);
         }
@@ -409,6 +462,20 @@ impl Engine {
         self.info.clone()
     }
 
+    /// Why the batching loop died, if it did (it panicked). Such an engine refuses every
+    /// request: whoever owns it should replace it.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.queue().failure.clone()
+    }
+
+    /// Makes the batching loop panic at its next turn, as a bug would (tests of what
+    /// notices a dead engine).
+    #[cfg(feature = "fail-points")]
+    pub fn fail_point_panic(&self) {
+        self.shared.queue().panic_next_turn = true;
+        self.shared.wake.notify_all();
+    }
+
     pub fn tokenizer(&self) -> &ModelTokenizer {
         &self.tokenizer
     }
@@ -416,9 +483,16 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        self.shared.queue().shutdown = true;
+        let idle = {
+            let mut queue = self.shared.queue();
+            queue.shutdown = true;
+            queue.waiting.is_empty() && self.shared.active.load(Ordering::Relaxed) == 0
+        };
         self.shared.wake.notify_all();
+        // An idle loop ends at once: wait for it, so the model is freed when this returns.
+        // A busy one drains on its own thread; nothing here waits on generation.
         if let Some(worker) = self.worker.take()
+            && idle
             && worker.join().is_err()
         {
             tracing::error!("the engine thread panicked");
@@ -445,6 +519,8 @@ struct Sequence {
     /// The sampled token not yet run through the model.
     next_token: Option<u32>,
     finished: bool,
+    /// KV-cache positions reserved for it: its prompt and `max_tokens`.
+    kv_tokens: usize,
 }
 
 impl Sequence {
@@ -464,8 +540,9 @@ struct Batcher {
 
 impl Batcher {
     fn run(mut self) {
+        let mut draining_since = None;
         loop {
-            if !self.admit() {
+            if !self.admit(&mut draining_since) {
                 break;
             }
             self.drop_cancelled();
@@ -493,30 +570,53 @@ impl Batcher {
     }
 
     /// Waits for work, then moves waiting requests into the batch while it has room.
-    /// Returns false on shutdown.
-    fn admit(&mut self) -> bool {
+    /// Returns false when the loop should end: shut down with nothing left to finish, or
+    /// draining for longer than [`DRAIN_LIMIT`].
+    fn admit(&mut self, draining_since: &mut Option<Instant>) -> bool {
         let mut queue = self.shared.queue();
-        while self.running.is_empty() && queue.waiting.is_empty() && !queue.shutdown {
+        while self.running.is_empty() && queue.waiting.is_empty() && !queue.shutdown && !queue.panic_next_turn {
             queue = self.shared.wake.wait(queue).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
         if queue.shutdown {
-            return false;
+            queue.waiting.retain(|pending| !pending.events.is_closed());
+            let since = *draining_since.get_or_insert_with(Instant::now);
+            let done = self.running.iter().all(|sequence| sequence.finished || sequence.cancelled());
+            if (done && queue.waiting.is_empty()) || since.elapsed() > DRAIN_LIMIT {
+                return false;
+            }
         }
+        #[cfg(feature = "fail-points")]
+        if std::mem::take(&mut queue.panic_next_turn) {
+            drop(queue);
+            panic!("fail point: the batching loop panics");
+        }
+        let mut reserved: usize = self.running.iter().filter(|sequence| !sequence.finished).map(|s| s.kv_tokens).sum();
         while self.running.len() < self.options.max_batch {
-            let Some(pending) = queue.waiting.pop_front() else { break };
-            if pending.events.is_closed() {
+            let Some(front) = queue.waiting.front() else { break };
+            if front.events.is_closed() {
+                queue.waiting.pop_front();
                 self.shared.cancelled_total.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
+            let kv_tokens = front.prompt.len() + front.request.max_tokens.min(self.context_length - front.prompt.len());
+            // In order of arrival: the oldest waits for room rather than be overtaken.
+            if let Some(budget) = self.options.max_kv_tokens
+                && reserved + kv_tokens > budget
+                && !self.running.is_empty()
+            {
+                break;
+            }
+            let Some(pending) = queue.waiting.pop_front() else { break };
+            reserved += kv_tokens;
             let request = pending.request;
-            let max_tokens = request.max_tokens.min(self.context_length - pending.prompt.len());
+            let max_tokens = kv_tokens - pending.prompt.len();
             self.shared.prompt_tokens_total.fetch_add(pending.prompt.len() as u64, Ordering::Relaxed);
             self.running.push(Sequence {
                 events: pending.events,
                 history: TokenHistory::new(&pending.prompt),
                 prompt: pending.prompt,
                 prefilled: 0,
-                cache: self.model.new_cache(),
+                cache: self.model.new_cache_for(kv_tokens),
                 rng: StdRng::seed_from_u64(request.sampling.seed.unwrap_or(0)),
                 sampling: request.sampling,
                 detokenizer: Detokenizer::filtered(request.stop, pending.filter),
@@ -526,6 +626,7 @@ impl Batcher {
                 generated: 0,
                 next_token: None,
                 finished: false,
+                kv_tokens,
             });
         }
         drop(queue);
@@ -701,4 +802,13 @@ impl Batcher {
         self.running.retain(|sequence| !sequence.finished);
         self.shared.active.store(self.running.len(), Ordering::Relaxed);
     }
+}
+
+/// The text of a panic's payload (`panic!` with a literal or a formatted message).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|text| (*text).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }

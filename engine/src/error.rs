@@ -27,6 +27,9 @@ pub enum EngineError {
     Compute(#[from] candle_core::Error),
     #[error("the engine has stopped: load the model again")]
     Stopped,
+    /// The batching loop died (it panicked): the engine serves nothing more.
+    #[error("the engine failed ({0}): its replica is being restarted, retry shortly")]
+    Failed(String),
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -44,5 +44,10 @@ pub use engine::{
     TopLogprob,
 };
 pub use error::{EngineError, Result};
+
+/// Bytes per value of what the engine holds besides quantised (GGUF) matrices: safetensors
+/// weights, whatever their stored dtype, and every KV cache are f32. Memory estimates that
+/// place replicas count with it.
+pub const HELD_DTYPE_BYTES: f64 = 4.0;
 pub use sampling::SamplingParams;
 pub use stream::OutputFilter;

@@ -227,6 +227,8 @@ pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
     len: usize,
     capacity: usize,
+    /// Positions the cache may ever hold: it grows by doubling, but never past this.
+    limit: usize,
 }
 
 impl KvCache {
@@ -589,9 +591,15 @@ impl CausalLm {
         }
     }
 
-    /// An empty cache for a new sequence.
+    /// An empty cache for a new sequence, which may grow to the whole context.
     pub fn new_cache(&self) -> KvCache {
-        KvCache { layers: Vec::new(), len: 0, capacity: 0 }
+        self.new_cache_for(self.config.context_length)
+    }
+
+    /// An empty cache for a sequence of at most `positions` (its prompt and output): its
+    /// memory never exceeds that many positions' keys and values.
+    pub fn new_cache_for(&self, positions: usize) -> KvCache {
+        KvCache { layers: Vec::new(), len: 0, capacity: 0, limit: positions.min(self.config.context_length) }
     }
 
     /// Runs `tokens` (the next positions of one sequence) through the model, appending to
@@ -813,7 +821,7 @@ impl CausalLm {
             return Ok(());
         }
         let capacity = needed.max(cache.capacity * 2).div_ceil(CACHE_STEP) * CACHE_STEP;
-        let capacity = capacity.min(self.config.context_length).max(needed);
+        let capacity = capacity.min(self.config.context_length).min(cache.limit).max(needed);
         let shape = (self.config.kv_heads, capacity, self.config.head_dim);
         let mut layers = Vec::with_capacity(self.config.layers);
         for index in 0..self.config.layers {
@@ -1012,9 +1020,29 @@ fn config_from_gguf(path: &Path, content: &gguf_file::Content) -> Result<ModelCo
     let kv_heads = integer("attention.head_count_kv").unwrap_or(heads);
     let head_dim = integer("attention.key_length").unwrap_or(hidden / heads.max(1));
     let vocab = content.tensor_infos.get("token_embd.weight").map_or(0, |info| info.shape.dims()[0]);
-    let rope_scaling = match get(&format!("{prefix}.rope.scaling.type")).and_then(|v| v.to_string().ok()) {
-        Some(kind) if kind == "linear" => RopeScaling::Linear { factor: float("rope.scaling.factor").unwrap_or(1.0) },
-        _ => RopeScaling::None,
+    let context_length = integer("context_length").unwrap_or(4096);
+    let (rope_scaling, context_length) = match get(&format!("{prefix}.rope.scaling.type"))
+        .and_then(|v| v.to_string().ok())
+        .map(String::as_str)
+    {
+        Some("linear") => (RopeScaling::Linear { factor: float("rope.scaling.factor").unwrap_or(1.0) }, context_length),
+        None | Some("none" | "") => (RopeScaling::None, context_length),
+        // YaRN and the like are not implemented: serve the context the model was
+        // trained on, where no scaling applies, as the safetensors path does.
+        Some(other) => {
+            let original = integer("rope.scaling.original_context_length").map_err(|_| {
+                EngineError::load(
+                    path,
+                    format!("rope scaling {other:?} is not supported and names no original context length"),
+                )
+            })?;
+            tracing::warn!(
+                kind = other,
+                original,
+                "rope scaling of this kind is not implemented: serving only the original context length"
+            );
+            (RopeScaling::None, original.min(context_length))
+        }
     };
     let config = ModelConfig {
         architecture,
@@ -1031,7 +1059,7 @@ fn config_from_gguf(path: &Path, content: &gguf_file::Content) -> Result<ModelCo
         // llama.cpp permutes Llama's q/k rows so that rotary pairs are adjacent; Qwen2
         // keeps the Hugging Face order (NeoX-style rotation).
         rope_interleaved: architecture != Architecture::Qwen2,
-        context_length: integer("context_length").unwrap_or(4096),
+        context_length,
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
         tiny_random: get("maas.tiny_random").and_then(|v| v.to_bool().ok()).unwrap_or(false),

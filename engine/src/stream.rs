@@ -6,12 +6,22 @@
 //! of recent tokens each time (as text-generation-inference does), so decoders that strip
 //! a leading space see the same context on both sides of the difference.
 //!
+//! An output filter's patterns hold back text the same way: from the earliest place where
+//! a match may be in progress (the pattern's lazy DFA, anchored there, is not dead at the
+//! end of the text), within the last [`PATTERN_HOLD_BYTES`].
+//!
 //! [`Detokenizer`] pairs tokens with the text they released: a token's event waits until
 //! all text up to it is settled, so every event's text is final and the concatenation of
 //! the events' texts is the output.
 
+use regex_automata::hybrid;
+
 /// Tokens held at most while their text ends inside a character.
 const MAX_HELD_TOKENS: usize = 4;
+
+/// How far back text that may be the start of a pattern's match is held. A match longer
+/// than this can have begun in text already released (its end is still blocked).
+const PATTERN_HOLD_BYTES: usize = 1024;
 
 /// What the output must not contain (a tenant's output safety rules): keywords, compared
 /// without regard to ASCII case, and regular expressions. Sent with a request to the
@@ -34,24 +44,44 @@ impl OutputFilter {
 pub struct CompiledFilter {
     keywords: Vec<String>,
     patterns: Vec<regex::Regex>,
+    /// Each pattern as a lazy DFA (with its cache), to tell whether text at the end of the
+    /// output may be the start of a match still in progress; `None` where the DFA cannot
+    /// be built (a Unicode word boundary, say), and then the whole window is held.
+    prefixes: Vec<Option<(hybrid::dfa::DFA, hybrid::dfa::Cache)>>,
+}
+
+/// Checks that `pattern` can be an output rule: it compiles, and it cannot match empty
+/// text (which would block every answer at its first character).
+pub fn check_pattern(pattern: &str) -> Result<regex::Regex, String> {
+    let regex = regex::RegexBuilder::new(pattern)
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|err| format!("the filter pattern `{pattern}` is not a valid regular expression: {err}"))?;
+    let hir = regex_automata::util::syntax::parse(pattern)
+        .map_err(|err| format!("the filter pattern `{pattern}` is not a valid regular expression: {err}"))?;
+    if hir.properties().minimum_len() == Some(0) {
+        return Err(format!("the filter pattern `{pattern}` matches empty text; it must match at least one character"));
+    }
+    Ok(regex)
 }
 
 impl CompiledFilter {
     /// Compiles `filter`; a pattern that is not a valid regular expression is named.
     pub fn new(filter: &OutputFilter) -> Result<Self, String> {
-        let patterns = filter
+        let patterns = filter.patterns.iter().map(|pattern| check_pattern(pattern)).collect::<Result<Vec<_>, _>>()?;
+        let prefixes = filter
             .patterns
             .iter()
             .map(|pattern| {
-                regex::RegexBuilder::new(pattern)
-                    .size_limit(1 << 20)
-                    .build()
-                    .map_err(|err| format!("the filter pattern `{pattern}` is not a valid regular expression: {err}"))
+                hybrid::dfa::DFA::new(pattern).ok().map(|dfa| {
+                    let cache = dfa.create_cache();
+                    (dfa, cache)
+                })
             })
-            .collect::<Result<_, _>>()?;
+            .collect();
         let keywords =
             filter.keywords.iter().filter(|k| !k.is_empty()).map(|keyword| keyword.to_ascii_lowercase()).collect();
-        Ok(CompiledFilter { keywords, patterns })
+        Ok(CompiledFilter { keywords, patterns, prefixes })
     }
 
     /// Where blocked text begins in `pending` (text not yet released, which follows
@@ -73,11 +103,60 @@ impl CompiledFilter {
         keyword.into_iter().chain(pattern).min()
     }
 
-    /// The longest suffix of `pending` that could begin a keyword.
-    fn held(&self, pending: &str) -> usize {
+    /// The longest suffix of `pending` that could begin a keyword or a pattern's match.
+    fn held(&mut self, pending: &str) -> usize {
         let lowered = pending.to_ascii_lowercase();
-        self.keywords.iter().map(|keyword| held_suffix(&lowered, keyword)).max().unwrap_or(0)
+        let by_keywords = self.keywords.iter().map(|keyword| held_suffix(&lowered, keyword)).max().unwrap_or(0);
+        let by_patterns = self
+            .prefixes
+            .iter_mut()
+            .map(|prefix| match prefix {
+                Some((dfa, cache)) => held_by_pattern(dfa, cache, pending),
+                None => held_window(pending),
+            })
+            .max()
+            .unwrap_or(0);
+        by_keywords.max(by_patterns)
     }
+}
+
+/// The last [`PATTERN_HOLD_BYTES`] of `text` (at a character boundary), as a length.
+fn held_window(text: &str) -> usize {
+    let mut start = text.len().saturating_sub(PATTERN_HOLD_BYTES);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    text.len() - start
+}
+
+/// The longest suffix of `text` (within [`PATTERN_HOLD_BYTES`]) from whose start the
+/// pattern's DFA, anchored there, is still alive at the end of the text: a match may be in
+/// progress. (A match already complete was found by [`CompiledFilter::find`] before this.)
+fn held_by_pattern(dfa: &hybrid::dfa::DFA, cache: &mut hybrid::dfa::Cache, text: &str) -> usize {
+    let window = held_window(text);
+    let first = text.len() - window;
+    (first..text.len())
+        .filter(|&start| text.is_char_boundary(start))
+        .find(|&start| may_be_matching(dfa, cache, text, start))
+        .map_or(0, |start| text.len() - start)
+}
+
+/// Whether a match of the DFA's pattern starting at `start` could still be in progress at
+/// the end of `text`. When the DFA gives up (its cache thrashes), the answer is yes.
+fn may_be_matching(dfa: &hybrid::dfa::DFA, cache: &mut hybrid::dfa::Cache, text: &str, start: usize) -> bool {
+    let input = regex_automata::Input::new(text).span(start..text.len()).anchored(regex_automata::Anchored::Yes);
+    let Ok(mut state) = dfa.start_state_forward(cache, &input) else {
+        return true;
+    };
+    for &byte in &text.as_bytes()[start..] {
+        match dfa.next_state(cache, state, byte) {
+            Ok(next) if next.is_dead() => return false,
+            Ok(next) if next.is_quit() => return true,
+            Ok(next) => state = next,
+            Err(_) => return true,
+        }
+    }
+    !state.is_dead()
 }
 
 /// Text released by one token.
@@ -187,7 +266,7 @@ impl TextStream {
             return StreamStep { text, stopped: !blocked, blocked };
         }
         let held_by_stops = self.stops.iter().map(|stop| held_suffix(&self.pending, stop)).max().unwrap_or(0);
-        let held_by_filter = self.filter.as_ref().map_or(0, |filter| filter.held(&self.pending));
+        let held_by_filter = self.filter.as_mut().map_or(0, |filter| filter.held(&self.pending));
         let held = held_by_stops.max(held_by_filter);
         let text = self.pending[..self.pending.len() - held].to_owned();
         self.pending.drain(..self.pending.len() - held);

@@ -7,12 +7,35 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use maas_engine::catalog::{CatalogEntry, TASKS, check, entries, file_matches, find};
-use maas_engine::config::Architecture;
-use maas_engine::model_files::{GgufMetadataValue, ModelFiles, ModelFormat, inspect_headers};
+use maas_engine::model_files::{GgufMetadataValue, ModelFiles, ModelFormat, engine_support, inspect_headers};
 use maas_engine::tiny::{
     GgufWeights, TinyBertShape, TinyShape, write_bert, write_gguf_llama, write_llama, write_qwen2,
 };
 use serde_json::json;
+
+/// Models the catalogue must have.
+const REQUIRED: &[&str] = &[
+    "llama-2-7b-chat",
+    "llama-3.1-8b-instruct",
+    "llama-3.2-1b-instruct",
+    "llama-3.2-3b-instruct",
+    "qwen2-0.5b-instruct",
+    "qwen2.5-0.5b-instruct",
+    "qwen2.5-1.5b-instruct",
+    "qwen2.5-7b-instruct",
+    "qwen2.5-coder-7b-instruct",
+    "qwen2.5-0.5b-instruct-q8_0",
+    "mistral-7b-instruct-v0.2",
+    "mistral-7b-instruct-v0.3",
+    "phi-2",
+    "phi-3-mini-4k-instruct",
+    "glm-4-9b-chat-hf",
+    "tinyllama-1.1b-chat",
+    "bge-small-en-v1.5",
+    "bge-base-en-v1.5",
+    "bge-large-zh-v1.5",
+    "all-minilm-l6-v2",
+];
 
 #[test]
 fn every_entry_is_well_formed_and_unique() {
@@ -84,6 +107,12 @@ fn every_entry_is_well_formed_and_unique() {
                 assert!(entry.expected_files.contains(&"config.json"), "{name}");
                 assert!(entry.expected_files.contains(&"*.safetensors"), "{name}");
                 assert!(d.vocab_size.is_some(), "{name}: vocab_size");
+                // A folder import needs tokenizer.json: an entry that did not expect it
+                // (a repository without one) could never be imported.
+                assert!(entry.expected_files.contains(&"tokenizer.json"), "{name}: tokenizer.json");
+                if entry.tasks.contains(&"embedding") {
+                    assert!(entry.expected_files.contains(&"1_Pooling/config.json"), "{name}: its pooling");
+                }
                 if entry.tasks.contains(&"chat") {
                     assert!(entry.expected_files.contains(&"tokenizer_config.json"), "{name}: the chat template");
                 }
@@ -94,38 +123,21 @@ fn every_entry_is_well_formed_and_unique() {
         assert!(entry.description().contains(entry.source_repo), "{name}: the description names the source");
         assert_eq!(find(&name.to_uppercase()).map(|e| e.name), Some(name), "{name}: found without case");
     }
-    for required in [
-        "llama-2-7b-chat",
-        "llama-3.1-8b-instruct",
-        "llama-3.2-1b-instruct",
-        "llama-3.2-3b-instruct",
-        "qwen2-0.5b-instruct",
-        "qwen2.5-0.5b-instruct",
-        "qwen2.5-1.5b-instruct",
-        "qwen2.5-7b-instruct",
-        "qwen2.5-coder-7b-instruct",
-        "qwen2.5-0.5b-instruct-q8_0",
-        "mistral-7b-instruct-v0.2",
-        "mistral-7b-instruct-v0.3",
-        "phi-2",
-        "phi-3-mini-4k-instruct",
-        "chatglm3-6b",
-        "glm-4-9b-chat",
-        "tinyllama-1.1b-chat",
-        "bge-small-en-v1.5",
-        "bge-base-en-v1.5",
-        "bge-large-zh-v1.5",
-        "all-minilm-l6-v2",
-    ] {
+    for required in REQUIRED {
         assert!(find(required).is_some(), "{required} is in the catalogue");
     }
     assert!(find("gpt-5").is_none());
+    // ChatGLM3 and the remote-code GLM-4 ship no tokenizer.json, so no import could take them.
+    assert!(find("chatglm3-6b").is_none() && find("glm-4-9b-chat").is_none());
 }
 
-/// Whether this engine has a loader for the entry: its decoders (safetensors or GGUF) or
-/// the BERT embedder.
+/// Whether this engine has a loader for the entry, by the rule deployments are checked by.
 fn engine_runs(entry: &CatalogEntry) -> bool {
-    Architecture::from_name(&entry.architecture.to_ascii_lowercase()).is_some() || entry.architecture == "BertModel"
+    let config = match entry.format {
+        ModelFormat::Safetensors => json!({"architectures": [entry.architecture]}),
+        ModelFormat::Gguf => json!({"general.architecture": entry.architecture}),
+    };
+    engine_support(entry.format, &config).is_ok()
 }
 
 #[test]
@@ -147,7 +159,8 @@ fn published_values_of_a_few_models_are_exact() {
     let minilm = find("all-minilm-l6-v2").unwrap();
     assert_eq!((minilm.dimensions.hidden_size, minilm.dimensions.num_hidden_layers), (384, 6));
     assert!(!find("phi-3-mini-4k-instruct").unwrap().servable);
-    assert!(!find("chatglm3-6b").unwrap().servable);
+    let glm = find("glm-4-9b-chat-hf").unwrap();
+    assert_eq!((glm.architecture, glm.servable, glm.source_repo), ("GlmForCausalLM", false, "THUDM/glm-4-9b-chat-hf"));
 }
 
 /// Files as an entry's own repository has them: its identifying values under the usual
@@ -191,6 +204,7 @@ fn files_of(entry: &CatalogEntry) -> ModelFiles {
         files,
         tensors: 1,
         parameters: entry.parameters,
+        gguf_tensor_types: BTreeMap::new(),
         chat_template: None,
         total_bytes: 1,
     }
@@ -215,19 +229,42 @@ fn files_with_an_entrys_values_match_it_and_no_other_of_another_shape() {
     let mut files = files_of(llama2);
     files.config.as_mut().unwrap().as_object_mut().unwrap().remove("num_key_value_heads");
     assert_eq!(check(llama2, &files), Ok(()));
-    // ChatGLM's config.json names its values its own way.
-    let glm = find("chatglm3-6b").unwrap();
+}
+
+/// `config.json` of THUDM/glm-4-9b-chat-hf as published.
+fn glm_4_9b_chat_hf_config() -> serde_json::Value {
+    json!({
+        "architectures": ["GlmForCausalLM"], "attention_bias": true, "attention_dropout": 0.0,
+        "eos_token_id": [151_329, 151_336, 151_338], "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+        "initializer_range": 0.02, "intermediate_size": 13696, "max_position_embeddings": 131_072,
+        "model_type": "glm", "num_attention_heads": 32, "num_hidden_layers": 40, "num_key_value_heads": 2,
+        "pad_token_id": 151_329, "partial_rotary_factor": 0.5, "rms_norm_eps": 1.5625e-07, "rope_theta": 10000.0,
+        "tie_word_embeddings": false, "torch_dtype": "bfloat16", "use_cache": true, "vocab_size": 151_552
+    })
+}
+
+#[test]
+fn the_glm_entry_takes_the_real_repositorys_files_and_says_why_it_is_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let glm = find("glm-4-9b-chat-hf").unwrap();
+    // The repository's own files: a tiny model stands in for the weights, with the
+    // published config.json.
+    let model = dir.path().join("glm-4-9b-chat-hf");
+    write_llama(&model, TinyShape::default(), 1).unwrap();
+    std::fs::write(model.join("config.json"), glm_4_9b_chat_hf_config().to_string()).unwrap();
+    let files = inspect_headers(&model).unwrap();
+    assert_eq!(check(glm, &files), Ok(()));
+    let reason = files.engine_support().unwrap_err().to_string();
+    assert!(reason.contains("GlmForCausalLM (model_type glm)"), "{reason}");
+    assert!(glm.not_servable_reason.unwrap().contains("GLM"));
+
+    // The remote-code GLM-4 (ChatGLMModel) is not this entry.
     let mut files = files_of(glm);
     files.config = Some(json!({
-        "architectures": ["ChatGLMModel"], "hidden_size": 4096, "num_layers": 28, "num_attention_heads": 32,
-        "multi_query_group_num": 2, "padded_vocab_size": 65024,
+        "architectures": ["ChatGLMModel"], "hidden_size": 4096, "num_layers": 40, "num_attention_heads": 32,
+        "multi_query_group_num": 2, "padded_vocab_size": 151_552,
     }));
-    assert_eq!(check(glm, &files), Ok(()));
-    files.config.as_mut().unwrap()["num_layers"] = 40.into();
-    assert_eq!(
-        check(glm, &files).unwrap_err(),
-        "config.json num_layers is 40, chatglm3-6b has 28: these files are not it (import them under another name)"
-    );
+    assert!(check(glm, &files).unwrap_err().starts_with("config.json architectures[0] is ChatGLMModel"));
 }
 
 fn tiny_decoders(dir: &Path) -> [(&'static str, ModelFiles); 2] {

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use maas_engine::EmbeddingModel;
+use maas_engine::embeddings::Pooling;
 use maas_engine::tiny::{TinyBertShape, write_bert};
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -85,4 +86,37 @@ fn all_minilm_l6_v2_gives_meaningful_similarities_when_present() {
     assert!(unrelated < 0.2, "unrelated cosine {unrelated}");
     let alone = model.embed(&texts[3..]).unwrap().remove(0);
     assert!(alone.iter().zip(&vectors[3]).all(|(a, b)| (a - b).abs() < 1e-4));
+}
+
+#[test]
+fn the_sentence_transformers_pooling_config_picks_cls_or_mean() {
+    let dir = tempfile::tempdir().unwrap();
+    write_bert(dir.path(), TinyBertShape::default(), 8).unwrap();
+    let mean = EmbeddingModel::load(dir.path()).unwrap();
+    assert_eq!(mean.pooling(), Pooling::Mean, "no 1_Pooling/config.json: mean pooling");
+
+    // bge's configuration: the [CLS] token's state.
+    let pooling = dir.path().join("1_Pooling");
+    std::fs::create_dir(&pooling).unwrap();
+    let config = |json: &str| std::fs::write(pooling.join("config.json"), json).unwrap();
+    config(r#"{"word_embedding_dimension": 32, "pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}"#);
+    let cls = EmbeddingModel::load(dir.path()).unwrap();
+    assert_eq!(cls.pooling(), Pooling::Cls);
+    let texts = texts();
+    let (by_mean, by_cls) = (mean.embed(&texts).unwrap(), cls.embed(&texts).unwrap());
+    for ((text, m), c) in texts.iter().zip(&by_mean).zip(&by_cls) {
+        assert!((dot(c, c).sqrt() - 1.0).abs() < 1e-5, "{text:?} is unit length");
+        let differ = m.iter().zip(c).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(differ > 1e-3, "{text:?}: CLS and mean pooling give different embeddings");
+        let alone = cls.embed(std::slice::from_ref(text)).unwrap().remove(0);
+        let diff = alone.iter().zip(c).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(diff < 1e-5, "{text:?}: padding in a batch does not reach the CLS state ({diff})");
+    }
+
+    // MiniLM's configuration is mean pooling; a mode the engine does not compute is named.
+    config(r#"{"pooling_mode_cls_token": false, "pooling_mode_mean_tokens": true}"#);
+    assert_eq!(EmbeddingModel::load(dir.path()).unwrap().pooling(), Pooling::Mean);
+    config(r#"{"pooling_mode_max_tokens": true}"#);
+    let error = EmbeddingModel::load(dir.path()).unwrap_err().to_string();
+    assert!(error.contains("pooling_mode_max_tokens") && error.contains("not supported"), "{error}");
 }

@@ -180,6 +180,39 @@ fn the_context_bounds_prompts_and_outputs() {
 }
 
 #[test]
+fn the_kv_budget_bounds_the_batch_and_caps_the_context() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    // Room for two sequences of a 1-token prompt and 40 output tokens (41 positions
+    // each), not three, although the batch could take eight.
+    let options = EngineOptions { max_kv_tokens: Some(100), max_batch: 8, ..EngineOptions::default() };
+    let engine = Arc::new(qwen2(dir.path(), options));
+    assert_eq!(engine.context_length(), 100, "the context is capped so that one sequence alone always fits");
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = {
+        let (engine, watching) = (Arc::clone(&engine), Arc::clone(&watching));
+        std::thread::spawn(move || {
+            let mut most = 0;
+            while watching.load(Ordering::Relaxed) {
+                most = most.max(engine.stats().active_sequences);
+                std::thread::yield_now();
+            }
+            most
+        })
+    };
+    let receivers: Vec<_> = (0..6).map(|_| engine.submit(greedy("hello", 40)).unwrap()).collect();
+    let outputs: Vec<Output> = receivers.into_iter().map(collect).collect();
+    watching.store(false, Ordering::Relaxed);
+    let most = watcher.join().unwrap();
+    assert!((1..=2).contains(&most), "at most two sequences ran at once, saw {most}");
+    assert!(outputs.iter().all(|output| output.completion_tokens == 40 && output.text == outputs[0].text));
+    // A request as long as the whole budget still runs (alone).
+    let whole = collect(engine.submit(greedy("hello", 99)).unwrap());
+    assert_eq!((whole.finish, whole.completion_tokens), (FinishReason::Length, 99));
+}
+
+#[test]
 fn seeded_sampling_repeats_and_stop_sequences_cut_the_output() {
     let dir = tempfile::tempdir().unwrap();
     let engine = qwen2(dir.path(), EngineOptions::default());
@@ -204,6 +237,63 @@ fn seeded_sampling_repeats_and_stop_sequences_cut_the_output() {
     assert_eq!(stopped.finish, FinishReason::Stop);
     assert_eq!(stopped.text, plain.text[..cut], "stop {stop:?}");
     assert!(stopped.completion_tokens < 40);
+}
+
+#[test]
+fn a_gguf_with_rope_scaling_it_cannot_compute_serves_its_original_context() {
+    use candle_core::quantized::gguf_file::{self, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("tiny.gguf");
+    write_gguf_llama(&source, shape(), 5, GgufWeights::F32).unwrap();
+    // The tiny GGUF again, with more metadata.
+    let with = |name: &str, extra: Vec<(&str, Value)>| {
+        let mut file = std::fs::File::open(&source).unwrap();
+        let content = gguf_file::Content::read(&mut file).unwrap();
+        let mut metadata: Vec<(String, Value)> = content.metadata.clone().into_iter().collect();
+        metadata.extend(extra.into_iter().map(|(key, value)| (key.to_owned(), value)));
+        let tensors: Vec<(String, candle_core::quantized::QTensor)> = content
+            .tensor_infos
+            .keys()
+            .map(|name| (name.clone(), content.tensor(&mut file, name, &candle_core::Device::Cpu).unwrap()))
+            .collect();
+        let path = dir.path().join(name);
+        let mut out = std::fs::File::create(&path).unwrap();
+        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(key, value)| (key.as_str(), value)).collect();
+        let tensors: Vec<(&str, &candle_core::quantized::QTensor)> =
+            tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)).collect();
+        gguf_file::write(&mut out, &metadata, &tensors).unwrap();
+        path
+    };
+    let yarn = with(
+        "yarn.gguf",
+        vec![
+            ("llama.rope.scaling.type", Value::String("yarn".into())),
+            ("llama.rope.scaling.original_context_length", Value::U32(128)),
+        ],
+    );
+    let engine = Engine::load(&yarn, EngineOptions::default()).unwrap();
+    assert_eq!(engine.context_length(), 128, "YaRN is not computed: only the original context is served");
+    let unnamed = with("unnamed.gguf", vec![("llama.rope.scaling.type", Value::String("yarn".into()))]);
+    let error = Engine::load(&unnamed, EngineOptions::default()).unwrap_err().to_string();
+    assert!(error.contains("names no original context length"), "{error}");
+    let none = with("none.gguf", vec![("llama.rope.scaling.type", Value::String("none".into()))]);
+    assert_eq!(Engine::load(&none, EngineOptions::default()).unwrap().context_length(), 2048);
+}
+
+#[test]
+fn dropping_the_engine_finishes_the_requests_it_holds() {
+    // A replica stopped by a rolling update drains: what is running and what waits in the
+    // queue still end normally; an abandoned request does not hold the loop.
+    let dir = tempfile::tempdir().unwrap();
+    let engine = qwen2(dir.path(), EngineOptions { max_batch: 1, ..EngineOptions::default() });
+    let running = engine.submit(greedy("hello", 50)).unwrap();
+    let queued = engine.submit(greedy("hello", 5)).unwrap();
+    let abandoned = engine.submit(greedy("hello", 500)).unwrap();
+    drop(abandoned);
+    drop(engine);
+    let (running, queued) = (collect(running), collect(queued));
+    assert_eq!((running.finish, running.completion_tokens), (FinishReason::Length, 50));
+    assert_eq!((queued.finish, queued.completion_tokens), (FinishReason::Length, 5));
 }
 
 #[test]
@@ -299,9 +389,11 @@ fn chat_templates_render_like_hugging_face() {
         "<HI> É|{\"role\": \"user\", \"content\": \" <hi> é \"}|[\n  1,\n  null,\n  true\n]"
     );
 
-    // Without a template: role: content lines.
+    // Without a template: the BOS token (if the model has one), then role: content lines.
     let plain = ChatTemplate::new(None, None, None).unwrap();
     assert_eq!(plain.render(&messages[..2], true).unwrap(), "user: hello\nassistant: hi\nassistant:");
+    let plain = ChatTemplate::new(None, Some("<s>"), Some("</s>")).unwrap();
+    assert_eq!(plain.render(&messages[..1], true).unwrap(), "<s>user: hello\nassistant:");
     assert!(ChatTemplate::new(Some("{% for %}"), None, None).is_err());
 }
 

@@ -101,7 +101,7 @@ impl Expected {
             };
             ApiError::new(
                 http::StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_response_error",
+                "invalid_request_error",
                 "response_format_failed",
                 format!(
                     "the model's answer does not satisfy response_format: {why} ({hint}); the answer began `{}`",

@@ -138,7 +138,10 @@ pub struct AppState {
     pub kb_shards: OnceLock<maas_actors::node::KbShardTable>,
     /// Requests this node has in flight to each replica (what routing balances).
     pub in_flight: crate::routes::openai::InFlight,
-    /// For requests to peers (replicas on other nodes).
+    /// For requests to peers (replicas on other nodes). It bounds connecting and keeps TCP
+    /// keepalive on (a peer whose machine vanished is noticed), but sets no overall or
+    /// read timeout, since answers stream for as long as a generation runs: a stream of a
+    /// remote generation is bounded by its heartbeats instead (see `routes::openai`).
     pub http: reqwest::Client,
     /// The database and blob store, once open.
     pub stores: OnceLock<Stores>,
@@ -195,6 +198,7 @@ impl AppState {
             monitor: crate::monitor::Monitor::default(),
             http: reqwest::Client::builder()
                 .connect_timeout(std::time::Duration::from_secs(3))
+                .tcp_keepalive(std::time::Duration::from_secs(15))
                 .build()
                 .unwrap_or_default(),
             gpu_reserve_mib: OnceLock::new(),

@@ -368,3 +368,62 @@ async fn models_are_uploaded_checked_registered_and_served_to_peers() {
     assert!(created["estimate"]["estimate"]["total_mib"].as_u64().is_some_and(|mib| mib > 512), "{created}");
     setup.control.stop();
 }
+
+/// A tiny Llama's files under `dir` with its config.json's `model_type` and
+/// `architectures` replaced: what another architecture's registration records.
+fn tiny_as(dir: &std::path::Path, model_type: &str, architecture: &str) {
+    maas_engine::tiny::write_llama(dir, maas_engine::tiny::TinyShape::default(), 7).unwrap();
+    let path = dir.join("config.json");
+    let mut config: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    config["model_type"] = model_type.into();
+    config["architectures"] = json!([architecture]);
+    std::fs::write(&path, config.to_string()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_the_engine_cannot_run_are_refused_before_they_are_deployed() {
+    let setup = start().await;
+    let tiny = setup.dir.path().join("tiny");
+    maas_engine::tiny::write_llama(&tiny, maas_engine::tiny::TinyShape::default(), 7).unwrap();
+    import(&setup, &tiny, "tiny").await;
+    for (name, model_type, architecture) in [
+        ("glm", "chatglm", "ChatGLMModel"),
+        ("glm-hf", "glm", "GlmForCausalLM"),
+        ("phi", "phi3", "Phi3ForCausalLM"),
+        ("mamba", "mamba", "MambaForCausalLM"),
+    ] {
+        let dir = setup.dir.path().join(name);
+        tiny_as(&dir, model_type, architecture);
+        import(&setup, &dir, name).await;
+        // With memory given and without (the estimate): refused before either.
+        for body in [
+            json!({"name": name, "model": name, "memory_per_gpu_mib": 1000}),
+            json!({"name": name, "model": name, "context_tokens": 512}),
+        ] {
+            let (status, answer) =
+                call(&setup, reqwest::Method::POST, "/v1/deployments", Some(COOKIE), Some(body)).await;
+            assert_eq!((status, answer["error"]["code"].as_str()), (400, Some("model_not_servable")), "{answer}");
+            let message = answer["error"]["message"].as_str().unwrap();
+            assert!(message.contains(&format!("{architecture} (model_type {model_type})")), "{message}");
+            assert!(message.contains("llama, mistral and qwen2") && message.contains("bert"), "{message}");
+            assert_eq!(answer["error"]["param"], "model", "{answer}");
+        }
+    }
+    assert_eq!(deployments_in_state(&setup), 0, "refused deployments change nothing");
+
+    // An update onto such a model is refused and leaves the deployment as it was; an update
+    // keeping the model is not checked again.
+    let body = json!({"name": "chat", "model": "tiny", "memory_per_gpu_mib": 1000});
+    let (status, created) = call(&setup, reqwest::Method::POST, "/v1/deployments", Some(COOKIE), Some(body)).await;
+    assert_eq!(status, 201, "{created}");
+    let onto_glm = json!({"model": "glm", "memory_per_gpu_mib": 1000});
+    let (status, answer) =
+        call(&setup, reqwest::Method::PUT, "/v1/deployments/chat", Some(COOKIE), Some(onto_glm)).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (400, Some("model_not_servable")), "{answer}");
+    let (_, unchanged) = call(&setup, reqwest::Method::GET, "/v1/deployments/chat", Some(COOKIE), None).await;
+    assert_eq!((unchanged["model"].as_str(), unchanged["generation"].as_u64()), (Some("tiny"), Some(1)), "{unchanged}");
+    let same = json!({"model": "tiny", "model_version": "v1", "memory_per_gpu_mib": 2000});
+    let (status, updated) = call(&setup, reqwest::Method::PUT, "/v1/deployments/chat", Some(COOKIE), Some(same)).await;
+    assert_eq!(status, 200, "{updated}");
+    setup.control.stop();
+}

@@ -323,3 +323,157 @@ async fn hostile_corrupt_and_oversized_archives_are_refused() {
     assert_refused(status, &answer, 400, "invalid_input", "model name");
     assert_eq!(versions(&setup).await, 0, "refused archives register nothing");
 }
+
+/// What the data directory's `models/` folder holds (model folders laid out on this node).
+fn laid_out(setup: &Setup) -> Vec<String> {
+    std::fs::read_dir(setup.dir.path().join("models"))
+        .map(|entries| entries.map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
+}
+
+fn file(path: &str, blob: &Value) -> Value {
+    json!({"path": path, "sha256": blob["sha256"], "size_bytes": blob["size_bytes"]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_registrations_leave_no_files_behind_and_a_file_cannot_be_a_folder() {
+    let setup = start().await;
+    let tiny = setup.dir.path().join("tiny-qwen2");
+    maas_engine::tiny::write_qwen2(&tiny, maas_engine::tiny::TinyShape::default(), 3).unwrap();
+    let files = upload_folder(&setup, &tiny).await;
+
+    // Refused by the catalogue, and as not a model: the files were laid out to be checked,
+    // and are gone again.
+    let (status, answer) = register(&setup, json!({"name": "qwen2.5-0.5b-instruct", "files": files})).await;
+    assert_refused(status, &answer, 400, "catalog_mismatch", "hidden_size is 64");
+    let without_tokenizer: Vec<Value> =
+        files.as_array().unwrap().iter().filter(|f| f["path"] != "tokenizer.json").cloned().collect();
+    let (status, answer) = register(&setup, json!({"name": "broken", "files": without_tokenizer})).await;
+    assert_refused(status, &answer, 400, "not_a_model", "tokenizer.json is missing");
+    assert_eq!(laid_out(&setup), Vec::<String>::new(), "nothing is left under models/");
+
+    // `a` and `a/b` at once: no folder holds both.
+    let blob = upload(&setup, b"{}".to_vec()).await;
+    let mut clashing = files.as_array().unwrap().clone();
+    clashing.push(file("1_Pooling", &blob));
+    clashing.push(file("1_Pooling/config.json", &blob));
+    let (status, answer) = register(&setup, json!({"name": "clash", "files": clashing})).await;
+    assert_refused(
+        status,
+        &answer,
+        400,
+        "invalid_input",
+        "file `1_Pooling` is also the folder of file `1_Pooling/config.json`",
+    );
+    // Files that are none of a model's.
+    let (status, answer) = register(&setup, json!({"name": "notes", "files": [file("notes.txt", &blob)]})).await;
+    assert_refused(status, &answer, 400, "not_a_model", "none of the files is part of a model");
+    assert_eq!(versions(&setup).await, 0, "refused registrations add nothing");
+    assert_eq!(laid_out(&setup), Vec::<String>::new());
+
+    // A registration that succeeds leaves no checking folder either.
+    let (status, record) = register(&setup, json!({"name": "tiny", "files": files})).await;
+    assert_eq!(status, 201, "{record}");
+    assert_eq!(laid_out(&setup), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_files_a_model_needs_are_registered() {
+    let setup = start().await;
+    let model = setup.dir.path().join("download");
+    let mut needed = maas_engine::tiny::write_llama(&model, maas_engine::tiny::TinyShape::default(), 4).unwrap();
+    let mut files = upload_folder(&setup, &model).await.as_array().unwrap().clone();
+    // A full download's other copies of the weights, and the pooling an embedder reads.
+    let decoy = upload(&setup, vec![9u8; 4096]).await;
+    for path in ["consolidated.safetensors", "original/consolidated.00.pth", "pytorch_model.bin", "onnx/model.onnx"] {
+        files.push(file(path, &decoy));
+    }
+    let pooling = upload(&setup, br#"{"pooling_mode_cls_token": true}"#.to_vec()).await;
+    files.push(file("1_Pooling/config.json", &pooling));
+    needed.push("1_Pooling/config.json".to_owned());
+    needed.sort();
+
+    let (status, record) = register(&setup, json!({"name": "download", "files": files})).await;
+    assert_eq!(status, 201, "{record}");
+    let mut registered: Vec<String> =
+        record["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap().to_owned()).collect();
+    registered.sort();
+    assert_eq!(registered, needed);
+    let skipped: Vec<(&str, &str)> = record["skipped_files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["path"].as_str().unwrap(), s["reason"].as_str().unwrap()))
+        .collect();
+    assert_eq!(skipped.len(), 4, "{skipped:?}");
+    assert!(skipped.contains(&(
+        "original/consolidated.00.pth",
+        "the publisher's original checkpoint, a second copy of the weights"
+    )));
+    let total: u64 = record["files"].as_array().unwrap().iter().map(|f| f["size_bytes"].as_u64().unwrap()).sum();
+    assert_eq!(record["total_bytes"], total, "the version counts only what it holds");
+
+    // The same from an archive of the download.
+    for (path, bytes) in
+        [("consolidated.safetensors", vec![9u8; 4096]), ("original/consolidated.00.pth", vec![8u8; 64])]
+    {
+        std::fs::create_dir_all(model.join(path).parent().unwrap()).unwrap();
+        std::fs::write(model.join(path), bytes).unwrap();
+    }
+    let blob = upload(&setup, tar_gz_of(&model, "download")).await;
+    let (status, record) = register(&setup, json!({"name": "from-archive", "archive_sha256": blob["sha256"]})).await;
+    assert_eq!(status, 201, "{record}");
+    let registered: Vec<&str> =
+        record["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();
+    assert!(!registered.iter().any(|path| path.contains("consolidated")), "{registered:?}");
+    assert_eq!(record["skipped_files"].as_array().unwrap().len(), 2, "{record}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn glm_imports_as_a_chat_model_and_gguf_metadata_comes_from_its_tensors() {
+    let setup = start().await;
+    // THUDM/glm-4-9b-chat-hf's config.json on tiny weights: importable under its catalogue
+    // name though this engine cannot serve it.
+    let glm = setup.dir.path().join("glm");
+    maas_engine::tiny::write_llama(&glm, maas_engine::tiny::TinyShape::default(), 5).unwrap();
+    let config = json!({
+        "architectures": ["GlmForCausalLM"], "model_type": "glm", "hidden_size": 4096, "num_hidden_layers": 40,
+        "num_attention_heads": 32, "num_key_value_heads": 2, "vocab_size": 151_552,
+        "max_position_embeddings": 131_072, "torch_dtype": "bfloat16", "partial_rotary_factor": 0.5
+    });
+    std::fs::write(glm.join("config.json"), config.to_string()).unwrap();
+    let files = upload_folder(&setup, &glm).await;
+    let (status, record) = register(&setup, json!({"name": "glm-4-9b-chat-hf", "files": files})).await;
+    assert_eq!(status, 201, "{record}");
+    assert_eq!(
+        (record["architecture"].as_str(), record["tasks"].clone()),
+        (Some("GlmForCausalLM"), json!(["chat", "completion"]))
+    );
+
+    // The remote-code layout's ChatGLMModel is a chat model, not an embedding model.
+    let chatglm = json!({"architectures": ["ChatGLMModel"], "model_type": "chatglm", "num_layers": 40});
+    std::fs::write(glm.join("config.json"), chatglm.to_string()).unwrap();
+    let files = upload_folder(&setup, &glm).await;
+    let (status, record) = register(&setup, json!({"name": "chatglm", "files": files})).await;
+    assert_eq!(status, 201, "{record}");
+    assert_eq!(record["tasks"], json!(["chat", "completion"]), "{record}");
+
+    // A GGUF without general.parameter_count or general.file_type: counted from its tensors.
+    let gguf = setup.dir.path().join("tiny.gguf");
+    maas_engine::tiny::write_gguf_llama(
+        &gguf,
+        maas_engine::tiny::TinyShape::default(),
+        5,
+        maas_engine::tiny::GgufWeights::Q8_0,
+    )
+    .unwrap();
+    // The same tensors as the tiny safetensors model of that shape.
+    let parameters = maas_engine::model_files::inspect_headers(&glm).unwrap().parameters;
+    let blob = upload(&setup, std::fs::read(&gguf).unwrap()).await;
+    let (status, record) = register(&setup, json!({"name": "tiny-gguf", "files": [file("tiny.gguf", &blob)]})).await;
+    assert_eq!(status, 201, "{record}");
+    assert_eq!(record["format"], "gguf");
+    assert!(parameters > 50_000);
+    assert_eq!(record["parameters"], parameters);
+    assert_eq!((record["dtype"].as_str(), record["quantization"].as_str()), (Some("q8_0"), Some("Q8_0")));
+}

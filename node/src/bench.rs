@@ -304,6 +304,7 @@ pub async fn placements(args: &PlacementsBench) -> Result<String> {
         .map(|n| Command::PutDeployment {
             deployment_id: DeploymentId(format!("model-{n}")),
             spec: DeploymentSpec {
+                serving: None,
                 model_name: format!("model-{n}"),
                 model_version: "1".into(),
                 model_path: None,

@@ -144,6 +144,7 @@ async fn serve(dir: &std::path::Path) -> Result<Serving> {
     };
     propose(&control, Command::RegisterNode { node, at_ms: 1 }).await?;
     let spec = DeploymentSpec {
+        serving: None,
         model_name: "tiny".into(),
         model_version: "v1".into(),
         model_path: None,

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
+use maas_engine::model_files::SkippedFile;
 use serde_json::Value;
 
 /// Which node to ask, and how to print.
@@ -581,7 +582,9 @@ pub async fn node_drain(target: &Target, cookie: &str, id: u64, undo: bool) -> R
 #[derive(Debug, clap::Args)]
 pub struct ImportArgs {
     /// A Hugging Face model folder (config.json, *.safetensors, tokenizer.json, ...), a
-    /// .gguf file, or a .tar, .tar.gz (.tgz) or .zip archive of either.
+    /// .gguf file, or a .tar, .tar.gz (.tgz) or .zip archive of either. Of a folder only
+    /// the files the model needs are uploaded; the others (PyTorch, TensorFlow, Flax and
+    /// ONNX copies of the weights, the original checkpoint, remote code) are listed.
     pub path: PathBuf,
     /// The model's name in the repository (letters, digits, `.`, `-`, `_`, `/`). A
     /// catalogue name (`maas model catalog`) has the files checked against the catalogue
@@ -603,34 +606,73 @@ pub struct ImportArgs {
     pub target: Target,
 }
 
-/// The files of a model folder (relative path, absolute path, size), hidden files skipped.
-fn model_files(root: &std::path::Path) -> Result<Vec<(String, PathBuf, u64)>> {
+/// A file to upload: its path in the model, where it is, its size.
+type UploadFile = (String, PathBuf, u64);
+/// The files of an upload, and those left out with their sizes.
+type UploadPlan = (Vec<UploadFile>, Vec<(SkippedFile, u64)>);
+
+/// What `maas model import` uploads of `root`: a single file as it is; of a folder only the
+/// files the model needs ([`maas_engine::model_files::select_model_files`], the rule the
+/// node registers by), with the files left out, why, and their sizes. Hidden files are
+/// never uploaded.
+fn upload_plan(root: &std::path::Path) -> Result<UploadPlan> {
     let meta = std::fs::metadata(root).with_context(|| format!("cannot read {}", root.display()))?;
     if meta.is_file() {
         let name = root.file_name().context("the path has no file name")?.to_string_lossy().into_owned();
-        return Ok(vec![(name, root.to_owned(), meta.len())]);
+        return Ok((vec![(name, root.to_owned(), meta.len())], Vec::new()));
     }
-    let mut found = Vec::new();
-    let mut pending = vec![root.to_owned()];
-    while let Some(dir) = pending.pop() {
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') {
-                continue;
-            }
-            let path = entry.path();
-            let kind = entry.file_type()?;
-            if kind.is_dir() {
-                pending.push(path);
-            } else if kind.is_file() {
-                let relative = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().replace('\\', "/");
-                found.push((relative, path.clone(), entry.metadata()?.len()));
-            }
-        }
+    let sizes: std::collections::BTreeMap<String, u64> =
+        maas_engine::model_files::folder_files(root).map_err(|e| anyhow::anyhow!("{e}"))?.into_iter().collect();
+    let selection = maas_engine::model_files::select_folder(root).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let size_of = |path: &str| sizes.get(path).copied().unwrap_or(0);
+    let needed = selection.needed.iter().map(|path| (path.clone(), root.join(path), size_of(path))).collect();
+    let skipped = selection
+        .skipped
+        .into_iter()
+        .map(|file| {
+            let size = size_of(&file.path);
+            (file, size)
+        })
+        .collect();
+    Ok((needed, skipped))
+}
+
+/// The files an import leaves out, one line each, or one line for a folder whose files are
+/// all left out for one reason (`original/`, `onnx/`).
+fn skipped_report(skipped: &[(SkippedFile, u64)]) -> String {
+    let mut groups: std::collections::BTreeMap<(String, &str), (u64, u64)> = std::collections::BTreeMap::new();
+    for (file, size) in skipped {
+        let shown = match file.path.split_once('/') {
+            Some((folder, _)) => format!("{folder}/"),
+            None => file.path.clone(),
+        };
+        let group = groups.entry((shown, file.reason)).or_default();
+        group.0 += 1;
+        group.1 += size;
     }
-    found.sort();
-    Ok(found)
+    let files: u64 = groups.values().map(|(count, _)| count).sum();
+    let bytes: u64 = groups.values().map(|(_, size)| size).sum();
+    let mut out = format!("left out {files} file(s) ({}) the model does not need:\n", human_bytes(bytes));
+    for ((shown, reason), (count, size)) in &groups {
+        let count = if *count > 1 { format!("{count} files, ") } else { String::new() };
+        let _ = writeln!(out, "  {shown} ({count}{}): {reason}", human_bytes(*size));
+    }
+    out
+}
+
+/// Bytes in the largest unit that keeps a whole number in front: `14.5 GB`, `312 B`.
+fn human_bytes(bytes: u64) -> String {
+    #[allow(clippy::cast_precision_loss)]
+    let value = bytes as f64;
+    if value >= 1e9 {
+        format!("{:.1} GB", value / 1e9)
+    } else if value >= 1e6 {
+        format!("{:.1} MB", value / 1e6)
+    } else if value >= 1e3 {
+        format!("{:.1} kB", value / 1e3)
+    } else {
+        format!("{bytes} B")
+    }
 }
 
 /// An archive unpacked next to itself (or in the temporary folder) for the local checks;
@@ -741,6 +783,29 @@ pub async fn model_import(args: &ImportArgs) -> Result<String> {
             }
         }
     }
+    // What the upload leaves out, said before it starts. An archive goes up whole: the node
+    // leaves those files out when it registers the version.
+    let (files, skipped) = if is_archive { (Vec::new(), Vec::new()) } else { upload_plan(&args.path)? };
+    let archive_extras = match &unpacked {
+        Some(unpacked) if unpacked.model.is_dir() => upload_plan(&unpacked.model)?.1,
+        _ => Vec::new(),
+    };
+    let report = match (skipped.is_empty(), archive_extras.is_empty()) {
+        (false, _) => skipped_report(&skipped),
+        (true, false) => format!(
+            "{}the archive is uploaded whole and the node leaves these out; import the unpacked folder to upload only what the model needs\n",
+            skipped_report(&archive_extras)
+        ),
+        (true, true) => String::new(),
+    };
+    if !report.is_empty() {
+        // With --json, stdout holds only the answer.
+        if args.target.json {
+            eprint!("{report}");
+        } else {
+            print!("{report}");
+        }
+    }
     let client = reqwest::Client::new();
     let mut request = serde_json::json!({"name": args.name, "description": args.description});
     let (count, total) = if is_archive {
@@ -751,7 +816,6 @@ pub async fn model_import(args: &ImportArgs) -> Result<String> {
         request["archive_sha256"] = sha256;
         (checked.files.len(), checked.total_bytes)
     } else {
-        let files = model_files(&args.path)?;
         let total: u64 = files.iter().map(|(_, _, size)| size).sum();
         let progress = progress_bar(total, args.quiet);
         let mut manifest = Vec::new();

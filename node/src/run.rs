@@ -411,6 +411,11 @@ async fn start_agent(
     });
     let runtime = maas_actors::models::NodeRuntime {
         engine: maas_engine::EngineOptions { max_batch: 32, max_queue: 4096, ..maas_engine::EngineOptions::default() },
+        cuda_gpus: if cfg!(feature = "cuda") {
+            maas_engine::gpu::discover().gpus.iter().map(|gpu| gpu.index).collect()
+        } else {
+            Vec::new()
+        },
         db: db.clone(),
         blobs: blobs.clone(),
         data_dir: config.node.data_dir.clone(),
@@ -590,6 +595,7 @@ async fn import_and_deploy_tiny(
         })
         .await?;
     let spec = DeploymentSpec {
+        serving: None,
         model_name: record.name.clone(),
         model_version: record.version.clone(),
         model_path: None,

@@ -142,9 +142,9 @@ fn model_catalog_lists_the_built_in_catalogue() {
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let models = json["models"].as_array().unwrap();
     assert!(models.len() >= 30);
-    let glm = models.iter().find(|m| m["name"] == "glm-4-9b-chat").unwrap();
-    assert_eq!((glm["servable"].as_bool(), glm["source_repo"].as_str()), (Some(false), Some("THUDM/glm-4-9b-chat")));
-    assert!(glm["not_servable_reason"].as_str().unwrap().contains("ChatGLM"));
+    let glm = models.iter().find(|m| m["name"] == "glm-4-9b-chat-hf").unwrap();
+    assert_eq!((glm["servable"].as_bool(), glm["source_repo"].as_str()), (Some(false), Some("THUDM/glm-4-9b-chat-hf")));
+    assert!(glm["not_servable_reason"].as_str().unwrap().contains("GLM"));
     assert!(glm["description"].as_str().unwrap().contains("GLM-4 9B Chat"));
 }
 

@@ -27,8 +27,6 @@ use serde::{Deserialize, Serialize};
 pub const OVERHEAD_FIXED_MIB: u64 = 512;
 /// The proportional part of the runtime overhead, as a fraction of weights plus KV cache.
 pub const OVERHEAD_FRACTION: f64 = 0.10;
-/// The bytes per element of the KV cache when estimating from GGUF (f16).
-pub const GGUF_KV_CACHE_DTYPE_BYTES: f64 = 2.0;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -159,7 +157,7 @@ pub fn estimate_from_hf_config(
 }
 
 /// Estimates VRAM from GGUF metadata: the file size is the weight size (it is already
-/// quantised), and the KV cache is f16.
+/// quantised), and the KV cache holds `kv_dtype_bytes` per element.
 ///
 /// Reads `general.architecture`, then `{arch}.block_count`, `{arch}.embedding_length`,
 /// `{arch}.attention.head_count` and `{arch}.attention.head_count_kv` (defaults to the
@@ -169,6 +167,7 @@ pub fn estimate_from_gguf_metadata(
     file_bytes: u64,
     context_tokens: u32,
     concurrent_sequences: u32,
+    kv_dtype_bytes: f64,
 ) -> Result<VramEstimate, EstimateError> {
     let architecture = match metadata.get("general.architecture") {
         Some(GgufValue::Str(architecture)) => architecture.clone(),
@@ -189,7 +188,7 @@ pub fn estimate_from_gguf_metadata(
     Ok(finish(
         parameters,
         to_f64(file_bytes),
-        kv_cache_bytes(layers, kv_dim, context_tokens, concurrent_sequences, GGUF_KV_CACHE_DTYPE_BYTES),
+        kv_cache_bytes(layers, kv_dim, context_tokens, concurrent_sequences, kv_dtype_bytes),
     ))
 }
 

@@ -105,7 +105,7 @@ fn gguf_llama() -> BTreeMap<String, GgufValue> {
 #[test]
 fn gguf_uses_the_file_size_as_weights() {
     let file_bytes = 4_920_000_000;
-    let estimate = estimate_from_gguf_metadata(&gguf_llama(), file_bytes, 8192, 1).unwrap();
+    let estimate = estimate_from_gguf_metadata(&gguf_llama(), file_bytes, 8192, 1, 2.0).unwrap();
     assert_eq!(estimate.parameters, 8_030_261_248);
     assert_eq!(estimate.weights_mib, file_bytes.div_ceil(1024 * 1024));
     // 2 * 32 layers * 8 kv heads * 128 * 8192 tokens * 2 bytes = 1 GiB.
@@ -117,12 +117,12 @@ fn gguf_missing_keys_are_named() {
     let mut metadata = gguf_llama();
     metadata.remove("llama.block_count");
     assert_eq!(
-        estimate_from_gguf_metadata(&metadata, 1, 1, 1).unwrap_err(),
+        estimate_from_gguf_metadata(&metadata, 1, 1, 1, 2.0).unwrap_err(),
         EstimateError::MissingKey("llama.block_count".into())
     );
     let mut metadata = gguf_llama();
     metadata.remove("general.architecture");
-    let error = estimate_from_gguf_metadata(&metadata, 1, 1, 1).unwrap_err();
+    let error = estimate_from_gguf_metadata(&metadata, 1, 1, 1, 2.0).unwrap_err();
     assert_eq!(
         error.to_string(),
         "model config is missing general.architecture; add it to the config or give the memory by hand"
@@ -130,7 +130,7 @@ fn gguf_missing_keys_are_named() {
     // The kv head count defaults to the head count.
     let mut metadata = gguf_llama();
     metadata.remove("llama.attention.head_count_kv");
-    let estimate = estimate_from_gguf_metadata(&metadata, 1, 8192, 1).unwrap();
+    let estimate = estimate_from_gguf_metadata(&metadata, 1, 8192, 1, 2.0).unwrap();
     assert_eq!(estimate.kv_cache_mib, 4096);
 }
 
@@ -183,7 +183,7 @@ fn a_four_bit_gguf_weighs_what_its_file_weighs() {
     .map(|(key, value)| (key.to_owned(), value))
     .collect();
     let file_bytes = 4_683_073_184;
-    let estimate = estimate_from_gguf_metadata(&metadata, file_bytes, 32_768, 1).unwrap();
+    let estimate = estimate_from_gguf_metadata(&metadata, file_bytes, 32_768, 1, 2.0).unwrap();
     assert_eq!(estimate.weights_mib, file_bytes.div_ceil(1024 * 1024));
     // 2 * 28 layers * 4 kv heads * 128 * 32768 tokens * 2 bytes (f16 cache) = 1792 MiB.
     assert_eq!(estimate.kv_cache_mib, 1792);

@@ -396,6 +396,7 @@ impl AgentState {
                     ),
                     gpu_indices: replica.gpu_indices.clone(),
                     memory_per_gpu_mib: replica.memory_per_gpu_mib,
+                    serving: deployment.and_then(|d| d.spec.serving),
                 };
                 placed.insert(replica.id.0.clone(), (spec, replica.state.clone()));
             }
@@ -433,7 +434,11 @@ impl AgentState {
                 self.propose(replica_id, Command::RemoveReplica { replica_id: id, at_ms: wall_clock_ms() });
                 continue;
             }
-            if !self.replicas.contains_key(replica_id) && !self.given_up.contains(replica_id) {
+            // A failure is committed before the replica starts again, so that it shows in the
+            // state (and counts as a restart) even when no back-off holds the start.
+            let failure_uncommitted = matches!(self.local.get(replica_id), Some(LocalReplicaState::Failed(_)))
+                && !matches!(committed, ReplicaState::Failed { .. });
+            if !self.replicas.contains_key(replica_id) && !self.given_up.contains(replica_id) && !failure_uncommitted {
                 self.start_replica(myself, spec, now).await;
             }
             let wanted = match self.local.get(replica_id) {

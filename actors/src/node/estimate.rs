@@ -23,8 +23,8 @@ pub struct ModelEstimate {
 }
 
 /// Reads the headers of the model at `path` and estimates one replica's memory for
-/// `context_tokens` per sequence and `concurrent_sequences`; `dtype_bytes` 0.0 takes the
-/// config's dtype. Errors say what to fix (or to give the memory by hand).
+/// `context_tokens` per sequence and `concurrent_sequences`; `dtype_bytes` 0.0 counts what
+/// the engine holds (f32, [`maas_engine::HELD_DTYPE_BYTES`]). Errors say what to fix (or to give the memory by hand).
 pub fn estimate_model(
     path: &Path,
     context_tokens: u32,
@@ -79,8 +79,16 @@ fn estimate(
                     .collect()
             })
             .unwrap_or_default();
-        (ModelFormat::Gguf, estimate_from_gguf_metadata(&gguf, total_bytes, context_tokens, concurrent_sequences))
+        // The engine's KV cache is f32 whatever the file's types.
+        let kv_bytes = maas_engine::HELD_DTYPE_BYTES;
+        (
+            ModelFormat::Gguf,
+            estimate_from_gguf_metadata(&gguf, total_bytes, context_tokens, concurrent_sequences, kv_bytes),
+        )
     } else {
+        // The engine holds safetensors weights and the KV cache in f32 (a bf16 model takes
+        // twice its file size): unless told otherwise, count what it will hold.
+        let dtype_bytes = if dtype_bytes > 0.0 { dtype_bytes } else { maas_engine::HELD_DTYPE_BYTES };
         (ModelFormat::Safetensors, estimate_from_hf_config(config, dtype_bytes, context_tokens, concurrent_sequences))
     };
     Ok(ModelEstimate {

@@ -30,6 +30,8 @@ pub struct ReplicaSpec {
     /// GPU indices on this node; empty for a replica on CPU.
     pub gpu_indices: Vec<u32>,
     pub memory_per_gpu_mib: u64,
+    /// The sequences its engine is sized for (the deployment's); `None`: the defaults.
+    pub serving: Option<maas_consensus::state::ServingLimits>,
 }
 
 /// A loaded replica: a line that says what was loaded, and the loaded model itself
@@ -87,7 +89,12 @@ pub enum LocalReplicaState {
 #[derive(RactorMessage)]
 pub enum ReplicaMsg {
     Load,
+    /// Checks that the loaded model still serves (its batching loop has not died).
+    Check,
 }
+
+/// How often a ready replica checks that its model still serves.
+const CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 pub struct ReplicaActor;
 
@@ -142,6 +149,7 @@ impl Actor for ReplicaActor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             ReplicaMsg::Load => state.load(&myself).await,
+            ReplicaMsg::Check => state.check(&myself),
         }
         Ok(())
     }
@@ -159,6 +167,7 @@ impl ReplicaActorState {
                 self.log.info(format!("ready in {took}: {}", loaded.summary));
                 if let Some(model) = &loaded.serving {
                     self.serving.insert(&replica_id, model.clone());
+                    myself.send_interval(CHECK_EVERY, || ReplicaMsg::Check);
                 }
                 self.report(LocalReplicaState::Ready(loaded.summary.clone()));
                 self.loaded = Some(loaded);
@@ -170,6 +179,20 @@ impl ReplicaActorState {
                 myself.stop(Some(format!("load failed: {reason}")));
             }
         }
+    }
+
+    /// A model whose engine died (its batching loop panicked) serves nothing more: the
+    /// replica leaves the serving table, reports the failure and stops, and the agent
+    /// restarts it under its budget, as after a failed load.
+    fn check(&mut self, myself: &ActorRef<ReplicaMsg>) {
+        let Some(reason) = self.loaded.as_ref().and_then(|loaded| loaded.serving.as_ref()?.failure()) else {
+            return;
+        };
+        self.serving.remove(&self.spec.replica_id);
+        self.loaded = None;
+        self.log.error(format!("stopped serving: {reason}"));
+        self.report(LocalReplicaState::Failed(reason.clone()));
+        myself.stop(Some(format!("the model stopped serving: {reason}")));
     }
 
     fn report(&self, state: LocalReplicaState) {

@@ -16,6 +16,17 @@ pub enum ServingModel {
     Embedder(Arc<EmbeddingModel>),
 }
 
+impl ServingModel {
+    /// Why the model stopped serving, if it did: a generator's batching loop died. (An
+    /// embedding model runs on its callers' threads and has no loop to lose.)
+    pub fn failure(&self) -> Option<String> {
+        match self {
+            ServingModel::Generator(engine) => engine.failure(),
+            ServingModel::Embedder(_) => None,
+        }
+    }
+}
+
 impl std::fmt::Debug for ServingModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -350,8 +350,10 @@ impl ClusterState {
         if replica.state == ReplicaState::Stopping {
             return Err(Rejection::ReplicaStopping { replica_id: replica_id.clone(), to });
         }
+        // A failed replica leaves `failed` only by starting again; a quick load can reach
+        // `ready` before `loading` is committed.
         let restarted = matches!(replica.state, ReplicaState::Failed { .. })
-            && matches!(to, ReplicaState::Pending | ReplicaState::Loading);
+            && matches!(to, ReplicaState::Pending | ReplicaState::Loading | ReplicaState::Ready);
         if restarted {
             replica.restarts = replica.restarts.saturating_add(1);
         }

@@ -35,8 +35,8 @@ pub use ids::{DeploymentId, JobId, NodeId, ReplicaId, ShardId};
 pub use records::{
     DeploymentOwner, DeploymentRecord, DeploymentSpec, GpuRecord, HashRange, KbShardPlacement, KbShardRecord,
     KbShardState, LABEL_KEY_MAX_CHARS, LABEL_VALUE_MAX_CHARS, NodeRecord, NodeResources, NodeSpec, NodeStatus,
-    PlacementStrategy, ReplicaPlacement, ReplicaRecord, ReplicaRequest, ReplicaState, TrainingJobPlacement,
-    TrainingJobRecord, TrainingJobState, label_key_is_valid,
+    PlacementStrategy, ReplicaPlacement, ReplicaRecord, ReplicaRequest, ReplicaState, ServingLimits,
+    TrainingJobPlacement, TrainingJobRecord, TrainingJobState, label_key_is_valid,
 };
 pub use rejection::Rejection;
 pub use snapshot::{SNAPSHOT_FORMAT_VERSION, SNAPSHOT_FORMAT_VERSIONS_READ};

@@ -161,6 +161,21 @@ pub struct DeploymentSpec {
     /// platform's (or `model_path`'s).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tenant_model: bool,
+    /// What each replica's engine is sized for; `None` (deployments made before it was
+    /// recorded): the engine's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<ServingLimits>,
+}
+
+/// The sequences a replica's KV cache is sized for, as its memory was estimated and
+/// reserved: `concurrent_sequences` contexts of `context_tokens`. The engine caps a
+/// sequence at `context_tokens` and keeps the KV positions of all running sequences within
+/// `context_tokens x concurrent_sequences`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServingLimits {
+    pub context_tokens: u32,
+    pub concurrent_sequences: u32,
 }
 
 /// The owner of a private deployment: a user or an organisation (the store's `Owner`, in

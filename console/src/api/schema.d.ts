@@ -877,7 +877,10 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** A file's bytes, streamed from the blob store. */
+        /**
+         * A file's bytes, streamed from the blob store (fetched from a peer first when they are
+         *     on another node).
+         */
         get: operations["file_content"];
         put?: never;
         post?: never;
@@ -1397,6 +1400,9 @@ export interface paths {
          *     folder and checked (config, tokenizer, every safetensors header, or the GGUF header),
          *     and against the catalogue entry when the name is a catalogue name; the metadata
          *     (architecture, parameters, context length, dtype, quantisation, tasks) comes from them.
+         *     Of a Hugging Face download only the files the model needs are registered: the reply's
+         *     `skipped_files` lists the others (`consolidated*`, `original/`, PyTorch or ONNX
+         *     weights...), each with why. A refused registration leaves no files behind.
          */
         post: operations["register_model"];
         delete?: never;
@@ -2214,7 +2220,8 @@ export interface components {
             concurrent_sequences?: number;
             /**
              * Format: double
-             * @description Bytes per parameter (2 for f16/bf16, 4 for f32); default: the model's own dtype.
+             * @description Bytes per parameter and KV element (2 for f16/bf16, 4 for f32); default: 4, as the
+             *     engine holds a model of any stored dtype in f32.
              */
             dtype_bytes?: number | null;
         };

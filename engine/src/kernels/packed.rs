@@ -326,8 +326,10 @@ impl Tile<'_> {
     /// `stride` apart, that no other thread touches meanwhile (and initialised when
     /// `accumulate`).
     unsafe fn run(&self, out: *mut f32, stride: usize) {
-        debug_assert!(self.rows <= TILE_ROWS && self.columns <= PANEL);
-        debug_assert!(self.activations.len() == self.rows * self.depth && self.weights.len() == self.depth * PANEL);
+        // Checked in release builds too: the kernels below load without bounds checks, and
+        // one comparison per tile (thousands of FMAs) costs nothing measurable.
+        assert!((1..=TILE_ROWS).contains(&self.rows) && self.columns <= PANEL, "a tile of {} rows", self.rows);
+        assert!(self.activations.len() == self.rows * self.depth && self.weights.len() == self.depth * PANEL);
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: AVX-512F is present; the caller's promise on `out` is passed on.

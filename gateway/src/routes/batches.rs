@@ -39,6 +39,14 @@ pub const BATCH_ENDPOINTS: &[&str] = &["/v1/chat/completions", "/v1/completions"
 /// The most requests one batch file may hold (OpenAI's limit).
 pub const MAX_BATCH_LINES: usize = 50_000;
 
+/// The largest batch file, in bytes (OpenAI's limit is 200 MB).
+pub const MAX_BATCH_FILE_BYTES: u64 = 200 * 1024 * 1024;
+
+/// The longest line of a batch file, in bytes, line end excluded: one request with its
+/// body. A line is read whole before it is parsed, so this bounds the memory one line
+/// takes; it is well above any request the inference routes accept.
+pub const MAX_BATCH_LINE_BYTES: usize = 4 * 1024 * 1024;
+
 /// The one completion window offered (OpenAI's).
 pub const COMPLETION_WINDOW: &str = "24h";
 const COMPLETION_WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
@@ -130,7 +138,7 @@ impl BatchInputChecker {
     }
 
     /// Ends the check: a file without any request is refused.
-    pub fn finish(self) -> Result<(), String> {
+    pub fn finish(&self) -> Result<(), String> {
         if self.custom_ids.is_empty() {
             return Err("the file holds no requests: a batch file has one JSON request per line".into());
         }
@@ -138,21 +146,98 @@ impl BatchInputChecker {
     }
 }
 
-/// Reads a stored batch file's requests, with the line number of each.
-async fn read_batch_file(stores: &Stores, sha256: &str) -> Result<Vec<(usize, BatchLine)>, String> {
-    use tokio::io::AsyncBufReadExt as _;
-    let digest: Digest = sha256.parse().map_err(|err| format!("{err}"))?;
-    let reader =
-        stores.blobs.open_blob(&digest).await.map_err(|err| format!("the input file cannot be read: {err}"))?;
-    let mut lines = tokio::io::BufReader::new(reader).lines();
-    let mut checker = BatchInputChecker::default();
-    let mut requests = Vec::new();
-    while let Some(line) = lines.next_line().await.map_err(|err| format!("the input file cannot be read: {err}"))? {
-        if let Some(request) = checker.check(&line)? {
-            requests.push((checker.lines_read(), request));
+/// Why a stored batch file cannot be used.
+#[derive(Debug)]
+pub(crate) enum BatchFileError {
+    /// The file breaks a rule of batch files (a bad line, a limit): the client's to fix.
+    /// The message names the line where there is one.
+    Invalid(String),
+    /// The bytes cannot be read on this node (a disk error, a corrupt blob).
+    Unreadable(String),
+}
+
+/// Reads a stored batch file one line at a time, checking each line (and the file's
+/// limits) as it goes: a line is parsed only once it is known to be at most
+/// [`MAX_BATCH_LINE_BYTES`] long, and nothing but the custom ids seen is kept, so neither
+/// the upload check nor the worker ever holds a whole file in memory.
+pub(crate) struct BatchFileReader {
+    reader: tokio::io::BufReader<maas_store::BlobReader>,
+    checker: BatchInputChecker,
+    line: Vec<u8>,
+}
+
+impl BatchFileReader {
+    /// Opens the local blob `digest` as a batch file; a file over
+    /// [`MAX_BATCH_FILE_BYTES`] is refused before anything is read.
+    pub(crate) async fn open(blobs: &maas_store::BlobStore, digest: &Digest) -> Result<Self, BatchFileError> {
+        let reader = blobs
+            .open_blob(digest)
+            .await
+            .map_err(|err| BatchFileError::Unreadable(format!("the file cannot be read: {err}")))?;
+        if reader.size_bytes() > MAX_BATCH_FILE_BYTES {
+            return Err(BatchFileError::Invalid(format!(
+                "the file has {} bytes: a batch file holds at most {MAX_BATCH_FILE_BYTES} bytes (200 MiB); split it into several batches",
+                reader.size_bytes()
+            )));
+        }
+        Ok(BatchFileReader {
+            reader: tokio::io::BufReader::with_capacity(256 * 1024, reader),
+            checker: BatchInputChecker::default(),
+            line: Vec::new(),
+        })
+    }
+
+    /// The next request and its index among the file's requests (from 0; blank lines are
+    /// not requests, and batch results are keyed by this index). `None` at the end of a
+    /// file that held at least one request.
+    pub(crate) async fn next_request(&mut self) -> Result<Option<(u64, BatchLine)>, BatchFileError> {
+        use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
+        loop {
+            let number = self.checker.lines_read() + 1;
+            self.line.clear();
+            // At most one byte past the limit and a CRLF: enough to tell that a line is
+            // too long without reading the rest of it.
+            let most = MAX_BATCH_LINE_BYTES as u64 + 3;
+            let read = (&mut self.reader)
+                .take(most)
+                .read_until(b'\n', &mut self.line)
+                .await
+                .map_err(|err| BatchFileError::Unreadable(format!("the file cannot be read: {err}")))?;
+            if read == 0 {
+                self.checker.finish().map_err(BatchFileError::Invalid)?;
+                return Ok(None);
+            }
+            let text = self.line.strip_suffix(b"\n").unwrap_or(&self.line);
+            let text = text.strip_suffix(b"\r").unwrap_or(text);
+            if text.len() > MAX_BATCH_LINE_BYTES {
+                return Err(BatchFileError::Invalid(format!(
+                    "line {number}: the line is longer than {MAX_BATCH_LINE_BYTES} bytes (4 MiB): a batch request must be shorter"
+                )));
+            }
+            let text = std::str::from_utf8(text).map_err(|_| {
+                BatchFileError::Invalid(format!("line {number}: the file is not UTF-8 text: a batch file is JSONL"))
+            })?;
+            if let Some(request) = self.checker.check(text).map_err(BatchFileError::Invalid)? {
+                let index = self.checker.requests() - 1;
+                return Ok(Some((index as u64, request)));
+            }
         }
     }
-    checker.finish()?;
+
+    /// Lines read so far, blank ones included.
+    pub(crate) fn lines_read(&self) -> usize {
+        self.checker.lines_read()
+    }
+}
+
+/// Reads a whole stored batch file, checking every line, and returns how many requests
+/// it holds.
+async fn count_requests(blobs: &maas_store::BlobStore, digest: &Digest) -> Result<u64, BatchFileError> {
+    let mut reader = BatchFileReader::open(blobs, digest).await?;
+    let mut requests = 0;
+    while reader.next_request().await?.is_some() {
+        requests += 1;
+    }
     Ok(requests)
 }
 
@@ -359,18 +444,30 @@ pub async fn create_batch(state: &AppState, caller: &Caller, request: CreateBatc
         )
         .with_param("input_file_id"));
     }
-    let lines = read_batch_file(stores, &file.sha256)
-        .await
-        .map_err(|message| ApiError::bad_request("invalid_input_file", message).with_param("input_file_id"))?;
-    if let Some((number, line)) = lines.iter().find(|(_, line)| line.url != request.endpoint) {
-        return Err(ApiError::bad_request(
-            "mismatched_url",
-            format!(
-                "line {number}: url {:?} differs from the batch's endpoint {:?}: every line must use the endpoint",
-                line.url, request.endpoint
-            ),
-        )
-        .with_param("input_file_id"));
+    // The upload may have landed on another node: its bytes are fetched from there.
+    let digest = super::files::local_file_blob(state, stores, &file).await?;
+    let input_error = |err: BatchFileError| match err {
+        BatchFileError::Invalid(message) => {
+            ApiError::bad_request("invalid_input_file", message).with_param("input_file_id")
+        }
+        BatchFileError::Unreadable(message) => ApiError::internal(format!("input file `{}`: {message}", file.id)),
+    };
+    let mut reader = BatchFileReader::open(&stores.blobs, &digest).await.map_err(input_error)?;
+    let mut total_lines = 0_u64;
+    while let Some((_, line)) = reader.next_request().await.map_err(input_error)? {
+        if line.url != request.endpoint {
+            return Err(ApiError::bad_request(
+                "mismatched_url",
+                format!(
+                    "line {}: url {:?} differs from the batch's endpoint {:?}: every line must use the endpoint",
+                    reader.lines_read(),
+                    line.url,
+                    request.endpoint
+                ),
+            )
+            .with_param("input_file_id"));
+        }
+        total_lines += 1;
     }
     let batch = stores
         .db
@@ -383,7 +480,7 @@ pub async fn create_batch(state: &AppState, caller: &Caller, request: CreateBatc
                 completion_window: request.completion_window,
                 window_ms: COMPLETION_WINDOW_MS,
                 metadata: request.metadata.map(Value::Object),
-                total_lines: lines.len() as u64,
+                total_lines,
             },
         )
         .await?;
@@ -537,20 +634,7 @@ async fn run_batch(state: &Arc<AppState>, stores: &Stores, worker_id: &str, id: 
             return Ok(());
         }
     };
-    let input = match stores.db.files().get(&scope, &batch.input_file_id).await {
-        Ok(file) => read_batch_file(stores, &file.sha256).await,
-        Err(err) => Err(format!("the input file is gone: {err}")),
-    };
-    let lines = match input {
-        Ok(lines) => lines,
-        Err(message) => {
-            let errors =
-                json!([{"code": "invalid_input_file", "message": message, "line": null, "param": "input_file_id"}]);
-            batches.finish(id, BatchStatus::Failed, None, None, Some(&errors)).await?;
-            tracing::warn!(batch = %id, "batch failed: its input file cannot be read");
-            return Ok(());
-        }
-    };
+    let Some((digest, total)) = batch_input(state, stores, &batch, &scope).await? else { return Ok(()) };
     batches.mark_in_progress(id).await?;
     let stop = Arc::new(StopFlag::default());
     match batch.status {
@@ -567,18 +651,32 @@ async fn run_batch(state: &Arc<AppState>, stores: &Stores, worker_id: &str, id: 
     ));
     let caller = Caller::internal(scope.clone());
     let answered: HashSet<u64> = batches.answered_lines(id).await?.into_iter().collect();
-    let total = lines.len();
-    let pending: Vec<(u64, BatchLine)> = lines
-        .into_iter()
-        .enumerate()
-        .map(|(index, (_, line))| (index as u64, line))
-        .filter(|(index, _)| !answered.contains(index))
-        .collect();
-    if !pending.is_empty() {
-        tracing::info!(batch = %id, pending = pending.len(), total, "working on a batch");
+    let pending = total.saturating_sub(answered.len() as u64);
+    if pending > 0 {
+        tracing::info!(batch = %id, pending, total, "working on a batch");
     }
-    let outcomes: Vec<Result<(), ApiError>> = futures_util::stream::iter(pending)
-        .map(|(index, line)| run_line(state, &caller, id, &batch.endpoint, index, line, &stop))
+    // The lines stream from the file as they are taken, LINE_CONCURRENCY at a time: the
+    // worker holds a handful of requests, never the file.
+    let reader = BatchFileReader::open(&stores.blobs, &digest).await;
+    let requests = futures_util::stream::try_unfold(reader, |reader| async move {
+        let mut reader = reader?;
+        Ok::<_, BatchFileError>(reader.next_request().await?.map(|request| (request, Ok(reader))))
+    });
+    let outcomes: Vec<Result<(), ApiError>> = requests
+        .filter(|item| std::future::ready(!matches!(item, Ok((index, _)) if answered.contains(index))))
+        .map(|item| {
+            let stop = &stop;
+            let caller = &caller;
+            let endpoint = batch.endpoint.as_str();
+            async move {
+                match item {
+                    Ok((index, line)) => run_line(state, caller, id, endpoint, index, line, stop).await,
+                    Err(BatchFileError::Invalid(message) | BatchFileError::Unreadable(message)) => {
+                        Err(ApiError::internal(format!("reading the input file again failed: {message}")))
+                    }
+                }
+            }
+        })
         .buffer_unordered(LINE_CONCURRENCY)
         .collect()
         .await;
@@ -605,6 +703,59 @@ async fn run_batch(state: &Arc<AppState>, stores: &Stores, worker_id: &str, id: 
     let (output_file_id, error_file_id) = write_output_files(stores, &scope, id).await?;
     batches.finish(id, final_status, output_file_id.as_deref(), error_file_id.as_deref(), None).await?;
     tracing::info!(batch = %id, status = final_status.as_str(), "batch finished");
+    Ok(())
+}
+
+/// The local input of a claimed batch and how many requests it holds; `None` when the
+/// batch ended instead (its input is gone or bad, or could not be fetched before the
+/// batch's window ended).
+async fn batch_input(
+    state: &AppState,
+    stores: &Stores,
+    batch: &BatchRecord,
+    scope: &TenantScope,
+) -> Result<Option<(Digest, u64)>, ApiError> {
+    let file = match stores.db.files().get(scope, &batch.input_file_id).await {
+        Ok(file) => file,
+        Err(err) => {
+            let message = format!("the input file is gone: {err}");
+            return fail_for_input(stores, &batch.id, &message).await.map(|()| None);
+        }
+    };
+    // Any node may claim any batch, and the input's bytes are on the nodes that received
+    // or fetched it: fetch them here first. A failed fetch is retried (by whichever node
+    // claims the batch next) until the batch's window ends.
+    let digest = match super::files::local_file_blob(state, stores, &file).await {
+        Ok(digest) => digest,
+        Err(err) if maas_store::ids::now_ms() < batch.expires_at_ms => return Err(err),
+        Err(err) => {
+            tracing::warn!(batch = %batch.id, error = %err.message, "batch expired: its input file cannot be fetched");
+            let (output_file_id, error_file_id) = write_output_files(stores, scope, &batch.id).await?;
+            stores
+                .db
+                .batches()
+                .finish(&batch.id, BatchStatus::Expired, output_file_id.as_deref(), error_file_id.as_deref(), None)
+                .await?;
+            return Ok(None);
+        }
+    };
+    // The whole file is checked before any line runs: a batch created before a limit
+    // existed may break it, and then it fails as a bad upload would have.
+    let total = match count_requests(&stores.blobs, &digest).await {
+        Ok(total) => total,
+        Err(BatchFileError::Invalid(message) | BatchFileError::Unreadable(message)) => {
+            return fail_for_input(stores, &batch.id, &message).await.map(|()| None);
+        }
+    };
+    Ok(Some((digest, total)))
+}
+
+/// Fails a batch whose input file cannot be used (gone, or breaking a rule of batch
+/// files); nothing of it ran.
+async fn fail_for_input(stores: &Stores, id: &str, message: &str) -> Result<(), ApiError> {
+    let errors = json!([{"code": "invalid_input_file", "message": message, "line": null, "param": "input_file_id"}]);
+    stores.db.batches().finish(id, BatchStatus::Failed, None, None, Some(&errors)).await?;
+    tracing::warn!(batch = %id, "batch failed: its input file cannot be read");
     Ok(())
 }
 
@@ -760,6 +911,73 @@ mod tests {
                 (Err(message), Some(want)) => assert!(message.starts_with(want), "{message} should start with {want}"),
                 (outcome, want) => panic!("{lines:?}: got {outcome:?}, want {want:?}"),
             }
+        }
+    }
+
+    async fn blob_store() -> (tempfile::TempDir, maas_store::BlobStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = maas_store::BlobStore::open(dir.path().join("blobs")).await.unwrap();
+        (dir, blobs)
+    }
+
+    #[tokio::test]
+    async fn requests_are_numbered_past_blank_lines_and_crlf_ends() {
+        let (_dir, blobs) = blob_store().await;
+        let text = format!("{}\r\n\r\n{}\n", line("a", "/v1/completions"), line("b", "/v1/completions"));
+        let info = blobs.put_bytes(text.as_bytes()).await.unwrap();
+        let mut reader = BatchFileReader::open(&blobs, &info.digest).await.unwrap();
+        let (index, first) = reader.next_request().await.unwrap().unwrap();
+        assert_eq!((index, first.custom_id.as_str(), reader.lines_read()), (0, "a", 1));
+        let (index, second) = reader.next_request().await.unwrap().unwrap();
+        assert_eq!((index, second.custom_id.as_str(), reader.lines_read()), (1, "b", 3));
+        assert!(reader.next_request().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_line_at_the_length_limit_is_read_and_one_past_it_refused() {
+        let (_dir, blobs) = blob_store().await;
+        let padded = |bytes: usize| {
+            let mut request = line("a", "/v1/completions");
+            request.insert_str(1, &format!("\"pad\":\"{}\",", "x".repeat(bytes)));
+            request
+        };
+        let base = padded(0).len();
+        let at_limit = padded(MAX_BATCH_LINE_BYTES - base);
+        assert_eq!(at_limit.len(), MAX_BATCH_LINE_BYTES);
+        let info = blobs.put_bytes(at_limit.as_bytes()).await.unwrap();
+        let mut reader = BatchFileReader::open(&blobs, &info.digest).await.unwrap();
+        // The padding is an unknown field: the line was read whole and parsed.
+        match reader.next_request().await {
+            Err(BatchFileError::Invalid(message)) => assert!(message.contains("unknown field `pad`"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        let past_limit = format!("{}\n{}\r\n", line("b", "/v1/completions"), padded(MAX_BATCH_LINE_BYTES - base + 1));
+        let info = blobs.put_bytes(past_limit.as_bytes()).await.unwrap();
+        let mut reader = BatchFileReader::open(&blobs, &info.digest).await.unwrap();
+        assert!(reader.next_request().await.unwrap().is_some());
+        match reader.next_request().await {
+            Err(BatchFileError::Invalid(message)) => {
+                assert!(message.starts_with("line 2: the line is longer than 4194304 bytes"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_file_over_200_mib_is_refused_before_it_is_read() {
+        let (_dir, blobs) = blob_store().await;
+        // A sparse file in a blob's place: the size is checked on opening, so nothing of it
+        // is read (or hashed).
+        let digest = Digest::of(b"a stand-in");
+        let path = blobs.path_of(&digest);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::File::create(&path).unwrap().set_len(MAX_BATCH_FILE_BYTES + 1).unwrap();
+        match BatchFileReader::open(&blobs, &digest).await {
+            Err(BatchFileError::Invalid(message)) => {
+                assert!(message.contains("a batch file holds at most 209715200 bytes"), "{message}");
+            }
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("a 200 MiB + 1 byte file was taken"),
         }
     }
 

@@ -264,7 +264,8 @@ pub struct EstimateRequest {
     pub context_tokens: u32,
     #[serde(default = "default_sequences")]
     pub concurrent_sequences: u32,
-    /// Bytes per parameter (2 for f16/bf16, 4 for f32); default: the model's own dtype.
+    /// Bytes per parameter and KV element (2 for f16/bf16, 4 for f32); default: 4, as the
+    /// engine holds a model of any stored dtype in f32.
     #[serde(default)]
     pub dtype_bytes: Option<f64>,
 }
@@ -769,14 +770,36 @@ pub(crate) fn store_owner(owner: &DeploymentOwner) -> Owner {
     }
 }
 
+/// Refuses a model of the repository that this build's engine cannot run, naming its
+/// architecture and those the engine serves: its replicas would only fail at load, restart
+/// and fail again. The same rule the loaders apply, over the registered metadata. The model
+/// a deployment already runs (`running`: its name and version) is not checked again.
+fn check_servable(
+    record: &maas_store::repo::models::ModelVersionRecord,
+    name: &str,
+    running: Option<(&str, &str)>,
+) -> Result<(), ApiError> {
+    use maas_engine::model_files::{ModelFormat, engine_support};
+    if running == Some((name, record.version.as_str())) {
+        return Ok(());
+    }
+    let format = if record.metadata.format == "gguf" { ModelFormat::Gguf } else { ModelFormat::Safetensors };
+    engine_support(format, &record.metadata.config).map(drop).map_err(|reason| {
+        ApiError::bad_request("model_not_servable", format!("model {}:{}: {reason}", record.name, record.version))
+            .with_param("model")
+    })
+}
+
 /// Checks a request and turns it into the spec of a deployment of `owner` (`None`: a
 /// platform deployment); estimates memory from the model's files when not given. A private
 /// deployment's model is its owner's own when the owner has one of that name, else the
-/// platform's.
+/// platform's. A repository model this engine cannot run is refused, unless it is the
+/// model the deployment already runs (`running`: its name and version, on an update).
 async fn spec_from(
     state: &AppState,
     mut request: DeploymentRequest,
     owner: Option<DeploymentOwner>,
+    running: Option<(&str, &str)>,
 ) -> Result<(DeploymentSpec, u32, Option<ModelEstimate>), ApiError> {
     let bad = |param: &str, message: String| ApiError::bad_request("invalid_input", message).with_param(param);
     if request.model.trim().is_empty() || request.model.len() > 256 {
@@ -820,6 +843,7 @@ async fn spec_from(
             )
         })?;
         request.model_version.clone_from(&record.version);
+        check_servable(&record, &request.model, running)?;
         Some(record)
     } else {
         None
@@ -871,6 +895,11 @@ async fn spec_from(
         allow_preemption: request.allow_preemption,
         tenant_model: record.as_ref().is_some_and(|record| record.owner_kind != "platform"),
         owner,
+        // The engine keeps to what the memory was estimated (and reserved) for.
+        serving: Some(maas_consensus::state::ServingLimits {
+            context_tokens: request.context_tokens,
+            concurrent_sequences: request.concurrent_sequences,
+        }),
     };
     Ok((spec, request.replicas, estimate))
 }
@@ -939,7 +968,7 @@ pub async fn create_deployment(
             "the deployment name {name} is taken (names are unique in the cluster): choose another name, or update yours with PUT /v1/deployments/{name}"
         )));
     }
-    let (spec, replicas, estimate) = spec_from(state, request, owner).await?;
+    let (spec, replicas, estimate) = spec_from(state, request, owner, None).await?;
     check_gpu_quota(state, caller, &name, &spec, replicas)?;
     let detail = serde_json::json!({"model": spec.model_name, "version": spec.model_version, "replicas": replicas});
     let response = put(state, name.clone(), spec, replicas, estimate, true).await?;
@@ -981,7 +1010,8 @@ pub async fn update_deployment(
         )
         .with_param("name"));
     }
-    let (spec, replicas, estimate) = spec_from(state, request, current.owner).await?;
+    let running = current.model_path.is_none().then_some((current.model_name.as_str(), current.model_version.as_str()));
+    let (spec, replicas, estimate) = spec_from(state, request, current.owner.clone(), running).await?;
     check_gpu_quota(state, caller, &id, &spec, replicas)?;
     let detail = serde_json::json!({"model": spec.model_name, "version": spec.model_version, "replicas": replicas});
     let response = put(state, id.clone(), spec, replicas, estimate, false).await?;

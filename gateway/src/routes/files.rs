@@ -5,6 +5,9 @@
 //! enforced by the middleware); a `batch` file is checked line by line as a batch input
 //! before it is recorded. Every query acts for [`caller_scope`], so another tenant's file
 //! is not found.
+//!
+//! A file's bytes are on the disk of the node that received (or wrote) them: a node that
+//! lacks them fetches them from a peer before it reads them ([`local_file_blob`]).
 
 use std::sync::Arc;
 
@@ -18,7 +21,7 @@ use warp::filters::BoxedFilter;
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
-use super::batches::BatchInputChecker;
+use super::batches::{BatchFileError, BatchFileReader};
 use super::registry::stores;
 use super::with_state;
 use crate::auth::{Access, Caller, caller};
@@ -241,28 +244,43 @@ pub(crate) async fn check_storage_quota(
     Ok(())
 }
 
-/// Reads a stored batch file line by line and refuses it at its first bad line.
+/// Reads a stored batch file line by line and refuses it at its first bad line, or when
+/// it breaks a limit of batch files (size, line length, requests).
 async fn check_batch_file(stores: &crate::state::Stores, digest: &Digest) -> Result<(), ApiError> {
-    use tokio::io::AsyncBufReadExt as _;
-    let reader = stores.blobs.open_blob(digest).await?;
-    let mut lines = tokio::io::BufReader::new(reader).lines();
-    let mut checker = BatchInputChecker::default();
-    let invalid = |message: String| ApiError::bad_request("invalid_batch_file", message).with_param("file");
-    loop {
-        let line = match lines.next_line().await {
-            Ok(Some(line)) => line,
-            Ok(None) => break,
-            Err(err) if err.kind() == std::io::ErrorKind::InvalidData => {
-                return Err(invalid(format!(
-                    "line {}: the file is not UTF-8 text: a batch file is JSONL",
-                    checker.lines_read() + 1
-                )));
-            }
-            Err(err) => return Err(ApiError::internal(format!("reading the uploaded file failed: {err}"))),
-        };
-        checker.check(&line).map_err(invalid)?;
+    let refused = |err: BatchFileError| match err {
+        BatchFileError::Invalid(message) => ApiError::bad_request("invalid_batch_file", message).with_param("file"),
+        BatchFileError::Unreadable(message) => ApiError::internal(format!("checking the uploaded file: {message}")),
+    };
+    let mut reader = BatchFileReader::open(&stores.blobs, digest).await.map_err(refused)?;
+    while reader.next_request().await.map_err(refused)?.is_some() {}
+    Ok(())
+}
+
+/// Makes a stored file's bytes local and returns their digest. Every node keeps blobs on
+/// its own disk, so a file uploaded to (or a batch output written by) another node is
+/// fetched from a live peer first, checksummed and resumable: the same fetch that brings
+/// model files, fine-tuning files and knowledge-base uploads. A 503 when no peer can send
+/// the bytes now (their node may be restarting).
+pub(crate) async fn local_file_blob(
+    state: &AppState,
+    stores: &crate::state::Stores,
+    file: &FileRecord,
+) -> Result<Digest, ApiError> {
+    let digest: Digest = file.sha256.parse()?;
+    if stores.blobs.contains(&digest).await {
+        return Ok(digest);
     }
-    checker.finish().map_err(invalid)
+    let peers = crate::knowledge::ingest::peer_apis(state);
+    let cookie = state.cluster_cookie.get().cloned().unwrap_or_default();
+    let size_bytes = u64::try_from(file.size_bytes).unwrap_or(0);
+    maas_actors::models::fetch_blob(&stores.blobs, &digest, size_bytes, &peers, &cookie).await.map_err(|reason| {
+        tracing::warn!(file = %file.id, %reason, "a file's bytes cannot be fetched from a peer");
+        ApiError::unavailable(format!(
+            "the bytes of file `{}` are on another node, which cannot send them now ({reason}); retry shortly",
+            file.id
+        ))
+    })?;
+    Ok(digest)
 }
 
 /// The caller's files, newest first.
@@ -285,14 +303,15 @@ pub async fn get_file(state: &AppState, caller: &Caller, id: &str) -> Result<Res
     Ok(warp::reply::json(&FileObject::from(record)).into_response())
 }
 
-/// A file's bytes, streamed from the blob store.
+/// A file's bytes, streamed from the blob store (fetched from a peer first when they are
+/// on another node).
 #[utoipa::path(get, path = "/v1/files/{id}/content", tag = "files", params(("id" = String, Path, description = "the file id")),
     responses((status = 200, description = "the bytes", content_type = "application/octet-stream"), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn file_content(state: &AppState, caller: &Caller, id: &str) -> Result<Response, ApiError> {
     let scope = caller.scope.clone();
     let stores = stores(state)?;
     let record = stores.db.files().get(&scope, id).await?;
-    let digest: Digest = record.sha256.parse()?;
+    let digest = local_file_blob(state, stores, &record).await?;
     let reader = stores.blobs.open_blob(&digest).await?;
     let size = reader.size_bytes();
     let stream = tokio_util::io::ReaderStream::with_capacity(reader, 256 * 1024);

@@ -7,12 +7,19 @@
 //! another node is reached over an internal route of its node
 //! (`/internal/replicas/{id}/generate`, NDJSON events), and a replica that fails before
 //! its first token is replaced by the next candidate.
+//!
+//! A remote replica's node heartbeats: the caller asks for it (`x-maas-heartbeat-ms`), and
+//! the node then sends a heartbeat event whenever it has sent nothing for that long (the
+//! request waits in a long queue, a long prompt is read). So silence means a dead, hung
+//! or cut-off node: a remote stream silent for [`REMOTE_IDLE_TIMEOUT`] fails, and one
+//! that fails before its first event goes to the next candidate. A local replica has no
+//! such timeout: its queue may be long, and it cannot hang without this process.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt as _;
 use maas_actors::node::{ServingModel, ServingTable};
@@ -105,14 +112,22 @@ pub fn routes(state: &Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and_then(|s: Arc<AppState>, c: Caller, request: EmbeddingRequest| async move {
             embeddings(s, c, request).await.map_err(warp::reject::custom)
         });
-    let internal_generate = warp::path!("internal" / "replicas" / String / "generate")
-        .and(warp::post())
-        .and(with_state(state))
-        .and(super::cluster::cookie_checked(state))
-        .and(crate::json::json_body::<RemoteRequest>(8 * 1024 * 1024))
-        .and_then(|id: String, s: Arc<AppState>, cookie: Option<String>, body: RemoteRequest| async move {
-            internal_generate(&s, cookie.as_deref(), &id, body).map_err(warp::reject::custom)
-        });
+    let internal_generate =
+        warp::path!("internal" / "replicas" / String / "generate")
+            .and(warp::post())
+            .and(with_state(state))
+            .and(super::cluster::cookie_checked(state))
+            .and(warp::header::optional::<u64>(HEARTBEAT_HEADER))
+            .and(crate::json::json_body::<RemoteRequest>(8 * 1024 * 1024))
+            .and_then(
+                |id: String,
+                 s: Arc<AppState>,
+                 cookie: Option<String>,
+                 heartbeat_ms: Option<u64>,
+                 body: RemoteRequest| async move {
+                    internal_generate(&s, cookie.as_deref(), &id, body, heartbeat_ms).map_err(warp::reject::custom)
+                },
+            );
     let internal_embed = warp::path!("internal" / "replicas" / String / "embed")
         .and(warp::post())
         .and(with_state(state))
@@ -331,6 +346,8 @@ pub(crate) fn engine_error(err: &EngineError) -> ApiError {
         EngineError::BadRequest(_) | EngineError::Template(_) | EngineError::Tokenizer(_) => {
             ApiError::bad_request("invalid_request", err.to_string())
         }
+        // The replica is being replaced: another one, or a retry, will serve.
+        EngineError::Stopped | EngineError::Failed(_) => ApiError::unavailable(err.to_string()),
         _ => ApiError::internal(err.to_string()),
     }
 }
@@ -432,14 +449,32 @@ fn prepend(first: GenerationEvent, mut rest: mpsc::Receiver<GenerationEvent>) ->
     receiver
 }
 
-/// A generation event on the internal wire.
+/// A generation event on the internal wire. `Heartbeat` says nothing but that the node
+/// and the replica are alive; it goes only to a caller that asked for heartbeats, so older
+/// callers never see one.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 enum WireEvent {
     Token { text: String, token_id: u32, logprob: Option<WireLogprob> },
     Done { finish_reason: WireFinish, prompt_tokens: usize, completion_tokens: usize },
     Failed { message: String },
+    Heartbeat,
 }
+
+/// The header by which a caller of `/internal/replicas/{id}/generate` asks for heartbeats
+/// every so many milliseconds; the replica's node answers with it when it sends them.
+const HEARTBEAT_HEADER: &str = "x-maas-heartbeat-ms";
+
+/// How often a replica's node sends a heartbeat on a stream that has nothing else to say.
+const REMOTE_HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// How long a heartbeating remote stream may be silent before its node is taken as gone:
+/// five heartbeats missed.
+pub(crate) const REMOTE_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a replica's node may take to answer a generate request (the answer starts as
+/// soon as the request is queued; the events follow).
+const REMOTE_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -483,9 +518,10 @@ impl From<GenerationEvent> for WireEvent {
     }
 }
 
-impl From<WireEvent> for GenerationEvent {
-    fn from(event: WireEvent) -> Self {
-        match event {
+impl WireEvent {
+    /// The generation event this carries; `None` for a heartbeat.
+    fn into_event(self) -> Option<GenerationEvent> {
+        Some(match self {
             WireEvent::Token { text, token_id, logprob } => GenerationEvent::Token {
                 text,
                 token_id,
@@ -509,7 +545,8 @@ impl From<WireEvent> for GenerationEvent {
                 GenerationEvent::Done { finish_reason, prompt_tokens, completion_tokens }
             }
             WireEvent::Failed { message } => GenerationEvent::Failed(message),
-        }
+            WireEvent::Heartbeat => return None,
+        })
     }
 }
 
@@ -534,13 +571,23 @@ async fn remote_generate(
         messages: render.map(|messages| messages.into_iter().map(|m| (m.role, m.content)).collect()),
     };
     let url = format!("{}/internal/replicas/{replica_id}/generate", api.trim_end_matches('/'));
-    let response = state
+    let sent = state
         .http
         .post(&url)
         .header(COOKIE_HEADER, cookie)
+        .header(HEARTBEAT_HEADER, REMOTE_HEARTBEAT.as_millis().to_string())
         .json(&body)
-        .send()
+        .send();
+    // A node that accepts the connection and then says nothing (hung, paused) is passed
+    // over like one that refuses it.
+    let response = tokio::time::timeout(REMOTE_ANSWER_TIMEOUT, sent)
         .await
+        .map_err(|_| {
+            ApiError::unavailable(format!(
+                "replica {replica_id}'s node did not answer within {} s",
+                REMOTE_ANSWER_TIMEOUT.as_secs()
+            ))
+        })?
         .map_err(|e| ApiError::unavailable(format!("replica {replica_id}'s node is unreachable: {e}")))?;
     let status = response.status();
     if !status.is_success() {
@@ -551,30 +598,86 @@ async fn remote_generate(
             other => ApiError::new(other, "api_error", "replica_unavailable", message),
         });
     }
+    // A node that heartbeats is taken as gone once silent for REMOTE_IDLE_TIMEOUT; one of an
+    // older version, which does not, is waited for as before.
+    let idle_timeout = response.headers().contains_key(HEARTBEAT_HEADER).then_some(REMOTE_IDLE_TIMEOUT);
+    Ok(wire_events(response.bytes_stream(), idle_timeout))
+}
+
+/// The events of a remote generation, read from its NDJSON body as they arrive. With
+/// `idle_timeout`, a body silent that long (no event, no heartbeat) ends with a failure.
+/// The caller dropping the receiver drops the body, which cancels the remote sequence.
+fn wire_events<E: std::fmt::Display + Send + 'static>(
+    bytes: impl futures_util::Stream<Item = Result<bytes::Bytes, E>> + Send + 'static,
+    idle_timeout: Option<Duration>,
+) -> mpsc::Receiver<GenerationEvent> {
     let (sender, receiver) = mpsc::channel(64);
-    let mut bytes = response.bytes_stream();
     tokio::spawn(async move {
+        let mut bytes = Box::pin(bytes);
         let mut buffer = Vec::new();
-        while let Some(chunk) = bytes.next().await {
-            let Ok(chunk) = chunk else {
-                let _ = sender.send(GenerationEvent::Failed("the replica's node broke the stream".into())).await;
-                return;
+        loop {
+            let next = async {
+                match idle_timeout {
+                    None => Ok(bytes.next().await),
+                    Some(limit) => tokio::time::timeout(limit, bytes.next()).await,
+                }
+            };
+            let next = tokio::select! {
+                () = sender.closed() => return,
+                next = next => next,
+            };
+            let chunk = match next {
+                Ok(Some(Ok(chunk))) => chunk,
+                Ok(None) => return,
+                Ok(Some(Err(err))) => {
+                    let _ = sender
+                        .send(GenerationEvent::Failed(format!("the replica's node broke the stream: {err}")))
+                        .await;
+                    return;
+                }
+                Err(_) => {
+                    let silent = idle_timeout.unwrap_or_default().as_secs_f32();
+                    let message = format!("the replica's node sent nothing for {silent} s: it is taken as gone");
+                    let _ = sender.send(GenerationEvent::Failed(message)).await;
+                    return;
+                }
             };
             buffer.extend_from_slice(&chunk);
             while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buffer.drain(..=end).collect();
                 let event = match serde_json::from_slice::<WireEvent>(&line[..line.len() - 1]) {
-                    Ok(event) => GenerationEvent::from(event),
-                    Err(err) => GenerationEvent::Failed(format!("the replica's node sent a bad event: {err}")),
+                    Ok(event) => event.into_event(),
+                    Err(err) => Some(GenerationEvent::Failed(format!("the replica's node sent a bad event: {err}"))),
                 };
-                // The caller went away: dropping the response cancels the remote sequence.
+                let Some(event) = event else { continue };
                 if sender.send(event).await.is_err() {
                     return;
                 }
             }
         }
     });
-    Ok(receiver)
+    receiver
+}
+
+/// A generation's events as NDJSON lines. With `heartbeat`, a heartbeat line goes out
+/// whenever no event came for that long, so the caller can tell a replica that is busy
+/// (its queue is long) from a node that is gone.
+fn ndjson_events(
+    events: mpsc::Receiver<GenerationEvent>,
+    heartbeat: Option<Duration>,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, Infallible>> + Send + 'static {
+    futures_util::stream::unfold(events, move |mut events| async move {
+        let wire = match heartbeat {
+            None => WireEvent::from(events.recv().await?),
+            Some(every) => match tokio::time::timeout(every, events.recv()).await {
+                Ok(event) => WireEvent::from(event?),
+                Err(_) => WireEvent::Heartbeat,
+            },
+        };
+        let mut line = serde_json::to_vec(&wire).unwrap_or_default();
+        line.push(b'\n');
+        Some((Ok(bytes::Bytes::from(line)), events))
+    })
 }
 
 /// The serving end of [`remote_generate`]: runs the request on a replica of this node and
@@ -584,6 +687,7 @@ fn internal_generate(
     cookie: Option<&str>,
     replica_id: &str,
     body: RemoteRequest,
+    heartbeat_ms: Option<u64>,
 ) -> Result<Response, ApiError> {
     check_cookie(state, cookie)?;
     let Some(ServingModel::Generator(engine)) = serving(state)?.get(replica_id) else {
@@ -597,13 +701,16 @@ fn internal_generate(
         request.add_special_tokens = false;
     }
     let events = engine.submit(request).map_err(|e| engine_error(&e))?;
-    let lines = futures_util::stream::unfold(events, |mut events| async move {
-        let event = events.recv().await?;
-        let mut line = serde_json::to_vec(&WireEvent::from(event)).unwrap_or_default();
-        line.push(b'\n');
-        Some((Ok::<_, Infallible>(bytes::Bytes::from(line)), events))
-    });
-    Ok(warp::reply::with_header(warp::reply::stream(lines), "content-type", "application/x-ndjson").into_response())
+    // Heartbeats between 0.1 and 60 s, as asked.
+    let heartbeat = heartbeat_ms.map(|ms| Duration::from_millis(ms.clamp(100, 60_000)));
+    let lines = ndjson_events(events, heartbeat);
+    let mut response =
+        warp::reply::with_header(warp::reply::stream(lines), "content-type", "application/x-ndjson").into_response();
+    if let Some(every) = heartbeat {
+        let millis = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
+        response.headers_mut().insert(HEARTBEAT_HEADER, http::HeaderValue::from(millis));
+    }
+    Ok(response)
 }
 
 async fn internal_embed(
@@ -1404,15 +1511,16 @@ fn sse(
                     }
                     Some(GenerationEvent::Failed(message)) => {
                         s.meter.fail(502);
-                        let error = json!({"error": {"message": format!("generation failed: {message}"), "type": "api_error", "code": "generation_failed"}});
+                        let error = json!({"error": {"message": format!("generation failed: {message}"), "type": "api_error", "param": null, "code": "generation_failed"}});
                         s.pending.push_back(error.to_string());
                         s.pending.push_back("[DONE]".to_owned());
                         s.finished = true;
                     }
                     None => {
                         s.meter.fail(502);
-                        let error = json!({"error": {"message": "the replica stopped before the generation finished", "type": "api_error", "code": "replica_stopped"}});
+                        let error = json!({"error": {"message": "the replica stopped before the generation finished", "type": "api_error", "param": null, "code": "replica_stopped"}});
                         s.pending.push_back(error.to_string());
+                        s.pending.push_back("[DONE]".to_owned());
                         s.finished = true;
                     }
                 }
@@ -1479,6 +1587,8 @@ async fn embedding_answer(
         Some("base64") => true,
         Some(other) => return Err(bad("encoding_format", format!("encoding_format `{other}` is not float or base64"))),
     };
+    // The caller's input rules hold for texts to embed as they do for prompts.
+    crate::safety::policy(&state, Some(&caller.scope)).await?.check_input(texts.iter().map(String::as_str))?;
     let (vectors, tokens) = embed_texts(&state, CalledFor::scope(&caller.scope), &request.model, texts).await?;
     if let Some(dimensions) = request.dimensions
         && vectors.first().is_some_and(|v| v.len() != dimensions)
@@ -1659,4 +1769,71 @@ pub(crate) async fn run_json(state: Arc<AppState>, caller: Caller, url: &str, bo
         .map_err(|err| ApiError::internal(format!("reading the answer failed: {err}")))?;
     serde_json::from_slice(&collected.to_bytes())
         .map_err(|err| ApiError::internal(format!("the answer is not JSON: {err}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(text: &str) -> GenerationEvent {
+        GenerationEvent::Token { text: text.to_owned(), token_id: 7, logprob: None }
+    }
+
+    /// A peer that took the request and then sends nothing (hung, paused, cut off): with
+    /// heartbeats asked for, its stream fails once silent for the idle timeout, so the
+    /// request goes to another replica; without them (an older peer) it is waited for.
+    #[tokio::test]
+    async fn a_silent_heartbeating_peer_is_taken_as_gone() {
+        let idle = Duration::from_millis(200);
+        let silent = futures_util::stream::pending::<Result<bytes::Bytes, Infallible>>();
+        let mut events = wire_events(silent, Some(idle));
+        let started = tokio::time::Instant::now();
+        match events.recv().await {
+            Some(GenerationEvent::Failed(message)) => assert!(message.contains("taken as gone"), "{message}"),
+            other => panic!("want a failure, got {other:?}"),
+        }
+        assert!(started.elapsed() >= idle, "not before the idle timeout: {:?}", started.elapsed());
+
+        let silent = futures_util::stream::pending::<Result<bytes::Bytes, Infallible>>();
+        let mut events = wire_events(silent, None);
+        assert!(
+            tokio::time::timeout(idle * 3, events.recv()).await.is_err(),
+            "without heartbeats nothing is decided on silence"
+        );
+    }
+
+    /// A replica whose request waits in its queue longer than the idle timeout is kept:
+    /// its node's heartbeats show it alive, and they never reach the caller as events.
+    #[tokio::test]
+    async fn heartbeats_keep_a_queued_remote_request_alive() {
+        let (replica, queued) = mpsc::channel(4);
+        let heartbeat = Duration::from_millis(20);
+        let idle = Duration::from_millis(150);
+        let mut events = wire_events(ndjson_events(queued, Some(heartbeat)), Some(idle));
+        assert!(tokio::time::timeout(idle * 4, events.recv()).await.is_err(), "nothing arrives while queued");
+        replica.send(token("hello")).await.unwrap();
+        replica
+            .send(GenerationEvent::Done { finish_reason: FinishReason::Stop, prompt_tokens: 3, completion_tokens: 1 })
+            .await
+            .unwrap();
+        drop(replica);
+        assert!(matches!(events.recv().await, Some(GenerationEvent::Token { text, .. }) if text == "hello"));
+        assert!(matches!(events.recv().await, Some(GenerationEvent::Done { completion_tokens: 1, .. })));
+        assert!(events.recv().await.is_none(), "the stream ends with the generation");
+    }
+
+    /// Without a heartbeat asked for, the wire carries the events alone (what older
+    /// callers parse).
+    #[tokio::test]
+    async fn no_heartbeats_unless_asked() {
+        let (replica, queued) = mpsc::channel(4);
+        let lines = ndjson_events(queued, None);
+        replica.send(token("a")).await.unwrap();
+        drop(replica);
+        let lines: Vec<Result<bytes::Bytes, Infallible>> = lines.collect().await;
+        let text: Vec<String> =
+            lines.into_iter().map(|line| String::from_utf8(line.unwrap().to_vec()).unwrap()).collect();
+        assert_eq!(text.len(), 1, "{text:?}");
+        assert!(text[0].starts_with(r#"{"event":"token""#), "{text:?}");
+    }
 }

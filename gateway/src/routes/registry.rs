@@ -1,8 +1,9 @@
 //! The model repository over HTTP: blobs are uploaded (streamed, hashed, stored once by
 //! content) and served to peers with byte ranges (a resumed download); a model version is
-//! registered as a list of uploaded blobs with their paths, after its files have been laid
-//! out and checked as a model (and against the built-in catalogue when registered under a
-//! catalogue name), or as an uploaded archive the node unpacks into blobs. Platform
+//! registered as a list of uploaded blobs with their paths (those the model needs), after
+//! its files have been laid out and checked as a model (and against the built-in catalogue
+//! when registered under a catalogue name), or as an uploaded archive the node unpacks into
+//! blobs. Platform
 //! administrators (and the cluster cookie) add the platform's models, which every tenant
 //! may deploy; enterprise users add models of their own (or of an organisation they run),
 //! which only they see and deploy (privately). Blob reads are for peers (the cookie).
@@ -11,6 +12,7 @@ use std::sync::Arc;
 
 use futures_util::TryStreamExt as _;
 use maas_actors::models::{check_model, materialise, metadata_of, unpack_archive};
+use maas_engine::model_files::{self, ModelFiles, SAFETENSORS_INDEX, SkippedFile};
 use maas_engine::{archive, catalog};
 use maas_store::Digest;
 use maas_store::repo::models::{ModelFile, ModelVersionRecord, NewModelVersion};
@@ -180,6 +182,9 @@ pub struct RegisterRequest {
 /// folder and checked (config, tokenizer, every safetensors header, or the GGUF header),
 /// and against the catalogue entry when the name is a catalogue name; the metadata
 /// (architecture, parameters, context length, dtype, quantisation, tasks) comes from them.
+/// Of a Hugging Face download only the files the model needs are registered: the reply's
+/// `skipped_files` lists the others (`consolidated*`, `original/`, PyTorch or ONNX
+/// weights...), each with why. A refused registration leaves no files behind.
 #[utoipa::path(post, path = "/v1/registry/models", tag = "models", request_body = RegisterRequest,
     params(("x-maas-cluster-cookie" = String, Header, description = "the cluster cookie")),
     responses((status = 201, description = "the version", content_type = "application/json"), (status = 400, body = crate::error::ErrorBody),
@@ -214,7 +219,7 @@ pub async fn register_model(state: &AppState, caller: &Caller, request: Register
         }
     };
     let entry = catalog::find(&request.name);
-    let new = NewModelVersion {
+    let mut new = NewModelVersion {
         name: request.name,
         version: request.version,
         description: request.description,
@@ -230,19 +235,23 @@ pub async fn register_model(state: &AppState, caller: &Caller, request: Register
         },
         files,
     };
-    // Check names and paths before laying anything out; a tenant's model counts against
-    // its storage quota.
-    let total_bytes = maas_store::repo::models::validate(&new)?;
+    // Check names and paths before laying anything out.
+    maas_store::repo::models::validate(&new)?;
+    check_no_file_is_a_folder(&new.files)?;
+    // Only the files the model needs are registered (an archive of a whole Hugging Face
+    // download holds other frameworks' copies of the weights too); the blobs of the rest
+    // stay unreferenced until blob garbage collection.
+    let skipped = keep_needed_files(stores, &mut new.files).await?;
+    if !skipped.is_empty() {
+        tracing::info!(model = %new.name, skipped = skipped.len(), "files the model does not need are not registered");
+    }
+    // A tenant's model counts against its storage quota.
+    let total_bytes = new.files.iter().map(|file| file.size_bytes).fold(0, u64::saturating_add);
     let admin = caller.require_admin().is_ok();
     if !admin {
         super::files::check_storage_quota(stores, caller, total_bytes).await?;
     }
-    let dir = materialise(&stores.blobs, &stores.data_dir, &new.files).await.map_err(ApiError::internal)?;
-    let inspect_dir = match new.files.as_slice() {
-        [single] if single.path.to_ascii_lowercase().ends_with(".gguf") => dir.join(&single.path),
-        _ => dir.clone(),
-    };
-    let files = check_model(inspect_dir).await.map_err(|reason| ApiError::bad_request("not_a_model", reason))?;
+    let files = check_laid_out(stores, &new.files).await?;
     let mut metadata = metadata_of(&files);
     let mut description = new.description.clone();
     if let Some(entry) = entry {
@@ -263,8 +272,96 @@ pub async fn register_model(state: &AppState, caller: &Caller, request: Register
     let target = format!("{}:{}", record.name, record.version);
     let detail = serde_json::json!({"bytes": record.total_bytes});
     super::auth::audit(state, caller.audit_entry("model.register", &target, detail)).await?;
-    Ok(warp::reply::with_status(warp::reply::json(&record), http::StatusCode::CREATED).into_response())
+    let mut reply = serde_json::to_value(&record).map_err(|e| ApiError::internal(e.to_string()))?;
+    reply["skipped_files"] = serde_json::to_value(&skipped).map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(warp::reply::with_status(warp::reply::json(&reply), http::StatusCode::CREATED).into_response())
 }
+
+/// A path cannot be both a file and the folder of another file (`a` and `a/b`): no folder
+/// could hold both.
+fn check_no_file_is_a_folder(files: &[ModelFile]) -> Result<(), ApiError> {
+    let paths: std::collections::BTreeSet<&str> = files.iter().map(|file| file.path.as_str()).collect();
+    for file in files {
+        let mut folder = file.path.as_str();
+        while let Some((parent, _)) = folder.rsplit_once('/') {
+            if paths.contains(parent) {
+                return Err(ApiError::bad_request(
+                    "invalid_input",
+                    format!("file `{parent}` is also the folder of file `{}`: a path cannot be both", file.path),
+                )
+                .with_param("files"));
+            }
+            folder = parent;
+        }
+    }
+    Ok(())
+}
+
+/// Keeps only the files of a Hugging Face folder that the model needs, by the same rule as
+/// the CLI's upload ([`maas_engine::model_files::select_model_files`]); returns the rest
+/// with the reason each is left out. A single .gguf file is kept as it is.
+async fn keep_needed_files(stores: &Stores, files: &mut Vec<ModelFile>) -> Result<Vec<SkippedFile>, ApiError> {
+    if let [single] = files.as_slice()
+        && single.path.to_ascii_lowercase().ends_with(".gguf")
+    {
+        return Ok(Vec::new());
+    }
+    let index = files.iter().find(|file| file.path == SAFETENSORS_INDEX);
+    // An index that is not JSON is reported by the model check, which reads it.
+    let shards = match index {
+        Some(index) if index.size_bytes <= INDEX_MAX_BYTES => {
+            let digest: Digest = index.sha256.parse().map_err(|_| {
+                ApiError::bad_request("invalid_input", format!("file {}: not a sha256 digest", index.path))
+            })?;
+            tokio::fs::read(stores.blobs.path_of(&digest))
+                .await
+                .ok()
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+                .and_then(|index| model_files::index_shards(&index))
+        }
+        _ => None,
+    };
+    let paths: Vec<&str> = files.iter().map(|file| file.path.as_str()).collect();
+    let selection = model_files::select_model_files(&paths, shards.as_ref());
+    if selection.needed.is_empty() {
+        return Err(ApiError::bad_request(
+            "not_a_model",
+            "none of the files is part of a model: give a Hugging Face folder's config.json, tokenizer.json and \
+             *.safetensors, or a single .gguf file",
+        ));
+    }
+    files.retain(|file| selection.needed.binary_search(&file.path).is_ok());
+    Ok(selection.skipped)
+}
+
+/// Lays the files out as a model folder in a private place under the data directory and
+/// checks them there (config, tokenizer, every safetensors header, or the GGUF header). The
+/// folder is removed whatever the outcome: a replica lays out its own when it starts.
+async fn check_laid_out(stores: &Stores, files: &[ModelFile]) -> Result<ModelFiles, ApiError> {
+    let root = stores.data_dir.join("models").join(format!(".check-{}", uuid::Uuid::new_v4()));
+    let checked = async {
+        let dir = materialise(&stores.blobs, &root, files).await.map_err(|reason| {
+            tracing::error!(error = %reason, "laying out a model to check it failed");
+            ApiError::internal(format!("the node could not lay out the model's files: {reason}"))
+        })?;
+        let inspect_dir = match files {
+            [single] if single.path.to_ascii_lowercase().ends_with(".gguf") => dir.join(&single.path),
+            _ => dir,
+        };
+        check_model(inspect_dir).await.map_err(|reason| ApiError::bad_request("not_a_model", reason))
+    }
+    .await;
+    if let Err(err) = tokio::fs::remove_dir_all(&root).await
+        && err.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(error = %err, folder = %root.display(), "cannot remove a model checking folder");
+    }
+    checked
+}
+
+/// The largest `model.safetensors.index.json` read to choose the weights (real ones are a
+/// few hundred KiB).
+const INDEX_MAX_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Every listed file must be an uploaded blob of the listed size.
 async fn check_uploaded(stores: &Stores, files: &[ModelFile]) -> Result<(), ApiError> {

@@ -23,13 +23,17 @@ pub async fn open_stores(state: &AppState, url: String, dir: &std::path::Path) {
 /// Serves `state`'s routes on 127.0.0.1 with 1 MiB bodies; the base url and the trigger
 /// that stops the server.
 pub async fn serve(state: &Arc<AppState>) -> (String, ShutdownTrigger) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_on(state, TcpListener::bind("127.0.0.1:0").await.unwrap(), 1 << 20)
+}
+
+/// Serves `state`'s routes on `listener`, uploads up to `max_upload_bytes`.
+pub fn serve_on(state: &Arc<AppState>, listener: TcpListener, max_upload_bytes: u64) -> (String, ShutdownTrigger) {
     let server = HttpServer::new(
         listener,
         maas_gateway::routes::routes(state),
         &ServeOptions {
             max_body_bytes: 1 << 20,
-            max_upload_bytes: 1 << 20,
+            max_upload_bytes,
             drain_timeout: Duration::from_secs(1),
             tls: None,
             cors: maas_gateway::middleware::CorsPolicy::default(),
