@@ -88,17 +88,7 @@ async fn a_deployed_model_answers_the_openai_api() {
     assert!(chunks.iter().any(|c| c["choices"].get(0).is_some_and(|ch| !ch["finish_reason"].is_null())));
     assert_eq!(chunks.last().unwrap()["usage"], first["usage"], "the last chunk carries the usage");
 
-    // Text completions, with log-probabilities.
-    let (status, completion) = post(
-        &node,
-        "/v1/completions",
-        &json!({"model": "chat", "prompt": "the model", "max_tokens": 4, "logprobs": 2, "seed": 7}),
-    )
-    .await;
-    assert_eq!(status, 200, "{completion}");
-    assert_eq!(completion["object"], "text_completion");
-    let logprobs = completion["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap();
-    assert!(!logprobs.is_empty() && logprobs.iter().all(|l| l.as_f64().is_some_and(|l| l <= 0.0)), "{completion}");
+    text_completions_carry_legacy_logprobs(&node).await;
 
     // Malformed requests: OpenAI-shaped errors naming the problem.
     let cases = [
@@ -226,6 +216,48 @@ async fn a_bert_model_embeds_and_a_quantised_gguf_model_chats() {
     .await;
     assert_eq!(status, 200, "{answer}");
     assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
+}
+
+/// Text completions with log-probabilities, whole and streamed, in OpenAI's legacy shape.
+async fn text_completions_carry_legacy_logprobs(node: &MaasProcess) {
+    // Text completions, with log-probabilities.
+    let (status, completion) = post(
+        node,
+        "/v1/completions",
+        &json!({"model": "chat", "prompt": "the model", "max_tokens": 4, "logprobs": 2, "seed": 7}),
+    )
+    .await;
+    assert_eq!(status, 200, "{completion}");
+    assert_eq!(completion["object"], "text_completion");
+    let shaped = &completion["choices"][0]["logprobs"];
+    let logprobs = shaped["token_logprobs"].as_array().unwrap();
+    assert!(!logprobs.is_empty() && logprobs.iter().all(|l| l.as_f64().is_some_and(|l| l <= 0.0)), "{completion}");
+    // OpenAI's legacy shape: a {token: logprob} map of the 2 asked-for alternatives per
+    // token (one entry where both decode to the same text), and each token's character
+    // offset counted from the prompt's start.
+    let tokens = shaped["tokens"].as_array().unwrap();
+    let top = shaped["top_logprobs"].as_array().unwrap();
+    let two = |t: &Value| t.as_object().is_some_and(|m| (1..=2).contains(&m.len()));
+    assert!(top.len() == tokens.len() && top.iter().all(two), "{shaped}");
+    let offsets: Vec<u64> = shaped["text_offset"].as_array().unwrap().iter().map(|o| o.as_u64().unwrap()).collect();
+    assert_eq!(offsets.first(), Some(&("the model".len() as u64)), "{shaped}");
+    let lengths = tokens.iter().map(|t| t.as_str().unwrap().chars().count() as u64);
+    let expected: Vec<u64> =
+        lengths.scan("the model".len() as u64, |at, n| Some(std::mem::replace(at, *at + n))).collect();
+    assert_eq!(offsets, expected, "{shaped}");
+    // Streamed, each token's chunk carries its own: the same tokens and offsets.
+    let (_, chunks, done) = stream_events(
+        node,
+        "/v1/completions",
+        &json!({"model": "chat", "prompt": "the model", "max_tokens": 4, "logprobs": 2, "seed": 7, "stream": true}),
+    )
+    .await;
+    assert!(done);
+    let streamed: Vec<&Value> =
+        chunks.iter().filter_map(|c| c["choices"].get(0)).map(|c| &c["logprobs"]).filter(|l| !l.is_null()).collect();
+    let streamed_tokens: Vec<Value> = streamed.iter().map(|l| l["tokens"][0].clone()).collect();
+    let streamed_offsets: Vec<u64> = streamed.iter().map(|l| l["text_offset"][0].as_u64().unwrap()).collect();
+    assert_eq!((&streamed_tokens, &streamed_offsets), (tokens, &offsets), "{chunks:?}");
 }
 
 /// A streamed answer's data events: the JSON chunks, and whether it ended in `[DONE]`.

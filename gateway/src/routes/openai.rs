@@ -953,6 +953,48 @@ fn finish_name(reason: FinishReason) -> &'static str {
     }
 }
 
+/// The characters of a text completion's prompt: where the completion's `text_offset`s
+/// begin, as OpenAI counts them.
+fn generation_prompt_chars(request: &InferenceRequest) -> usize {
+    match &request.prompt {
+        Some(Prompt::One(text)) => text.chars().count(),
+        Some(Prompt::Many(list)) => list.first().map_or(0, |text| text.chars().count()),
+        None => 0,
+    }
+}
+
+/// The legacy completions' `logprobs` object for `entries` (as [`logprob_json`] makes
+/// them): `tokens`, `token_logprobs`, `top_logprobs` (one `{token: logprob}` map per
+/// token, or null when no alternatives were asked for) and `text_offset` (each token's
+/// character offset, the first at `first_offset`).
+fn legacy_logprobs(entries: &[Value], first_offset: usize, with_top: bool) -> Value {
+    let mut offset = first_offset;
+    let mut text_offset = Vec::with_capacity(entries.len());
+    for entry in entries {
+        text_offset.push(offset);
+        offset += entry["token"].as_str().map_or(0, |token| token.chars().count());
+    }
+    let top_logprobs = with_top.then(|| {
+        entries
+            .iter()
+            .map(|entry| {
+                let alternatives = entry["top_logprobs"].as_array().map(Vec::as_slice).unwrap_or_default();
+                let map: serde_json::Map<String, Value> = alternatives
+                    .iter()
+                    .filter_map(|top| Some((top["token"].as_str()?.to_owned(), top["logprob"].clone())))
+                    .collect();
+                Value::Object(map)
+            })
+            .collect::<Vec<_>>()
+    });
+    json!({
+        "tokens": entries.iter().map(|entry| entry["token"].clone()).collect::<Vec<_>>(),
+        "token_logprobs": entries.iter().map(|entry| entry["logprob"].clone()).collect::<Vec<_>>(),
+        "top_logprobs": top_logprobs,
+        "text_offset": text_offset,
+    })
+}
+
 fn logprob_json(logprob: &maas_engine::TokenLogprob) -> Value {
     json!({
         "token": logprob.token,
@@ -1165,14 +1207,8 @@ async fn completion_answer(
     if !request.stream {
         let (done, hit) = finish_answer(&state, source, expected.as_ref()).await?;
         meter.finish(200, done.prompt_tokens, done.completion_tokens);
-        let logprobs = if logprobs.is_some() {
-            json!({
-                "tokens": done.logprobs.iter().map(|l| l["token"].clone()).collect::<Vec<_>>(),
-                "token_logprobs": done.logprobs.iter().map(|l| l["logprob"].clone()).collect::<Vec<_>>(),
-            })
-        } else {
-            Value::Null
-        };
+        let logprobs = logprobs
+            .map_or(Value::Null, |top| legacy_logprobs(&done.logprobs, generation_prompt_chars(&request), top > 0));
         let body = json!({
             "id": id, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": 0, "text": done.text, "logprobs": logprobs, "finish_reason": finish_name(done.finish_reason)}],
@@ -1181,16 +1217,25 @@ async fn completion_answer(
         return Ok(mark_cached(warp::reply::json(&body).into_response(), hit));
     }
     let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let chunk = move |text: &str, finish: Value| {
+    let chunk = move |text: &str, logprobs: Value, finish: Value| {
         json!({"id": id, "object": "text_completion", "created": created, "model": model,
-               "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}]})
+               "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
     };
+    // Each streamed token's log-probability goes with its chunk (one chunk per token, even
+    // one whose text is held back for a later one), its offset counted on from the prompt.
+    let offset = std::sync::atomic::AtomicUsize::new(generation_prompt_chars(&request));
     Ok(sse(state, meter, source, expected, include_usage, move |part| match part {
         Part::Start => None,
-        Part::Token { text, .. } => (!text.is_empty()).then(|| chunk(&text, Value::Null)),
-        Part::Finish(reason) => Some(chunk("", json!(finish_name(reason)))),
+        Part::Token { text, logprob: Some(logprob) } if logprobs.is_some() => {
+            let length = logprob["token"].as_str().map_or(0, |token| token.chars().count());
+            let at = offset.fetch_add(length, std::sync::atomic::Ordering::Relaxed);
+            let shaped = legacy_logprobs(&[logprob], at, logprobs.is_some_and(|top| top > 0));
+            Some(chunk(&text, shaped, Value::Null))
+        }
+        Part::Token { text, .. } => (!text.is_empty()).then(|| chunk(&text, Value::Null, Value::Null)),
+        Part::Finish(reason) => Some(chunk("", Value::Null, json!(finish_name(reason)))),
         Part::Usage(usage) => {
-            let mut last = chunk("", Value::Null);
+            let mut last = chunk("", Value::Null, Value::Null);
             last["choices"] = json!([]);
             last["usage"] = usage;
             Some(last)
